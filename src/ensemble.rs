@@ -1,0 +1,486 @@
+//! The ensemble of J particles (networks), their hidden states, the mean particle, and the EKI
+//! step that predicts with the mean particle and then updates every particle.
+//!
+//! Memory: particles are one contiguous `J×d` buffer (row per particle). One step reads it
+//! twice and writes it once: the forward pass reads `u_j` and, while it is hot in L1,
+//! accumulates `Σ (u_j − ū)(w_j − ŷ)ᵀ` (the cross-covariance C^{uw}, shifted by the mean
+//! particle's prediction ŷ instead of w̄, which differs only by `(Σ_j (u_j − ū))(w̄ − ŷ)ᵀ`, zero up
+//! to rounding because ū is recomputed as the exact mean on every update); the update pass
+//! reads and writes `u_j` and sums the new mean on the way. All workspaces are allocated at
+//! construction; [`Ensemble::step`] allocates nothing.
+//!
+//! This module does no IO, reads no clock, and draws randomness only from its own seeded RNG.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::network::{self, Layout};
+use crate::options::{Options, Spread};
+use crate::prior::Prior;
+use crate::update::KalmanUpdate;
+
+/// One EKI ensemble. Only its owner mutates it.
+#[derive(Debug, Clone)]
+pub struct Ensemble {
+    layout: Layout,
+    j: usize,
+    d: usize,
+    update: KalmanUpdate,
+    inflation: f64,
+    momentum: bool,
+    spread: Option<Spread>,
+    prior: Prior,
+    rng: ChaCha8Rng,
+    /// `J×d`, particle-major: the points where G is evaluated.
+    particles: Vec<f64>,
+    /// Momentum only: the un-extrapolated iterates `u_n` (`J×d`), empty otherwise.
+    previous: Vec<f64>,
+    /// `J×hidden`.
+    hidden: Vec<f64>,
+    mean: Vec<f64>,
+    mean_hidden: Vec<f64>,
+    /// Updates applied so far.
+    steps: u64,
+    respreads: u64,
+    repaired: u64,
+    /// Per-particle sum of squared one-step errors since the last reset (picks the best particle).
+    particle_sse: Vec<f64>,
+    last_prediction_var: f64,
+    ws: Workspace,
+}
+
+#[derive(Debug, Clone)]
+struct Workspace {
+    /// Particle predictions `J×m`.
+    w: Vec<f64>,
+    /// Update coefficients `J×m`.
+    q: Vec<f64>,
+    /// `m×d`: row o holds `Σ_j (u_j − ū) (w_j[o] − ŷ[o])`, then C^{uw} column o.
+    cuw: Vec<f64>,
+    /// `m×m`.
+    cww: Vec<f64>,
+    next_mean: Vec<f64>,
+    scratch: Vec<f64>,
+    mean_hidden_before: Vec<f64>,
+    healthy: Vec<bool>,
+    wbar: Vec<f64>,
+    qbar: Vec<f64>,
+}
+
+/// What one step did, for stats and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepReport {
+    /// Particles re-drawn because their prediction was not finite.
+    pub repaired: usize,
+    /// Step size used (1 for the Kalman form).
+    pub step_size: f64,
+}
+
+impl Ensemble {
+    /// Draws the initial ensemble from the prior, reproducibly from `options.seed`.
+    pub fn new(options: &Options) -> Self {
+        let layout = options.layout();
+        let (j, d, m, nh) = (options.ensemble, layout.dim(), layout.outputs, layout.hidden);
+        let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+        let prior = Prior::new(&layout, options.prior_spread, options.skip, &mut rng);
+        let mut particles = vec![0.0; j * d];
+        for u in particles.chunks_exact_mut(d) {
+            prior.draw_around(&prior.centre, 1.0, &mut rng, u);
+        }
+        let mut e = Ensemble {
+            layout,
+            j,
+            d,
+            update: KalmanUpdate {
+                method: options.method,
+                noise: options.noise,
+                h: options.step.h,
+                eps: options.step.eps,
+                loss: options.loss,
+                huber_delta: options.huber_delta,
+            },
+            inflation: options.inflation,
+            momentum: options.momentum,
+            spread: options.spread.schedule(),
+            prior,
+            rng,
+            previous: if options.momentum {
+                particles.clone()
+            } else {
+                Vec::new()
+            },
+            particles,
+            hidden: vec![0.0; j * nh],
+            mean: vec![0.0; d],
+            mean_hidden: vec![0.0; nh],
+            steps: 0,
+            respreads: 0,
+            repaired: 0,
+            particle_sse: vec![0.0; j],
+            last_prediction_var: 0.0,
+            ws: Workspace {
+                w: vec![0.0; j * m],
+                q: vec![0.0; j * m],
+                cuw: vec![0.0; m * d],
+                cww: vec![0.0; m * m],
+                next_mean: vec![0.0; d],
+                scratch: vec![0.0; layout.row()],
+                mean_hidden_before: vec![0.0; nh],
+                healthy: vec![true; j],
+                wbar: vec![0.0; m],
+                qbar: vec![0.0; m],
+            },
+        };
+        e.recompute_mean();
+        e
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn size(&self) -> usize {
+        self.j
+    }
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+    pub fn particles(&self) -> &[f64] {
+        &self.particles
+    }
+    pub fn particle(&self, j: usize) -> &[f64] {
+        &self.particles[j * self.d..(j + 1) * self.d]
+    }
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+    pub fn repaired(&self) -> u64 {
+        self.repaired
+    }
+    /// Variance of the particles' last predictions, averaged over outputs (scaled units).
+    pub fn prediction_variance(&self) -> f64 {
+        self.last_prediction_var
+    }
+
+    /// Root mean variance of the parameters across particles.
+    pub fn parameter_spread(&self) -> f64 {
+        let mut s = 0.0;
+        for u in self.particles.chunks_exact(self.d) {
+            for (a, b) in u.iter().zip(&self.mean) {
+                s += (a - b) * (a - b);
+            }
+        }
+        (s / (self.j * self.d) as f64).sqrt()
+    }
+
+    /// Replaces the particles (tests and analysis drive the ensemble from given states).
+    pub fn set_particles(&mut self, particles: &[f64]) {
+        self.particles.copy_from_slice(particles);
+        if self.momentum {
+            self.previous.copy_from_slice(particles);
+        }
+        self.recompute_mean();
+    }
+
+    fn recompute_mean(&mut self) {
+        self.mean.fill(0.0);
+        for u in self.particles.chunks_exact(self.d) {
+            for (m, &v) in self.mean.iter_mut().zip(u) {
+                *m += v;
+            }
+        }
+        let inv = 1.0 / self.j as f64;
+        for m in &mut self.mean {
+            *m *= inv;
+        }
+    }
+
+    /// Clears every hidden state (the mean particle's too), e.g. at the start of a pass.
+    pub fn reset_hidden(&mut self) {
+        self.hidden.fill(0.0);
+        self.mean_hidden.fill(0.0);
+    }
+
+    pub fn reset_particle_errors(&mut self) {
+        self.particle_sse.fill(0.0);
+    }
+
+    /// The particle with the least squared error since the last reset (ties: lowest index).
+    pub fn best_particle(&self) -> usize {
+        let mut best = 0;
+        for (j, &e) in self.particle_sse.iter().enumerate() {
+            if e < self.particle_sse[best] {
+                best = j;
+            }
+        }
+        best
+    }
+
+    /// Mean-particle prediction with frozen parameters; advances only the mean's hidden state.
+    pub fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
+        network::load_inputs(&self.layout, &mut self.ws.scratch, z);
+        network::step(&self.layout, &self.mean, &mut self.mean_hidden, &mut self.ws.scratch, pred);
+    }
+
+    /// Particle `j`'s prediction with frozen parameters; advances only its hidden state.
+    pub fn predict_particle_frozen(&mut self, j: usize, z: &[f64], pred: &mut [f64]) {
+        let nh = self.layout.hidden;
+        network::load_inputs(&self.layout, &mut self.ws.scratch, z);
+        network::step(
+            &self.layout,
+            &self.particles[j * self.d..(j + 1) * self.d],
+            &mut self.hidden[j * nh..(j + 1) * nh],
+            &mut self.ws.scratch,
+            pred,
+        );
+    }
+
+    /// One observation: writes the mean particle's prediction of `y` from inputs `z` into
+    /// `pred` (made before anything learns from `y`), then updates every particle.
+    /// `z` and `y` must be finite (checked at the edge).
+    pub fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
+        let (d, m, nh) = (self.d, self.layout.outputs, self.layout.hidden);
+        debug_assert!(z.iter().chain(y).all(|v| v.is_finite()));
+
+        // 1. Predict with the mean particle.
+        self.ws.mean_hidden_before.copy_from_slice(&self.mean_hidden);
+        self.predict_frozen(z, pred);
+
+        // 2. Forward every particle, fusing the cross-covariance accumulation.
+        let mut all_healthy = pred.iter().all(|v| v.is_finite());
+        self.ws.cuw.fill(0.0);
+        let Workspace {
+            w, cuw, scratch, healthy, ..
+        } = &mut self.ws;
+        for (jj, ((u, h), wj)) in self
+            .particles
+            .chunks_exact(d)
+            .zip(self.hidden.chunks_exact_mut(nh))
+            .zip(w.chunks_exact_mut(m))
+            .enumerate()
+        {
+            network::step(&self.layout, u, h, scratch, wj);
+            let ok = wj.iter().all(|v| v.is_finite());
+            healthy[jj] = ok;
+            if !ok {
+                all_healthy = false;
+                continue;
+            }
+            for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
+                let e = wj[o] - pred[o];
+                for ((c, &up), &mp) in row.iter_mut().zip(u).zip(&self.mean) {
+                    *c += (up - mp) * e;
+                }
+            }
+        }
+        let mut report = StepReport {
+            repaired: 0,
+            step_size: 1.0,
+        };
+        if !all_healthy {
+            report.repaired = self.repair(z, pred);
+        }
+
+        // 3. Output-space statistics.
+        let inv_j = 1.0 / self.j as f64;
+        let Workspace {
+            w, q, cuw, cww, wbar, qbar, next_mean, ..
+        } = &mut self.ws;
+        wbar.fill(0.0);
+        for wj in w.chunks_exact(m) {
+            for o in 0..m {
+                wbar[o] += wj[o];
+            }
+        }
+        for v in wbar.iter_mut() {
+            *v *= inv_j;
+        }
+        cww.fill(0.0);
+        for wj in w.chunks_exact(m) {
+            for a in 0..m {
+                for b in 0..m {
+                    cww[a * m + b] += (wj[a] - wbar[a]) * (wj[b] - wbar[b]);
+                }
+            }
+        }
+        for v in cww.iter_mut() {
+            *v *= inv_j;
+        }
+        self.last_prediction_var = (0..m).map(|o| cww[o * m + o]).sum::<f64>() / m as f64;
+        for c in cuw.iter_mut() {
+            *c *= inv_j;
+        }
+        for (e, wj) in self.particle_sse.iter_mut().zip(w.chunks_exact(m)) {
+            *e += wj.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+        }
+
+        // 4. Coefficients q_j: u_j += C^{uw} q_j.
+        report.step_size = self.update.coefficients(w, cww, y, q);
+        qbar.fill(0.0);
+        for qj in q.chunks_exact(m) {
+            for o in 0..m {
+                qbar[o] += qj[o];
+            }
+        }
+        for v in qbar.iter_mut() {
+            *v *= inv_j;
+        }
+        // ū' = ū + C^{uw} q̄ (needed before the pass for inflation around the new mean).
+        next_mean.copy_from_slice(&self.mean);
+        for (o, row) in cuw.chunks_exact(d).enumerate() {
+            for (nm, &c) in next_mean.iter_mut().zip(row) {
+                *nm += c * qbar[o];
+            }
+        }
+
+        // 5. The update pass: read and write every particle once, summing the new mean.
+        self.mean.fill(0.0);
+        let lambda = self.inflation;
+        let nesterov = if self.momentum {
+            let n = self.steps as f64;
+            n / (n + 3.0)
+        } else {
+            0.0
+        };
+        for (jj, (u, qj)) in self.particles.chunks_exact_mut(d).zip(q.chunks_exact(m)).enumerate() {
+            if m == 1 {
+                let (c, qv) = (&cuw[..d], qj[0]);
+                for (up, &cp) in u.iter_mut().zip(c) {
+                    *up += cp * qv;
+                }
+            } else {
+                for (o, row) in cuw.chunks_exact(d).enumerate() {
+                    let qv = qj[o];
+                    for (up, &cp) in u.iter_mut().zip(row) {
+                        *up += cp * qv;
+                    }
+                }
+            }
+            if lambda != 1.0 {
+                for (up, &nm) in u.iter_mut().zip(next_mean.iter()) {
+                    *up = nm + lambda * (*up - nm);
+                }
+            }
+            if self.momentum {
+                let prev = &mut self.previous[jj * d..(jj + 1) * d];
+                for (up, pp) in u.iter_mut().zip(prev.iter_mut()) {
+                    let new = *up;
+                    *up = new + nesterov * (new - *pp);
+                    *pp = new;
+                }
+            }
+            for (mp, &up) in self.mean.iter_mut().zip(u.iter()) {
+                *mp += up;
+            }
+        }
+        for v in self.mean.iter_mut() {
+            *v *= inv_j;
+        }
+        self.steps += 1;
+
+        // 6. EKI(R): periodically re-draw around the mean so the ensemble does not collapse.
+        if let Some(s) = self.spread {
+            if self.steps % s.every == 0 {
+                let gamma = s.gamma * s.decay.powi(self.respreads.min(i32::MAX as u64) as i32);
+                self.respread(gamma);
+                self.respreads += 1;
+            }
+        }
+        report
+    }
+
+    fn respread(&mut self, gamma: f64) {
+        let d = self.d;
+        for u in self.particles.chunks_exact_mut(d) {
+            self.prior.draw_around(&self.mean, gamma, &mut self.rng, u);
+        }
+        if self.momentum {
+            self.previous.copy_from_slice(&self.particles);
+        }
+        self.recompute_mean();
+    }
+
+    /// The rare path: some particle (or the mean) predicted a non-finite value. Re-draws the
+    /// unhealthy particles around the mean of the healthy ones (or from the prior if none is
+    /// healthy), re-runs their forward from the step's starting hidden state, recomputes the
+    /// mean prediction if needed, and re-accumulates C^{uw}. Returns how many were re-drawn.
+    fn repair(&mut self, z: &[f64], pred: &mut [f64]) -> usize {
+        let (d, m, nh) = (self.d, self.layout.outputs, self.layout.hidden);
+        let n_healthy = self.ws.healthy.iter().filter(|&&h| h).count();
+        let centre = &mut self.ws.next_mean;
+        if n_healthy == 0 {
+            centre.copy_from_slice(&self.prior.centre);
+        } else {
+            centre.fill(0.0);
+            for (u, _) in self
+                .particles
+                .chunks_exact(d)
+                .zip(&self.ws.healthy)
+                .filter(|(_, h)| **h)
+            {
+                for (c, &v) in centre.iter_mut().zip(u) {
+                    *c += v;
+                }
+            }
+            for c in centre.iter_mut() {
+                *c /= n_healthy as f64;
+            }
+        }
+        let mut repaired = 0;
+        for jj in 0..self.j {
+            if self.ws.healthy[jj] {
+                continue;
+            }
+            repaired += 1;
+            let u = &mut self.particles[jj * d..(jj + 1) * d];
+            self.prior.draw_around(&self.ws.next_mean, 1.0, &mut self.rng, u);
+            if u.iter().any(|v| !v.is_finite()) {
+                u.copy_from_slice(&self.prior.centre);
+            }
+            let h = &mut self.hidden[jj * nh..(jj + 1) * nh];
+            h.copy_from_slice(&self.ws.mean_hidden_before);
+            if h.iter().any(|v| !v.is_finite()) {
+                h.fill(0.0);
+            }
+            network::load_inputs(&self.layout, &mut self.ws.scratch, z);
+            let wj = &mut self.ws.w[jj * m..(jj + 1) * m];
+            network::step(&self.layout, u, h, &mut self.ws.scratch, wj);
+            if wj.iter().any(|v| !v.is_finite()) {
+                // Cannot happen for finite parameters, inputs and state; stay total anyway.
+                wj.fill(0.0);
+            }
+            if self.momentum {
+                self.previous[jj * d..(jj + 1) * d].copy_from_slice(u);
+            }
+        }
+        self.repaired += repaired as u64;
+        self.recompute_mean();
+        if self.mean_hidden.iter().chain(pred.iter()).any(|v| !v.is_finite())
+            || self.ws.mean_hidden_before.iter().any(|v| !v.is_finite())
+        {
+            if self.ws.mean_hidden_before.iter().any(|v| !v.is_finite()) {
+                self.ws.mean_hidden_before.fill(0.0);
+            }
+            self.mean_hidden.copy_from_slice(&self.ws.mean_hidden_before);
+            self.predict_frozen(z, pred);
+            if pred.iter().any(|v| !v.is_finite()) {
+                self.mean_hidden.fill(0.0);
+                self.predict_frozen(z, pred);
+            }
+        }
+        // Re-accumulate the cross-covariance over the repaired ensemble.
+        let Workspace { w, cuw, .. } = &mut self.ws;
+        cuw.fill(0.0);
+        for (u, wj) in self.particles.chunks_exact(d).zip(w.chunks_exact(m)) {
+            for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
+                let e = wj[o] - pred[o];
+                for ((c, &up), &mp) in row.iter_mut().zip(u).zip(&self.mean) {
+                    *c += (up - mp) * e;
+                }
+            }
+        }
+        repaired
+    }
+}

@@ -1,0 +1,13 @@
+//! ekid: online forecasting of streaming time series with recurrent-network ensembles trained
+//! by Ensemble Kalman Inversion. See ARCHITECTURE.md for the map of this crate.
+
+pub mod cli;
+pub mod data;
+pub mod ensemble;
+pub mod eval;
+pub mod model;
+pub mod network;
+pub mod ogd;
+pub mod options;
+pub mod prior;
+pub mod update;

@@ -1,0 +1,135 @@
+//! The Elman cell with a linear read-out: parameter layout and the forward step of one particle.
+//!
+//! One particle is a flat `[f64]` of length `d = (hidden + outputs) * k`, `k = hidden + n_in + 1`,
+//! laid out as `hidden` rows of the cell followed by `outputs` rows of the read-out, every row of
+//! length `k`. A cell row dots with `a = [h_prev; z; 1]` and a read-out row with
+//! `b = [h_new; z; 1]`, so both layers share one row shape and one scratch vector: the read-out
+//! sees the cell's inputs `z` directly (a linear skip), which makes the network contain AR(lags).
+//! When the skip is switched off those columns are simply held at zero by the prior.
+
+/// Shapes of one network. Built only from validated options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub hidden: usize,
+    /// Inputs to the cell: `lags * outputs` past values followed by `inputs` exogenous values.
+    pub n_in: usize,
+    pub outputs: usize,
+}
+
+impl Layout {
+    pub fn new(hidden: usize, n_in: usize, outputs: usize) -> Self {
+        Self {
+            hidden,
+            n_in,
+            outputs,
+        }
+    }
+
+    /// Length of one row (and of the scratch vector `[h; z; 1]`).
+    pub fn row(&self) -> usize {
+        self.hidden + self.n_in + 1
+    }
+
+    /// Number of parameters of one particle.
+    pub fn dim(&self) -> usize {
+        (self.hidden + self.outputs) * self.row()
+    }
+
+    /// Offset of the read-out rows inside a particle.
+    pub fn readout_offset(&self) -> usize {
+        self.hidden * self.row()
+    }
+
+    /// Is parameter `p` a read-out weight on a cell input (the linear skip)?
+    pub fn is_skip(&self, p: usize) -> bool {
+        let k = self.row();
+        p >= self.readout_offset() && {
+            let c = p % k;
+            c >= self.hidden && c < self.hidden + self.n_in
+        }
+    }
+
+    /// Is parameter `p` a bias (last column of its row)?
+    pub fn is_bias(&self, p: usize) -> bool {
+        p % self.row() == self.row() - 1
+    }
+}
+
+/// Writes `z` and the constant 1 into the tail of a scratch vector of length `layout.row()`.
+#[inline]
+pub fn load_inputs(layout: &Layout, scratch: &mut [f64], z: &[f64]) {
+    let h = layout.hidden;
+    scratch[h..h + layout.n_in].copy_from_slice(z);
+    scratch[h + layout.n_in] = 1.0;
+}
+
+#[inline]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    // Four independent accumulators let the compiler vectorise without reassociating; the order
+    // is fixed, so results stay deterministic.
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut s = [0.0f64; 4];
+    let chunks = n / 4;
+    for i in 0..chunks {
+        let o = 4 * i;
+        s[0] += a[o] * b[o];
+        s[1] += a[o + 1] * b[o + 1];
+        s[2] += a[o + 2] * b[o + 2];
+        s[3] += a[o + 3] * b[o + 3];
+    }
+    let mut tail = 0.0;
+    for i in 4 * chunks..n {
+        tail += a[i] * b[i];
+    }
+    (s[0] + s[2]) + (s[1] + s[3]) + tail
+}
+
+/// One step of one particle: `scratch` holds `[h_prev; z; 1]` on entry (z loaded by
+/// [`load_inputs`]), `hidden` is the particle's state (read and overwritten with `h_new`), `out`
+/// receives the read-out. On exit `scratch[..hidden]` holds `h_new`. Allocates nothing.
+#[inline]
+pub fn step(layout: &Layout, params: &[f64], hidden: &mut [f64], scratch: &mut [f64], out: &mut [f64]) {
+    let k = layout.row();
+    let nh = layout.hidden;
+    scratch[..nh].copy_from_slice(hidden);
+    for (i, h) in hidden.iter_mut().enumerate() {
+        *h = dot(&params[i * k..(i + 1) * k], scratch).tanh();
+    }
+    scratch[..nh].copy_from_slice(hidden);
+    let ro = layout.readout_offset();
+    for (o, y) in out.iter_mut().enumerate() {
+        *y = dot(&params[ro + o * k..ro + (o + 1) * k], scratch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_counts_rows_and_skip_columns() {
+        let l = Layout::new(2, 3, 1);
+        assert_eq!(l.row(), 6);
+        assert_eq!(l.dim(), 18);
+        let skips: Vec<usize> = (0..l.dim()).filter(|&p| l.is_skip(p)).collect();
+        assert_eq!(skips, vec![14, 15, 16]);
+        let biases: Vec<usize> = (0..l.dim()).filter(|&p| l.is_bias(p)).collect();
+        assert_eq!(biases, vec![5, 11, 17]);
+    }
+
+    #[test]
+    fn step_matches_hand_computation() {
+        // hidden 1, one input, one output: h' = tanh(w_h h + w_x z + b), y = v h' + s z + c
+        let l = Layout::new(1, 1, 1);
+        let p = [0.5, -0.25, 0.1, 2.0, 0.75, -0.3];
+        let mut h = [0.2];
+        let mut scratch = vec![0.0; l.row()];
+        load_inputs(&l, &mut scratch, &[0.4]);
+        let mut out = [0.0];
+        step(&l, &p, &mut h, &mut scratch, &mut out);
+        let h1 = (0.5f64 * 0.2 - 0.25 * 0.4 + 0.1).tanh();
+        assert!((h[0] - h1).abs() < 1e-15);
+        assert!((out[0] - (2.0 * h1 + 0.75 * 0.4 - 0.3)).abs() < 1e-15);
+    }
+}

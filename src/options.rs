@@ -1,0 +1,322 @@
+//! Stream options: the raw form users send (every field optional, unknown fields rejected) and
+//! the validated form that alone can build a model.
+
+use serde::{Deserialize, Serialize};
+
+use crate::network::Layout;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    Elman,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The Kalman form: `u ← u + C^{uw}(C^{ww}+Γ)^{-1}(y − w)`.
+    Kalman,
+    /// The discretised continuous-time flow with the adaptive step `h/(‖D‖_F+ε)`.
+    Flow,
+}
+
+/// The loss Ψ of the flow form; only its gradient in the output is ever needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    Squared,
+    Absolute,
+    Huber,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub h: f64,
+    pub eps: f64,
+}
+
+/// EKI(R): every `every` observations the particles are re-drawn around the mean,
+/// `u_j = ū + ξ_j`, `ξ ~ γ_k μ_0`, with `γ_k = gamma · decay^k` at the k-th re-draw.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spread {
+    pub every: u64,
+    pub gamma: f64,
+    #[serde(default = "one")]
+    pub decay: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Off {
+    Off,
+}
+
+/// `"off"` or a schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SpreadOption {
+    Off(Off),
+    On(Spread),
+}
+
+impl SpreadOption {
+    pub fn schedule(&self) -> Option<Spread> {
+        match self {
+            SpreadOption::Off(_) => None,
+            SpreadOption::On(s) => Some(*s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auto {
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub min: f64,
+    pub max: f64,
+}
+
+/// `"auto"` (fixed from the first observations) or an explicit range mapped to `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ScaleOption {
+    Auto(Auto),
+    Fixed(Range),
+}
+
+/// What a user may send: every field optional, unknown fields an error.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOptions {
+    pub cell: Option<Cell>,
+    pub hidden: Option<usize>,
+    pub lags: Option<usize>,
+    pub inputs: Option<usize>,
+    pub outputs: Option<usize>,
+    pub ensemble: Option<usize>,
+    pub method: Option<Method>,
+    pub noise: Option<f64>,
+    pub step: Option<Step>,
+    pub loss: Option<Loss>,
+    pub huber_delta: Option<f64>,
+    pub momentum: Option<bool>,
+    pub spread: Option<SpreadOption>,
+    pub inflation: Option<f64>,
+    pub prior_spread: Option<f64>,
+    pub skip: Option<bool>,
+    pub seed: Option<u64>,
+    pub scale: Option<ScaleOption>,
+}
+
+/// Validated options: every field present and in range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    pub cell: Cell,
+    pub hidden: usize,
+    pub lags: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+    pub ensemble: usize,
+    pub method: Method,
+    pub noise: f64,
+    pub step: Step,
+    pub loss: Loss,
+    pub huber_delta: f64,
+    pub momentum: bool,
+    pub spread: SpreadOption,
+    pub inflation: f64,
+    /// Spread of the prior around its centre, as a fraction of each weight's Glorot scale.
+    pub prior_spread: f64,
+    /// Whether the read-out sees the cell's inputs directly.
+    pub skip: bool,
+    pub seed: u64,
+    pub scale: ScaleOption,
+}
+
+impl Default for Options {
+    /// The product defaults (chosen on the training parts only; see BENCHMARKS.md).
+    fn default() -> Self {
+        Options {
+            cell: Cell::Elman,
+            hidden: 16,
+            lags: 12,
+            inputs: 0,
+            outputs: 1,
+            ensemble: 100,
+            method: Method::Kalman,
+            noise: 0.01,
+            step: Step { h: 0.1, eps: 1e-8 },
+            loss: Loss::Squared,
+            huber_delta: 0.05,
+            momentum: false,
+            spread: SpreadOption::Off(Off::Off),
+            inflation: 1.0,
+            prior_spread: 0.1,
+            skip: true,
+            seed: 0,
+            scale: ScaleOption::Auto(Auto::Auto),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("option `{field}`: {reason}")]
+pub struct OptionsError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> OptionsError {
+    OptionsError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn in_range(field: &'static str, v: usize, lo: usize, hi: usize) -> Result<usize, OptionsError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(bad(field, format!("must be between {lo} and {hi}, got {v}")))
+    }
+}
+
+fn positive(field: &'static str, v: f64) -> Result<f64, OptionsError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(bad(field, format!("must be a finite number > 0, got {v}")))
+    }
+}
+
+impl RawOptions {
+    /// Fills missing fields from `defaults` and validates the result.
+    pub fn resolve(&self, defaults: &Options) -> Result<Options, OptionsError> {
+        let o = Options {
+            cell: self.cell.unwrap_or(defaults.cell),
+            hidden: self.hidden.unwrap_or(defaults.hidden),
+            lags: self.lags.unwrap_or(defaults.lags),
+            inputs: self.inputs.unwrap_or(defaults.inputs),
+            outputs: self.outputs.unwrap_or(defaults.outputs),
+            ensemble: self.ensemble.unwrap_or(defaults.ensemble),
+            method: self.method.unwrap_or(defaults.method),
+            noise: self.noise.unwrap_or(defaults.noise),
+            step: self.step.unwrap_or(defaults.step),
+            loss: self.loss.unwrap_or(defaults.loss),
+            huber_delta: self.huber_delta.unwrap_or(defaults.huber_delta),
+            momentum: self.momentum.unwrap_or(defaults.momentum),
+            spread: self.spread.unwrap_or(defaults.spread),
+            inflation: self.inflation.unwrap_or(defaults.inflation),
+            prior_spread: self.prior_spread.unwrap_or(defaults.prior_spread),
+            skip: self.skip.unwrap_or(defaults.skip),
+            seed: self.seed.unwrap_or(defaults.seed),
+            scale: self.scale.unwrap_or(defaults.scale),
+        };
+        o.check()
+    }
+}
+
+impl Options {
+    /// The one validation of options; everything that builds a model takes `Options` from here.
+    pub fn check(self) -> Result<Options, OptionsError> {
+        in_range("hidden", self.hidden, 1, 1024)?;
+        in_range("lags", self.lags, 0, 1024)?;
+        in_range("inputs", self.inputs, 0, 1024)?;
+        in_range("outputs", self.outputs, 1, 64)?;
+        in_range("ensemble", self.ensemble, 2, 1_000_000)?;
+        if self.lags == 0 && self.inputs == 0 {
+            return Err(bad("lags", "a network with no lags and no inputs sees nothing"));
+        }
+        positive("noise", self.noise)?;
+        positive("step.h", self.step.h)?;
+        positive("step.eps", self.step.eps)?;
+        positive("huber_delta", self.huber_delta)?;
+        positive("prior_spread", self.prior_spread)?;
+        if !(self.inflation.is_finite() && (1.0..=10.0).contains(&self.inflation)) {
+            return Err(bad(
+                "inflation",
+                format!("must be between 1 (off) and 10, got {}", self.inflation),
+            ));
+        }
+        if let Some(s) = self.spread.schedule() {
+            if s.every == 0 {
+                return Err(bad("spread.every", "must be at least 1"));
+            }
+            positive("spread.gamma", s.gamma)?;
+            if !(s.decay.is_finite() && s.decay > 0.0 && s.decay <= 1.0) {
+                return Err(bad("spread.decay", format!("must be in (0, 1], got {}", s.decay)));
+            }
+        }
+        if let ScaleOption::Fixed(r) = self.scale {
+            if !(r.min.is_finite() && r.max.is_finite() && r.max > r.min) {
+                return Err(bad(
+                    "scale",
+                    format!("needs finite min < max, got min {} max {}", r.min, r.max),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn layout(&self) -> Layout {
+        Layout::new(self.hidden, self.lags * self.outputs + self.inputs, self.outputs)
+    }
+
+    /// Bytes the ensemble's parameters occupy (J·d doubles).
+    pub fn ensemble_bytes(&self) -> usize {
+        self.ensemble * self.layout().dim() * std::mem::size_of::<f64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unknown_fields_rejected() {
+        assert!(Options::default().check().is_ok());
+        let err = serde_json::from_str::<RawOptions>(r#"{"hiden": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("hiden"), "{err}");
+    }
+
+    #[test]
+    fn spread_and_scale_accept_both_forms() {
+        let r: RawOptions = serde_json::from_str(
+            r#"{"spread": {"every": 50, "gamma": 0.1}, "scale": {"min": 0, "max": 10}}"#,
+        )
+        .unwrap();
+        let o = r.resolve(&Options::default()).unwrap();
+        assert_eq!(o.spread.schedule().unwrap().every, 50);
+        let r: RawOptions = serde_json::from_str(r#"{"spread": "off", "scale": "auto"}"#).unwrap();
+        assert!(r.resolve(&Options::default()).unwrap().spread.schedule().is_none());
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let cases = [
+            (r#"{"noise": 0}"#, "noise"),
+            (r#"{"ensemble": 1}"#, "ensemble"),
+            (r#"{"inflation": 0.5}"#, "inflation"),
+            (r#"{"lags": 0}"#, "lags"),
+            (r#"{"scale": {"min": 3, "max": 3}}"#, "scale"),
+            (r#"{"spread": {"every": 0, "gamma": 1}}"#, "spread.every"),
+        ];
+        for (json, field) in cases {
+            let r: RawOptions = serde_json::from_str(json).unwrap();
+            let e = r.resolve(&Options::default()).unwrap_err();
+            assert_eq!(e.field, field, "{json}");
+        }
+    }
+}
