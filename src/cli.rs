@@ -76,6 +76,9 @@ pub struct OptionFlags {
     /// Prior spread around its centre, as a fraction of the Glorot scale.
     #[arg(long)]
     pub prior_spread: Option<f64>,
+    /// Prior spread of the read-out (centred at zero), as a fraction of the Glorot scale.
+    #[arg(long)]
+    pub readout_spread: Option<f64>,
     /// Linear skip from the cell inputs to the read-out.
     #[arg(long)]
     pub skip: Option<bool>,
@@ -151,6 +154,7 @@ impl OptionFlags {
             spread,
             inflation: self.inflation,
             prior_spread: self.prior_spread,
+            readout_spread: self.readout_spread,
             skip: self.skip,
             seed: self.seed,
             scale,

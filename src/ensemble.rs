@@ -82,7 +82,13 @@ impl Ensemble {
         let layout = options.layout();
         let (j, d, m, nh) = (options.ensemble, layout.dim(), layout.outputs, layout.hidden);
         let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-        let prior = Prior::new(&layout, options.prior_spread, options.skip, &mut rng);
+        let prior = Prior::new(
+            &layout,
+            options.prior_spread,
+            options.readout_spread,
+            options.skip,
+            &mut rng,
+        );
         let mut particles = vec![0.0; j * d];
         for u in particles.chunks_exact_mut(d) {
             prior.draw_around(&prior.centre, 1.0, &mut rng, u);

@@ -230,7 +230,7 @@ fn ogd_model(o: &Options, s: OgdSettings) -> OnlineModel<Ogd> {
     use rand::SeedableRng;
     let layout = o.layout();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
-    let prior = Prior::new(&layout, o.prior_spread, o.skip, &mut rng);
+    let prior = Prior::new(&layout, o.prior_spread, o.readout_spread, o.skip, &mut rng);
     OnlineModel::new(Ogd::new(layout, prior.centre, s.lr, s.window), o.lags, 0, 1)
 }
 

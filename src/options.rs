@@ -114,6 +114,7 @@ pub struct RawOptions {
     pub spread: Option<SpreadOption>,
     pub inflation: Option<f64>,
     pub prior_spread: Option<f64>,
+    pub readout_spread: Option<f64>,
     pub skip: Option<bool>,
     pub seed: Option<u64>,
     pub scale: Option<ScaleOption>,
@@ -139,6 +140,8 @@ pub struct Options {
     pub inflation: f64,
     /// Spread of the prior around its centre, as a fraction of each weight's Glorot scale.
     pub prior_spread: f64,
+    /// Prior spread of the read-out weights (centred at zero), as a fraction of the Glorot scale.
+    pub readout_spread: f64,
     /// Whether the read-out sees the cell's inputs directly.
     pub skip: bool,
     pub seed: u64,
@@ -164,6 +167,7 @@ impl Default for Options {
             spread: SpreadOption::Off(Off::Off),
             inflation: 1.0,
             prior_spread: 0.1,
+            readout_spread: 1.0,
             skip: true,
             seed: 0,
             scale: ScaleOption::Auto(Auto::Auto),
@@ -220,6 +224,7 @@ impl RawOptions {
             spread: self.spread.unwrap_or(defaults.spread),
             inflation: self.inflation.unwrap_or(defaults.inflation),
             prior_spread: self.prior_spread.unwrap_or(defaults.prior_spread),
+            readout_spread: self.readout_spread.unwrap_or(defaults.readout_spread),
             skip: self.skip.unwrap_or(defaults.skip),
             seed: self.seed.unwrap_or(defaults.seed),
             scale: self.scale.unwrap_or(defaults.scale),
@@ -244,6 +249,7 @@ impl Options {
         positive("step.eps", self.step.eps)?;
         positive("huber_delta", self.huber_delta)?;
         positive("prior_spread", self.prior_spread)?;
+        positive("readout_spread", self.readout_spread)?;
         if !(self.inflation.is_finite() && (1.0..=10.0).contains(&self.inflation)) {
             return Err(bad(
                 "inflation",
