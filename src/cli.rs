@@ -67,6 +67,9 @@ pub struct OptionFlags {
     /// Nesterov momentum on the flow.
     #[arg(long)]
     pub momentum: Option<bool>,
+    /// Steps between restarts of the Nesterov coefficient.
+    #[arg(long)]
+    pub momentum_restart: Option<u64>,
     /// `off` or `EVERY:GAMMA[:DECAY]` (EKI(R) re-spreading).
     #[arg(long)]
     pub spread: Option<String>,
@@ -151,6 +154,7 @@ impl OptionFlags {
             loss,
             huber_delta: self.huber_delta,
             momentum: self.momentum,
+            momentum_restart: self.momentum_restart,
             spread,
             inflation: self.inflation,
             prior_spread: self.prior_spread,

@@ -72,15 +72,15 @@ impl EvalMethod {
             }
             "eki-spread" => {
                 o.spread = SpreadOption::On(Spread {
-                    every: 250,
-                    gamma: 0.5,
-                    decay: 0.9,
+                    every: 500,
+                    gamma: 0.3,
+                    decay: 0.8,
                 });
                 o.inflation = 1.0;
             }
             "eki-inflation" => {
                 if o.inflation == 1.0 {
-                    o.inflation = 1.002;
+                    o.inflation = 1.0001;
                 }
                 o.spread = SpreadOption::Off(Off::Off);
             }
@@ -99,7 +99,7 @@ pub struct OgdSettings {
 
 impl Default for OgdSettings {
     fn default() -> Self {
-        Self { lr: 0.05, window: 8 }
+        Self { lr: 0.01, window: 8 }
     }
 }
 

@@ -111,6 +111,7 @@ pub struct RawOptions {
     pub loss: Option<Loss>,
     pub huber_delta: Option<f64>,
     pub momentum: Option<bool>,
+    pub momentum_restart: Option<u64>,
     pub spread: Option<SpreadOption>,
     pub inflation: Option<f64>,
     pub prior_spread: Option<f64>,
@@ -136,6 +137,8 @@ pub struct Options {
     pub loss: Loss,
     pub huber_delta: f64,
     pub momentum: bool,
+    /// Steps after which the Nesterov coefficient n/(n+3) restarts from 0.
+    pub momentum_restart: u64,
     pub spread: SpreadOption,
     pub inflation: f64,
     /// Spread of the prior around its centre, as a fraction of each weight's Glorot scale.
@@ -160,10 +163,11 @@ impl Default for Options {
             ensemble: 100,
             method: Method::Kalman,
             noise: 0.01,
-            step: Step { h: 0.1, eps: 1e-8 },
+            step: Step { h: 0.3, eps: 1e-8 },
             loss: Loss::Squared,
             huber_delta: 0.05,
             momentum: false,
+            momentum_restart: 20,
             spread: SpreadOption::Off(Off::Off),
             inflation: 1.0,
             prior_spread: 0.1,
@@ -221,6 +225,7 @@ impl RawOptions {
             loss: self.loss.unwrap_or(defaults.loss),
             huber_delta: self.huber_delta.unwrap_or(defaults.huber_delta),
             momentum: self.momentum.unwrap_or(defaults.momentum),
+            momentum_restart: self.momentum_restart.unwrap_or(defaults.momentum_restart),
             spread: self.spread.unwrap_or(defaults.spread),
             inflation: self.inflation.unwrap_or(defaults.inflation),
             prior_spread: self.prior_spread.unwrap_or(defaults.prior_spread),
@@ -243,6 +248,9 @@ impl Options {
         in_range("ensemble", self.ensemble, 2, 1_000_000)?;
         if self.lags == 0 && self.inputs == 0 {
             return Err(bad("lags", "a network with no lags and no inputs sees nothing"));
+        }
+        if self.momentum_restart == 0 {
+            return Err(bad("momentum_restart", "must be at least 1"));
         }
         positive("noise", self.noise)?;
         positive("step.h", self.step.h)?;

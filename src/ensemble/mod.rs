@@ -28,6 +28,7 @@ pub struct Ensemble {
     update: KalmanUpdate,
     inflation: f64,
     momentum: bool,
+    momentum_restart: u64,
     spread: Option<Spread>,
     prior: Prior,
     rng: ChaCha8Rng,
@@ -107,6 +108,7 @@ impl Ensemble {
             },
             inflation: options.inflation,
             momentum: options.momentum,
+            momentum_restart: options.momentum_restart,
             spread: options.spread.schedule(),
             prior,
             rng,
@@ -345,7 +347,9 @@ impl Ensemble {
         self.mean.fill(0.0);
         let lambda = self.inflation;
         let nesterov = if self.momentum {
-            let n = self.steps as f64;
+            // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
+            // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
+            let n = (self.steps % self.momentum_restart) as f64;
             n / (n + 3.0)
         } else {
             0.0
