@@ -16,7 +16,11 @@ use crate::options::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "ekid", version, about = "Online forecasting with EKI-trained recurrent ensembles")]
+#[command(
+    name = "ekid",
+    version,
+    about = "Online forecasting with EKI-trained recurrent ensembles"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,6 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Offline evaluation (SPEC §6) of EKI variants and baselines on a CSV series.
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
 }
 
@@ -124,7 +129,10 @@ impl OptionFlags {
                 Some(SpreadOption::On(Spread {
                     every: parts[0].parse().context("--spread EVERY")?,
                     gamma: parts[1].parse().context("--spread GAMMA")?,
-                    decay: parts.get(2).map_or(Ok(1.0), |d| d.parse()).context("--spread DECAY")?,
+                    decay: parts
+                        .get(2)
+                        .map_or(Ok(1.0), |d| d.parse())
+                        .context("--spread DECAY")?,
                 }))
             }
         };
@@ -231,7 +239,10 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let mut methods = Vec::new();
     for n in &names {
         let m = EvalMethod::parse(n.trim(), &options).with_context(|| {
-            format!("unknown method `{n}`; known: {}", eval::METHOD_NAMES.join(", "))
+            format!(
+                "unknown method `{n}`; known: {}",
+                eval::METHOD_NAMES.join(", ")
+            )
         })?;
         methods.push(m);
     }
@@ -256,7 +267,12 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         .methods
         .iter()
         .position(|m| matches!(m, EvalMethod::Eki(n, _) if n == "eki"))
-        .or_else(|| config.methods.iter().position(|m| matches!(m, EvalMethod::Eki(..))));
+        .or_else(|| {
+            config
+                .methods
+                .iter()
+                .position(|m| matches!(m, EvalMethod::Eki(..)))
+        });
     let mut results = Vec::new();
     let mut preds: Vec<Option<f64>> = Vec::new();
     for (i, m) in config.methods.iter().enumerate() {
@@ -272,8 +288,8 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         if write_index.is_none() {
             bail!("--predictions needs an EKI method in --methods");
         }
-        let mut w = csv::Writer::from_path(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let mut w =
+            csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
         w.write_record(["seq", "y", "prediction"])?;
         for (i, (&y, p)) in series.values.iter().zip(&preds).enumerate() {
             let p = p.map_or(String::new(), |p| scaler.to_user(p).to_string());
@@ -300,7 +316,8 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             series.column,
             series.values.len(),
             ((series.values.len() as f64) * config.train_fraction).round(),
-            series.values.len() - ((series.values.len() as f64) * config.train_fraction).round() as usize,
+            series.values.len()
+                - ((series.values.len() as f64) * config.train_fraction).round() as usize,
             config.passes
         )?;
         write!(out, "{}", eval::table(&results))?;

@@ -46,21 +46,33 @@ pub fn read_series(path: &Path, column: Option<&str>) -> Result<Series, DataErro
     parse_series(file, column)
 }
 
-pub fn parse_series(input: impl Read, column: Option<&str>) -> Result<Series, DataError> {
+pub fn parse_series(mut input: impl Read, column: Option<&str>) -> Result<Series, DataError> {
+    let mut bytes = Vec::new();
+    input
+        .read_to_end(&mut bytes)
+        .map_err(|source| DataError::Io {
+            path: "input".into(),
+            source,
+        })?;
+    // Line numbers come from byte offsets: the csv crate's own line count is off with CRLF,
+    // where a record's position is the `\n` that ends the previous line, hence the `+ 1`.
+    let line_at = |byte: u64| {
+        let end = (byte as usize + 1).min(bytes.len());
+        bytes[..end].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+    };
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)
-        .from_reader(input);
+        .from_reader(bytes.as_slice());
     let headers = reader
         .headers()
-        .map_err(|e| malformed(&e, 1))?
+        .map_err(|e| malformed(&e, &line_at))?
         .iter()
         .map(str::to_owned)
         .collect::<Vec<_>>();
     let mut records = Vec::new();
     for rec in reader.records() {
-        let line = records.len() as u64 + 2;
-        records.push(rec.map_err(|e| malformed(&e, line))?);
+        records.push(rec.map_err(|e| malformed(&e, &line_at))?);
     }
     let first = records.first().ok_or(DataError::Empty)?;
     let idx = match column {
@@ -79,11 +91,15 @@ pub fn parse_series(input: impl Read, column: Option<&str>) -> Result<Series, Da
         values: Vec::with_capacity(records.len()),
     };
     for rec in &records {
-        let line = rec.position().map_or(0, |p| p.line());
+        let line = rec.position().map_or(0, |p| line_at(p.byte()));
         let cell = rec.get(idx).ok_or_else(|| DataError::Cell {
             line,
             column: series.column.clone(),
-            reason: format!("the row has {} fields, the header {}", rec.len(), headers.len()),
+            reason: format!(
+                "the row has {} fields, the header {}",
+                rec.len(),
+                headers.len()
+            ),
         })?;
         let v: f64 = cell.parse().map_err(|_| DataError::Cell {
             line,
@@ -97,14 +113,16 @@ pub fn parse_series(input: impl Read, column: Option<&str>) -> Result<Series, Da
                 reason: format!("`{cell}` is not a finite number"),
             });
         }
-        series.labels.push(rec.get(0).unwrap_or_default().to_owned());
+        series
+            .labels
+            .push(rec.get(0).unwrap_or_default().to_owned());
         series.values.push(v);
     }
     Ok(series)
 }
 
-fn malformed(e: &csv::Error, fallback_line: u64) -> DataError {
-    let line = e.position().map_or(fallback_line, |p| p.line());
+fn malformed(e: &csv::Error, line_at: &dyn Fn(u64) -> u64) -> DataError {
+    let line = e.position().map_or(0, |p| line_at(p.byte()));
     DataError::Malformed {
         line,
         reason: e.to_string(),
@@ -117,8 +135,11 @@ mod tests {
 
     #[test]
     fn reads_quoted_header_and_crlf() {
-        let s = parse_series("\"Date\",\"Temp\"\r\n\"1981-01-01\",20.7\r\n\"1981-01-02\",17.9\r\n".as_bytes(), None)
-            .unwrap();
+        let s = parse_series(
+            "\"Date\",\"Temp\"\r\n\"1981-01-01\",20.7\r\n\"1981-01-02\",17.9\r\n".as_bytes(),
+            None,
+        )
+        .unwrap();
         assert_eq!(s.column, "Temp");
         assert_eq!(s.values, vec![20.7, 17.9]);
         assert_eq!(s.labels, vec!["1981-01-01", "1981-01-02"]);
@@ -127,8 +148,14 @@ mod tests {
     #[test]
     fn picks_a_named_column_or_the_last_numeric_one() {
         let csv = "date,a,b,note\n2020,1,10,x\n2021,2,20,y\n";
-        assert_eq!(parse_series(csv.as_bytes(), None).unwrap().values, vec![10.0, 20.0]);
-        assert_eq!(parse_series(csv.as_bytes(), Some("a")).unwrap().values, vec![1.0, 2.0]);
+        assert_eq!(
+            parse_series(csv.as_bytes(), None).unwrap().values,
+            vec![10.0, 20.0]
+        );
+        assert_eq!(
+            parse_series(csv.as_bytes(), Some("a")).unwrap().values,
+            vec![1.0, 2.0]
+        );
         let e = parse_series(csv.as_bytes(), Some("c")).unwrap_err();
         assert!(e.to_string().contains("no column named `c`"), "{e}");
     }
@@ -136,16 +163,44 @@ mod tests {
     #[test]
     fn bad_cells_name_line_and_column() {
         let cases = [
-            ("d,v\n1,2\n2,abc\n", "line 3, column `v`: `abc` is not a number"),
+            (
+                "d,v\n1,2\n2,abc\n",
+                "line 3, column `v`: `abc` is not a number",
+            ),
             ("d,v\n1,2\n2,\n", "line 3, column `v`: `` is not a number"),
-            ("d,v\n1,2\n2,inf\n", "line 3, column `v`: `inf` is not a finite number"),
+            (
+                "d,v\n1,2\n2,inf\n",
+                "line 3, column `v`: `inf` is not a finite number",
+            ),
             ("d,v\n1,2\n2,3,4\n", "line 3: malformed CSV"),
             ("d,v\n1,NaN\n", "line 2, column `v`"),
+            ("d,v\r\n1,2\r\n2,x\r\n", "line 3, column `v`"),
+            ("d,v\r\n1,2\r\n2,3,4\r\n", "line 3: malformed CSV"),
         ];
         for (csv, want) in cases {
-            let e = parse_series(csv.as_bytes(), Some("v")).unwrap_err().to_string();
+            let e = parse_series(csv.as_bytes(), Some("v"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{csv:?}: {e}");
         }
-        assert!(matches!(parse_series("d,v\n".as_bytes(), None), Err(DataError::Empty)));
+        assert!(matches!(
+            parse_series("d,v\n".as_bytes(), None),
+            Err(DataError::Empty)
+        ));
+    }
+
+    #[test]
+    fn bundled_datasets_parse_whole() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets");
+        for (file, n, max) in [
+            ("daily-min-temperatures.csv", 3650, 26.3),
+            ("monthly-sunspots.csv", 2820, 253.8),
+        ] {
+            let s = read_series(&dir.join(file), None).unwrap();
+            assert_eq!(s.values.len(), n, "{file}");
+            let lo = s.values.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = s.values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!((lo, hi), (0.0, max), "{file}");
+        }
     }
 }

@@ -99,7 +99,10 @@ pub struct OgdSettings {
 
 impl Default for OgdSettings {
     fn default() -> Self {
-        Self { lr: 0.01, window: 8 }
+        Self {
+            lr: 0.01,
+            window: 8,
+        }
     }
 }
 
@@ -281,7 +284,8 @@ pub fn run_method(
         EvalMethod::Ogd => {
             let mut m = ogd_model(o, config.ogd);
             let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
-            let (first, final_, ..) = passes(ogd_model(o, config.ogd), &split, p, |_, _| None, |_| {});
+            let (first, final_, ..) =
+                passes(ogd_model(o, config.ogd), &split, p, |_, _| None, |_| {});
             EvalResult {
                 method: "ogd".into(),
                 passes: p,
@@ -301,7 +305,9 @@ pub fn run_method(
             let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
             let best = |model: &OnlineModel<Ensemble>, test: &[f64]| {
                 let index = model.learner.best_particle();
-                let mut pm = model.clone().map_learner(|ensemble| Particle { ensemble, index });
+                let mut pm = model
+                    .clone()
+                    .map_learner(|ensemble| Particle { ensemble, index });
                 Some(test_segment(&mut pm, test))
             };
             let (first, final_, best_first, best_final) = passes(
@@ -344,7 +350,16 @@ pub fn evaluate(config: &EvalConfig, values: &[f64]) -> (Scaler, Vec<EvalResult>
 pub fn table(results: &[EvalResult]) -> String {
     let mut s = format!(
         "{:<14} {:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10}\n",
-        "method", "passes", "J", "hidden", "first", "final", "best_first", "best_final", "nmse_preq", "obs/s"
+        "method",
+        "passes",
+        "J",
+        "hidden",
+        "first",
+        "final",
+        "best_first",
+        "best_final",
+        "nmse_preq",
+        "obs/s"
     );
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
     let opt_n = |v: Option<usize>| v.map_or("-".to_string(), |v| v.to_string());
@@ -364,4 +379,100 @@ pub fn table(results: &[EvalResult]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A noisy seasonal series, reproducible without any file.
+    fn series(n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| {
+                let t = i as f64;
+                0.5 + 0.3 * (t / 9.0).sin() + 0.05 * ((t * 12.9898).sin() * 43758.5453).fract()
+            })
+            .collect()
+    }
+
+    fn config(seed: u64) -> EvalConfig {
+        let options = Options {
+            ensemble: 20,
+            hidden: 4,
+            lags: 3,
+            seed,
+            ..Options::default()
+        };
+        EvalConfig {
+            methods: vec![EvalMethod::parse("eki", &options).expect("known")],
+            options,
+            passes: 2,
+            ogd: OgdSettings::default(),
+            train_fraction: 0.8,
+        }
+    }
+
+    fn predictions(config: &EvalConfig, s: &[f64]) -> (Vec<Option<f64>>, EvalResult) {
+        let mut p = Vec::new();
+        let r = run_method(&config.methods[0], config, s, |_, v| p.push(v));
+        (p, r)
+    }
+
+    #[test]
+    fn same_seed_same_predictions_bit_for_bit_other_seed_differs() {
+        let s = series(300);
+        let (a, ra) = predictions(&config(1), &s);
+        let (b, rb) = predictions(&config(1), &s);
+        let (c, _) = predictions(&config(2), &s);
+        let bits = |v: &[Option<f64>]| v.iter().map(|p| p.map(f64::to_bits)).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+        assert_eq!(ra.final_.to_bits(), rb.final_.to_bits());
+        assert_ne!(bits(&a), bits(&c));
+        assert_eq!(
+            a.iter().filter(|p| p.is_none()).count(),
+            3,
+            "the lag buffer fills first"
+        );
+    }
+
+    #[test]
+    fn changing_a_value_changes_no_earlier_or_same_position_prediction() {
+        let s = series(200);
+        let (base, _) = predictions(&config(7), &s);
+        for k in [3usize, 50, 120, 199] {
+            let mut t = s.clone();
+            t[k] += 0.25;
+            let (moved, _) = predictions(&config(7), &t);
+            for i in 0..=k {
+                assert_eq!(
+                    base[i].map(f64::to_bits),
+                    moved[i].map(f64::to_bits),
+                    "prediction {i} changed when value {k} did"
+                );
+            }
+            if k + 1 < s.len() {
+                assert_ne!(
+                    base[k + 1],
+                    moved[k + 1],
+                    "the change must reach position {}",
+                    k + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn persistence_scores_the_lag_one_error() {
+        let s = [0.0, 1.0, 0.0, 1.0, 1.0];
+        let c = EvalConfig {
+            methods: vec![EvalMethod::Persistence],
+            train_fraction: 0.6,
+            ..config(0)
+        };
+        let r = run_method(&c.methods[0], &c, &s, |_, _| {});
+        // Steps 2..5 err by 1, 1, 1, 0.
+        assert_eq!(r.nmse_prequential, 0.75);
+        // Test segment [1, 1] after training on [0, 1, 0]: errors 1, 0.
+        assert_eq!(r.first, 0.5);
+    }
 }

@@ -169,7 +169,10 @@ impl Scaler {
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if !(min.is_finite() && max.is_finite()) || max <= min {
             let min = if min.is_finite() { min } else { 0.0 };
-            return Self { min, max: min + 1.0 };
+            return Self {
+                min,
+                max: min + 1.0,
+            };
         }
         Self { min, max }
     }

@@ -89,7 +89,13 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// [`load_inputs`]), `hidden` is the particle's state (read and overwritten with `h_new`), `out`
 /// receives the read-out. On exit `scratch[..hidden]` holds `h_new`. Allocates nothing.
 #[inline]
-pub fn step(layout: &Layout, params: &[f64], hidden: &mut [f64], scratch: &mut [f64], out: &mut [f64]) {
+pub fn step(
+    layout: &Layout,
+    params: &[f64],
+    hidden: &mut [f64],
+    scratch: &mut [f64],
+    out: &mut [f64],
+) {
     let k = layout.row();
     let nh = layout.hidden;
     scratch[..nh].copy_from_slice(hidden);

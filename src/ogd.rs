@@ -66,7 +66,11 @@ pub fn window_loss(layout: &Layout, params: &[f64], h0: &[f64], zs: &[f64], y: &
         network::load_inputs(layout, &mut scratch, z);
         network::step(layout, params, &mut h, &mut scratch, &mut out);
     }
-    0.5 * out.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f64>()
+    0.5 * out
+        .iter()
+        .zip(y)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
 }
 
 /// Gradient of [`window_loss`] in the parameters, into `ws.grad`. Allocates nothing.
@@ -199,7 +203,13 @@ impl Learner for Ogd {
 
     fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
         network::load_inputs(&self.layout, &mut self.ws.scratch, z);
-        network::step(&self.layout, &self.params, &mut self.hidden, &mut self.ws.scratch, pred);
+        network::step(
+            &self.layout,
+            &self.params,
+            &mut self.hidden,
+            &mut self.ws.scratch,
+            pred,
+        );
     }
 
     fn reset_state(&mut self) {
@@ -220,9 +230,13 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for &(nh, ni, m, steps) in &[(3, 2, 1, 4), (5, 3, 2, 6), (1, 1, 1, 1)] {
             let layout = Layout::new(nh, ni, m);
-            let params: Vec<f64> = (0..layout.dim()).map(|_| rng.random_range(-0.8..0.8)).collect();
+            let params: Vec<f64> = (0..layout.dim())
+                .map(|_| rng.random_range(-0.8..0.8))
+                .collect();
             let h0: Vec<f64> = (0..nh).map(|_| rng.random_range(-0.5..0.5)).collect();
-            let zs: Vec<f64> = (0..steps * ni).map(|_| rng.random_range(0.0..1.0)).collect();
+            let zs: Vec<f64> = (0..steps * ni)
+                .map(|_| rng.random_range(0.0..1.0))
+                .collect();
             let y: Vec<f64> = (0..m).map(|_| rng.random_range(0.0..1.0)).collect();
             let mut ws = BpttWorkspace::new(&layout, steps);
             window_gradient(&layout, &params, &h0, &zs, &y, &mut ws);

@@ -197,7 +197,10 @@ fn in_range(field: &'static str, v: usize, lo: usize, hi: usize) -> Result<usize
     if (lo..=hi).contains(&v) {
         Ok(v)
     } else {
-        Err(bad(field, format!("must be between {lo} and {hi}, got {v}")))
+        Err(bad(
+            field,
+            format!("must be between {lo} and {hi}, got {v}"),
+        ))
     }
 }
 
@@ -247,7 +250,10 @@ impl Options {
         in_range("outputs", self.outputs, 1, 64)?;
         in_range("ensemble", self.ensemble, 2, 1_000_000)?;
         if self.lags == 0 && self.inputs == 0 {
-            return Err(bad("lags", "a network with no lags and no inputs sees nothing"));
+            return Err(bad(
+                "lags",
+                "a network with no lags and no inputs sees nothing",
+            ));
         }
         if self.momentum_restart == 0 {
             return Err(bad("momentum_restart", "must be at least 1"));
@@ -270,7 +276,10 @@ impl Options {
             }
             positive("spread.gamma", s.gamma)?;
             if !(s.decay.is_finite() && s.decay > 0.0 && s.decay <= 1.0) {
-                return Err(bad("spread.decay", format!("must be in (0, 1], got {}", s.decay)));
+                return Err(bad(
+                    "spread.decay",
+                    format!("must be in (0, 1], got {}", s.decay),
+                ));
             }
         }
         if let ScaleOption::Fixed(r) = self.scale {
@@ -285,7 +294,11 @@ impl Options {
     }
 
     pub fn layout(&self) -> Layout {
-        Layout::new(self.hidden, self.lags * self.outputs + self.inputs, self.outputs)
+        Layout::new(
+            self.hidden,
+            self.lags * self.outputs + self.inputs,
+            self.outputs,
+        )
     }
 
     /// Bytes the ensemble's parameters occupy (J·d doubles).
@@ -314,7 +327,13 @@ mod tests {
         let o = r.resolve(&Options::default()).unwrap();
         assert_eq!(o.spread.schedule().unwrap().every, 50);
         let r: RawOptions = serde_json::from_str(r#"{"spread": "off", "scale": "auto"}"#).unwrap();
-        assert!(r.resolve(&Options::default()).unwrap().spread.schedule().is_none());
+        assert!(
+            r.resolve(&Options::default())
+                .unwrap()
+                .spread
+                .schedule()
+                .is_none()
+        );
     }
 
     #[test]

@@ -81,7 +81,12 @@ impl Ensemble {
     /// Draws the initial ensemble from the prior, reproducibly from `options.seed`.
     pub fn new(options: &Options) -> Self {
         let layout = options.layout();
-        let (j, d, m, nh) = (options.ensemble, layout.dim(), layout.outputs, layout.hidden);
+        let (j, d, m, nh) = (
+            options.ensemble,
+            layout.dim(),
+            layout.outputs,
+            layout.hidden,
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
         let prior = Prior::new(
             &layout,
@@ -167,6 +172,11 @@ impl Ensemble {
     pub fn repaired(&self) -> u64 {
         self.repaired
     }
+    /// The particles' predictions `w_j` (`J×m`) of the last step.
+    pub fn particle_predictions(&self) -> &[f64] {
+        &self.ws.w
+    }
+
     /// Variance of the particles' last predictions, averaged over outputs (scaled units).
     pub fn prediction_variance(&self) -> f64 {
         self.last_prediction_var
@@ -229,7 +239,13 @@ impl Ensemble {
     /// Mean-particle prediction with frozen parameters; advances only the mean's hidden state.
     pub fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
         network::load_inputs(&self.layout, &mut self.ws.scratch, z);
-        network::step(&self.layout, &self.mean, &mut self.mean_hidden, &mut self.ws.scratch, pred);
+        network::step(
+            &self.layout,
+            &self.mean,
+            &mut self.mean_hidden,
+            &mut self.ws.scratch,
+            pred,
+        );
     }
 
     /// Particle `j`'s prediction with frozen parameters; advances only its hidden state.
@@ -253,14 +269,20 @@ impl Ensemble {
         debug_assert!(z.iter().chain(y).all(|v| v.is_finite()));
 
         // 1. Predict with the mean particle.
-        self.ws.mean_hidden_before.copy_from_slice(&self.mean_hidden);
+        self.ws
+            .mean_hidden_before
+            .copy_from_slice(&self.mean_hidden);
         self.predict_frozen(z, pred);
 
         // 2. Forward every particle, fusing the cross-covariance accumulation.
         let mut all_healthy = pred.iter().all(|v| v.is_finite());
         self.ws.cuw.fill(0.0);
         let Workspace {
-            w, cuw, scratch, healthy, ..
+            w,
+            cuw,
+            scratch,
+            healthy,
+            ..
         } = &mut self.ws;
         for (jj, ((u, h), wj)) in self
             .particles
@@ -294,7 +316,14 @@ impl Ensemble {
         // 3. Output-space statistics.
         let inv_j = 1.0 / self.j as f64;
         let Workspace {
-            w, q, cuw, cww, wbar, qbar, next_mean, ..
+            w,
+            q,
+            cuw,
+            cww,
+            wbar,
+            qbar,
+            next_mean,
+            ..
         } = &mut self.ws;
         wbar.fill(0.0);
         for wj in w.chunks_exact(m) {
@@ -321,7 +350,11 @@ impl Ensemble {
             *c *= inv_j;
         }
         for (e, wj) in self.particle_sse.iter_mut().zip(w.chunks_exact(m)) {
-            *e += wj.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+            *e += wj
+                .iter()
+                .zip(y)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>();
         }
 
         // 4. Coefficients q_j: u_j += C^{uw} q_j.
@@ -354,7 +387,12 @@ impl Ensemble {
         } else {
             0.0
         };
-        for (jj, (u, qj)) in self.particles.chunks_exact_mut(d).zip(q.chunks_exact(m)).enumerate() {
+        for (jj, (u, qj)) in self
+            .particles
+            .chunks_exact_mut(d)
+            .zip(q.chunks_exact(m))
+            .enumerate()
+        {
             if m == 1 {
                 let (c, qv) = (&cuw[..d], qj[0]);
                 for (up, &cp) in u.iter_mut().zip(c) {
@@ -445,7 +483,8 @@ impl Ensemble {
             }
             repaired += 1;
             let u = &mut self.particles[jj * d..(jj + 1) * d];
-            self.prior.draw_around(&self.ws.next_mean, 1.0, &mut self.rng, u);
+            self.prior
+                .draw_around(&self.ws.next_mean, 1.0, &mut self.rng, u);
             if u.iter().any(|v| !v.is_finite()) {
                 u.copy_from_slice(&self.prior.centre);
             }
@@ -467,13 +506,18 @@ impl Ensemble {
         }
         self.repaired += repaired as u64;
         self.recompute_mean();
-        if self.mean_hidden.iter().chain(pred.iter()).any(|v| !v.is_finite())
+        if self
+            .mean_hidden
+            .iter()
+            .chain(pred.iter())
+            .any(|v| !v.is_finite())
             || self.ws.mean_hidden_before.iter().any(|v| !v.is_finite())
         {
             if self.ws.mean_hidden_before.iter().any(|v| !v.is_finite()) {
                 self.ws.mean_hidden_before.fill(0.0);
             }
-            self.mean_hidden.copy_from_slice(&self.ws.mean_hidden_before);
+            self.mean_hidden
+                .copy_from_slice(&self.ws.mean_hidden_before);
             self.predict_frozen(z, pred);
             if pred.iter().any(|v| !v.is_finite()) {
                 self.mean_hidden.fill(0.0);
@@ -494,3 +538,6 @@ impl Ensemble {
         repaired
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,4 @@
+//! The one integration-test binary: every test here runs the real `ekid` executable.
 
+mod eval_cli;
+mod util;

@@ -1,0 +1,302 @@
+//! The EKI maths against theory and against direct dense computations.
+
+use nalgebra::{DMatrix, DVector};
+use proptest::prelude::*;
+
+use super::*;
+use crate::options::{Method, Options};
+
+fn options(
+    j: usize,
+    hidden: usize,
+    lags: usize,
+    outputs: usize,
+    method: Method,
+    seed: u64,
+) -> Options {
+    Options {
+        ensemble: j,
+        hidden,
+        lags,
+        outputs,
+        method,
+        seed,
+        ..Options::default()
+    }
+    .check()
+    .expect("valid test options")
+}
+
+/// Zeroes the read-out's hidden columns in every particle: the output is then `S z + c`, a
+/// linear function of u (and the span of the ensemble keeps those entries at zero).
+fn linearise(e: &mut Ensemble) {
+    let l = *e.layout();
+    let (d, k, ro) = (l.dim(), l.row(), l.readout_offset());
+    let mut p = e.particles().to_vec();
+    for u in p.chunks_exact_mut(d) {
+        for o in 0..l.outputs {
+            u[ro + o * k..ro + o * k + l.hidden].fill(0.0);
+        }
+    }
+    e.set_particles(&p);
+}
+
+/// Largest distance of a particle from the affine span of the initial ensemble, relative to
+/// its size.
+fn span_residual(initial: &[f64], now: &[f64], j: usize, d: usize) -> f64 {
+    let base = DVector::from_column_slice(&initial[..d]);
+    let basis = DMatrix::from_fn(d, j - 1, |r, c| initial[(c + 1) * d + r] - base[r]);
+    let svd = basis.svd(true, true);
+    let mut worst: f64 = 0.0;
+    for u in now.chunks_exact(d) {
+        let v = DVector::from_column_slice(u) - &base;
+        let x = svd.solve(&v, 1e-10).expect("svd solve");
+        let r = (svd_basis_times(initial, d, j, &x) - &v).norm();
+        worst = worst.max(r / (1.0 + v.norm()));
+    }
+    worst
+}
+
+fn svd_basis_times(initial: &[f64], d: usize, j: usize, x: &DVector<f64>) -> DVector<f64> {
+    DVector::from_fn(d, |r, _| {
+        (0..j - 1)
+            .map(|c| (initial[(c + 1) * d + r] - initial[r]) * x[c])
+            .sum()
+    })
+}
+
+fn random_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    use rand::Rng;
+    (0..n).map(|_| rng.random_range(0.0..1.0)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Schillings & Stuart 2017: with a linear forward map and no spread or inflation, every
+    /// particle stays in the affine span of the initial ensemble (Kalman and flow forms, with
+    /// and without momentum), for observations that change every step.
+    #[test]
+    fn particles_stay_in_the_initial_affine_span(
+        j in 2usize..10, hidden in 1usize..4, lags in 1usize..4, outputs in 1usize..3,
+        flow in any::<bool>(), momentum in any::<bool>(), seed in any::<u64>(), steps in 1usize..8,
+    ) {
+        let method = if flow { Method::Flow } else { Method::Kalman };
+        let mut o = options(j, hidden, lags, outputs, method, seed);
+        o.momentum = momentum && flow;
+        let mut e = Ensemble::new(&o);
+        linearise(&mut e);
+        let initial = e.particles().to_vec();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let mut pred = vec![0.0; outputs];
+        for _ in 0..steps {
+            let z = random_vec(&mut rng, e.layout().n_in);
+            let y = random_vec(&mut rng, outputs);
+            e.step(&z, &y, &mut pred);
+        }
+        let r = span_residual(&initial, e.particles(), j, e.dim());
+        prop_assert!(r < 1e-9, "residual {r}");
+    }
+
+    /// With a linear forward map and a fixed observation (the inverse-problem setting), the
+    /// Kalman form contracts every particle's misfit and the mean's: `y − w' = Γ(C^{ww}+Γ)^{-1}(y − w)`.
+    #[test]
+    fn kalman_misfit_does_not_increase(
+        j in 2usize..10, hidden in 1usize..4, lags in 1usize..4, outputs in 1usize..3,
+        seed in any::<u64>(), noise in 1e-3f64..1.0,
+    ) {
+        let mut o = options(j, hidden, lags, outputs, Method::Kalman, seed);
+        o.noise = noise;
+        let mut e = Ensemble::new(&o);
+        linearise(&mut e);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xabc);
+        let z = random_vec(&mut rng, e.layout().n_in);
+        let y = random_vec(&mut rng, outputs);
+        let mut pred = vec![0.0; outputs];
+        let misfit = |v: &[f64]| v.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+        let mut last_mean = f64::INFINITY;
+        let mut last_particles = vec![f64::INFINITY; j];
+        for _ in 0..6 {
+            e.step(&z, &y, &mut pred);
+            let m = misfit(&pred);
+            prop_assert!(m <= last_mean * (1.0 + 1e-9) + 1e-15, "mean misfit {m} after {last_mean}");
+            last_mean = m;
+            for (jj, w) in e.particle_predictions().chunks_exact(outputs).enumerate() {
+                let mj = misfit(w);
+                prop_assert!(mj <= last_particles[jj] * (1.0 + 1e-9) + 1e-15);
+                last_particles[jj] = mj;
+            }
+        }
+    }
+}
+
+/// Forward of every particle from zero hidden state, outside the ensemble.
+fn forward_all(e: &Ensemble, z: &[f64]) -> Vec<f64> {
+    let l = *e.layout();
+    let mut w = vec![0.0; e.size() * l.outputs];
+    let mut scratch = vec![0.0; l.row()];
+    for (u, wj) in e
+        .particles()
+        .chunks_exact(e.dim())
+        .zip(w.chunks_exact_mut(l.outputs))
+    {
+        let mut h = vec![0.0; l.hidden];
+        network::load_inputs(&l, &mut scratch, z);
+        network::step(&l, u, &mut h, &mut scratch, wj);
+    }
+    w
+}
+
+#[test]
+fn kalman_update_matches_dense_computation() {
+    let (j, m) = (7, 2);
+    let o = options(j, 3, 2, m, Method::Kalman, 11);
+    let mut e = Ensemble::new(&o);
+    let d = e.dim();
+    let z = [0.3, 0.7, 0.1, 0.9];
+    let y = [0.4, 0.6];
+    let u = DMatrix::from_row_slice(j, d, e.particles());
+    let w = DMatrix::from_row_slice(j, m, &forward_all(&e, &z));
+    let ubar = u.row_mean();
+    let wbar = w.row_mean();
+    let du = DMatrix::from_fn(j, d, |r, c| u[(r, c)] - ubar[c]);
+    let dw = DMatrix::from_fn(j, m, |r, c| w[(r, c)] - wbar[c]);
+    let cuw = du.transpose() * &dw / j as f64;
+    let cww = dw.transpose() * &dw / j as f64;
+    let gain = &cuw
+        * (cww + DMatrix::identity(m, m) * o.noise)
+            .try_inverse()
+            .expect("SPD");
+    let resid = DMatrix::from_fn(j, m, |r, c| y[c] - w[(r, c)]);
+    let expected = &u + resid * gain.transpose();
+
+    // The mean particle's prediction is the network at ū.
+    let mut mean_pred = [0.0; 2];
+    let mut h = vec![0.0; 3];
+    let mut scratch = vec![0.0; e.layout().row()];
+    network::load_inputs(e.layout(), &mut scratch, &z);
+    network::step(e.layout(), e.mean(), &mut h, &mut scratch, &mut mean_pred);
+
+    let mut pred = [0.0; 2];
+    e.step(&z, &y, &mut pred);
+    assert_eq!(pred, mean_pred);
+    let got = DMatrix::from_row_slice(j, d, e.particles());
+    let err = (&got - &expected).abs().max();
+    assert!(err < 1e-12, "max deviation {err}");
+    let mean_err = (DMatrix::from_row_slice(1, d, e.mean()) - expected.row_mean())
+        .abs()
+        .max();
+    assert!(mean_err < 1e-13, "mean deviation {mean_err}");
+}
+
+#[test]
+fn flow_step_matches_hand_computed_d() {
+    let j = 3;
+    let mut o = options(j, 1, 1, 1, Method::Flow, 5);
+    o.step = crate::options::Step { h: 0.5, eps: 1e-3 };
+    let mut e = Ensemble::new(&o);
+    let d = e.dim();
+    let z = [0.8];
+    let y = [0.25];
+    let u: Vec<Vec<f64>> = e.particles().chunks_exact(d).map(<[f64]>::to_vec).collect();
+    let w = forward_all(&e, &z);
+    let wbar = w.iter().sum::<f64>() / j as f64;
+    // D^{jk} = (1/J) (w_k − w̄)·(w_j − y), Ψ = ½‖z − y‖².
+    let mut dm = [[0.0; 3]; 3];
+    for a in 0..j {
+        for b in 0..j {
+            dm[a][b] = (w[b] - wbar) * (w[a] - y[0]) / j as f64;
+        }
+    }
+    let norm = dm.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    let h_n = 0.5 / (norm + 1e-3);
+    let mut pred = [0.0];
+    let report = e.step(&z, &y, &mut pred);
+    assert!((report.step_size - h_n).abs() < 1e-12 * h_n);
+    for a in 0..j {
+        for p in 0..d {
+            let du: f64 = (0..j).map(|b| dm[a][b] * u[b][p]).sum();
+            let want = u[a][p] - h_n * du;
+            let got = e.particle(a)[p];
+            assert!(
+                (got - want).abs() < 1e-12,
+                "particle {a} param {p}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_particle_with_non_finite_prediction_is_redrawn() {
+    let o = options(10, 4, 3, 1, Method::Kalman, 3);
+    let mut e = Ensemble::new(&o);
+    let d = e.dim();
+    let mut p = e.particles().to_vec();
+    // Particle 4's read-out bias overflows to infinity.
+    p[4 * d + d - 1] = f64::INFINITY;
+    e.set_particles(&p);
+    let mut pred = [0.0];
+    let report = e.step(&[0.1, 0.2, 0.3], &[0.5], &mut pred);
+    assert_eq!(report.repaired, 1);
+    assert_eq!(e.repaired(), 1);
+    assert!(pred[0].is_finite());
+    assert!(e.particles().iter().all(|v| v.is_finite()));
+    assert!(e.mean().iter().all(|v| v.is_finite()));
+    // It keeps learning afterwards.
+    let report = e.step(&[0.2, 0.1, 0.3], &[0.4], &mut pred);
+    assert_eq!(report.repaired, 0);
+    assert!(pred[0].is_finite());
+}
+
+#[test]
+fn every_particle_unhealthy_falls_back_to_the_prior() {
+    let o = options(4, 2, 1, 1, Method::Kalman, 9);
+    let mut e = Ensemble::new(&o);
+    let p = vec![f64::NAN; e.particles().len()];
+    e.set_particles(&p);
+    let mut pred = [0.0];
+    let report = e.step(&[0.5], &[0.5], &mut pred);
+    assert_eq!(report.repaired, 4);
+    assert!(pred[0].is_finite());
+    assert!(e.particles().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn spread_and_inflation_keep_the_ensemble_alive() {
+    // Without either, deterministic EKI collapses the spread; each keeps it up.
+    let run = |f: &dyn Fn(&mut Options)| {
+        let mut o = options(20, 4, 2, 1, Method::Kalman, 1);
+        f(&mut o);
+        let mut e = Ensemble::new(&o.check().expect("valid"));
+        let mut pred = [0.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for _ in 0..400 {
+            let z = random_vec(&mut rng, 2);
+            e.step(&z, &[0.5 * z[0] + 0.2], &mut pred);
+        }
+        e.parameter_spread()
+    };
+    let plain = run(&|_| {});
+    let inflated = run(&|o| o.inflation = 1.01);
+    let spread = run(&|o| {
+        o.spread = crate::options::SpreadOption::On(crate::options::Spread {
+            every: 100,
+            gamma: 1.0,
+            decay: 1.0,
+        })
+    });
+    assert!(
+        inflated > 2.0 * plain,
+        "inflated {inflated} vs plain {plain}"
+    );
+    assert!(spread > 2.0 * plain, "spread {spread} vs plain {plain}");
+}
+
+#[test]
+fn same_seed_same_ensemble_different_seed_different() {
+    let a = Ensemble::new(&options(5, 2, 2, 1, Method::Kalman, 42));
+    let b = Ensemble::new(&options(5, 2, 2, 1, Method::Kalman, 42));
+    let c = Ensemble::new(&options(5, 2, 2, 1, Method::Kalman, 43));
+    assert_eq!(a.particles(), b.particles());
+    assert_ne!(a.particles(), c.particles());
+}
