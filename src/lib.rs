@@ -2,12 +2,16 @@
 //! by Ensemble Kalman Inversion. See ARCHITECTURE.md for the map of this crate.
 
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod ensemble;
 pub mod eval;
+pub mod forecast;
 pub mod model;
 pub mod network;
 pub mod ogd;
 pub mod options;
 pub mod prior;
+pub mod server;
+pub mod stream;
 pub mod update;

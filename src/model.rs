@@ -135,6 +135,11 @@ impl<L: Learner> OnlineModel<L> {
         ready
     }
 
+    /// The lag buffer (newest first) and whether it is full.
+    pub fn lags(&self) -> &LagBuffer {
+        &self.lags
+    }
+
     /// The same model with its learner transformed (e.g. to predict with one particle).
     pub fn map_learner<M>(self, f: impl FnOnce(L) -> M) -> OnlineModel<M> {
         OnlineModel {

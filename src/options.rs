@@ -5,13 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::network::Layout;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Cell {
     Elman,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// The Kalman form: `u ← u + C^{uw}(C^{ww}+Γ)^{-1}(y − w)`.
@@ -21,7 +21,7 @@ pub enum Method {
 }
 
 /// The loss Ψ of the flow form; only its gradient in the output is ever needed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Loss {
     Squared,
@@ -29,7 +29,7 @@ pub enum Loss {
     Huber,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     pub h: f64,
@@ -38,7 +38,7 @@ pub struct Step {
 
 /// EKI(R): every `every` observations the particles are re-drawn around the mean,
 /// `u_j = ū + ξ_j`, `ξ ~ γ_k μ_0`, with `γ_k = gamma · decay^k` at the k-th re-draw.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spread {
     pub every: u64,
@@ -51,14 +51,14 @@ fn one() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Off {
     Off,
 }
 
 /// `"off"` or a schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SpreadOption {
     Off(Off),
@@ -74,13 +74,13 @@ impl SpreadOption {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Auto {
     Auto,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Range {
     pub min: f64,
@@ -88,7 +88,7 @@ pub struct Range {
 }
 
 /// `"auto"` (fixed from the first observations) or an explicit range mapped to `[0, 1]`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ScaleOption {
     Auto(Auto),
@@ -96,7 +96,7 @@ pub enum ScaleOption {
 }
 
 /// What a user may send: every field optional, unknown fields an error.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawOptions {
     pub cell: Option<Cell>,
@@ -122,7 +122,7 @@ pub struct RawOptions {
 }
 
 /// Validated options: every field present and in range.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
     pub cell: Cell,

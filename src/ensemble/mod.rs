@@ -166,6 +166,13 @@ impl Ensemble {
     pub fn mean(&self) -> &[f64] {
         &self.mean
     }
+    pub fn mean_hidden(&self) -> &[f64] {
+        &self.mean_hidden
+    }
+    pub fn hidden(&self, j: usize) -> &[f64] {
+        let nh = self.layout.hidden;
+        &self.hidden[j * nh..(j + 1) * nh]
+    }
     pub fn steps(&self) -> u64 {
         self.steps
     }

@@ -1,7 +1,10 @@
-//! Helpers to run the real binary.
+//! Helpers to run the real binary: `ekid` commands, and a daemon on an ephemeral loopback port
+//! with a temporary data directory that can be stopped gracefully or killed.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn ekid() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ekid"))
@@ -27,4 +30,127 @@ pub fn assert_success(out: &Output, args: &[&str]) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A running `ekid serve` on 127.0.0.1:0.
+pub struct Daemon {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts a daemon with a fresh temporary data directory.
+    pub fn start() -> Daemon {
+        Self::start_args(&[])
+    }
+
+    /// Starts a daemon with extra arguments (after `serve`) and a fresh data directory.
+    pub fn start_args(extra: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let mut d = Self::start_in(&dir, extra);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts a daemon on an existing data directory (for restarts).
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Daemon {
+        let log = data_dir.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open daemon log");
+        let mut child = ekid()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn ekid serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address line");
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}; log: {}", read(&log)))
+            .to_owned();
+        Daemon {
+            child: Some(child),
+            base,
+            data_dir: data_dir.to_owned(),
+            log,
+            _tmp: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (up to `limit`) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let mut c = self.child.take().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().expect("try_wait") {
+                return s;
+            }
+            if started.elapsed() > limit {
+                let _ = c.kill();
+                panic!(
+                    "daemon did not exit within {limit:?} of SIGTERM; log:\n{}",
+                    read(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
 }

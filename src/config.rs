@@ -1,0 +1,137 @@
+//! Daemon configuration: built-in defaults, then a TOML file, then command-line flags. Unknown
+//! keys are errors naming the key. `config/ekid.toml` documents every key with its default; a
+//! test keeps the two equal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::options::{Options, RawOptions};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// Where stream state lives.
+    pub data_dir: PathBuf,
+    /// Defaults for every stream option a `PUT /v1/streams/{name}` leaves out.
+    pub defaults: RawOptions,
+    pub limits: Limits,
+    pub auth: Auth,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted, bytes.
+    pub body_bytes: usize,
+    /// Most observations in one POST.
+    pub batch_observations: usize,
+    /// Most streams at once.
+    pub streams: usize,
+    /// Budget for all ensembles together (J·d·8 bytes each), bytes.
+    pub memory_bytes: u64,
+    /// Longest forecast horizon.
+    pub horizon: usize,
+    /// Commands queued per stream before POSTs get 503 + Retry-After.
+    pub queue_depth: usize,
+    /// Whole-request timeout, milliseconds (SSE streams excepted).
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Bearer tokens accepted for writes; empty = no auth.
+    pub tokens: Vec<String>,
+    /// Also require a token for reads (`/healthz` stays open).
+    pub protect_reads: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            data_dir: PathBuf::from("./data"),
+            defaults: RawOptions::default(),
+            limits: Limits::default(),
+            auth: Auth::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes: 16 << 20,
+            batch_observations: 100_000,
+            streams: 10_000,
+            memory_bytes: 4 << 30,
+            horizon: 10_000,
+            queue_depth: 64,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the built-in defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let c: Config = toml::from_str(text)?;
+        c.stream_defaults()?;
+        Ok(c)
+    }
+
+    /// The validated options a stream gets for every field it leaves out.
+    pub fn stream_defaults(&self) -> anyhow::Result<Options> {
+        self.defaults
+            .resolve(&Options::default())
+            .map_err(|e| anyhow::anyhow!("[defaults] {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ekid.toml");
+        let file = Config::from_file(&path).unwrap();
+        let mut built_in = Config::default();
+        // The file spells out every stream default; built in, they are implied.
+        built_in.defaults = file.defaults.clone();
+        assert_eq!(file, built_in);
+        assert_eq!(file.stream_defaults().unwrap(), Options::default());
+        // And it names every option, so it documents all of them.
+        let named = serde_json::to_value(&file.defaults).unwrap();
+        assert!(
+            named.as_object().unwrap().values().all(|v| !v.is_null()),
+            "config/ekid.toml leaves a stream option out: {named}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = Config::from_toml("listne = \"127.0.0.1:1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listne"), "{e}");
+        let e = Config::from_toml("[limits]\nbody = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("body"), "{e}");
+        let e = Config::from_toml("[defaults]\nnoise = -1.0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("noise"), "{e}");
+    }
+}

@@ -1,0 +1,580 @@
+//! HTTP handlers: decode and validate at the edge, then talk to the stream's owner or read its
+//! published view. Every error leaves as a problem document through [`ApiError`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream as FuturesStream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot};
+
+use super::AppState;
+use super::body::{self, DecodeError};
+use super::error::{ApiError, Problem};
+use super::openapi::ObservationsBody;
+use super::owner::{Command, ScaleOut, StreamView};
+use crate::forecast::ForecastStep;
+use crate::options::{Options, RawOptions};
+
+/// `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..` (names become directory names on disk).
+pub fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadName(format!(
+            "stream names are 1 to 64 characters of A-Z a-z 0-9 _ . - (and not `.` or `..`), got `{}`",
+            name.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+/// Reads a whole body up to `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // The only error besides an I/O failure is the length limit.
+        let text = e.to_string();
+        if text.contains("length limit") {
+            ApiError::TooLarge(format!("the body is larger than the {limit}-byte limit"))
+        } else {
+            ApiError::Decode(DecodeError {
+                detail: format!("could not read the body: {text}"),
+                line: None,
+                field: None,
+            })
+        }
+    })
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string())
+}
+
+/// The media type without parameters, lower-cased.
+fn media_type(ct: &str) -> String {
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn is_json(ct: &str) -> bool {
+    let m = media_type(ct);
+    m == "application/json" || m.ends_with("+json")
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response types.
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsOut {
+    /// Observations applied.
+    pub observations: u64,
+    /// Last applied sequence number (0 before the first).
+    pub last_seq: u64,
+    /// Prequential mean squared error, original units (null before the first prediction).
+    pub mse: Option<f64>,
+    /// Prequential mean squared error, model units.
+    pub mse_scaled: Option<f64>,
+    /// Standard deviation of the particles' last predictions, original units.
+    pub spread: f64,
+    /// Estimated one-step noise variance, original units.
+    pub noise: f64,
+    /// Particles re-drawn because their prediction was not finite.
+    pub repaired: u64,
+    /// Time of the last applied batch (RFC 3339).
+    pub last_update: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamOut {
+    pub name: String,
+    pub options: Options,
+    pub stats: StatsOut,
+    /// The scale per output (null until fixed by the first batch when `scale` is `auto`).
+    pub scale: Option<Vec<ScaleOut>>,
+    /// Why the stream failed, if it did.
+    pub failed: Option<String>,
+}
+
+impl From<&StreamView> for StreamOut {
+    fn from(v: &StreamView) -> Self {
+        let width = v
+            .scale
+            .as_ref()
+            .and_then(|s| s.first())
+            .map_or(1.0, |s| s.max - s.min);
+        StreamOut {
+            name: v.name.clone(),
+            options: v.options.clone(),
+            stats: StatsOut {
+                observations: v.stats.observations,
+                last_seq: v.stats.last_seq,
+                mse: v.stats.mse_user(),
+                mse_scaled: v.stats.mse_scaled(),
+                spread: v.stats.prediction_spread * width,
+                noise: v.stats.noise_var * width * width,
+                repaired: v.stats.repaired,
+                last_update: v.last_update.map(rfc3339),
+            },
+            scale: v.scale.as_ref().map(|s| {
+                s.iter()
+                    .map(|s| ScaleOut {
+                        min: s.min,
+                        max: s.max,
+                    })
+                    .collect()
+            }),
+            failed: v.failed.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamList {
+    pub streams: Vec<StreamOut>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PredictionOut {
+    pub seq: u64,
+    /// The prediction made before this observation was learned (null while the lag buffer fills).
+    pub prediction: Option<Vec<f64>>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ObserveOut {
+    pub accepted: usize,
+    pub duplicates: usize,
+    /// First sequence number applied (null if nothing new was applied).
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub predictions: Vec<PredictionOut>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ForecastOut {
+    pub stream: String,
+    /// The last sequence number the forecast has seen.
+    pub seq: u64,
+    pub horizon: usize,
+    pub level: f64,
+    pub steps: Vec<ForecastStep>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub streams: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers.
+
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "The daemon is up", body = Health)))]
+pub async fn healthz(State(app): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        streams: app.stream_count(),
+    })
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "application/openmetrics-text")))]
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.inner.metrics.encode(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(put, path = "/v1/streams/{name}", tag = "streams",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    request_body(content((RawOptions = "application/json")), description = "Stream options; every field optional, defaults from the server config"),
+    responses(
+        (status = 201, description = "Created", body = StreamOut),
+        (status = 200, description = "Exists with the same options", body = StreamOut),
+        (status = 400, description = "Malformed options or bad name", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Exists with different options", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid option value or over a limit", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_stream(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
+    let raw: RawOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
+        RawOptions::default()
+    } else {
+        match content_type(&headers) {
+            Some(ct) if is_json(&ct) => {}
+            Some(ct) => return Err(ApiError::UnsupportedMediaType(ct)),
+            None => return Err(ApiError::UnsupportedMediaType(String::new())),
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedOptions(e.to_string()))?
+    };
+    let options = raw.resolve(&app.inner.defaults)?;
+    let (created, view) = app.create_stream(&name, options)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(StreamOut::from(view.as_ref()))).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/streams", tag = "streams",
+    responses((status = 200, description = "Every stream", body = StreamList)))]
+pub async fn list_streams(State(app): State<AppState>) -> Json<StreamList> {
+    let mut streams: Vec<StreamOut> = app
+        .handles()
+        .iter()
+        .map(|(_, h)| StreamOut::from(h.view().as_ref()))
+        .collect();
+    streams.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(StreamList { streams })
+}
+
+#[utoipa::path(get, path = "/v1/streams/{name}", tag = "streams",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    responses(
+        (status = 200, description = "Options and statistics", body = StreamOut),
+        (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_stream(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<StreamOut>, ApiError> {
+    check_name(&name)?;
+    let h = app.handle(&name)?;
+    Ok(Json(StreamOut::from(h.view().as_ref())))
+}
+
+#[utoipa::path(delete, path = "/v1/streams/{name}", tag = "streams",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_stream(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
+    app.delete_stream(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/streams/{name}/observations", tag = "observations",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    request_body(content(
+        (ObservationsBody = "application/json"),
+        (String = "application/x-ndjson"),
+        (String = "text/csv"),
+    ), description = "One observation or a batch: a JSON object or array, NDJSON (one object per line) or CSV (header: `y` or `y1..`, optional `x` or `x1..`, optional `seq`)"),
+    responses(
+        (status = 200, description = "Applied (all or nothing), with the prequential predictions", body = ObserveOut),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Sequence gap", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body or batch too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid observation (dimension, non-finite value, seq 0)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Stream queue full or shutting down; retry", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_observations(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ObserveOut>, ApiError> {
+    check_name(&name)?;
+    let handle = app.handle(&name)?;
+    let limits = &app.inner.config.limits;
+    let bytes = read_body(body, limits.body_bytes).await?;
+    let ct = content_type(&headers).unwrap_or_default();
+    let batch = match media_type(&ct).as_str() {
+        _ if is_json(&ct) => body::decode_json(&bytes)?,
+        "application/x-ndjson" | "application/jsonl" => body::decode_ndjson(&bytes)?,
+        "text/csv" => body::decode_csv(&bytes)?,
+        _ => return Err(ApiError::UnsupportedMediaType(ct)),
+    };
+    if batch.len() > limits.batch_observations {
+        return Err(ApiError::TooLarge(format!(
+            "{} observations in one request; the limit is {}",
+            batch.len(),
+            limits.batch_observations
+        )));
+    }
+    let (reply, rx) = oneshot::channel();
+    handle
+        .tx
+        .try_send(Command::Observe { batch, reply })
+        .map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(name.clone()),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                ApiError::NoSuchStream(name.clone())
+            }
+        })?;
+    let outcome = rx
+        .await
+        .map_err(|_| ApiError::NoSuchStream(name.clone()))??;
+    Ok(Json(ObserveOut {
+        accepted: outcome.applied.len(),
+        duplicates: outcome.duplicates,
+        first_seq: outcome.applied.first().map(|a| a.seq),
+        last_seq: outcome.applied.last().map(|a| a.seq),
+        predictions: outcome
+            .applied
+            .into_iter()
+            .map(|a| PredictionOut {
+                seq: a.seq,
+                prediction: a.prediction,
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastQuery {
+    /// Steps ahead (1 ..= the configured limit).
+    pub horizon: usize,
+    /// Coverage of the interval, in (0, 1); default 0.9.
+    pub level: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastRequest {
+    pub horizon: usize,
+    pub level: Option<f64>,
+    /// The future exogenous inputs: `horizon` rows of `inputs` values (omit when none).
+    #[serde(default)]
+    pub x: Vec<Vec<f64>>,
+}
+
+#[utoipa::path(get, path = "/v1/streams/{name}/forecast", tag = "forecasts",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -"), ForecastQuery),
+    responses(
+        (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
+        (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not enough observations yet", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_forecast(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<ForecastQuery>, QueryRejection>,
+) -> Result<Json<ForecastOut>, ApiError> {
+    check_name(&name)?;
+    let Query(q) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let view = app.handle(&name)?.view();
+    if view.options.inputs > 0 {
+        return Err(ApiError::BadQuery(format!(
+            "stream `{name}` has {} exogenous inputs: POST the future inputs to this URL",
+            view.options.inputs
+        )));
+    }
+    forecast(&app, view, q.horizon, q.level, Vec::new()).await
+}
+
+#[utoipa::path(post, path = "/v1/streams/{name}/forecast", tag = "forecasts",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    request_body(content((ForecastRequest = "application/json"))),
+    responses(
+        (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
+        (status = 400, description = "Malformed request or wrong future inputs", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not enough observations yet", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_forecast(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ForecastOut>, ApiError> {
+    check_name(&name)?;
+    let view = app.handle(&name)?.view();
+    let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
+    match content_type(&headers) {
+        Some(ct) if is_json(&ct) => {}
+        other => return Err(ApiError::UnsupportedMediaType(other.unwrap_or_default())),
+    }
+    let req: ForecastRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        let msg = e.to_string();
+        ApiError::Decode(DecodeError {
+            detail: format!("malformed forecast request: {msg}"),
+            line: None,
+            field: None,
+        })
+    })?;
+    let inputs = view.options.inputs;
+    if req.x.len() != if inputs == 0 { 0 } else { req.horizon } {
+        return Err(ApiError::BadQuery(format!(
+            "`x` must hold {} rows (one per step) of {inputs} inputs, got {} rows",
+            if inputs == 0 { 0 } else { req.horizon },
+            req.x.len()
+        )));
+    }
+    let mut flat = Vec::with_capacity(req.horizon * inputs);
+    for (i, row) in req.x.iter().enumerate() {
+        if row.len() != inputs {
+            return Err(ApiError::BadQuery(format!(
+                "`x[{i}]` has {} values, the stream has {inputs} inputs",
+                row.len()
+            )));
+        }
+        if row.iter().any(|v| !v.is_finite()) {
+            return Err(ApiError::BadQuery(format!(
+                "`x[{i}]` holds a non-finite number"
+            )));
+        }
+        flat.extend_from_slice(row);
+    }
+    forecast(&app, view, req.horizon, req.level, flat).await
+}
+
+async fn forecast(
+    app: &AppState,
+    view: Arc<StreamView>,
+    horizon: usize,
+    level: Option<f64>,
+    x: Vec<f64>,
+) -> Result<Json<ForecastOut>, ApiError> {
+    let max = app.inner.config.limits.horizon;
+    if !(1..=max).contains(&horizon) {
+        return Err(ApiError::BadQuery(format!(
+            "`horizon` must be between 1 and {max}, got {horizon}"
+        )));
+    }
+    let level = level.unwrap_or(0.9);
+    if !(level > 0.0 && level < 1.0) {
+        return Err(ApiError::BadQuery(format!(
+            "`level` must be in (0, 1), got {level}"
+        )));
+    }
+    if let Some(f) = &view.failed {
+        return Err(ApiError::StreamFailed(view.name.clone(), f.clone()));
+    }
+    let Some(state) = view.forecast.clone() else {
+        return Err(ApiError::NotReady(format!(
+            "stream `{}` has {} observations; a forecast needs at least {} (its lags)",
+            view.name, view.stats.observations, view.options.lags
+        )));
+    };
+    // The roll-out is O(horizon · particles · d): keep it off the async workers.
+    let steps = tokio::task::spawn_blocking(move || state.forecast(horizon, level, &x))
+        .await
+        .map_err(|e| ApiError::Internal(format!("forecast failed: {e}")))?;
+    Ok(Json(ForecastOut {
+        stream: view.name.clone(),
+        seq: view.stats.last_seq,
+        horizon,
+        level,
+        steps,
+    }))
+}
+
+/// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.
+#[utoipa::path(get, path = "/v1/streams/{name}/events", tag = "observations",
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    responses(
+        (status = 200, description = "Server-Sent Events: one `observation` event per applied observation (data: seq, y, prediction, error)", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn events(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Sse<impl FuturesStream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    check_name(&name)?;
+    let rx = app.handle(&name)?.events.subscribe();
+    let shutdown = app.inner.shutdown.clone();
+    let stream = futures_util::stream::unfold(
+        (rx, shutdown),
+        |(mut rx, mut shutdown)| async move {
+            loop {
+                if *shutdown.borrow() {
+                    return None;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return None,
+                    r = rx.recv() => match r {
+                        Ok(a) => {
+                            let data = serde_json::to_string(&a).unwrap_or_default();
+                            let ev = SseEvent::default().event("observation").id(a.seq.to_string()).data(data);
+                            return Some((Ok(ev), (rx, shutdown)));
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let ev = SseEvent::default().event("lagged").data(format!("{{\"skipped\":{n}}}"));
+                            return Some((Ok(ev), (rx, shutdown)));
+                        }
+                        // The stream was deleted.
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    },
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,306 @@
+//! Decoding observation bodies (JSON object or array, NDJSON, CSV) into [`Observation`]s.
+//! Pure functions over bytes: no stream state is touched until the whole body has decoded.
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+
+use crate::stream::Observation;
+
+/// Why a body did not decode; `line` is 1-based for NDJSON and CSV.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    pub detail: String,
+    pub line: Option<u64>,
+    pub field: Option<String>,
+}
+
+impl DecodeError {
+    fn new(detail: impl Into<String>) -> Self {
+        Self {
+            detail: detail.into(),
+            line: None,
+            field: None,
+        }
+    }
+    fn at_line(mut self, line: u64) -> Self {
+        self.line = Some(line);
+        self
+    }
+    fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+}
+
+/// A number or an array of numbers (`"y": 1.5` and `"y": [1.5]` mean the same).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Values(pub Vec<f64>);
+
+impl<'de> Deserialize<'de> for Values {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Values;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or an array of numbers")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Values, E> {
+                Ok(Values(vec![v]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Values, E> {
+                Ok(Values(vec![v as f64]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Values, E> {
+                Ok(Values(vec![v as f64]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Values, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(1024));
+                while let Some(v) = seq.next_element::<f64>()? {
+                    out.push(v);
+                }
+                Ok(Values(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One observation object as JSON carries it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationIn {
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub x: Option<Values>,
+    pub y: Values,
+}
+
+impl From<ObservationIn> for Observation {
+    fn from(o: ObservationIn) -> Self {
+        Observation {
+            seq: o.seq,
+            x: o.x.map(|v| v.0).unwrap_or_default(),
+            y: o.y.0,
+        }
+    }
+}
+
+/// The field a serde_json message is about, if it names one.
+fn field_of(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let len = msg[start..].find('`')?;
+    Some(msg[start..start + len].to_owned())
+}
+
+fn json_error(e: serde_json::Error) -> DecodeError {
+    let msg = e.to_string();
+    let mut d = DecodeError::new(format!("malformed JSON: {msg}"));
+    if let Some(f) = field_of(&msg) {
+        d = d.field(f);
+    }
+    if e.line() > 0 {
+        d = d.at_line(e.line() as u64);
+    }
+    d
+}
+
+/// `application/json`: one object or an array of objects.
+pub fn decode_json(body: &[u8]) -> Result<Vec<Observation>, DecodeError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        None => Err(DecodeError::new(
+            "empty body: expected a JSON object or array",
+        )),
+        Some(b'[') => serde_json::from_slice::<Vec<ObservationIn>>(body)
+            .map(|v| v.into_iter().map(Observation::from).collect())
+            .map_err(json_error),
+        Some(b'{') => serde_json::from_slice::<ObservationIn>(body)
+            .map(|o| vec![o.into()])
+            .map_err(json_error),
+        Some(_) => Err(DecodeError::new(
+            "expected a JSON object or an array of objects",
+        )),
+    }
+}
+
+/// `application/x-ndjson`: one object per line; blank lines are skipped.
+pub fn decode_ndjson(body: &[u8]) -> Result<Vec<Observation>, DecodeError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| DecodeError::new(format!("body is not UTF-8: {e}")))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let o: ObservationIn = serde_json::from_str(line).map_err(|e| {
+            let mut d = json_error(e);
+            d.detail = format!("line {}: {}", i + 1, d.detail);
+            d.at_line(i as u64 + 1)
+        })?;
+        out.push(o.into());
+    }
+    if out.is_empty() {
+        return Err(DecodeError::new(
+            "empty body: expected one JSON object per line",
+        ));
+    }
+    Ok(out)
+}
+
+/// Which CSV column feeds what.
+enum Column {
+    Seq,
+    Y(usize),
+    X(usize),
+}
+
+/// Parses `y`, `y1`, `y2`, … (and likewise `x…`) into a 0-based index.
+fn indexed(name: &str, prefix: char) -> Option<usize> {
+    let rest = name.strip_prefix(prefix)?;
+    if rest.is_empty() {
+        return Some(0);
+    }
+    rest.parse::<usize>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .map(|n| n - 1)
+}
+
+/// `text/csv`: a header row naming `y` (or `y1`, `y2`, …), optional `x` (or `x1`, …) and an
+/// optional `seq`; every other column is an error.
+pub fn decode_csv(body: &[u8]) -> Result<Vec<Observation>, DecodeError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .from_reader(body);
+    let headers = reader
+        .headers()
+        .map_err(|e| DecodeError::new(format!("malformed CSV header: {e}")).at_line(1))?
+        .clone();
+    let mut columns = Vec::with_capacity(headers.len());
+    let (mut ny, mut nx) = (0usize, 0usize);
+    for h in headers.iter() {
+        let c = if h == "seq" {
+            Column::Seq
+        } else if let Some(i) = indexed(h, 'y') {
+            ny = ny.max(i + 1);
+            Column::Y(i)
+        } else if let Some(i) = indexed(h, 'x') {
+            nx = nx.max(i + 1);
+            Column::X(i)
+        } else {
+            return Err(DecodeError::new(format!(
+                "unknown column `{h}`: expected `seq`, `y` or `y1..`, `x` or `x1..`"
+            ))
+            .at_line(1)
+            .field(h));
+        };
+        columns.push(c);
+    }
+    if ny == 0 {
+        return Err(DecodeError::new("the header has no `y` column")
+            .at_line(1)
+            .field("y"));
+    }
+    let mut out = Vec::new();
+    for (i, rec) in reader.records().enumerate() {
+        let line = i as u64 + 2;
+        let rec = rec.map_err(|e| {
+            DecodeError::new(format!("line {line}: malformed CSV: {e}")).at_line(line)
+        })?;
+        let mut o = Observation {
+            seq: None,
+            x: vec![f64::NAN; nx],
+            y: vec![f64::NAN; ny],
+        };
+        for (cell, (col, name)) in rec.iter().zip(columns.iter().zip(headers.iter())) {
+            let bad = |what: &str| {
+                DecodeError::new(format!(
+                    "line {line}, column `{name}`: `{cell}` is not {what}"
+                ))
+                .at_line(line)
+                .field(name)
+            };
+            match col {
+                Column::Seq if cell.is_empty() => {}
+                Column::Seq => o.seq = Some(cell.parse().map_err(|_| bad("a sequence number"))?),
+                Column::Y(k) => o.y[*k] = cell.parse().map_err(|_| bad("a number"))?,
+                Column::X(k) => o.x[*k] = cell.parse().map_err(|_| bad("a number"))?,
+            }
+        }
+        out.push(o);
+    }
+    if out.is_empty() {
+        return Err(DecodeError::new("the CSV has a header but no rows"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_object_array_and_scalar_or_vector_values() {
+        let one = decode_json(br#"{"y": 12.5}"#).unwrap();
+        assert_eq!(
+            one,
+            vec![Observation {
+                seq: None,
+                x: vec![],
+                y: vec![12.5]
+            }]
+        );
+        let many = decode_json(br#"[{"y": [1, 2], "x": [3], "seq": 4}, {"y": 5}]"#).unwrap();
+        assert_eq!(
+            many[0],
+            Observation {
+                seq: Some(4),
+                x: vec![3.0],
+                y: vec![1.0, 2.0]
+            }
+        );
+        assert_eq!(many[1].y, vec![5.0]);
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let e = decode_json(br#"{"y": 1, "z": 2}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("z"));
+        let e = decode_json(br#"{"x": [1]}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("y"));
+        assert!(decode_json(br#"{"y": 1e400}"#).is_err());
+        assert!(decode_json(br#"{"y": "a"}"#).is_err());
+        assert!(decode_json(b"").is_err());
+        assert!(decode_json(b"42").is_err());
+    }
+
+    #[test]
+    fn ndjson_reports_the_line() {
+        let ok = decode_ndjson(b"{\"y\": 1}\n\n{\"y\": 2}\n").unwrap();
+        assert_eq!(ok.len(), 2);
+        let e = decode_ndjson(b"{\"y\": 1}\n{\"y\": }\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn csv_columns_and_errors() {
+        let ok = decode_csv(b"seq,y1,y2,x\n1,1.5,2.5,0.1\n,3,4,0.2\n").unwrap();
+        assert_eq!(
+            ok[0],
+            Observation {
+                seq: Some(1),
+                x: vec![0.1],
+                y: vec![1.5, 2.5]
+            }
+        );
+        assert_eq!(ok[1].seq, None);
+        let e = decode_csv(b"y\n1\nabc\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("y")));
+        let e = decode_csv(b"date,y\n2020,1\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("date"));
+        assert!(decode_csv(b"x\n1\n").is_err());
+        assert!(decode_csv(b"y\n").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The one application error type and its RFC 9457 problem document.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::body::DecodeError;
+use crate::options::OptionsError;
+use crate::stream::BatchError;
+
+/// `application/problem+json` body.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct Problem {
+    /// A URI reference naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The request field at fault, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The 1-based line of an NDJSON or CSV body at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// The 0-based index of the observation at fault in a batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadName(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("no stream named `{0}`")]
+    NoSuchStream(String),
+    #[error("stream `{0}` exists with different options")]
+    OptionsConflict(String),
+    #[error(transparent)]
+    BadOptions(#[from] OptionsError),
+    #[error("malformed options: {0}")]
+    MalformedOptions(String),
+    #[error("{}", .0.detail)]
+    Decode(DecodeError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("{0}")]
+    BadQuery(String),
+    #[error(
+        "unsupported content type `{0}`: use application/json, application/x-ndjson or text/csv"
+    )]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error("stream `{0}` is busy: its queue is full, retry shortly")]
+    QueueFull(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("stream `{0}` failed and no longer accepts work: {1}")]
+    StreamFailed(String, String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ApiError::*;
+        match self {
+            BadName(_) => (StatusCode::BAD_REQUEST, "bad-name", "Invalid stream name"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            NoSuchStream(_) => (StatusCode::NOT_FOUND, "no-such-stream", "Unknown stream"),
+            OptionsConflict(_) => (
+                StatusCode::CONFLICT,
+                "options-conflict",
+                "Stream exists with other options",
+            ),
+            BadOptions(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad-options",
+                "Invalid stream options",
+            ),
+            MalformedOptions(_) => (
+                StatusCode::BAD_REQUEST,
+                "malformed-options",
+                "Malformed stream options",
+            ),
+            Decode(_) => (
+                StatusCode::BAD_REQUEST,
+                "malformed-body",
+                "Malformed request body",
+            ),
+            Batch(BatchError::SeqGap { .. }) => (StatusCode::CONFLICT, "seq-gap", "Sequence gap"),
+            Batch(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-observation",
+                "Invalid observation",
+            ),
+            BadQuery(_) => (StatusCode::BAD_REQUEST, "bad-query", "Invalid query"),
+            UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported content type",
+            ),
+            TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "Request too large",
+            ),
+            Limit(_) => (StatusCode::UNPROCESSABLE_ENTITY, "limit", "Limit exceeded"),
+            QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue-full", "Stream busy"),
+            NotReady(_) => (
+                StatusCode::CONFLICT,
+                "not-ready",
+                "Not enough observations yet",
+            ),
+            StreamFailed(..) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stream-failed",
+                "Stream failed",
+            ),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "Shutting down",
+            ),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let (status, slug, title) = self.parts();
+        let (field, line, index) = match self {
+            ApiError::BadName(_) => (Some("name".to_owned()), None, None),
+            ApiError::BadOptions(e) => (Some(e.field.to_owned()), None, None),
+            ApiError::Decode(d) => (d.field.clone(), d.line, None),
+            ApiError::Batch(b) => (Some(b.field().to_owned()), None, b.index()),
+            _ => (None, None, None),
+        };
+        Problem {
+            kind: format!("/problems/{slug}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            field,
+            line,
+            index,
+        }
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        ApiError::Decode(e)
+    }
+}
+
+/// Writes a problem document with the right content type.
+pub fn problem_response(p: &Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(p).unwrap_or_default();
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = problem_response(&self.problem());
+        match self {
+            ApiError::QueueFull(_) | ApiError::ShuttingDown => {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized => {
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        r
+    }
+}

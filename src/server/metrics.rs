@@ -1,0 +1,153 @@
+//! Prometheus metrics: counted where things happen, encoded as text on `GET /metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub stream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 µs .. ~16 s.
+    Histogram::new(exponential_buckets(1e-6, 2.0, 25))
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub observations: Family<StreamLabel, Counter>,
+    pub duplicates: Family<StreamLabel, Counter>,
+    pub update_seconds: Histogram,
+    pub batch_seconds: Histogram,
+    pub mse: Family<StreamLabel, FloatGauge>,
+    pub mse_scaled: Family<StreamLabel, FloatGauge>,
+    pub spread: Family<StreamLabel, FloatGauge>,
+    pub last_seq: Family<StreamLabel, Gauge>,
+    pub failed: Family<StreamLabel, Gauge>,
+    pub streams: Gauge,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_seconds: HistogramFamily<RouteLabel>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            observations: Family::default(),
+            duplicates: Family::default(),
+            update_seconds: latency_histogram(),
+            batch_seconds: latency_histogram(),
+            mse: Family::default(),
+            mse_scaled: Family::default(),
+            spread: Family::default(),
+            last_seq: Family::default(),
+            failed: Family::default(),
+            streams: Gauge::default(),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "ekid_observations",
+            "Observations applied",
+            m.observations.clone(),
+        );
+        registry.register(
+            "ekid_duplicates",
+            "Observations skipped as already applied (idempotent retries)",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "ekid_update_seconds",
+            "Time to learn one observation (predict + EKI update), averaged over each batch",
+            m.update_seconds.clone(),
+        );
+        registry.register(
+            "ekid_batch_seconds",
+            "Time to apply one batch of observations",
+            m.batch_seconds.clone(),
+        );
+        registry.register(
+            "ekid_stream_prequential_mse",
+            "Prequential mean squared error, original units",
+            m.mse.clone(),
+        );
+        registry.register(
+            "ekid_stream_prequential_mse_scaled",
+            "Prequential mean squared error, model units",
+            m.mse_scaled.clone(),
+        );
+        registry.register(
+            "ekid_stream_spread",
+            "Standard deviation of the particles' last predictions, original units",
+            m.spread.clone(),
+        );
+        registry.register(
+            "ekid_stream_last_seq",
+            "Last applied sequence number",
+            m.last_seq.clone(),
+        );
+        registry.register(
+            "ekid_stream_failed",
+            "1 if the stream's owner failed",
+            m.failed.clone(),
+        );
+        registry.register("ekid_streams", "Streams open", m.streams.clone());
+        registry.register(
+            "ekid_http_requests",
+            "HTTP requests by route, method and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "ekid_http_request_seconds",
+            "HTTP request latency by route",
+            m.http_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Drops a deleted stream's series.
+    pub fn forget(&self, stream: &str) {
+        let l = StreamLabel {
+            stream: stream.to_owned(),
+        };
+        self.observations.remove(&l);
+        self.duplicates.remove(&l);
+        self.mse.remove(&l);
+        self.mse_scaled.remove(&l);
+        self.spread.remove(&l);
+        self.last_seq.remove(&l);
+        self.failed.remove(&l);
+    }
+}
