@@ -106,9 +106,11 @@ mod tests {
     fn shipped_example_config_matches_the_built_in_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ekid.toml");
         let file = Config::from_file(&path).unwrap();
-        let mut built_in = Config::default();
         // The file spells out every stream default; built in, they are implied.
-        built_in.defaults = file.defaults.clone();
+        let built_in = Config {
+            defaults: file.defaults.clone(),
+            ..Config::default()
+        };
         assert_eq!(file, built_in);
         assert_eq!(file.stream_defaults().unwrap(), Options::default());
         // And it names every option, so it documents all of them.

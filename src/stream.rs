@@ -152,7 +152,7 @@ fn auto_scaler(values: impl Iterator<Item = f64>) -> Scaler {
         return Scaler::new(0.0, 1.0);
     }
     let width = hi - lo;
-    if !(width > 1e-9 * hi.abs().max(lo.abs()).max(1.0)) {
+    if width <= 1e-9 * hi.abs().max(lo.abs()).max(1.0) {
         let half = 0.5 * lo.abs().max(1.0);
         return Scaler::new(lo - half, lo + half);
     }
@@ -485,5 +485,38 @@ mod tests {
         }
         assert_eq!(pa, pb);
         assert_eq!(a.stats(), b.stats());
+    }
+
+    #[test]
+    fn auto_scale_is_fixed_from_the_first_lags_observations_without_changing_predictions() {
+        let values: Vec<f64> = (0..30)
+            .map(|i| 5.0 + 3.0 * (i as f64 / 3.0).sin())
+            .collect();
+        let batch: Vec<Observation> = values.iter().map(|&v| obs(None, v)).collect();
+        // Auto, one observation at a time: nothing predicted until the scale is fixed.
+        let mut auto = stream();
+        let mut pa = Vec::new();
+        for ob in &batch {
+            let one = std::slice::from_ref(ob);
+            let plan = auto.plan(one).unwrap();
+            auto.apply(one, &plan, |x| pa.push(x));
+        }
+        let (lo, hi) = (values[0].min(values[1]), values[0].max(values[1]));
+        let w = hi - lo;
+        let sc = auto.y_scale().unwrap()[0];
+        assert_eq!((sc.min, sc.max), (lo - 0.25 * w, hi + 0.25 * w));
+        // The same stream with that scale given explicitly predicts the same, bit for bit.
+        let mut o = stream().options().clone();
+        o.scale = ScaleOption::Fixed(crate::options::Range {
+            min: sc.min,
+            max: sc.max,
+        });
+        let mut fixed = Stream::new(o);
+        let mut pf = Vec::new();
+        let plan = fixed.plan(&batch).unwrap();
+        fixed.apply(&batch, &plan, |x| pf.push(x));
+        assert_eq!(pa, pf);
+        assert_eq!(auto.stats(), fixed.stats());
+        assert_eq!(pa.iter().filter(|a| a.prediction.is_none()).count(), 2);
     }
 }

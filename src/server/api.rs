@@ -553,26 +553,24 @@ pub async fn events(
     let stream = futures_util::stream::unfold(
         (rx, shutdown),
         |(mut rx, mut shutdown)| async move {
-            loop {
-                if *shutdown.borrow() {
-                    return None;
-                }
-                tokio::select! {
-                    _ = shutdown.changed() => return None,
-                    r = rx.recv() => match r {
-                        Ok(a) => {
-                            let data = serde_json::to_string(&a).unwrap_or_default();
-                            let ev = SseEvent::default().event("observation").id(a.seq.to_string()).data(data);
-                            return Some((Ok(ev), (rx, shutdown)));
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let ev = SseEvent::default().event("lagged").data(format!("{{\"skipped\":{n}}}"));
-                            return Some((Ok(ev), (rx, shutdown)));
-                        }
-                        // The stream was deleted.
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    },
-                }
+            if *shutdown.borrow() {
+                return None;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => None,
+                r = rx.recv() => match r {
+                    Ok(a) => {
+                        let data = serde_json::to_string(&a).unwrap_or_default();
+                        let ev = SseEvent::default().event("observation").id(a.seq.to_string()).data(data);
+                        Some((Ok(ev), (rx, shutdown)))
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let ev = SseEvent::default().event("lagged").data(format!("{{\"skipped\":{n}}}"));
+                        Some((Ok(ev), (rx, shutdown)))
+                    }
+                    // The stream was deleted.
+                    Err(broadcast::error::RecvError::Closed) => None,
+                },
             }
         },
     );

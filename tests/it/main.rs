@@ -1,4 +1,5 @@
 //! The one integration-test binary: every test here runs the real `ekid` executable.
 
+mod daemon;
 mod eval_cli;
 mod util;

@@ -1,0 +1,201 @@
+//! HTTP path benchmark (issue 3): the real `ekid serve` on loopback driven by blocking reqwest
+//! clients in threads (this file is the load generator). For each setting it measures
+//! 1. ingest of NDJSON batches of 1000 from one client, with forecast (horizon 14) latency
+//!    sampled by a second client while ingest runs;
+//! 2. single-observation POSTs from 8 concurrent clients (acknowledgement latency and
+//!    aggregate observations/s);
+//! 3. the engine alone: `ekid eval --methods eki --passes 1` obs/s at the same settings.
+//!
+//! `cargo bench --bench http` (add `-- quick` for a shorter run). Prints a markdown table.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_ekid");
+const DATA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/datasets/daily-min-temperatures.csv"
+);
+
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ekid serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address line");
+    let base = line.trim().trim_start_matches("listening on ").to_owned();
+    Server {
+        child,
+        base,
+        _dir: dir,
+    }
+}
+
+fn values() -> Vec<f64> {
+    let text = std::fs::read_to_string(DATA).expect("dataset");
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.rsplit(',').next()?.trim().parse().ok())
+        .collect()
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn create(c: &Client, base: &str, name: &str, j: usize, h: usize) {
+    let r = c
+        .put(format!("{base}/v1/streams/{name}"))
+        .json(&serde_json::json!({"ensemble": j, "hidden": h, "scale": {"min": 0.0, "max": 26.3}}))
+        .send()
+        .expect("create");
+    assert!(r.status().is_success(), "create: {}", r.status());
+}
+
+fn engine_obs_per_sec(j: usize, h: usize) -> f64 {
+    let out = Command::new(EXE)
+        .args(["eval", DATA, "--methods", "eki", "--passes", "1", "--json"])
+        .args(["--ensemble", &j.to_string(), "--hidden", &h.to_string()])
+        .output()
+        .expect("eval");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("eval json");
+    doc["results"][0]["obs_per_sec"]
+        .as_f64()
+        .expect("obs_per_sec")
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let v = values();
+    println!(
+        "| J | hidden | NDJSON×1000 obs/s | forecast p50 / p99 during ingest | 8 clients × 1 obs: obs/s | ack p50 / p99 | engine alone (eval) obs/s | NDJSON / engine |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &(j, h, batches, singles) in &[(100usize, 16usize, 20usize, 4000usize), (1000, 32, 3, 800)]
+    {
+        let (batches, singles) = if quick {
+            (batches.div_ceil(4), singles / 4)
+        } else {
+            (batches, singles)
+        };
+        let server = start();
+        let c = Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        create(&c, &server.base, "bulk", j, h);
+
+        // 1. NDJSON batches, with a forecast sampler alongside.
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (done, base, c) = (done.clone(), server.base.clone(), c.clone());
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let r = c
+                        .get(format!("{base}/v1/streams/bulk/forecast?horizon=14"))
+                        .send();
+                    if matches!(r, Ok(ref r) if r.status().is_success()) {
+                        lat.push(t.elapsed().as_secs_f64());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                lat
+            })
+        };
+        let started = Instant::now();
+        let mut n = 0usize;
+        for b in 0..batches {
+            let body: String = (0..1000)
+                .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
+                .collect();
+            let r = c
+                .post(format!("{}/v1/streams/bulk/observations", server.base))
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .expect("post batch");
+            assert!(r.status().is_success());
+            n += 1000;
+        }
+        let bulk = n as f64 / started.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        let mut flat = sampler.join().expect("sampler");
+
+        // 2. Single observations from 8 clients.
+        create(&c, &server.base, "single", j, h);
+        let per = singles / 8;
+        let started = Instant::now();
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let (base, c, v) = (server.base.clone(), c.clone(), v.clone());
+                std::thread::spawn(move || {
+                    let mut lat = Vec::with_capacity(per);
+                    for i in 0..per {
+                        let t = Instant::now();
+                        let r = c
+                            .post(format!("{base}/v1/streams/single/observations"))
+                            .header("content-type", "application/json")
+                            .body(format!("{{\"y\": {}}}", v[(w * per + i) % v.len()]))
+                            .send()
+                            .expect("post one");
+                        if r.status().is_success() {
+                            lat.push(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut acks: Vec<f64> = workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect();
+        let single = acks.len() as f64 / started.elapsed().as_secs_f64();
+        drop(server);
+
+        let engine = engine_obs_per_sec(j, h);
+        let ms = |s: f64| s * 1e3;
+        println!(
+            "| {j} | {h} | {bulk:.0} | {:.2} / {:.2} ms ({} samples) | {single:.0} | {:.2} / {:.2} ms | {engine:.0} | {:.0}% |",
+            ms(percentile(&mut flat, 0.5)),
+            ms(percentile(&mut flat, 0.99)),
+            flat.len(),
+            ms(percentile(&mut acks, 0.5)),
+            ms(percentile(&mut acks, 0.99)),
+            100.0 * bulk / engine,
+        );
+    }
+}
