@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::options::{Options, RawOptions};
+use crate::store::StorageConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -20,6 +21,7 @@ pub struct Config {
     pub defaults: RawOptions,
     pub limits: Limits,
     pub auth: Auth,
+    pub storage: StorageConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,7 @@ impl Default for Config {
             defaults: RawOptions::default(),
             limits: Limits::default(),
             auth: Auth::default(),
+            storage: StorageConfig::default(),
         }
     }
 }

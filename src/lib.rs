@@ -13,5 +13,8 @@ pub mod ogd;
 pub mod options;
 pub mod prior;
 pub mod server;
+pub mod snapshot;
+pub mod store;
 pub mod stream;
 pub mod update;
+pub mod wal;

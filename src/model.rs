@@ -3,6 +3,8 @@
 //! (EKI ensemble, OGD or persistence) behind one interface. `ekid eval` and the daemon both go
 //! through [`OnlineModel::observe`], so they produce the same predictions bit for bit.
 
+use serde::{Deserialize, Serialize};
+
 use crate::ensemble::Ensemble;
 
 /// A one-step-ahead learner working in scaled units.
@@ -43,7 +45,7 @@ impl Learner for Persistence {
 }
 
 /// The last `lags` observations, newest first, as the cell's autoregressive inputs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LagBuffer {
     lags: usize,
     outputs: usize,
@@ -140,6 +142,17 @@ impl<L: Learner> OnlineModel<L> {
         &self.lags
     }
 
+    /// Rebuilds a model from a learner and a saved lag buffer.
+    pub fn with_lags(learner: L, lags: LagBuffer, inputs: usize) -> Self {
+        let n = lags.values().len() + inputs;
+        Self {
+            learner,
+            lags,
+            inputs,
+            z: vec![0.0; n],
+        }
+    }
+
     /// The same model with its learner transformed (e.g. to predict with one particle).
     pub fn map_learner<M>(self, f: impl FnOnce(L) -> M) -> OnlineModel<M> {
         OnlineModel {
@@ -158,7 +171,7 @@ impl<L: Learner> OnlineModel<L> {
 }
 
 /// Maps the user's units to the model's `[0, 1]` range and back.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scaler {
     pub min: f64,
     pub max: f64,

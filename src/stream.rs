@@ -8,10 +8,28 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ensemble::Ensemble;
+use crate::ensemble::{Ensemble, EnsembleState};
 use crate::forecast::{ForecastState, INTERVAL_PARTICLES};
-use crate::model::{OnlineModel, Scaler};
+use crate::model::{LagBuffer, OnlineModel, Scaler};
 use crate::options::{Options, ScaleOption};
+
+/// Options use untagged enums (`"off"` or a schedule), which compact binary formats cannot
+/// decode; inside a snapshot they travel as their JSON text.
+mod options_as_json {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::options::Options;
+
+    pub fn serialize<S: Serializer>(o: &Options, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(o).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Options, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
+    }
+}
 
 /// One observation as it arrives, in the user's units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +139,19 @@ impl Stats {
     }
 }
 
+/// Everything a snapshot holds: a `Stream` is rebuilt from it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamState {
+    #[serde(with = "options_as_json")]
+    pub options: Options,
+    pub y_scale: Option<Vec<Scaler>>,
+    pub x_scale: Option<Vec<Scaler>>,
+    pub pending: Vec<Observation>,
+    pub lags: LagBuffer,
+    pub ensemble: EnsembleState,
+    pub stats: Stats,
+}
+
 #[derive(Debug, Clone)]
 pub struct Stream {
     options: Options,
@@ -191,6 +222,38 @@ impl Stream {
     pub fn options(&self) -> &Options {
         &self.options
     }
+
+    pub fn state(&self) -> StreamState {
+        StreamState {
+            options: self.options.clone(),
+            y_scale: self.y_scale.clone(),
+            x_scale: self.x_scale.clone(),
+            pending: self.pending.clone(),
+            lags: self.model.lags().clone(),
+            ensemble: self.model.learner.state(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Rebuilds a stream exactly as it was when `state` was taken.
+    pub fn from_state(state: StreamState) -> Result<Stream, String> {
+        let options = state.options.check().map_err(|e| e.to_string())?;
+        let ensemble = Ensemble::from_state(&options, state.ensemble)?;
+        if state.lags.values().len() != options.lags * options.outputs {
+            return Err("lag buffer does not match the options".into());
+        }
+        Ok(Stream {
+            ys: vec![0.0; options.outputs],
+            xs: vec![0.0; options.inputs],
+            pred: vec![0.0; options.outputs],
+            y_scale: state.y_scale,
+            x_scale: state.x_scale,
+            pending: state.pending,
+            model: OnlineModel::with_lags(ensemble, state.lags, options.inputs),
+            stats: state.stats,
+            options,
+        })
+    }
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -206,10 +269,16 @@ impl Stream {
 
     /// Validates a whole batch against this stream without changing anything.
     pub fn plan(&self, batch: &[Observation]) -> Result<Plan, BatchError> {
+        self.plan_after(batch, self.stats.last_seq)
+    }
+
+    /// Like [`Stream::plan`], as if `last_seq` had already been applied (the owner plans a
+    /// group of queued batches before applying any of them).
+    pub fn plan_after(&self, batch: &[Observation], last_seq: u64) -> Result<Plan, BatchError> {
         if batch.is_empty() {
             return Err(BatchError::Empty);
         }
-        let mut expected = self.stats.last_seq + 1;
+        let mut expected = last_seq + 1;
         let mut plan = Plan {
             accepted: Vec::with_capacity(batch.len()),
             duplicates: 0,

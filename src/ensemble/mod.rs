@@ -13,6 +13,7 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::network::{self, Layout};
 use crate::options::{Options, Spread};
@@ -66,6 +67,25 @@ struct Workspace {
     healthy: Vec<bool>,
     wbar: Vec<f64>,
     qbar: Vec<f64>,
+}
+
+/// Everything in an ensemble that evolves (what a snapshot holds); the rest is derived from
+/// the options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleState {
+    pub particles: Vec<f64>,
+    pub previous: Vec<f64>,
+    pub hidden: Vec<f64>,
+    pub mean: Vec<f64>,
+    pub mean_hidden: Vec<f64>,
+    pub steps: u64,
+    pub respreads: u64,
+    pub repaired: u64,
+    pub particle_sse: Vec<f64>,
+    pub last_prediction_var: f64,
+    pub rng: ChaCha8Rng,
+    pub prior_centre: Vec<f64>,
+    pub prior_scale: Vec<f64>,
 }
 
 /// What one step did, for stats and metrics.
@@ -146,6 +166,64 @@ impl Ensemble {
         };
         e.recompute_mean();
         e
+    }
+
+    /// A copy of the evolving state, for snapshots.
+    pub fn state(&self) -> EnsembleState {
+        EnsembleState {
+            particles: self.particles.clone(),
+            previous: self.previous.clone(),
+            hidden: self.hidden.clone(),
+            mean: self.mean.clone(),
+            mean_hidden: self.mean_hidden.clone(),
+            steps: self.steps,
+            respreads: self.respreads,
+            repaired: self.repaired,
+            particle_sse: self.particle_sse.clone(),
+            last_prediction_var: self.last_prediction_var,
+            rng: self.rng.clone(),
+            prior_centre: self.prior.centre.clone(),
+            prior_scale: self.prior.scale.clone(),
+        }
+    }
+
+    /// Rebuilds an ensemble from options and a saved state, checking every length.
+    pub fn from_state(options: &Options, s: EnsembleState) -> Result<Self, String> {
+        let mut e = Ensemble::new(options);
+        let (j, d, nh) = (e.j, e.d, e.layout.hidden);
+        let checks = [
+            ("particles", s.particles.len(), j * d),
+            ("previous", s.previous.len(), e.previous.len()),
+            ("hidden", s.hidden.len(), j * nh),
+            ("mean", s.mean.len(), d),
+            ("mean_hidden", s.mean_hidden.len(), nh),
+            ("particle_sse", s.particle_sse.len(), j),
+            ("prior_centre", s.prior_centre.len(), d),
+            ("prior_scale", s.prior_scale.len(), d),
+        ];
+        for (what, got, want) in checks {
+            if got != want {
+                return Err(format!(
+                    "ensemble state: {what} has {got} values, the options need {want}"
+                ));
+            }
+        }
+        e.particles = s.particles;
+        e.previous = s.previous;
+        e.hidden = s.hidden;
+        e.mean = s.mean;
+        e.mean_hidden = s.mean_hidden;
+        e.steps = s.steps;
+        e.respreads = s.respreads;
+        e.repaired = s.repaired;
+        e.particle_sse = s.particle_sse;
+        e.last_prediction_var = s.last_prediction_var;
+        e.rng = s.rng;
+        e.prior = Prior {
+            centre: s.prior_centre,
+            scale: s.prior_scale,
+        };
+        Ok(e)
     }
 
     pub fn layout(&self) -> &Layout {

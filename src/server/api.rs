@@ -266,7 +266,7 @@ pub async fn put_stream(
         serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedOptions(e.to_string()))?
     };
     let options = raw.resolve(&app.inner.defaults)?;
-    let (created, view) = app.create_stream(&name, options)?;
+    let (created, view) = app.create_stream(&name, options).await?;
     let status = if created {
         StatusCode::CREATED
     } else {

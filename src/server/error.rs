@@ -62,6 +62,8 @@ pub enum ApiError {
     NotReady(String),
     #[error("stream `{0}` failed and no longer accepts work: {1}")]
     StreamFailed(String, String),
+    #[error("could not write to the log, nothing was applied: {0}")]
+    Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("missing or invalid bearer token")]
@@ -126,6 +128,11 @@ impl ApiError {
                 "stream-failed",
                 "Stream failed",
             ),
+            Storage(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                "Storage unavailable",
+            ),
             ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting-down",
@@ -183,7 +190,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = problem_response(&self.problem());
         match self {
-            ApiError::QueueFull(_) | ApiError::ShuttingDown => {
+            ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::Storage(_) => {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

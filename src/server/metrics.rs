@@ -47,6 +47,7 @@ pub struct Metrics {
     pub last_seq: Family<StreamLabel, Gauge>,
     pub failed: Family<StreamLabel, Gauge>,
     pub streams: Gauge,
+    pub storage_errors: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: HistogramFamily<RouteLabel>,
 }
@@ -65,6 +66,7 @@ impl Default for Metrics {
             last_seq: Family::default(),
             failed: Family::default(),
             streams: Gauge::default(),
+            storage_errors: Counter::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             registry: Registry::default(),
@@ -115,6 +117,11 @@ impl Default for Metrics {
             m.failed.clone(),
         );
         registry.register("ekid_streams", "Streams open", m.streams.clone());
+        registry.register(
+            "ekid_storage_errors",
+            "Failed log appends, fsyncs and snapshots",
+            m.storage_errors.clone(),
+        );
         registry.register(
             "ekid_http_requests",
             "HTTP requests by route, method and status",

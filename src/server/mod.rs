@@ -23,10 +23,11 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::options::Options;
+use crate::store::{Recovered, Store};
 use crate::stream::Stream;
 use error::ApiError;
 use metrics::{HttpLabels, Metrics, RouteLabel};
-use owner::{Command, StreamHandle, StreamView};
+use owner::{Command, Start, StreamHandle, StreamView};
 
 /// Everything handlers share; cheap to clone.
 #[derive(Clone)]
@@ -39,7 +40,10 @@ pub struct Shared {
     /// Validated stream defaults from the config.
     pub defaults: Options,
     pub metrics: Arc<Metrics>,
+    pub store: Store,
     streams: RwLock<Registry>,
+    /// Serialises creations and deletions (they do file IO between registry checks).
+    lifecycle: tokio::sync::Mutex<()>,
     owners: Mutex<Vec<JoinHandle<()>>>,
     /// Limits concurrent batch updates to the number of cores.
     cores: Arc<Semaphore>,
@@ -65,14 +69,20 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl AppState {
-    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        store: Store,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
         let defaults = config.stream_defaults()?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(AppState {
             inner: Arc::new(Shared {
                 defaults,
                 metrics: Arc::new(Metrics::default()),
+                store,
                 streams: RwLock::new(Registry::default()),
+                lifecycle: tokio::sync::Mutex::new(()),
                 owners: Mutex::new(Vec::new()),
                 cores: Arc::new(Semaphore::new(cores)),
                 shutdown,
@@ -101,78 +111,166 @@ impl AppState {
             .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))
     }
 
-    /// Creates a stream, or finds the same one. Returns whether it was created.
-    pub fn create_stream(
+    /// Creates a stream (durably: its folder and options are on disk before this returns), or
+    /// finds the same one. Returns whether it was created.
+    pub async fn create_stream(
         &self,
         name: &str,
         options: Options,
     ) -> Result<(bool, Arc<StreamView>), ApiError> {
+        let _guard = self.inner.lifecycle.lock().await;
         if *self.inner.shutdown.borrow() {
             return Err(ApiError::ShuttingDown);
         }
         let limits = &self.inner.config.limits;
-        let mut reg = write(&self.inner.streams);
-        if let Some(h) = reg.handles.get(name) {
-            let view = h.view();
-            return if view.options == options {
-                Ok((false, view))
-            } else {
-                Err(ApiError::OptionsConflict(name.to_owned()))
-            };
-        }
-        if reg.handles.len() >= limits.streams {
-            return Err(ApiError::Limit(format!(
-                "the server holds its limit of {} streams",
-                limits.streams
-            )));
-        }
         let bytes = options.ensemble_bytes() as u64;
-        let left = limits.memory_bytes.saturating_sub(reg.bytes);
-        if bytes > left {
-            return Err(ApiError::Limit(format!(
-                "the ensemble needs {bytes} bytes (J·d·8 = {}·{}·8) but only {left} of the {}-byte budget are left",
-                options.ensemble,
-                options.layout().dim(),
-                limits.memory_bytes
-            )));
+        {
+            let reg = read(&self.inner.streams);
+            if let Some(h) = reg.handles.get(name) {
+                let view = h.view();
+                return if view.options == options {
+                    Ok((false, view))
+                } else {
+                    Err(ApiError::OptionsConflict(name.to_owned()))
+                };
+            }
+            if reg.handles.len() >= limits.streams {
+                return Err(ApiError::Limit(format!(
+                    "the server holds its limit of {} streams",
+                    limits.streams
+                )));
+            }
+            let left = limits.memory_bytes.saturating_sub(reg.bytes);
+            if bytes > left {
+                return Err(ApiError::Limit(format!(
+                    "the ensemble needs {bytes} bytes (J·d·8 = {}·{}·8) but only {left} of the {}-byte budget are left",
+                    options.ensemble,
+                    options.layout().dim(),
+                    limits.memory_bytes
+                )));
+            }
         }
+        let (store, n, o) = (self.inner.store.clone(), name.to_owned(), options.clone());
+        let files = tokio::task::spawn_blocking(move || store.create_stream(&n, &o))
+            .await
+            .map_err(|e| ApiError::Internal(format!("creating the stream's files: {e}")))?
+            .map_err(|e| ApiError::Storage(e.to_string()))?;
+        let view = self.insert(
+            name,
+            Start::Live(Box::new(Stream::new(options)), Box::new(files)),
+            bytes,
+        );
+        Ok((true, view))
+    }
+
+    /// Starts an owner and registers its handle.
+    fn insert(&self, name: &str, start: Start, bytes: u64) -> Arc<StreamView> {
         let (handle, task) = owner::spawn(
             name.to_owned(),
-            Stream::new(options),
-            limits.queue_depth,
+            start,
+            self.inner.config.limits.queue_depth,
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
         );
         let view = handle.view();
-        reg.handles.insert(name.to_owned(), handle);
-        reg.bytes += bytes;
-        self.inner.metrics.streams.set(reg.handles.len() as i64);
-        drop(reg);
+        {
+            let mut reg = write(&self.inner.streams);
+            reg.handles.insert(name.to_owned(), handle);
+            reg.bytes += bytes;
+            self.inner.metrics.streams.set(reg.handles.len() as i64);
+        }
         let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
         owners.retain(|t| !t.is_finished());
         owners.push(task);
-        Ok((true, view))
+        view
     }
 
-    /// Removes a stream: later requests see 404; the owner finishes what was queued first.
+    /// Removes a stream: later requests see 404; the owner finishes what was queued first; then
+    /// its files go (durably).
     pub async fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.inner.lifecycle.lock().await;
         let handle = {
             let mut reg = write(&self.inner.streams);
             let h = reg
                 .handles
                 .remove(name)
                 .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))?;
-            reg.bytes = reg
-                .bytes
-                .saturating_sub(h.view().options.ensemble_bytes() as u64);
+            if h.view().failed.is_none() {
+                reg.bytes = reg
+                    .bytes
+                    .saturating_sub(h.view().options.ensemble_bytes() as u64);
+            }
             self.inner.metrics.streams.set(reg.handles.len() as i64);
             h
         };
         let (reply, rx) = oneshot::channel();
-        if handle.tx.send(Command::Close { reply }).await.is_ok() {
+        if handle
+            .tx
+            .send(Command::Close {
+                snapshot: false,
+                reply,
+            })
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
         self.inner.metrics.forget(name);
+        let (store, n) = (self.inner.store.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || store.delete_stream(&n))
+            .await
+            .map_err(|e| ApiError::Internal(format!("deleting the stream's files: {e}")))?
+            .map_err(|e| ApiError::Storage(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Recovers every stream in the data directory and starts its owner.
+    pub async fn recover(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let store = self.inner.store.clone();
+        let recovered =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, Recovered)>> {
+                let mut out = Vec::new();
+                for name in store.stream_names()? {
+                    if let Some(r) = store.recover_stream(&name) {
+                        out.push((name, r));
+                    }
+                }
+                Ok(out)
+            })
+            .await??;
+        let (mut ok, mut failed, mut replayed) = (0usize, 0usize, 0u64);
+        for (name, r) in recovered {
+            match r {
+                Recovered::Ok(stream, files, report) => {
+                    tracing::info!(
+                        stream = %name,
+                        last_seq = report.last_seq,
+                        snapshot = ?report.snapshot_seq,
+                        replayed = report.replayed,
+                        torn_bytes = report.torn_bytes,
+                        bad_snapshots = report.bad_snapshots,
+                        "recovered stream"
+                    );
+                    ok += 1;
+                    replayed += report.replayed;
+                    let bytes = stream.options().ensemble_bytes() as u64;
+                    self.insert(&name, Start::Live(stream, files), bytes);
+                }
+                Recovered::Failed(options, reason) => {
+                    tracing::error!(stream = %name, %reason, "stream could not be recovered; it answers with the reason until deleted");
+                    failed += 1;
+                    self.insert(&name, Start::Failed(options, reason), 0);
+                }
+            }
+        }
+        tracing::info!(
+            streams = ok,
+            failed,
+            replayed,
+            seconds = started.elapsed().as_secs_f64(),
+            "recovery done"
+        );
         Ok(())
     }
 
@@ -185,7 +283,14 @@ impl AppState {
         };
         for h in handles {
             let (reply, rx) = oneshot::channel();
-            if h.tx.send(Command::Close { reply }).await.is_ok() {
+            if h.tx
+                .send(Command::Close {
+                    snapshot: true,
+                    reply,
+                })
+                .await
+                .is_ok()
+            {
                 let _ = rx.await;
             }
         }
@@ -271,7 +376,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let state = AppState::new(config, stop_rx)?;
+    let (dir, storage) = (config.data_dir.clone(), config.storage.clone());
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, storage)).await??;
+    let state = AppState::new(config, store, stop_rx)?;
+    state.recover().await?;
     let app = router(state.clone());
     let signal = async move {
         shutdown.await;

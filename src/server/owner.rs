@@ -1,8 +1,11 @@
-//! One owner task per stream: the only place a stream's state is mutated. Handlers talk to it
-//! through a bounded queue of [`Command`]s and read the immutable [`StreamView`] it publishes
-//! after every batch, so reads never queue behind writes. The CPU-heavy part of a batch runs
-//! on tokio's blocking pool, at most one batch per core at a time (a semaphore), never on the
-//! async workers.
+//! One owner task per stream: the only place a stream's state (and its files) is mutated.
+//! Handlers talk to it through a bounded queue of [`Command`]s and read the immutable
+//! [`StreamView`] it publishes after every batch, so reads never queue behind writes.
+//!
+//! For each group of queued batches: plan (validate) each → append the accepted ones to the
+//! log and fsync once (group commit) → apply → publish → acknowledge. The log append, the
+//! updates and snapshots run on tokio's blocking pool (updates at most one per core, a
+//! semaphore), never on the async workers. A failed append answers 503 and applies nothing.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -16,7 +19,8 @@ use super::metrics::{Metrics, StreamLabel};
 use crate::forecast::ForecastState;
 use crate::model::Scaler;
 use crate::options::Options;
-use crate::stream::{Applied, Observation, Stats, Stream};
+use crate::store::StreamStore;
+use crate::stream::{Applied, Observation, Plan, Stats, Stream};
 
 /// What handlers may ask of an owner.
 #[derive(Debug)]
@@ -25,8 +29,12 @@ pub enum Command {
         batch: Vec<Observation>,
         reply: oneshot::Sender<Result<Outcome, ApiError>>,
     },
-    /// Finish what is queued before this, then stop (stream deleted or server stopping).
-    Close { reply: oneshot::Sender<()> },
+    /// Finish what is queued before this, then stop. `snapshot`: leave a final snapshot (server
+    /// shutdown) rather than nothing (the stream is being deleted).
+    Close {
+        snapshot: bool,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The result of one accepted batch.
@@ -65,29 +73,63 @@ impl StreamHandle {
     }
 }
 
-/// Starts the owner of `stream`.
+/// Most queued commands committed together (one log append, one fsync).
+const MAX_GROUP: usize = 256;
+
+/// What the owner starts from: a live stream with its files, or a stream that failed to
+/// recover (it answers every command with the reason).
+pub enum Start {
+    Live(Box<Stream>, Box<StreamStore>),
+    Failed(Options, String),
+}
+
+/// Starts the owner of a stream.
 pub fn spawn(
     name: String,
-    stream: Stream,
+    start: Start,
     queue_depth: usize,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
 ) -> (StreamHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_depth.max(1));
-    let view = StreamView {
-        name: name.clone(),
-        options: stream.options().clone(),
-        stats: stream.stats().clone(),
-        scale: stream.y_scale().map(<[Scaler]>::to_vec),
-        last_update: None,
-        forecast: stream.forecast_state().map(Arc::new),
-        failed: None,
+    let (stream, store, view) = match start {
+        Start::Live(stream, store) => {
+            let view = StreamView {
+                name: name.clone(),
+                options: stream.options().clone(),
+                stats: stream.stats().clone(),
+                scale: stream.y_scale().map(<[Scaler]>::to_vec),
+                last_update: None,
+                forecast: stream.forecast_state().map(Arc::new),
+                failed: None,
+            };
+            (Some(stream), Some(store), view)
+        }
+        Start::Failed(options, reason) => {
+            metrics
+                .failed
+                .get_or_create(&StreamLabel {
+                    stream: name.clone(),
+                })
+                .set(1);
+            let view = StreamView {
+                name: name.clone(),
+                options,
+                stats: Stats::default(),
+                scale: None,
+                last_update: None,
+                forecast: None,
+                failed: Some(reason),
+            };
+            (None, None, view)
+        }
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
     let (events, _) = broadcast::channel(1024);
     let owner = Owner {
         name,
-        stream: Some(Box::new(stream)),
+        stream,
+        store,
         view: view_tx,
         events: events.clone(),
         metrics,
@@ -106,23 +148,64 @@ pub fn spawn(
 
 struct Owner {
     name: String,
-    /// None once a batch panicked: the stream is failed and answers every command with 500.
+    /// None once the stream failed (a panic in an update, or recovery): every command then
+    /// gets the reason.
     stream: Option<Box<Stream>>,
+    store: Option<Box<StreamStore>>,
     view: watch::Sender<Arc<StreamView>>,
     events: broadcast::Sender<Event>,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
 }
 
+type Reply = oneshot::Sender<Result<Outcome, ApiError>>;
+
 impl Owner {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
+        loop {
+            let tick = self
+                .store
+                .as_ref()
+                .and_then(|s| s.fsync_interval())
+                .filter(|_| self.store.as_ref().is_some_and(|s| s.needs_sync()));
+            let cmd = match tick {
+                Some(t) => tokio::select! {
+                    c = rx.recv() => c,
+                    _ = tokio::time::sleep(t) => {
+                        self.with_store(|store, _| store.sync().map_err(|e| e.to_string())).await;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(cmd) = cmd else {
+                // Every handle is gone without a Close: leave the state on disk anyway.
+                self.close(true).await;
+                break;
+            };
             match cmd {
                 Command::Observe { batch, reply } => {
-                    let r = self.observe(batch).await;
-                    let _ = reply.send(r);
+                    let mut group = vec![(batch, reply)];
+                    let mut close = None;
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(Command::Observe { batch, reply }) => group.push((batch, reply)),
+                            Ok(Command::Close { snapshot, reply }) => {
+                                close = Some((snapshot, reply));
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.observe(group).await;
+                    if let Some((snapshot, reply)) = close {
+                        self.close(snapshot).await;
+                        let _ = reply.send(());
+                        break;
+                    }
                 }
-                Command::Close { reply } => {
+                Command::Close { snapshot, reply } => {
+                    self.close(snapshot).await;
                     let _ = reply.send(());
                     break;
                 }
@@ -137,74 +220,193 @@ impl Owner {
         }
     }
 
-    async fn observe(&mut self, batch: Vec<Observation>) -> Result<Outcome, ApiError> {
-        let failed = || {
-            let reason = self.view.borrow().failed.clone().unwrap_or_default();
-            ApiError::StreamFailed(self.name.clone(), reason)
+    fn failed(&self) -> ApiError {
+        let reason = self.view.borrow().failed.clone().unwrap_or_default();
+        ApiError::StreamFailed(self.name.clone(), reason)
+    }
+
+    /// Runs blocking file work on the store (and stream) off the async workers.
+    async fn with_store(
+        &mut self,
+        f: impl FnOnce(&mut StreamStore, &Stream) -> Result<(), String> + Send + 'static,
+    ) {
+        let (Some(mut store), Some(stream)) = (self.store.take(), self.stream.take()) else {
+            return;
         };
-        let Some(stream) = self.stream.take() else {
-            return Err(failed());
-        };
-        let plan = match stream.plan(&batch) {
-            Ok(p) => p,
-            Err(e) => {
+        let r = tokio::task::spawn_blocking(move || {
+            let r = f(&mut store, &stream);
+            (store, stream, r)
+        })
+        .await;
+        match r {
+            Ok((store, stream, r)) => {
+                if let Err(e) = r {
+                    tracing::error!(stream = %self.name, error = %e, "storage");
+                    self.metrics.storage_errors.inc();
+                }
+                self.store = Some(store);
                 self.stream = Some(stream);
-                return Err(e.into());
             }
+            Err(e) => self.fail(format!("storage task failed: {e}")),
+        }
+    }
+
+    async fn close(&mut self, snapshot: bool) {
+        self.with_store(move |store, stream| {
+            if snapshot && store.has_unsnapshotted() {
+                store.snapshot(stream).map_err(|e| e.to_string())
+            } else {
+                store.sync().map_err(|e| e.to_string())
+            }
+        })
+        .await;
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!(stream = %self.name, %reason, "stream failed");
+        self.stream = None;
+        self.store = None;
+        self.metrics.failed.get_or_create(&self.label()).set(1);
+        self.view.send_modify(|v| {
+            let mut nv = (**v).clone();
+            nv.failed = Some(reason);
+            nv.forecast = None;
+            *v = Arc::new(nv);
+        });
+    }
+
+    /// Plans every batch of the group, logs the accepted ones with one append (and one fsync),
+    /// applies them in order, and answers each.
+    async fn observe(&mut self, group: Vec<(Vec<Observation>, Reply)>) {
+        let (Some(stream), Some(store)) = (self.stream.take(), self.store.take()) else {
+            for (_, reply) in group {
+                let _ = reply.send(Err(self.failed()));
+            }
+            return;
         };
+        let mut last = stream.last_seq();
+        let mut work: Vec<(Vec<Observation>, Plan)> = Vec::with_capacity(group.len());
+        let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+        for (batch, reply) in group {
+            match stream.plan_after(&batch, last) {
+                Ok(plan) => {
+                    if !plan.accepted.is_empty() {
+                        last = plan.last_seq();
+                    }
+                    work.push((batch, plan));
+                    replies.push(reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            }
+        }
+        let duplicates: u64 = work.iter().map(|(_, p)| p.duplicates as u64).sum();
         self.metrics
             .duplicates
             .get_or_create(&self.label())
-            .inc_by(plan.duplicates as u64);
-        if plan.accepted.is_empty() {
+            .inc_by(duplicates);
+        if work.iter().all(|(_, p)| p.accepted.is_empty()) {
+            for ((_, plan), reply) in work.iter().zip(replies) {
+                let _ = reply.send(Ok(Outcome {
+                    duplicates: plan.duplicates,
+                    applied: Vec::new(),
+                }));
+            }
             self.stream = Some(stream);
-            return Ok(Outcome {
-                duplicates: plan.duplicates,
-                applied: Vec::new(),
-            });
+            self.store = Some(store);
+            return;
         }
         let permit = self.cores.clone().acquire_owned().await;
         let started = Instant::now();
-        let work = tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let mut stream = stream;
-            let mut applied = Vec::with_capacity(plan.accepted.len());
-            stream.apply(&batch, &plan, |a| applied.push(a));
+            let (mut stream, mut store) = (stream, store);
+            // 1. The log, before anything is applied.
+            let accepted: Vec<Vec<Observation>> = work
+                .iter()
+                .map(|(b, p)| {
+                    if p.accepted.len() == b.len() {
+                        Vec::new() // the whole batch: borrowed below, not copied
+                    } else {
+                        p.accepted.iter().map(|&i| b[i].clone()).collect()
+                    }
+                })
+                .collect();
+            let records: Vec<(u64, &[Observation])> = work
+                .iter()
+                .zip(&accepted)
+                .filter(|((_, p), _)| !p.accepted.is_empty())
+                .map(|((b, p), a)| {
+                    let obs: &[Observation] = if p.accepted.len() == b.len() { b } else { a };
+                    (p.first_seq, obs)
+                })
+                .collect();
+            if let Err(e) = store.append(&records) {
+                return (stream, store, Err(e.to_string()), None);
+            }
+            // 2. Learn.
+            let mut outcomes = Vec::with_capacity(work.len());
+            for (batch, plan) in &work {
+                let mut applied = Vec::with_capacity(plan.accepted.len());
+                stream.apply(batch, plan, |a| applied.push(a));
+                outcomes.push(Outcome {
+                    duplicates: plan.duplicates,
+                    applied,
+                });
+            }
+            // 3. A snapshot when due; a failure here loses nothing (the log has it all).
+            if store.snapshot_due() {
+                if let Err(e) = store.snapshot(&stream) {
+                    tracing::error!(error = %e, "snapshot failed; the log still holds everything");
+                }
+            }
             let forecast = stream.forecast_state().map(Arc::new);
-            (stream, plan, applied, forecast)
+            (stream, store, Ok(outcomes), forecast)
         })
         .await;
-        match work {
-            Ok((stream, plan, applied, forecast)) => {
+        match result {
+            Ok((stream, store, Ok(outcomes), forecast)) => {
                 let elapsed = started.elapsed().as_secs_f64();
-                let n = applied.len().max(1) as f64;
+                let n = outcomes
+                    .iter()
+                    .map(|o| o.applied.len())
+                    .sum::<usize>()
+                    .max(1) as f64;
                 self.metrics.batch_seconds.observe(elapsed);
                 self.metrics.update_seconds.observe(elapsed / n);
                 self.publish(&stream, forecast);
-                for a in &applied {
-                    // No subscribers is fine.
-                    let _ = self.events.send(a.clone());
+                for o in &outcomes {
+                    for a in &o.applied {
+                        // No subscribers is fine.
+                        let _ = self.events.send(a.clone());
+                    }
+                }
+                for (o, reply) in outcomes.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(o));
                 }
                 self.stream = Some(stream);
-                Ok(Outcome {
-                    duplicates: plan.duplicates,
-                    applied,
-                })
+                self.store = Some(store);
+            }
+            Ok((stream, store, Err(e), _)) => {
+                tracing::error!(stream = %self.name, error = %e, "could not log a batch; nothing applied");
+                self.metrics.storage_errors.inc();
+                for reply in replies {
+                    let _ = reply.send(Err(ApiError::Storage(e.clone())));
+                }
+                self.stream = Some(stream);
+                self.store = Some(store);
             }
             Err(e) => {
                 let reason = if e.is_panic() {
-                    "the update panicked".to_owned()
+                    "an update panicked".to_owned()
                 } else {
-                    format!("the update was cancelled: {e}")
+                    format!("an update was cancelled: {e}")
                 };
-                tracing::error!(stream = %self.name, %reason, "stream failed");
-                self.metrics.failed.get_or_create(&self.label()).set(1);
-                self.view.send_modify(|v| {
-                    let mut nv = (**v).clone();
-                    nv.failed = Some(reason);
-                    *v = Arc::new(nv);
-                });
-                Err(failed())
+                self.fail(reason);
+                for reply in replies {
+                    let _ = reply.send(Err(self.failed()));
+                }
             }
         }
     }
@@ -217,10 +419,11 @@ impl Owner {
             .and_then(|s| s.first())
             .map_or(1.0, |s| s.max - s.min);
         let l = self.label();
+        let before = self.view.borrow().stats.observations;
         self.metrics
             .observations
             .get_or_create(&l)
-            .inc_by(stats.observations - self.view.borrow().stats.observations);
+            .inc_by(stats.observations.saturating_sub(before));
         if let Some(m) = stats.mse_user() {
             self.metrics.mse.get_or_create(&l).set(m);
         }

@@ -1,0 +1,138 @@
+//! Snapshots: a stream's whole state at one sequence number, written atomically.
+//!
+//! On-disk format (little-endian):
+//!
+//! ```text
+//! snapshot-<seq:020>.bin
+//!   magic "EKIDSNP1" (8) | version u32 = 1 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
+//! ```
+//!
+//! The payload is the postcard encoding of [`StreamState`] (floats bit-exact, the RNG state
+//! included); `crc32` covers the payload. Writing: `snapshot-<seq>.tmp`, fsync, rename to the
+//! final name, fsync the directory; a crash at any point leaves either no snapshot or a whole
+//! one, plus perhaps a stray `.tmp` that recovery removes.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::stream::StreamState;
+use crate::wal::sync_dir;
+
+const MAGIC: &[u8; 8] = b"EKIDSNP1";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: invalid snapshot: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+pub fn snapshot_name(seq: u64) -> String {
+    format!("snapshot-{seq:020}.bin")
+}
+
+pub fn parse_snapshot_name(name: &str) -> Option<u64> {
+    name.strip_prefix("snapshot-")?
+        .strip_suffix(".bin")?
+        .parse()
+        .ok()
+}
+
+/// Writes the snapshot of `state` taken at `seq` into `dir`, atomically. Returns its path.
+pub fn write(dir: &Path, seq: u64, state: &StreamState) -> Result<PathBuf, SnapshotError> {
+    let final_path = dir.join(snapshot_name(seq));
+    let tmp = dir.join(format!("snapshot-{seq:020}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { path, source }
+    };
+    let payload = postcard::to_stdvec(state).map_err(|e| SnapshotError::Invalid {
+        path: final_path.clone(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(&seq.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    let result = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .map_err(io(&tmp));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
+    sync_dir(dir).map_err(io(dir))?;
+    Ok(final_path)
+}
+
+/// Reads and checks a snapshot; returns its seq and state.
+pub fn read(path: &Path) -> Result<(u64, StreamState), SnapshotError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let invalid = |reason: String| SnapshotError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+        return Err(invalid("no snapshot header".into()));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or_default());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or_default());
+    if u32_at(8) != VERSION {
+        return Err(invalid(format!(
+            "version {}, expected {VERSION}",
+            u32_at(8)
+        )));
+    }
+    let seq = u64_at(12);
+    let len = u64_at(20);
+    let crc = u32_at(28);
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() as u64 != len {
+        return Err(invalid(format!(
+            "truncated: {} of {len} payload bytes",
+            payload.len()
+        )));
+    }
+    if crc32fast::hash(payload) != crc {
+        return Err(invalid("checksum mismatch".into()));
+    }
+    let state: StreamState =
+        postcard::from_bytes(payload).map_err(|e| invalid(format!("undecodable: {e}")))?;
+    if state.stats.last_seq != seq {
+        return Err(invalid(format!(
+            "header says seq {seq}, the state {}",
+            state.stats.last_seq
+        )));
+    }
+    Ok((seq, state))
+}
+
+/// Snapshots in `dir`, newest first.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(seq) = entry.file_name().to_str().and_then(parse_snapshot_name) {
+            v.push((seq, entry.path()));
+        }
+    }
+    v.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(v)
+}

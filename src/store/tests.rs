@@ -1,0 +1,245 @@
+//! Recovery outcomes, one per kind of damage.
+
+use super::*;
+use crate::stream::{Observation, StreamState};
+
+fn options() -> Options {
+    Options {
+        ensemble: 8,
+        hidden: 3,
+        lags: 2,
+        ..Options::default()
+    }
+    .check()
+    .unwrap()
+}
+
+fn config() -> StorageConfig {
+    StorageConfig {
+        snapshot_every: u64::MAX,
+        ..StorageConfig::default()
+    }
+}
+
+fn batch(from: usize, n: usize) -> Vec<Observation> {
+    (from..from + n)
+        .map(|i| Observation {
+            seq: None,
+            x: vec![],
+            y: vec![5.0 + (i as f64 / 3.0).sin()],
+        })
+        .collect()
+}
+
+/// Appends and applies batches the way the owner does; returns the in-memory reference.
+fn feed(stream: &mut Stream, store: &mut StreamStore, batches: &[Vec<Observation>]) {
+    for b in batches {
+        let plan = stream.plan(b).unwrap();
+        store.append(&[(plan.first_seq, b.as_slice())]).unwrap();
+        stream.apply(b, &plan, |_| {});
+    }
+}
+
+fn recovered(store: &Store, name: &str) -> (Box<Stream>, RecoveryReport) {
+    match store.recover_stream(name) {
+        Some(Recovered::Ok(s, _, r)) => (s, r),
+        Some(Recovered::Failed(_, e)) => panic!("recovery failed: {e}"),
+        None => panic!("stream vanished"),
+    }
+}
+
+fn state(s: &Stream) -> StreamState {
+    s.state()
+}
+
+#[test]
+fn log_only_recovery_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("a", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 5), batch(5, 1), batch(6, 30)]);
+    drop(ss);
+    let (r, report) = recovered(&Store::open(dir.path(), config()).unwrap(), "a");
+    assert_eq!(state(&r), state(&s));
+    assert_eq!(
+        (report.replayed, report.snapshot_seq, report.last_seq),
+        (36, None, 36)
+    );
+}
+
+#[test]
+fn snapshot_plus_log_and_fallback_to_the_older_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("b", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 10)]);
+    ss.snapshot(&s).unwrap();
+    feed(&mut s, &mut ss, &[batch(10, 10)]);
+    ss.snapshot(&s).unwrap();
+    feed(&mut s, &mut ss, &[batch(20, 7)]);
+    drop(ss);
+    let (r, report) = recovered(&store, "b");
+    assert_eq!(state(&r), state(&s));
+    assert_eq!((report.snapshot_seq, report.replayed), (Some(20), 7));
+
+    // Corrupt the newest snapshot: recovery falls back to seq 10 and replays 17.
+    let newest = dir
+        .path()
+        .join("streams/b")
+        .join(snapshot::snapshot_name(20));
+    let mut bytes = fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x10;
+    fs::write(&newest, &bytes).unwrap();
+    let (r, report) = recovered(&store, "b");
+    assert_eq!(state(&r), state(&s));
+    assert_eq!(
+        (report.snapshot_seq, report.bad_snapshots, report.replayed),
+        (Some(10), 1, 17)
+    );
+
+    // A truncated snapshot is skipped the same way.
+    fs::write(&newest, &bytes[..n / 3]).unwrap();
+    let (r, report) = recovered(&store, "b");
+    assert_eq!(state(&r), state(&s));
+    assert_eq!(report.snapshot_seq, Some(10));
+}
+
+#[test]
+fn old_snapshots_and_segments_are_pruned_but_the_fallback_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("p", &options()).unwrap();
+    let mut s = Stream::new(options());
+    for k in 0..5 {
+        feed(&mut s, &mut ss, &[batch(k * 10, 10)]);
+        ss.snapshot(&s).unwrap();
+    }
+    let d = dir.path().join("streams/p");
+    let snaps: Vec<u64> = snapshot::list(&d)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(snaps, vec![50, 40]);
+    let segs: Vec<u64> = wal::list_segments(&d)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        segs,
+        vec![41, 51],
+        "the log reaches back to the older snapshot"
+    );
+}
+
+#[test]
+fn stray_temporary_files_do_not_block_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("t", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 12)]);
+    let d = dir.path().join("streams/t");
+    fs::write(d.join("snapshot-00000000000000000012.tmp"), b"half a snap").unwrap();
+    fs::write(d.join("options.tmp"), b"{").unwrap();
+    let (r, _) = recovered(&store, "t");
+    assert_eq!(state(&r), state(&s));
+    assert!(!d.join("snapshot-00000000000000000012.tmp").exists());
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_appending_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("w", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 6)]);
+    let before_last = s.clone();
+    feed(&mut s, &mut ss, &[batch(6, 4)]);
+    drop(ss);
+    let seg = dir.path().join("streams/w").join(wal::segment_name(1));
+    let len = fs::metadata(&seg).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    let Some(Recovered::Ok(mut r, mut rs, report)) = store.recover_stream("w") else {
+        panic!("recovery failed")
+    };
+    assert!(report.torn_bytes > 0);
+    assert_eq!(state(&r), state(&before_last));
+    // The stream continues from seq 7 and a second recovery sees it all.
+    let mut reference = before_last;
+    let b = batch(6, 4);
+    let plan = r.plan(&b).unwrap();
+    rs.append(&[(plan.first_seq, b.as_slice())]).unwrap();
+    r.apply(&b, &plan, |_| {});
+    let plan = reference.plan(&b).unwrap();
+    reference.apply(&b, &plan, |_| {});
+    drop(rs);
+    let (again, report) = recovered(&store, "w");
+    assert_eq!(report.torn_bytes, 0);
+    assert_eq!(state(&again), state(&reference));
+}
+
+#[test]
+fn corruption_before_the_tail_fails_the_stream_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("c", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 6), batch(6, 6)]);
+    drop(ss);
+    let seg = dir.path().join("streams/c").join(wal::segment_name(1));
+    let mut bytes = fs::read(&seg).unwrap();
+    bytes[30] ^= 0xff; // inside the first record
+    fs::write(&seg, &bytes).unwrap();
+    match store.recover_stream("c") {
+        Some(Recovered::Failed(o, reason)) => {
+            assert_eq!(o, options());
+            assert!(reason.contains("wal-00000000000000000001.log"), "{reason}");
+            assert!(reason.contains("offset 20"), "{reason}");
+        }
+        _ => panic!("corruption must fail the stream"),
+    }
+}
+
+#[test]
+fn empty_or_missing_data_dir_and_unacknowledged_creations() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("does/not/exist");
+    let store = Store::open(&root, config()).unwrap();
+    assert!(store.stream_names().unwrap().is_empty());
+    // A folder without options.json was never acknowledged: it goes.
+    fs::create_dir_all(root.join("streams/ghost")).unwrap();
+    assert!(store.recover_stream("ghost").is_none());
+    assert!(!root.join("streams/ghost").exists());
+    // Unreadable options fail the stream rather than guessing.
+    fs::create_dir_all(root.join("streams/bad")).unwrap();
+    fs::write(root.join("streams/bad/options.json"), b"{\"hidden\": ").unwrap();
+    assert!(matches!(
+        store.recover_stream("bad"),
+        Some(Recovered::Failed(..))
+    ));
+}
+
+#[test]
+fn delete_is_durable_and_a_new_stream_of_the_same_name_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("d", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 6)]);
+    drop(ss);
+    store.delete_stream("d").unwrap();
+    assert!(store.stream_names().unwrap().is_empty());
+    let _ = store.create_stream("d", &options()).unwrap();
+    let (r, _) = recovered(&store, "d");
+    assert_eq!(r.last_seq(), 0);
+}
