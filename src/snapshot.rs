@@ -133,6 +133,6 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
             v.push((seq, entry.path()));
         }
     }
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
     Ok(v)
 }
