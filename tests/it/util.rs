@@ -37,7 +37,7 @@ pub struct Daemon {
     child: Option<Child>,
     /// `http://127.0.0.1:PORT`
     pub base: String,
-    #[allow(dead_code)] // read by tests that restart on the same directory
+    #[allow(dead_code)] // for tests that inspect the files
     pub data_dir: PathBuf,
     log: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -98,7 +98,6 @@ impl Daemon {
         format!("{}{path}", self.base)
     }
 
-    #[allow(dead_code)] // for failure messages
     pub fn log(&self) -> String {
         read(&self.log)
     }
