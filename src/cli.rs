@@ -36,6 +36,8 @@ pub enum Command {
     /// Offline evaluation (SPEC §6) of EKI variants and baselines on a CSV series.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
+    /// List a data directory's streams, snapshots and log segments, checking every checksum.
+    Inspect(InspectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +51,15 @@ pub struct ServeArgs {
     /// Directory for stream state.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The daemon's data directory.
+    pub dir: PathBuf,
+    /// Print JSON instead of the listing.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Every stream option as a flag; unset flags take the built-in defaults.
@@ -240,6 +251,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Eval(args) => run_eval(args),
+        Command::Inspect(args) => run_inspect(args),
+    }
+}
+
+fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let reports = crate::inspect::inspect(&args.dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", crate::inspect::render(&reports));
+    }
+    if reports.iter().all(|r| r.ok()) {
+        Ok(())
+    } else {
+        bail!("problems found (see above)")
     }
 }
 

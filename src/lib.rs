@@ -7,6 +7,7 @@ pub mod data;
 pub mod ensemble;
 pub mod eval;
 pub mod forecast;
+pub mod inspect;
 pub mod model;
 pub mod network;
 pub mod ogd;

@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 
 use crate::util::{Daemon, client};
 
-const OPTIONS: &str = r#"{"ensemble": 16, "hidden": 4, "lags": 3, "scale": {"min": -2, "max": 12}}"#;
+const OPTIONS: &str =
+    r#"{"ensemble": 16, "hidden": 4, "lags": 3, "scale": {"min": -2, "max": 12}}"#;
 
 /// The value a stream observes at `seq`: any replay can regenerate it.
 fn value(stream: usize, seq: u64) -> f64 {
@@ -34,7 +35,12 @@ fn create(c: &Client, d: &Daemon, name: &str) {
     assert!(r.status().is_success(), "create {name}: {}", r.status());
 }
 
-fn post(c: &Client, d: &Daemon, name: &str, body: String) -> reqwest::Result<reqwest::blocking::Response> {
+fn post(
+    c: &Client,
+    d: &Daemon,
+    name: &str,
+    body: String,
+) -> reqwest::Result<reqwest::blocking::Response> {
     c.post(d.url(&format!("/v1/streams/{name}/observations")))
         .header("content-type", "application/x-ndjson")
         .body(body)
@@ -51,7 +57,11 @@ fn get(c: &Client, d: &Daemon, path: &str) -> Value {
 fn fingerprint(c: &Client, d: &Daemon, name: &str) -> (Value, Value) {
     let mut s = get(c, d, &format!("/v1/streams/{name}"));
     s["stats"]["last_update"] = Value::Null;
-    let mut f = get(c, d, &format!("/v1/streams/{name}/forecast?horizon=5&level=0.8"));
+    let mut f = get(
+        c,
+        d,
+        &format!("/v1/streams/{name}/forecast?horizon=5&level=0.8"),
+    );
     f["stream"] = json!(name);
     (s, f)
 }
@@ -77,12 +87,18 @@ fn a_restart_after_sigterm_or_kill9_is_bit_identical() {
         seq += n;
     }
     post(&c, &d, "b", ndjson(1, 1, 4)).expect("post"); // still filling its lags + a bit
-    let before = (fingerprint(&c, &d, "a"), get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone());
+    let before = (
+        fingerprint(&c, &d, "a"),
+        get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
+    );
 
     // Graceful: final snapshot.
     assert!(d.terminate(Duration::from_secs(10)).success());
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
-    let after = (fingerprint(&c, &d, "a"), get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone());
+    let after = (
+        fingerprint(&c, &d, "a"),
+        get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
+    );
     assert_eq!(before, after);
 
     // Crash: more data, then kill -9 with no chance to flush or snapshot.
@@ -93,6 +109,16 @@ fn a_restart_after_sigterm_or_kill9_is_bit_identical() {
     let d = Daemon::start_in(&data, &["--config", &cfg]);
     assert_eq!(before, (fingerprint(&c, &d, "a"), fingerprint(&c, &d, "b")));
     assert!(d.log().contains("recovery done"), "{}", d.log());
+    // `ekid inspect` sees both streams, a snapshot of `a`, and nothing wrong.
+    let listing = crate::util::run_ok(&["inspect", data.to_str().expect("utf-8")]);
+    assert!(
+        listing.contains("stream a\n") && listing.contains("stream b\n"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("snapshot-") && !listing.contains("PROBLEM"),
+        "{listing}"
+    );
 }
 
 #[test]
@@ -107,8 +133,20 @@ fn creation_and_deletion_are_durable() {
     assert_eq!(r.status(), 204);
     d.kill9();
     let d = Daemon::start_in(&data, &[]);
-    assert_eq!(c.get(d.url("/v1/streams/kept")).send().expect("GET").status(), 200);
-    assert_eq!(c.get(d.url("/v1/streams/gone")).send().expect("GET").status(), 404);
+    assert_eq!(
+        c.get(d.url("/v1/streams/kept"))
+            .send()
+            .expect("GET")
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(d.url("/v1/streams/gone"))
+            .send()
+            .expect("GET")
+            .status(),
+        404
+    );
 }
 
 /// Many rounds of: concurrent clients ingest into three streams with seq-tagged batches, the
@@ -118,7 +156,10 @@ fn creation_and_deletion_are_durable() {
 /// `EKID_CRASH_ROUNDS` raises the number of rounds for a longer soak.
 #[test]
 fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
-    let rounds: usize = std::env::var("EKID_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let rounds: usize = std::env::var("EKID_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let cfg = config(tmp.path(), "snapshot_every = 40");
@@ -141,7 +182,10 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
     let mut total_acked = 0u64;
     for round in 0..rounds {
         let mut d = Daemon::start_in(&data, &["--config", &cfg]);
-        let acked: Vec<Arc<AtomicU64>> = streams.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let acked: Vec<Arc<AtomicU64>> = streams
+            .iter()
+            .map(|_| Arc::new(AtomicU64::new(0)))
+            .collect();
         let workers: Vec<_> = streams
             .iter()
             .enumerate()
@@ -151,14 +195,19 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
                 let name = name.to_string();
                 let seed = next();
                 std::thread::spawn(move || {
-                    let c = Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+                    let c = Client::builder()
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                        .expect("client");
                     let url = format!("{base}/v1/streams/{name}");
                     let Ok(r) = c.get(&url).send() else { return };
                     let Ok(v) = r.json::<Value>() else { return };
                     let mut from = v["stats"]["last_seq"].as_u64().unwrap_or(0) + 1;
                     let mut k = seed;
                     loop {
-                        k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        k = k
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         let n = 1 + (k >> 59); // 1..=32
                         let r = c
                             .post(format!("{url}/observations"))
@@ -191,8 +240,15 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
             let (stats, forecast) = fingerprint(&c, &d, name);
             let last = stats["stats"]["last_seq"].as_u64().expect("last_seq");
             let acked = acked[i].load(Ordering::SeqCst);
-            assert!(last >= acked, "round {round} {name}: acknowledged {acked}, recovered {last}");
-            assert_eq!(stats["stats"]["observations"].as_u64(), Some(last), "nothing applied twice");
+            assert!(
+                last >= acked,
+                "round {round} {name}: acknowledged {acked}, recovered {last}"
+            );
+            assert_eq!(
+                stats["stats"]["observations"].as_u64(),
+                Some(last),
+                "nothing applied twice"
+            );
             total_acked += acked;
             // A fresh stream fed 1..=last once must be in exactly the same state.
             let r = format!("r{round}_{name}");
@@ -203,7 +259,11 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
             let (mut rs, mut rf) = fingerprint(&c, &reference, &r);
             rs["name"] = json!(name);
             rf["stream"] = json!(name);
-            assert_eq!((stats, forecast), (rs, rf), "round {round} {name} at seq {last}");
+            assert_eq!(
+                (stats, forecast),
+                (rs, rf),
+                "round {round} {name} at seq {last}"
+            );
         }
         drop(d);
     }
@@ -229,7 +289,10 @@ fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
         }
     }
     let _unmount = Unmount(&mnt);
@@ -237,7 +300,10 @@ fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
     let c = client();
     let d = Daemon::start_in(&data, &[]);
     create(&c, &d, "f");
-    assert_eq!(post(&c, &d, "f", ndjson(0, 1, 20)).expect("post").status(), 200);
+    assert_eq!(
+        post(&c, &d, "f", ndjson(0, 1, 20)).expect("post").status(),
+        200
+    );
     let before = fingerprint(&c, &d, "f");
     // Fill the disk.
     let filler = mnt.join("filler");
@@ -258,7 +324,11 @@ fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
     let p: Value = r.json().expect("problem");
     assert_eq!(p["type"], "/problems/storage");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(fingerprint(&c, &d, "f"), before, "a failed append applies nothing");
+    assert_eq!(
+        fingerprint(&c, &d, "f"),
+        before,
+        "a failed append applies nothing"
+    );
     // Space returns: the same batch goes through, and survives a crash.
     std::fs::remove_file(&filler).expect("rm filler");
     let r = post(&c, &d, "f", ndjson(0, 21, 1000)).expect("post");
