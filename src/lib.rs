@@ -12,6 +12,7 @@ pub mod network;
 pub mod ogd;
 pub mod options;
 pub mod prior;
+pub mod replay;
 pub mod server;
 pub mod stream;
 pub mod update;
