@@ -2,4 +2,5 @@
 
 mod daemon;
 mod eval_cli;
+mod replay;
 mod util;
