@@ -95,17 +95,17 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
             ProgressDrawTarget::stderr(),
         );
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:40}] {pos}/{len} {per_sec} eta {eta} {msg}",
-            )
-            .context("progress bar template")?
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} eta {eta} {msg}")
+                .context("progress bar template")?
+                .progress_chars("=> "),
         );
         bar.set_prefix(name.clone());
         bar
     } else {
         ProgressBar::hidden()
     };
+    // Cleared on every way out, so an error is not printed after a half-drawn bar.
+    let _clear = ClearOnDrop(progress.clone());
     let api = Api::new(&args.server, &name, token, progress)?;
 
     // Find or create the stream.
@@ -257,6 +257,14 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+struct ClearOnDrop(ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 /// The file stem with every character outside `[A-Za-z0-9_.-]` as `_`, at most 64 long.
@@ -655,8 +663,9 @@ mod tests {
 
     #[test]
     fn raw_predictions_parse_exactly() {
-        // 17 significant digits: a case where a naive significand/10^k parse can be an ulp off.
-        let x = 0.30000000000000004_f64;
+        // The daemon's first prediction on the temperatures: serde_json's default parser reads
+        // this text as 0.009404326858943749, one ulp off.
+        let x = 0.009404326858943747_f64;
         let json = format!(
             r#"{{"seq": 3, "prediction": [{}]}}"#,
             serde_json::to_string(&x).unwrap()
