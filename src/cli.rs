@@ -15,6 +15,7 @@ use crate::model::Scaler;
 use crate::options::{
     Loss, Method, Off, Options, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
+use crate::replay::{self, ReplayArgs};
 use crate::server;
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,9 @@ pub enum Command {
     /// Offline evaluation (SPEC §6) of EKI variants and baselines on a CSV series.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
+    /// Stream a CSV series into a running daemon over HTTP (resumes where the stream stands).
+    #[command(allow_negative_numbers = true)]
+    Replay(ReplayArgs),
     /// List a data directory's streams, snapshots and log segments, checking every checksum.
     Inspect(InspectArgs),
 }
@@ -251,6 +255,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Eval(args) => run_eval(args),
+        Command::Replay(args) => replay::run(args),
         Command::Inspect(args) => run_inspect(args),
     }
 }

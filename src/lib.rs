@@ -13,6 +13,7 @@ pub mod network;
 pub mod ogd;
 pub mod options;
 pub mod prior;
+pub mod replay;
 pub mod server;
 pub mod snapshot;
 pub mod store;

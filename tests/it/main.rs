@@ -3,4 +3,5 @@
 mod daemon;
 mod durability;
 mod eval_cli;
+mod replay;
 mod util;
