@@ -17,7 +17,6 @@ use reqwest::blocking::Client;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::cli::OptionFlags;
 use crate::data;
@@ -368,14 +367,12 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// The single prediction of an observation, parsed from the exact text the daemon wrote.
-fn prediction_value(v: &[Box<RawValue>], seq: u64) -> anyhow::Result<f64> {
+/// The single prediction of an observation.
+fn prediction_value(v: &[f64], seq: u64) -> anyhow::Result<f64> {
     let [one] = v else {
         bail!("seq {seq}: expected one predicted value, got {}", v.len());
     };
-    let text = one.get();
-    text.parse::<f64>()
-        .with_context(|| format!("seq {seq}: prediction `{text}` is not a number"))
+    Ok(*one)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,14 +400,12 @@ struct ObserveReply {
     predictions: Vec<PredictionIn>,
 }
 
-/// The prediction values stay as raw JSON text: serde_json's default float parser is not
-/// correctly rounded (it may be one ulp off on 17-digit numbers), and `--predictions` must match
-/// `ekid eval` bit for bit, so the text is parsed by `str::parse::<f64>` instead. (`RawValue`
-/// needs serde_json's `raw_value` feature, which axum turns on.)
+/// `--predictions` must match `ekid eval` bit for bit: serde_json parses floats correctly
+/// rounded here because the crate enables its `float_roundtrip` feature.
 #[derive(Debug, Deserialize)]
 struct PredictionIn {
     seq: u64,
-    prediction: Option<Vec<Box<RawValue>>>,
+    prediction: Option<Vec<f64>>,
 }
 
 /// An RFC 9457 problem document.
@@ -662,9 +657,9 @@ mod tests {
     }
 
     #[test]
-    fn raw_predictions_parse_exactly() {
-        // The daemon's first prediction on the temperatures: serde_json's default parser reads
-        // this text as 0.009404326858943749, one ulp off.
+    fn predictions_parse_exactly() {
+        // The daemon's first prediction on the temperatures: without `float_roundtrip`
+        // serde_json would read this text as 0.009404326858943749, one ulp off.
         let x = 0.009404326858943747_f64;
         let json = format!(
             r#"{{"seq": 3, "prediction": [{}]}}"#,
