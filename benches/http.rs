@@ -1,12 +1,16 @@
-//! HTTP path benchmark (issue 3): the real `ekid serve` on loopback driven by blocking reqwest
-//! clients in threads (this file is the load generator). For each setting it measures
+//! HTTP path benchmark (issues 3 and 4): the real `ekid serve` on loopback driven by blocking
+//! reqwest clients in threads (this file is the load generator). For each fsync policy and
+//! setting it measures
 //! 1. ingest of NDJSON batches of 1000 from one client, with forecast (horizon 14) latency
 //!    sampled by a second client while ingest runs;
 //! 2. single-observation POSTs from 8 concurrent clients (acknowledgement latency and
 //!    aggregate observations/s);
 //! 3. the engine alone: `ekid eval --methods eki --passes 1` obs/s at the same settings.
 //!
-//! `cargo bench --bench http` (add `-- quick` for a shorter run). Prints a markdown table.
+//! Then the recovery time of a stream with 1e5 logged observations (no snapshot), and with the
+//! default snapshot interval.
+//!
+//! `cargo bench --bench http` (add `-- quick` for a shorter run). Prints markdown tables.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -36,10 +40,17 @@ impl Drop for Server {
     }
 }
 
-fn start() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
+fn start(storage: &str) -> Server {
+    start_in(tempfile::tempdir().expect("tempdir"), storage)
+}
+
+fn start_in(dir: tempfile::TempDir, storage: &str) -> Server {
+    let cfg = dir.path().join("ekid.toml");
+    std::fs::write(&cfg, format!("[storage]\n{storage}\n")).expect("config");
     let mut child = Command::new(EXE)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -137,7 +148,9 @@ fn main() {
         };
         let started = Instant::now();
         let mut n = 0usize;
+        let mut batch_acks = Vec::new();
         for b in 0..batches {
+            let t = Instant::now();
             let body: String = (0..1000)
                 .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
                 .collect();
@@ -148,6 +161,7 @@ fn main() {
                 .send()
                 .expect("post batch");
             assert!(r.status().is_success());
+            batch_acks.push(t.elapsed().as_secs_f64());
             n += 1000;
         }
         let bulk = n as f64 / started.elapsed().as_secs_f64();
@@ -186,10 +200,11 @@ fn main() {
         let single = acks.len() as f64 / started.elapsed().as_secs_f64();
         drop(server);
 
-        let engine = engine_obs_per_sec(j, h);
+        let engine = *engine.entry((j, h)).or_insert_with(|| engine_obs_per_sec(j, h));
         let ms = |s: f64| s * 1e3;
         println!(
-            "| {j} | {h} | {bulk:.0} | {:.2} / {:.2} ms ({} samples) | {single:.0} | {:.2} / {:.2} ms | {engine:.0} | {:.0}% |",
+            "| {policy} | {j} | {h} | {bulk:.0} | {:.1} ms | {:.2} / {:.2} ms ({} samples) | {single:.0} | {:.2} / {:.2} ms | {engine:.0} | {:.0}% |",
+            ms(percentile(&mut batch_acks, 0.99)),
             ms(percentile(&mut flat, 0.5)),
             ms(percentile(&mut flat, 0.99)),
             flat.len(),
@@ -197,5 +212,67 @@ fn main() {
             ms(percentile(&mut acks, 0.99)),
             100.0 * bulk / engine,
         );
+    }
+    }
+    recovery(quick);
+}
+
+/// Time from start to a served `/healthz` for a stream with `n` logged observations.
+fn recovery(quick: bool) {
+    let n = if quick { 20_000 } else { 100_000 };
+    println!();
+    println!("| logged observations | snapshots | recovery (start → serving) | replayed |");
+    println!("|---|---|---|---|");
+    let v = values();
+    for (label, storage) in [
+        ("none (log only)", "snapshot_every = 1000000000\nfsync = \"never\""),
+        ("every 10000 (default)", "fsync = \"never\""),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_owned();
+        let mut server = start_in(dir, storage);
+        let c = Client::builder().timeout(Duration::from_secs(600)).build().expect("client");
+        create(&c, &server.base, "big", 100, 16);
+        for b in 0..n / 1000 {
+            let body: String = (0..1000)
+                .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
+                .collect();
+            let r = c
+                .post(format!("{}/v1/streams/big/observations", server.base))
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .expect("post");
+            assert!(r.status().is_success());
+        }
+        // Crash, then time the restart.
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        let cfg = path.join("ekid.toml");
+        let t = Instant::now();
+        let mut child = Command::new(EXE)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(path.join("data"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("restart");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("line");
+        let secs = t.elapsed().as_secs_f64();
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        let log = String::from_utf8_lossy(&out.stderr);
+        let replayed = log
+            .lines()
+            .find(|l| l.contains("recovered stream"))
+            .and_then(|l| l.split("replayed=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned();
+        println!("| {n} | {label} | {secs:.2} s | {replayed} |");
     }
 }

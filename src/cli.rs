@@ -301,11 +301,15 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        // The first line on stdout is the bound address (tests and scripts read it).
-        println!("listening on http://{addr}");
-        std::io::stdout().flush()?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "ekid serving");
-        server::serve(listener, config, shutdown_signal()).await
+        let data_dir = config.data_dir.clone();
+        // Once recovery is done, the first line on stdout is the bound address (tests and
+        // scripts wait for it).
+        let ready = move || {
+            println!("listening on http://{addr}");
+            let _ = std::io::stdout().flush();
+            tracing::info!(%addr, data_dir = %data_dir.display(), "ekid serving");
+        };
+        server::serve(listener, config, ready, shutdown_signal()).await
     })
 }
 

@@ -368,11 +368,14 @@ async fn fallback(req: Request) -> ApiError {
     ))
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, drains in-flight requests (ending SSE
-/// streams), lets every stream owner finish its queue, and returns.
+/// Recovers every stream from the data directory, calls `ready` (the listener is bound and
+/// requests are about to be served), serves until `shutdown` resolves, then stops accepting,
+/// drains in-flight requests (ending SSE streams), lets every stream owner finish its queue and
+/// snapshot, and returns.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
+    ready: impl FnOnce(),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -381,6 +384,7 @@ pub async fn serve(
     let state = AppState::new(config, store, stop_rx)?;
     state.recover().await?;
     let app = router(state.clone());
+    ready();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown: draining requests");
