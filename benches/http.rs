@@ -110,109 +110,114 @@ fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let v = values();
     println!(
-        "| J | hidden | NDJSON×1000 obs/s | forecast p50 / p99 during ingest | 8 clients × 1 obs: obs/s | ack p50 / p99 | engine alone (eval) obs/s | NDJSON / engine |"
+        "| fsync | J | hidden | NDJSON×1000 obs/s | NDJSON batch ack p99 | forecast p50 / p99 during ingest | 8 clients × 1 obs: obs/s | ack p50 / p99 | engine alone (eval) obs/s | NDJSON / engine |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for &(j, h, batches, singles) in &[(100usize, 16usize, 20usize, 4000usize), (1000, 32, 3, 800)]
-    {
-        let (batches, singles) = if quick {
-            (batches.div_ceil(4), singles / 4)
-        } else {
-            (batches, singles)
-        };
-        let server = start();
-        let c = Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .expect("client");
-        create(&c, &server.base, "bulk", j, h);
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut engine = std::collections::HashMap::new();
+    for policy in ["never", "interval", "always"] {
+        for &(j, h, batches, singles) in
+            &[(100usize, 16usize, 20usize, 4000usize), (1000, 32, 3, 800)]
+        {
+            let (batches, singles) = if quick {
+                (batches.div_ceil(4), singles / 4)
+            } else {
+                (batches, singles)
+            };
+            let server = start(&format!("fsync = \"{policy}\""));
+            let c = Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("client");
+            create(&c, &server.base, "bulk", j, h);
 
-        // 1. NDJSON batches, with a forecast sampler alongside.
-        let done = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let (done, base, c) = (done.clone(), server.base.clone(), c.clone());
-            std::thread::spawn(move || {
-                let mut lat = Vec::new();
-                while !done.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let r = c
-                        .get(format!("{base}/v1/streams/bulk/forecast?horizon=14"))
-                        .send();
-                    if matches!(r, Ok(ref r) if r.status().is_success()) {
-                        lat.push(t.elapsed().as_secs_f64());
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                lat
-            })
-        };
-        let started = Instant::now();
-        let mut n = 0usize;
-        let mut batch_acks = Vec::new();
-        for b in 0..batches {
-            let t = Instant::now();
-            let body: String = (0..1000)
-                .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
-                .collect();
-            let r = c
-                .post(format!("{}/v1/streams/bulk/observations", server.base))
-                .header("content-type", "application/x-ndjson")
-                .body(body)
-                .send()
-                .expect("post batch");
-            assert!(r.status().is_success());
-            batch_acks.push(t.elapsed().as_secs_f64());
-            n += 1000;
-        }
-        let bulk = n as f64 / started.elapsed().as_secs_f64();
-        done.store(true, Ordering::Relaxed);
-        let mut flat = sampler.join().expect("sampler");
-
-        // 2. Single observations from 8 clients.
-        create(&c, &server.base, "single", j, h);
-        let per = singles / 8;
-        let started = Instant::now();
-        let workers: Vec<_> = (0..8)
-            .map(|w| {
-                let (base, c, v) = (server.base.clone(), c.clone(), v.clone());
+            // 1. NDJSON batches, with a forecast sampler alongside.
+            let done = Arc::new(AtomicBool::new(false));
+            let sampler = {
+                let (done, base, c) = (done.clone(), server.base.clone(), c.clone());
                 std::thread::spawn(move || {
-                    let mut lat = Vec::with_capacity(per);
-                    for i in 0..per {
+                    let mut lat = Vec::new();
+                    while !done.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         let r = c
-                            .post(format!("{base}/v1/streams/single/observations"))
-                            .header("content-type", "application/json")
-                            .body(format!("{{\"y\": {}}}", v[(w * per + i) % v.len()]))
-                            .send()
-                            .expect("post one");
-                        if r.status().is_success() {
+                            .get(format!("{base}/v1/streams/bulk/forecast?horizon=14"))
+                            .send();
+                        if matches!(r, Ok(ref r) if r.status().is_success()) {
                             lat.push(t.elapsed().as_secs_f64());
                         }
+                        std::thread::sleep(Duration::from_millis(2));
                     }
                     lat
                 })
-            })
-            .collect();
-        let mut acks: Vec<f64> = workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("worker"))
-            .collect();
-        let single = acks.len() as f64 / started.elapsed().as_secs_f64();
-        drop(server);
+            };
+            let started = Instant::now();
+            let mut n = 0usize;
+            let mut batch_acks = Vec::new();
+            for b in 0..batches {
+                let t = Instant::now();
+                let body: String = (0..1000)
+                    .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
+                    .collect();
+                let r = c
+                    .post(format!("{}/v1/streams/bulk/observations", server.base))
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .expect("post batch");
+                assert!(r.status().is_success());
+                batch_acks.push(t.elapsed().as_secs_f64());
+                n += 1000;
+            }
+            let bulk = n as f64 / started.elapsed().as_secs_f64();
+            done.store(true, Ordering::Relaxed);
+            let mut flat = sampler.join().expect("sampler");
 
-        let engine = *engine.entry((j, h)).or_insert_with(|| engine_obs_per_sec(j, h));
-        let ms = |s: f64| s * 1e3;
-        println!(
-            "| {policy} | {j} | {h} | {bulk:.0} | {:.1} ms | {:.2} / {:.2} ms ({} samples) | {single:.0} | {:.2} / {:.2} ms | {engine:.0} | {:.0}% |",
-            ms(percentile(&mut batch_acks, 0.99)),
-            ms(percentile(&mut flat, 0.5)),
-            ms(percentile(&mut flat, 0.99)),
-            flat.len(),
-            ms(percentile(&mut acks, 0.5)),
-            ms(percentile(&mut acks, 0.99)),
-            100.0 * bulk / engine,
-        );
-    }
+            // 2. Single observations from 8 clients.
+            create(&c, &server.base, "single", j, h);
+            let per = singles / 8;
+            let started = Instant::now();
+            let workers: Vec<_> = (0..8)
+                .map(|w| {
+                    let (base, c, v) = (server.base.clone(), c.clone(), v.clone());
+                    std::thread::spawn(move || {
+                        let mut lat = Vec::with_capacity(per);
+                        for i in 0..per {
+                            let t = Instant::now();
+                            let r = c
+                                .post(format!("{base}/v1/streams/single/observations"))
+                                .header("content-type", "application/json")
+                                .body(format!("{{\"y\": {}}}", v[(w * per + i) % v.len()]))
+                                .send()
+                                .expect("post one");
+                            if r.status().is_success() {
+                                lat.push(t.elapsed().as_secs_f64());
+                            }
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut acks: Vec<f64> = workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("worker"))
+                .collect();
+            let single = acks.len() as f64 / started.elapsed().as_secs_f64();
+            drop(server);
+
+            let engine = *engine
+                .entry((j, h))
+                .or_insert_with(|| engine_obs_per_sec(j, h));
+            let ms = |s: f64| s * 1e3;
+            println!(
+                "| {policy} | {j} | {h} | {bulk:.0} | {:.1} ms | {:.2} / {:.2} ms ({} samples) | {single:.0} | {:.2} / {:.2} ms | {engine:.0} | {:.0}% |",
+                ms(percentile(&mut batch_acks, 0.99)),
+                ms(percentile(&mut flat, 0.5)),
+                ms(percentile(&mut flat, 0.99)),
+                flat.len(),
+                ms(percentile(&mut acks, 0.5)),
+                ms(percentile(&mut acks, 0.99)),
+                100.0 * bulk / engine,
+            );
+        }
     }
     recovery(quick);
 }
@@ -225,13 +230,19 @@ fn recovery(quick: bool) {
     println!("|---|---|---|---|");
     let v = values();
     for (label, storage) in [
-        ("none (log only)", "snapshot_every = 1000000000\nfsync = \"never\""),
+        (
+            "none (log only)",
+            "snapshot_every = 1000000000\nfsync = \"never\"",
+        ),
         ("every 10000 (default)", "fsync = \"never\""),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_owned();
         let mut server = start_in(dir, storage);
-        let c = Client::builder().timeout(Duration::from_secs(600)).build().expect("client");
+        let c = Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .expect("client");
         create(&c, &server.base, "big", 100, 16);
         for b in 0..n / 1000 {
             let body: String = (0..1000)
@@ -261,7 +272,9 @@ fn recovery(quick: bool) {
             .spawn()
             .expect("restart");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("line");
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("line");
         let secs = t.elapsed().as_secs_f64();
         let _ = child.kill();
         let out = child.wait_with_output().expect("output");
