@@ -41,6 +41,14 @@ pub struct Limits {
     pub queue_depth: usize,
     /// Whole-request timeout, milliseconds (SSE streams excepted).
     pub request_timeout_ms: u64,
+    /// Time a client has to send its request head, milliseconds.
+    pub header_timeout_ms: u64,
+    /// Requests in flight at once; more get 503 + Retry-After.
+    pub concurrent_requests: usize,
+    /// Open connections at once; more are closed on accept.
+    pub connections: usize,
+    /// Most work one forecast may take: horizon × (interval particles + 1) × d.
+    pub forecast_work: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,6 +83,10 @@ impl Default for Limits {
             horizon: 10_000,
             queue_depth: 64,
             request_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            concurrent_requests: 1024,
+            connections: 4096,
+            forecast_work: 2_000_000_000,
         }
     }
 }

@@ -507,6 +507,14 @@ async fn forecast(
             "`horizon` must be between 1 and {max}, got {horizon}"
         )));
     }
+    let particles = view.options.ensemble.min(crate::forecast::INTERVAL_PARTICLES) as u64 + 1;
+    let work = horizon as u64 * particles * view.options.layout().dim() as u64;
+    let budget = app.inner.config.limits.forecast_work;
+    if work > budget {
+        return Err(ApiError::Limit(format!(
+            "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
+        )));
+    }
     let level = level.unwrap_or(0.9);
     if !(level > 0.0 && level < 1.0) {
         return Err(ApiError::BadQuery(format!(

@@ -62,6 +62,12 @@ pub enum ApiError {
     NotReady(String),
     #[error("stream `{0}` failed and no longer accepts work: {1}")]
     StreamFailed(String, String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("the server is busy: {0}; retry shortly")]
+    Busy(String),
+    #[error("the request took longer than {0} ms")]
+    Timeout(u64),
     #[error("could not write to the log, nothing was applied: {0}")]
     Storage(String),
     #[error("the server is shutting down")]
@@ -128,6 +134,13 @@ impl ApiError {
                 "stream-failed",
                 "Stream failed",
             ),
+            MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+            ),
+            Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Server busy"),
+            Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "Request timed out"),
             Storage(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage",
@@ -190,7 +203,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = problem_response(&self.problem());
         match self {
-            ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::Storage(_) => {
+            ApiError::QueueFull(_)
+            | ApiError::ShuttingDown
+            | ApiError::Storage(_)
+            | ApiError::Busy(_)
+            | ApiError::Timeout(_) => {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

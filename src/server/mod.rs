@@ -4,6 +4,7 @@ pub mod api;
 pub mod body;
 pub mod error;
 pub mod metrics;
+pub mod middleware;
 pub mod openapi;
 pub mod owner;
 
@@ -13,9 +14,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::Request;
+use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot, watch};
@@ -26,8 +26,29 @@ use crate::options::Options;
 use crate::store::{Recovered, Store};
 use crate::stream::Stream;
 use error::ApiError;
-use metrics::{HttpLabels, Metrics, RouteLabel};
+use metrics::Metrics;
 use owner::{Command, Start, StreamHandle, StreamView};
+
+/// Faults a test can ask the daemon to produce, from the `EKID_FAILPOINTS` environment
+/// variable (comma-separated): `panic-in-update:<stream>` makes every update of that stream
+/// panic, to test that a panic fails one stream and nothing else. Empty in production.
+#[derive(Debug, Clone, Default)]
+pub struct Failpoints {
+    pub panic_in_update: Option<String>,
+}
+
+impl Failpoints {
+    fn from_env() -> Self {
+        let mut f = Failpoints::default();
+        for item in std::env::var("EKID_FAILPOINTS").unwrap_or_default().split(',') {
+            if let Some(stream) = item.trim().strip_prefix("panic-in-update:") {
+                tracing::warn!(stream, "failpoint set: updates of this stream will panic");
+                f.panic_in_update = Some(stream.to_owned());
+            }
+        }
+        f
+    }
+}
 
 /// Everything handlers share; cheap to clone.
 #[derive(Clone)]
@@ -47,6 +68,10 @@ pub struct Shared {
     owners: Mutex<Vec<JoinHandle<()>>>,
     /// Limits concurrent batch updates to the number of cores.
     cores: Arc<Semaphore>,
+    /// Requests in flight (`limits.concurrent_requests`).
+    pub requests: Arc<Semaphore>,
+    /// Fault injection for tests (`EKID_FAILPOINTS`), read once at start.
+    pub failpoints: Failpoints,
     /// Flips to true when shutdown starts (ends SSE streams).
     pub shutdown: watch::Receiver<bool>,
 }
@@ -85,6 +110,8 @@ impl AppState {
                 lifecycle: tokio::sync::Mutex::new(()),
                 owners: Mutex::new(Vec::new()),
                 cores: Arc::new(Semaphore::new(cores)),
+                requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
+                failpoints: Failpoints::from_env(),
                 shutdown,
                 config,
             }),
@@ -171,6 +198,7 @@ impl AppState {
             self.inner.config.limits.queue_depth,
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
+            self.inner.failpoints.panic_in_update.as_deref() == Some(name),
         );
         let view = handle.view();
         {
@@ -302,97 +330,117 @@ impl AppState {
     }
 }
 
-/// Counts requests by route, method and status, and times them.
-async fn track(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
-    let started = Instant::now();
-    let res = next.run(req).await;
-    let m = &app.inner.metrics;
-    m.http_requests
-        .get_or_create(&HttpLabels {
-            route: route.clone(),
-            method,
-            status: res.status().as_u16(),
-        })
-        .inc();
-    m.http_seconds
-        .get_or_create(&RouteLabel { route })
-        .observe(started.elapsed().as_secs_f64());
-    res
-}
-
 /// The whole API, without binding a socket (tests can drive it directly).
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
-    let timeout = Duration::from_millis(state.inner.config.limits.request_timeout_ms);
-    let api = Router::new()
+    Router::new()
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/streams", get(api::list_streams))
         .route(
             "/v1/streams/{name}",
-            get(api::get_stream)
-                .put(api::put_stream)
-                .delete(api::delete_stream),
+            get(api::get_stream).put(api::put_stream).delete(api::delete_stream),
         )
-        .route(
-            "/v1/streams/{name}/observations",
-            post(api::post_observations),
-        )
+        .route("/v1/streams/{name}/observations", post(api::post_observations))
         .route(
             "/v1/streams/{name}/forecast",
             get(api::get_forecast).post(api::post_forecast),
         )
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
-        ));
-    // SSE streams are long-lived: no request timeout on them.
-    let sse = Router::new().route("/v1/streams/{name}/events", get(api::events));
-    api.merge(sse)
+        .route("/v1/streams/{name}/events", get(api::events))
         .fallback(fallback)
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), middleware::auth))
+        .layer(from_fn_with_state(state.clone(), middleware::limits))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(middleware::panic_response))
+        .layer(from_fn_with_state(state.clone(), middleware::track))
         .with_state(state)
 }
 
 async fn fallback(req: Request) -> ApiError {
-    ApiError::NotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    ))
+    ApiError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
 }
 
 /// Recovers every stream from the data directory, calls `ready` (the listener is bound and
 /// requests are about to be served), serves until `shutdown` resolves, then stops accepting,
 /// drains in-flight requests (ending SSE streams), lets every stream owner finish its queue and
 /// snapshot, and returns.
+///
+/// Connections are served by hyper directly (not `axum::serve`) so that a client that sends
+/// its request head too slowly is cut off (`header_timeout_ms`) and the number of open
+/// connections is bounded (`connections`).
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     ready: impl FnOnce(),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let (dir, storage) = (config.data_dir.clone(), config.storage.clone());
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, storage)).await??;
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() && config.auth.tokens.is_empty() {
+        tracing::warn!(%local, "listening beyond loopback without [auth] tokens: anyone who can reach this address can write");
+    }
+    let header_timeout = Duration::from_millis(config.limits.header_timeout_ms);
+    let connections = Arc::new(Semaphore::new(config.limits.connections));
     let state = AppState::new(config, store, stop_rx)?;
     state.recover().await?;
     let app = router(state.clone());
     ready();
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("shutdown: draining requests");
-        let _ = stop_tx.send(true);
-    };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await?;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached; closing the new connection");
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutdown: draining requests");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections did not finish within 30 s; closing them");
+    }
     state.close_all().await;
     tracing::info!("shutdown complete");
     Ok(())

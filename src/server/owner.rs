@@ -90,6 +90,7 @@ pub fn spawn(
     queue_depth: usize,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
+    panic_in_update: bool,
 ) -> (StreamHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_depth.max(1));
     let (stream, store, view) = match start {
@@ -134,6 +135,7 @@ pub fn spawn(
         events: events.clone(),
         metrics,
         cores,
+        panic_in_update,
     };
     let task = tokio::spawn(owner.run(rx));
     (
@@ -156,6 +158,8 @@ struct Owner {
     events: broadcast::Sender<Event>,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
+    /// Test fault injection (see `server::Failpoints`).
+    panic_in_update: bool,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, ApiError>>;
@@ -319,8 +323,10 @@ impl Owner {
         }
         let permit = self.cores.clone().acquire_owned().await;
         let started = Instant::now();
+        let panic_in_update = self.panic_in_update;
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            assert!(!panic_in_update, "failpoint panic-in-update");
             let (mut stream, mut store) = (stream, store);
             // 1. The log, before anything is applied.
             let accepted: Vec<Vec<Observation>> = work

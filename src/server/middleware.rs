@@ -1,0 +1,126 @@
+//! Cross-cutting request handling: bearer-token auth, the concurrent-request limit, the
+//! whole-request timeout, panics, and request metrics. Every refusal is a problem document.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use super::metrics::{HttpLabels, RouteLabel};
+
+/// Equality that takes the same time wherever the first difference is (only the length leaks).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `headers` carry one of the configured bearer tokens. Every token is compared, so
+/// the time does not depend on which one matched.
+pub fn authorized(tokens: &[String], headers: &axum::http::HeaderMap) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    tokens
+        .iter()
+        .fold(false, |ok, t| ok | constant_time_eq(t.as_bytes(), given.trim().as_bytes()))
+}
+
+/// Writes need a token when tokens are configured; reads too with `protect_reads`; `/healthz`
+/// never does.
+pub async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let auth = &app.inner.config.auth;
+    if auth.tokens.is_empty() || req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if (write || auth.protect_reads) && !authorized(&auth.tokens, req.headers()) {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// Refuses (503) rather than queues requests beyond the configured concurrency, and bounds each
+/// request's time (503 with a problem document). Server-Sent Events streams are exempt from
+/// the timeout (they are long-lived by design) but count against the concurrency while their
+/// response is being set up only.
+pub async fn limits(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = app.inner.requests.clone().try_acquire_owned() else {
+        return ApiError::Busy(format!(
+            "more than {} requests in flight",
+            app.inner.config.limits.concurrent_requests
+        ))
+        .into_response();
+    };
+    if req.uri().path().ends_with("/events") {
+        return next.run(req).await;
+    }
+    let limit = Duration::from_millis(app.inner.config.limits.request_timeout_ms);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::Timeout(limit.as_millis() as u64).into_response(),
+    }
+}
+
+/// Counts requests by route, method and status, and times them.
+pub async fn track(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let res = next.run(req).await;
+    let m = &app.inner.metrics;
+    m.http_requests
+        .get_or_create(&HttpLabels {
+            route: route.clone(),
+            method,
+            status: res.status().as_u16(),
+        })
+        .inc();
+    m.http_seconds
+        .get_or_create(&RouteLabel { route })
+        .observe(started.elapsed().as_secs_f64());
+    res
+}
+
+/// A panicking handler answers 500 with a problem document; the daemon keeps serving.
+pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = err
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| err.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".into());
+    tracing::error!(panic = %what, "a request handler panicked");
+    ApiError::Internal("the request handler failed".into()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_match_exactly() {
+        let tokens = vec!["s3cret".to_owned(), "other".to_owned()];
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!authorized(&tokens, &h));
+        for (value, ok) in [
+            ("Bearer s3cret", true),
+            ("Bearer other", true),
+            ("Bearer s3cre", false),
+            ("Bearer s3cret2", false),
+            ("Basic s3cret", false),
+            ("s3cret", false),
+        ] {
+            h.insert(header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(authorized(&tokens, &h), ok, "{value}");
+        }
+    }
+}
