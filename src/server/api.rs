@@ -263,7 +263,7 @@ pub async fn put_stream(
             Some(ct) => return Err(ApiError::UnsupportedMediaType(ct)),
             None => return Err(ApiError::UnsupportedMediaType(String::new())),
         }
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedOptions(e.to_string()))?
+        body::from_json(&bytes).map_err(ApiError::MalformedOptions)?
     };
     let options = raw.resolve(&app.inner.defaults)?;
     let (created, view) = app.create_stream(&name, options).await?;
@@ -460,14 +460,7 @@ pub async fn post_forecast(
         Some(ct) if is_json(&ct) => {}
         other => return Err(ApiError::UnsupportedMediaType(other.unwrap_or_default())),
     }
-    let req: ForecastRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        let msg = e.to_string();
-        ApiError::Decode(DecodeError {
-            detail: format!("malformed forecast request: {msg}"),
-            line: None,
-            field: None,
-        })
-    })?;
+    let req: ForecastRequest = body::from_json(&bytes)?;
     let inputs = view.options.inputs;
     if req.x.len() != if inputs == 0 { 0 } else { req.horizon } {
         return Err(ApiError::BadQuery(format!(
@@ -507,7 +500,11 @@ async fn forecast(
             "`horizon` must be between 1 and {max}, got {horizon}"
         )));
     }
-    let particles = view.options.ensemble.min(crate::forecast::INTERVAL_PARTICLES) as u64 + 1;
+    let particles = view
+        .options
+        .ensemble
+        .min(crate::forecast::INTERVAL_PARTICLES) as u64
+        + 1;
     let work = horizon as u64 * particles * view.options.layout().dim() as u64;
     let budget = app.inner.config.limits.forecast_work;
     if work > budget {

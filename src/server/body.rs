@@ -86,23 +86,43 @@ impl From<ObservationIn> for Observation {
     }
 }
 
-/// The field a serde_json message is about, if it names one.
-fn field_of(msg: &str) -> Option<String> {
+/// The field a serde_json message names (`unknown field `z``, `missing field `y``).
+pub(crate) fn field_of(msg: &str) -> Option<String> {
+    if !(msg.starts_with("unknown field")
+        || msg.starts_with("missing field")
+        || msg.starts_with("duplicate field"))
+    {
+        return None;
+    }
     let start = msg.find('`')? + 1;
     let len = msg[start..].find('`')?;
     Some(msg[start..start + len].to_owned())
 }
 
-fn json_error(e: serde_json::Error) -> DecodeError {
-    let msg = e.to_string();
-    let mut d = DecodeError::new(format!("malformed JSON: {msg}"));
-    if let Some(f) = field_of(&msg) {
-        d = d.field(f);
-    }
-    if e.line() > 0 {
-        d = d.at_line(e.line() as u64);
-    }
-    d
+/// Decodes JSON, naming the path of whatever failed (`[3].y`, `step.eps`).
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    let value = result.map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        let named = field_of(&msg);
+        // The path ends at an unknown field, but stops at the parent of a missing one.
+        let field = match (path.as_str(), named) {
+            ("." | "", f) => f,
+            (p, Some(f)) if !p.ends_with(f.as_str()) => Some(format!("{p}.{f}")),
+            (p, _) => Some(p.to_owned()),
+        };
+        DecodeError {
+            detail: format!("malformed JSON: {msg}"),
+            line: (inner.line() > 0).then_some(inner.line() as u64),
+            field,
+        }
+    })?;
+    de.end()
+        .map_err(|e| DecodeError::new(format!("malformed JSON: {e}")))?;
+    Ok(value)
 }
 
 /// `application/json`: one object or an array of objects.
@@ -112,12 +132,9 @@ pub fn decode_json(body: &[u8]) -> Result<Vec<Observation>, DecodeError> {
         None => Err(DecodeError::new(
             "empty body: expected a JSON object or array",
         )),
-        Some(b'[') => serde_json::from_slice::<Vec<ObservationIn>>(body)
-            .map(|v| v.into_iter().map(Observation::from).collect())
-            .map_err(json_error),
-        Some(b'{') => serde_json::from_slice::<ObservationIn>(body)
-            .map(|o| vec![o.into()])
-            .map_err(json_error),
+        Some(b'[') => from_json::<Vec<ObservationIn>>(body)
+            .map(|v| v.into_iter().map(Observation::from).collect()),
+        Some(b'{') => from_json::<ObservationIn>(body).map(|o| vec![o.into()]),
         Some(_) => Err(DecodeError::new(
             "expected a JSON object or an array of objects",
         )),
@@ -133,8 +150,7 @@ pub fn decode_ndjson(body: &[u8]) -> Result<Vec<Observation>, DecodeError> {
         if line.trim().is_empty() {
             continue;
         }
-        let o: ObservationIn = serde_json::from_str(line).map_err(|e| {
-            let mut d = json_error(e);
+        let o: ObservationIn = from_json(line.as_bytes()).map_err(|mut d| {
             d.detail = format!("line {}: {}", i + 1, d.detail);
             d.at_line(i as u64 + 1)
         })?;
@@ -270,6 +286,10 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("z"));
         let e = decode_json(br#"{"x": [1]}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("y"));
+        let e = decode_json(br#"[{"y": 1}, {"y": [1, "a"]}]"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("[1].y[1]"));
+        let e = decode_json(br#"[{"y": 1}, {"x": [1]}]"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("[1].y"));
         assert!(decode_json(br#"{"y": 1e400}"#).is_err());
         assert!(decode_json(br#"{"y": "a"}"#).is_err());
         assert!(decode_json(b"").is_err());

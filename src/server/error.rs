@@ -40,8 +40,8 @@ pub enum ApiError {
     OptionsConflict(String),
     #[error(transparent)]
     BadOptions(#[from] OptionsError),
-    #[error("malformed options: {0}")]
-    MalformedOptions(String),
+    #[error("malformed options: {}", .0.detail)]
+    MalformedOptions(DecodeError),
     #[error("{}", .0.detail)]
     Decode(DecodeError),
     #[error(transparent)]
@@ -140,7 +140,11 @@ impl ApiError {
                 "Method not allowed",
             ),
             Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Server busy"),
-            Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "Request timed out"),
+            Timeout(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "Request timed out",
+            ),
             Storage(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage",
@@ -165,6 +169,7 @@ impl ApiError {
         let (field, line, index) = match self {
             ApiError::BadName(_) => (Some("name".to_owned()), None, None),
             ApiError::BadOptions(e) => (Some(e.field.to_owned()), None, None),
+            ApiError::MalformedOptions(d) => (d.field.clone(), None, None),
             ApiError::Decode(d) => (d.field.clone(), d.line, None),
             ApiError::Batch(b) => (Some(b.field().to_owned()), None, b.index()),
             _ => (None, None, None),

@@ -27,9 +27,9 @@ pub fn authorized(tokens: &[String], headers: &axum::http::HeaderMap) -> bool {
     else {
         return false;
     };
-    tokens
-        .iter()
-        .fold(false, |ok, t| ok | constant_time_eq(t.as_bytes(), given.trim().as_bytes()))
+    tokens.iter().fold(false, |ok, t| {
+        ok | constant_time_eq(t.as_bytes(), given.trim().as_bytes())
+    })
 }
 
 /// Writes need a token when tokens are configured; reads too with `protect_reads`; `/healthz`

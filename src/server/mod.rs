@@ -40,7 +40,10 @@ pub struct Failpoints {
 impl Failpoints {
     fn from_env() -> Self {
         let mut f = Failpoints::default();
-        for item in std::env::var("EKID_FAILPOINTS").unwrap_or_default().split(',') {
+        for item in std::env::var("EKID_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+        {
             if let Some(stream) = item.trim().strip_prefix("panic-in-update:") {
                 tracing::warn!(stream, "failpoint set: updates of this stream will panic");
                 f.panic_in_update = Some(stream.to_owned());
@@ -340,9 +343,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams", get(api::list_streams))
         .route(
             "/v1/streams/{name}",
-            get(api::get_stream).put(api::put_stream).delete(api::delete_stream),
+            get(api::get_stream)
+                .put(api::put_stream)
+                .delete(api::delete_stream),
         )
-        .route("/v1/streams/{name}/observations", post(api::post_observations))
+        .route(
+            "/v1/streams/{name}/observations",
+            post(api::post_observations),
+        )
         .route(
             "/v1/streams/{name}/forecast",
             get(api::get_forecast).post(api::post_forecast),
@@ -352,17 +360,27 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), middleware::auth))
         .layer(from_fn_with_state(state.clone(), middleware::limits))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(middleware::panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            middleware::panic_response,
+        ))
         .layer(from_fn_with_state(state.clone(), middleware::track))
         .with_state(state)
 }
 
 async fn fallback(req: Request) -> ApiError {
-    ApiError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
+    ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 /// Recovers every stream from the data directory, calls `ready` (the listener is bound and
@@ -438,7 +456,10 @@ pub async fn serve(
     drop(listener);
     tracing::info!("shutdown: draining requests");
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within 30 s; closing them");
     }
     state.close_all().await;

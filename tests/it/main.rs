@@ -3,5 +3,6 @@
 mod daemon;
 mod durability;
 mod eval_cli;
+mod hardening;
 mod replay;
 mod util;

@@ -60,13 +60,18 @@ impl Daemon {
 
     /// Starts a daemon on an existing data directory (for restarts).
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_with(ekid(), data_dir, extra)
+    }
+
+    /// Like [`Daemon::start_in`] with a prepared command (extra environment).
+    pub fn start_with(mut cmd: Command, data_dir: &Path, extra: &[&str]) -> Daemon {
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("open daemon log");
-        let mut child = ekid()
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)

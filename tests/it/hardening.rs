@@ -1,0 +1,827 @@
+//! Bad input, limits, auth and panic isolation against the real daemon. Every refusal must be
+//! a problem document, and must leave every stream exactly as it was.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use reqwest::blocking::{Client, RequestBuilder};
+use serde_json::{Value, json};
+
+use crate::util::{Daemon, client};
+
+const S: &str = r#"{"ensemble": 12, "hidden": 3, "lags": 2, "scale": {"min": 0, "max": 10}}"#;
+
+fn send(r: RequestBuilder) -> (u16, Value, String) {
+    let r = r.send().expect("request");
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let body: Value = r.json().unwrap_or(Value::Null);
+    (status, body, ct)
+}
+
+/// Everything a client can see of a stream, minus the wall clock.
+fn fingerprint(c: &Client, d: &Daemon, name: &str) -> Value {
+    let mut s: Value = c
+        .get(d.url(&format!("/v1/streams/{name}")))
+        .send()
+        .expect("get")
+        .json()
+        .expect("json");
+    s["stats"]["last_update"] = Value::Null;
+    let f: Value = c
+        .get(d.url(&format!("/v1/streams/{name}/forecast?horizon=3")))
+        .send()
+        .expect("forecast")
+        .json()
+        .expect("json");
+    json!({"stream": s, "forecast": f})
+}
+
+/// Sends raw bytes, returns the status code and the body text.
+fn raw(d: &Daemon, request: &str) -> (u16, String) {
+    let mut sock = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
+    sock.write_all(request.as_bytes()).expect("write");
+    let mut out = String::new();
+    let _ = sock.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let p = dir.join("ekid.toml");
+    std::fs::write(&p, text).expect("config");
+    p.to_str().expect("utf-8").to_owned()
+}
+
+struct Case {
+    method: &'static str,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    status: u16,
+    /// Expected `field` (or `line` when it starts with "line:"), if the problem names one.
+    names: Option<&'static str>,
+}
+
+fn case(
+    method: &'static str,
+    path: &'static str,
+    ct: Option<&'static str>,
+    body: &str,
+    status: u16,
+    names: Option<&'static str>,
+) -> Case {
+    Case {
+        method,
+        path,
+        content_type: ct,
+        body: body.as_bytes().to_vec(),
+        status,
+        names,
+    }
+}
+
+const J: Option<&str> = Some("application/json");
+const ND: Option<&str> = Some("application/x-ndjson");
+const CSV: Option<&str> = Some("text/csv");
+const OBS: &str = "/v1/streams/s/observations";
+
+fn cases() -> Vec<Case> {
+    let long = "/v1/streams/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"; // 65
+    let mut v = vec![
+        // Stream names.
+        case("PUT", "/v1/streams/bad%20name", J, "{}", 400, Some("name")),
+        case("PUT", "/v1/streams/a%2Fb", J, "{}", 400, Some("name")),
+        case("PUT", long, J, "{}", 400, Some("name")),
+        case("GET", "/v1/streams/a%20b", None, "", 400, Some("name")),
+        case("DELETE", "/v1/streams/a%00b", None, "", 400, Some("name")),
+        // Options.
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"hiden": 3}"#,
+            400,
+            Some("hiden"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"ensemble": 1}"#,
+            422,
+            Some("ensemble"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"noise": 0}"#,
+            422,
+            Some("noise"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"noise": -1}"#,
+            422,
+            Some("noise"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"hidden": 0}"#,
+            422,
+            Some("hidden"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"lags": 0}"#,
+            422,
+            Some("lags"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"inflation": 0.5}"#,
+            422,
+            Some("inflation"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"scale": {"min": 1, "max": 1}}"#,
+            422,
+            Some("scale"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"method": "newton"}"#,
+            400,
+            Some("method"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"hidden": "many"}"#,
+            400,
+            Some("hidden"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"step": {"h": 0.1}}"#,
+            400,
+            Some("step.eps"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"spread": {"every": 0, "gamma": 1}}"#,
+            422,
+            Some("spread.every"),
+        ),
+        case(
+            "PUT",
+            "/v1/streams/n1",
+            J,
+            r#"{"ensemble": 1000000, "hidden": 1024}"#,
+            422,
+            None,
+        ),
+        case("PUT", "/v1/streams/n1", Some("text/plain"), "{}", 415, None),
+        case("PUT", "/v1/streams/n1", J, "{", 400, None),
+        case("PUT", "/v1/streams/s", J, r#"{"ensemble": 13}"#, 409, None),
+        // Observations: content types and syntax.
+        case(
+            "POST",
+            "/v1/streams/nope/observations",
+            J,
+            r#"{"y": 1}"#,
+            404,
+            None,
+        ),
+        case("POST", OBS, None, r#"{"y": 1}"#, 415, None),
+        case("POST", OBS, Some("text/plain"), r#"{"y": 1}"#, 415, None),
+        case("POST", OBS, J, "", 400, None),
+        case("POST", OBS, J, r#"{"y": "a"}"#, 400, Some("y")),
+        case("POST", OBS, J, r#"{"y": 1, "z": 2}"#, 400, Some("z")),
+        case("POST", OBS, J, r#"{"x": [1]}"#, 400, Some("y")),
+        case("POST", OBS, J, r#"{"y": 1e400}"#, 400, None),
+        case("POST", OBS, J, r#"{"seq": -1, "y": 1}"#, 400, Some("seq")),
+        case(
+            "POST",
+            OBS,
+            J,
+            r#"[{"y": 1}, {"y": [1, "a"]}]"#,
+            400,
+            Some("[1].y[1]"),
+        ),
+        case(
+            "POST",
+            OBS,
+            ND,
+            "{\"y\": 1}\n{\"y\": }\n",
+            400,
+            Some("line:2"),
+        ),
+        case("POST", OBS, ND, "\n\n", 400, None),
+        case("POST", OBS, ND, "{\"y\": NaN}\n", 400, Some("line:1")),
+        case("POST", OBS, CSV, "date,y\n2020,1\n", 400, Some("date")),
+        case("POST", OBS, CSV, "y\n1\nabc\n", 400, Some("line:3")),
+        case("POST", OBS, CSV, "y\n1,2\n", 400, Some("line:2")),
+        case("POST", OBS, CSV, "x\n1\n", 400, Some("y")),
+        case("POST", OBS, CSV, "y\n", 400, None),
+        // Observations: semantics.
+        case("POST", OBS, J, r#"{"y": [1, 2]}"#, 422, Some("y")),
+        case("POST", OBS, J, r#"[{"y": 1}, {"y": []}]"#, 422, Some("y")),
+        case("POST", OBS, J, r#"{"y": 1, "x": [1]}"#, 422, Some("x")),
+        case("POST", OBS, J, r#"{"seq": 0, "y": 1}"#, 422, Some("seq")),
+        case(
+            "POST",
+            OBS,
+            J,
+            r#"{"seq": 999999, "y": 1}"#,
+            409,
+            Some("seq"),
+        ),
+        case("POST", OBS, J, "[]", 422, Some("body")),
+        case("POST", OBS, CSV, "y\n1\nNaN\n", 422, Some("y")),
+        case(
+            "POST",
+            "/v1/streams/x/observations",
+            J,
+            r#"{"y": 1}"#,
+            422,
+            Some("x"),
+        ),
+        // Forecasts.
+        case("GET", "/v1/streams/s/forecast", None, "", 400, None),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=0",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=abc",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=1&level=1.5",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=1&level=0",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=1&bogus=1",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=100001",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/x/forecast?horizon=1",
+            None,
+            "",
+            400,
+            None,
+        ),
+        case(
+            "POST",
+            "/v1/streams/x/forecast",
+            J,
+            r#"{"horizon": 2, "x": [[1]]}"#,
+            400,
+            None,
+        ),
+        case(
+            "POST",
+            "/v1/streams/x/forecast",
+            J,
+            r#"{"horizon": 1, "x": [[1e400]]}"#,
+            400,
+            None,
+        ),
+        case(
+            "POST",
+            "/v1/streams/x/forecast",
+            J,
+            r#"{"horizon": 1, "x": [[1]], "y": 2}"#,
+            400,
+            Some("y"),
+        ),
+        case(
+            "POST",
+            "/v1/streams/x/forecast",
+            Some("text/csv"),
+            "horizon\n1\n",
+            415,
+            None,
+        ),
+        case(
+            "GET",
+            "/v1/streams/fresh/forecast?horizon=1",
+            None,
+            "",
+            409,
+            None,
+        ),
+        // Unknown things.
+        case("GET", "/v1/streams/nope", None, "", 404, None),
+        case("DELETE", "/v1/streams/nope", None, "", 404, None),
+        case("PATCH", "/v1/streams/s", J, "{}", 405, None),
+        case("GET", "/v2/anything", None, "", 404, None),
+        case("GET", "/v1/streams/nope/events", None, "", 404, None),
+    ];
+    // Invalid UTF-8 in each text format.
+    for ct in [J, ND, CSV] {
+        v.push(Case {
+            method: "POST",
+            path: OBS,
+            content_type: ct,
+            body: vec![b'y', b'\n', 0xff, 0xfe, b'\n'],
+            status: 400,
+            names: None,
+        });
+    }
+    v
+}
+
+#[test]
+fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5() {
+    let d = Daemon::start();
+    let c = client();
+    for (name, opts) in [
+        ("s", S.to_owned()),
+        (
+            "x",
+            r#"{"ensemble": 8, "hidden": 2, "lags": 1, "inputs": 1}"#.to_owned(),
+        ),
+        ("fresh", S.to_owned()),
+    ] {
+        let r = c
+            .put(d.url(&format!("/v1/streams/{name}")))
+            .header("content-type", "application/json")
+            .body(opts)
+            .send()
+            .expect("put");
+        assert_eq!(r.status(), 201);
+    }
+    let feed: String = (0..10)
+        .map(|i| format!("{{\"y\": {}}}\n", 5.0 + (i as f64).sin()))
+        .collect();
+    assert_eq!(
+        c.post(d.url(OBS))
+            .header("content-type", "application/x-ndjson")
+            .body(feed)
+            .send()
+            .expect("feed")
+            .status(),
+        200
+    );
+    let before = (
+        fingerprint(&c, &d, "s"),
+        c.get(d.url("/v1/streams"))
+            .send()
+            .expect("list")
+            .json::<Value>()
+            .expect("json")["streams"]
+            .as_array()
+            .map(Vec::len),
+    );
+    let cases = cases();
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    for k in &cases {
+        let mut r = c.request(
+            Method::from_bytes(k.method.as_bytes()).expect("method"),
+            d.url(k.path),
+        );
+        if let Some(ct) = k.content_type {
+            r = r.header("content-type", ct);
+        }
+        if !k.body.is_empty() {
+            r = r.body(k.body.clone());
+        }
+        let (status, p, ct) = send(r);
+        let what = format!(
+            "{} {} {:?}",
+            k.method,
+            k.path,
+            String::from_utf8_lossy(&k.body)
+        );
+        assert_eq!(status, k.status, "{what}: {p}");
+        assert_eq!(ct, "application/problem+json", "{what}");
+        assert_eq!(p["status"], k.status, "{what}: {p}");
+        assert!(
+            p["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("/problems/")),
+            "{what}: {p}"
+        );
+        assert!(
+            p["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{what}: {p}"
+        );
+        assert!(
+            p["detail"].as_str().is_some_and(|t| !t.is_empty()),
+            "{what}: {p}"
+        );
+        match k.names {
+            Some(line) if line.starts_with("line:") => {
+                assert_eq!(p["line"].to_string(), line[5..], "{what}: {p}")
+            }
+            Some(field) => assert_eq!(p["field"], field, "{what}: {p}"),
+            None => {}
+        }
+    }
+    let after = (
+        fingerprint(&c, &d, "s"),
+        c.get(d.url("/v1/streams"))
+            .send()
+            .expect("list")
+            .json::<Value>()
+            .expect("json")["streams"]
+            .as_array()
+            .map(Vec::len),
+    );
+    assert_eq!(before, after, "a rejected request changed something");
+    // Dot names, sent raw (HTTP clients normalise `.` and `..` away before sending).
+    for (method, path) in [
+        ("GET", "/v1/streams/%2E%2E"),
+        ("PUT", "/v1/streams/%2e"),
+        ("POST", "/v1/streams/%2E%2E/observations"),
+    ] {
+        let (status, body) = raw(
+            &d,
+            &format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("\"field\":\"name\""), "{path}: {body}");
+    }
+    // The memory refusal says how much was asked and how much is left.
+    let (_, p, _) = send(
+        c.put(d.url("/v1/streams/n1"))
+            .header("content-type", "application/json")
+            .body(r#"{"ensemble": 1000000, "hidden": 1024}"#),
+    );
+    let detail = p["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("bytes") && detail.contains("left"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn limits_refuse_clearly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        tmp.path(),
+        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 1000000\nhorizon = 50\nheader_timeout_ms = 300\n",
+    );
+    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let c = client();
+    let put = |name: &str, body: &str| {
+        send(
+            c.put(d.url(&format!("/v1/streams/{name}")))
+                .header("content-type", "application/json")
+                .body(body.to_owned()),
+        )
+    };
+    assert_eq!(put("a", S).0, 201);
+    // Memory: J·d·8 over what is left.
+    let (st, p, _) = put("big", r#"{"ensemble": 2000, "hidden": 16}"#);
+    assert_eq!(st, 422, "{p}");
+    assert!(
+        p["detail"].as_str().expect("detail").contains("only"),
+        "{p}"
+    );
+    assert_eq!(put("b", S).0, 201);
+    // Number of streams.
+    let (st, p, _) = put("c", S);
+    assert_eq!(
+        (st, p["type"].as_str()),
+        (422, Some("/problems/limit")),
+        "{p}"
+    );
+    // Body size and batch size.
+    let big: String = (0..400).map(|i| format!("{{\"y\": {i}}}\n")).collect();
+    let (st, p, _) = send(
+        c.post(d.url("/v1/streams/a/observations"))
+            .header("content-type", "application/x-ndjson")
+            .body(big),
+    );
+    assert_eq!(
+        (st, p["type"].as_str()),
+        (413, Some("/problems/too-large")),
+        "{p}"
+    );
+    let many: String = (0..21)
+        .map(|i| format!("{{\"y\": {}}}\n", i % 10))
+        .collect();
+    let (st, _, _) = send(
+        c.post(d.url("/v1/streams/a/observations"))
+            .header("content-type", "application/x-ndjson")
+            .body(many),
+    );
+    assert_eq!(st, 413);
+    // Horizon.
+    let ok: String = (0..5).map(|i| format!("{{\"y\": {i}}}\n")).collect();
+    assert_eq!(
+        send(
+            c.post(d.url("/v1/streams/a/observations"))
+                .header("content-type", "application/x-ndjson")
+                .body(ok)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        send(c.get(d.url("/v1/streams/a/forecast?horizon=50"))).0,
+        200
+    );
+    assert_eq!(
+        send(c.get(d.url("/v1/streams/a/forecast?horizon=51"))).0,
+        400
+    );
+    // A client that never finishes its request head is cut off.
+    let mut sock = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = sock.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slow client held the connection {:?}",
+        started.elapsed()
+    );
+    // The daemon still serves.
+    assert_eq!(send(c.get(d.url("/healthz"))).0, 200);
+}
+
+#[test]
+fn a_full_queue_is_503_with_retry_after_and_a_timeout_is_503() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        tmp.path(),
+        "[limits]\nqueue_depth = 1\nrequest_timeout_ms = 300\n[storage]\nfsync = \"never\"\n",
+    );
+    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let c = client();
+    // A slow stream: each observation costs milliseconds.
+    let r = c
+        .put(d.url("/v1/streams/slow"))
+        .header("content-type", "application/json")
+        .body(r#"{"ensemble": 2000, "hidden": 32}"#)
+        .send()
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let body: String = (0..300)
+        .map(|i| format!("{{\"y\": {}}}\n", (i as f64).sin()))
+        .collect();
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (base, body) = (d.base.clone(), body.clone());
+            std::thread::spawn(move || {
+                let c = client();
+                let r = c
+                    .post(format!("{base}/v1/streams/slow/observations"))
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .expect("post");
+                let retry = r.headers().get("retry-after").is_some();
+                let status = r.status().as_u16();
+                let p: Value = r.json().unwrap_or(Value::Null);
+                (status, retry, p["type"].as_str().unwrap_or("").to_owned())
+            })
+        })
+        .collect();
+    let results: Vec<(u16, bool, String)> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .collect();
+    assert!(
+        results
+            .iter()
+            .any(|(s, r, t)| *s == 503 && *r && t == "/problems/queue-full"),
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .any(|(s, _, t)| *s == 503 && t == "/problems/timeout"),
+        "{results:?}"
+    );
+    assert!(
+        results.iter().all(|(s, _, _)| *s == 503 || *s == 200),
+        "{results:?}"
+    );
+}
+
+#[test]
+fn bearer_tokens_guard_writes_and_optionally_reads() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(tmp.path(), "[auth]\ntokens = [\"t0k3n\", \"second\"]\n");
+    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let c = client();
+    let put = |auth: Option<&str>| {
+        let mut r = c
+            .put(d.url("/v1/streams/a"))
+            .header("content-type", "application/json")
+            .body(S);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let r = r.send().expect("put");
+        let www = r.headers().get("www-authenticate").is_some();
+        let s = r.status().as_u16();
+        let p: Value = r.json().unwrap_or(Value::Null);
+        (s, www, p)
+    };
+    let (s, www, p) = put(None);
+    assert_eq!(
+        (s, www, p["type"].as_str()),
+        (401, true, Some("/problems/unauthorized"))
+    );
+    assert_eq!(put(Some("Bearer wrong")).0, 401);
+    assert_eq!(put(Some("Basic t0k3n")).0, 401);
+    assert_eq!(
+        c.get(d.url("/v1/streams/a")).send().expect("get").status(),
+        404,
+        "nothing was created"
+    );
+    assert_eq!(put(Some("Bearer t0k3n")).0, 201);
+    assert_eq!(put(Some("Bearer second")).0, 200);
+    // Reads stay open by default; /healthz always.
+    assert_eq!(
+        c.get(d.url("/v1/streams/a")).send().expect("get").status(),
+        200
+    );
+    let post = c
+        .post(d.url("/v1/streams/a/observations"))
+        .header("content-type", "application/json")
+        .body(r#"{"y": 1}"#)
+        .send()
+        .expect("post");
+    assert_eq!(post.status(), 401);
+    drop(d);
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        tmp.path(),
+        "[auth]\ntokens = [\"t0k3n\"]\nprotect_reads = true\n",
+    );
+    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    assert_eq!(
+        c.get(d.url("/v1/streams")).send().expect("get").status(),
+        401
+    );
+    assert_eq!(c.get(d.url("/metrics")).send().expect("get").status(), 401);
+    assert_eq!(
+        c.get(d.url("/v1/streams"))
+            .header("authorization", "Bearer t0k3n")
+            .send()
+            .expect("get")
+            .status(),
+        200
+    );
+    assert_eq!(c.get(d.url("/healthz")).send().expect("get").status(), 200);
+}
+
+#[test]
+fn a_panic_in_one_stream_fails_that_stream_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let log = data.with_extension("log");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = crate::util::ekid();
+    cmd.env("EKID_FAILPOINTS", "panic-in-update:boom");
+    let d = Daemon::start_with(cmd, &data, &[]);
+    let c = client();
+    for n in ["boom", "fine"] {
+        let r = c
+            .put(d.url(&format!("/v1/streams/{n}")))
+            .header("content-type", "application/json")
+            .body(S)
+            .send()
+            .expect("put");
+        assert_eq!(r.status(), 201);
+    }
+    let post = |n: &str| {
+        send(
+            c.post(d.url(&format!("/v1/streams/{n}/observations")))
+                .header("content-type", "application/json")
+                .body(r#"[{"y": 1}, {"y": 2}, {"y": 3}]"#),
+        )
+    };
+    let (s, p, ct) = post("boom");
+    assert_eq!(
+        (s, p["type"].as_str(), ct.as_str()),
+        (
+            500,
+            Some("/problems/stream-failed"),
+            "application/problem+json"
+        ),
+        "{p}"
+    );
+    let (s, _, _) = post("boom");
+    assert_eq!(s, 500, "a failed stream stays failed");
+    let info: Value = c
+        .get(d.url("/v1/streams/boom"))
+        .send()
+        .expect("get")
+        .json()
+        .expect("json");
+    assert!(
+        info["failed"]
+            .as_str()
+            .is_some_and(|f| f.contains("panicked")),
+        "{info}"
+    );
+    let metrics = c
+        .get(d.url("/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    assert!(
+        metrics.contains("ekid_stream_failed{stream=\"boom\"} 1"),
+        "{metrics}"
+    );
+    // Everything else carries on.
+    assert_eq!(post("fine").0, 200);
+    assert_eq!(
+        c.get(d.url("/healthz")).send().expect("health").status(),
+        200
+    );
+    assert_eq!(
+        c.get(d.url("/v1/streams/fine/forecast?horizon=2"))
+            .send()
+            .expect("forecast")
+            .status(),
+        200
+    );
+    // A failed stream can be deleted and created anew.
+    assert_eq!(
+        c.delete(d.url("/v1/streams/boom"))
+            .send()
+            .expect("delete")
+            .status(),
+        204
+    );
+}
