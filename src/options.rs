@@ -352,4 +352,51 @@ mod tests {
             assert_eq!(e.field, field, "{json}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn field() -> impl Strategy<Value = (String, serde_json::Value)> {
+            let names = prop_oneof![
+                Just("hidden"), Just("lags"), Just("inputs"), Just("outputs"), Just("ensemble"),
+                Just("noise"), Just("inflation"), Just("prior_spread"), Just("seed"), Just("method"),
+                Just("spread"), Just("scale"), Just("step"), Just("momentum"), Just("bogus"),
+            ];
+            let values = prop_oneof![
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(|f| serde_json::json!(f)),
+                Just(serde_json::json!("off")),
+                Just(serde_json::json!("kalman")),
+                Just(serde_json::json!({"every": 3, "gamma": 0.5})),
+                Just(serde_json::json!({"min": -1, "max": 1})),
+                Just(serde_json::json!({"h": 0.1, "eps": 1e-6})),
+                Just(serde_json::json!(true)),
+                Just(serde_json::json!(null)),
+            ];
+            (names, values).prop_map(|(n, v)| (n.to_owned(), v))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any object either fails to parse or validate with a named field, or resolves to
+            /// options that pass `check` and survive a JSON round trip unchanged.
+            #[test]
+            fn option_objects_validate_or_name_a_field(fields in proptest::collection::vec(field(), 0..6)) {
+                let obj: serde_json::Map<String, serde_json::Value> = fields.into_iter().collect();
+                let text = serde_json::Value::Object(obj).to_string();
+                if let Ok(raw) = serde_json::from_str::<RawOptions>(&text) {
+                    match raw.resolve(&Options::default()) {
+                        Ok(o) => {
+                            prop_assert!(o.clone().check().is_ok());
+                            let back: Options = serde_json::from_str(&serde_json::to_string(&o).unwrap()).unwrap();
+                            prop_assert_eq!(back, o);
+                        }
+                        Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty()),
+                    }
+                }
+            }
+        }
+    }
 }

@@ -323,4 +323,76 @@ mod tests {
         assert!(decode_csv(b"x\n1\n").is_err());
         assert!(decode_csv(b"y\n").is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn observation(m: usize, n: usize) -> impl Strategy<Value = Observation> {
+            (
+                proptest::option::of(1u64..1_000_000),
+                proptest::collection::vec(-1e12f64..1e12, n),
+                proptest::collection::vec(-1e12f64..1e12, m),
+            )
+                .prop_map(|(seq, x, y)| Observation { seq, x, y })
+        }
+
+        fn batch() -> impl Strategy<Value = Vec<Observation>> {
+            (1usize..4, 0usize..3).prop_flat_map(|(m, n)| proptest::collection::vec(observation(m, n), 1..20))
+        }
+
+        fn json(o: &Observation) -> String {
+            serde_json::json!({"seq": o.seq, "x": o.x, "y": o.y}).to_string()
+        }
+
+        fn csv(b: &[Observation]) -> String {
+            let (m, n) = (b[0].y.len(), b[0].x.len());
+            let mut head = vec!["seq".to_owned()];
+            head.extend((1..=m).map(|i| format!("y{i}")));
+            head.extend((1..=n).map(|i| format!("x{i}")));
+            let mut out = head.join(",") + "\n";
+            for o in b {
+                let mut row = vec![o.seq.map_or(String::new(), |s| s.to_string())];
+                row.extend(o.y.iter().map(f64::to_string));
+                row.extend(o.x.iter().map(f64::to_string));
+                out += &(row.join(",") + "\n");
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode_json(&bytes);
+                let _ = decode_ndjson(&bytes);
+                let _ = decode_csv(&bytes);
+            }
+
+            #[test]
+            fn valid_batches_round_trip_in_every_format(b in batch()) {
+                let array = format!("[{}]", b.iter().map(json).collect::<Vec<_>>().join(","));
+                prop_assert_eq!(&decode_json(array.as_bytes()).unwrap(), &b);
+                let nd: String = b.iter().map(|o| json(o) + "\n").collect();
+                prop_assert_eq!(&decode_ndjson(nd.as_bytes()).unwrap(), &b);
+                prop_assert_eq!(&decode_csv(csv(&b).as_bytes()).unwrap(), &b);
+            }
+
+            #[test]
+            fn mutated_valid_bodies_never_panic(b in batch(), cuts in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+                for text in [format!("[{}]", b.iter().map(json).collect::<Vec<_>>().join(",")), csv(&b)] {
+                    let mut bytes = text.into_bytes();
+                    for (at, v) in &cuts {
+                        if bytes.is_empty() { break; }
+                        let i = at % bytes.len();
+                        if v % 3 == 0 { bytes.remove(i); } else { bytes[i] = *v; }
+                    }
+                    let _ = decode_json(&bytes);
+                    let _ = decode_ndjson(&bytes);
+                    let _ = decode_csv(&bytes);
+                }
+            }
+        }
+    }
 }
