@@ -176,7 +176,9 @@ impl ForecastState {
                 path,
             );
         }
-        let zq = normal_quantile(0.5 + level / 2.0);
+        // From the tail probability: 0.5 + level/2 rounds to 1 (an infinite quantile) for
+        // levels within 1e-16 of 1, while (1 − level)/2 stays positive for every level < 1.
+        let zq = -normal_quantile((1.0 - level) / 2.0);
         (0..horizon)
             .map(|s| {
                 let mut step = ForecastStep {
@@ -213,6 +215,14 @@ impl ForecastState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_next_to_one_give_finite_intervals() {
+        for level in [0.9999999999999999, 1.0 - 1e-12, 0.5, 1e-300] {
+            let z = -normal_quantile((1.0 - level) / 2.0);
+            assert!(z.is_finite() && z >= 0.0, "{level}: {z}");
+        }
+    }
 
     #[test]
     fn normal_quantiles() {

@@ -32,7 +32,9 @@ pub enum Loss {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
+    #[schema(exclusive_minimum = 0)]
     pub h: f64,
+    #[schema(exclusive_minimum = 0)]
     pub eps: f64,
 }
 
@@ -41,9 +43,12 @@ pub struct Step {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spread {
+    #[schema(minimum = 1)]
     pub every: u64,
+    #[schema(exclusive_minimum = 0)]
     pub gamma: f64,
     #[serde(default = "one")]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub decay: f64,
 }
 
@@ -100,21 +105,32 @@ pub enum ScaleOption {
 #[serde(deny_unknown_fields)]
 pub struct RawOptions {
     pub cell: Option<Cell>,
+    #[schema(minimum = 1, maximum = 1024)]
     pub hidden: Option<usize>,
+    #[schema(minimum = 0, maximum = 1024)]
     pub lags: Option<usize>,
+    #[schema(minimum = 0, maximum = 1024)]
     pub inputs: Option<usize>,
+    #[schema(minimum = 1, maximum = 64)]
     pub outputs: Option<usize>,
+    #[schema(minimum = 2, maximum = 1000000)]
     pub ensemble: Option<usize>,
     pub method: Option<Method>,
+    #[schema(exclusive_minimum = 0)]
     pub noise: Option<f64>,
     pub step: Option<Step>,
     pub loss: Option<Loss>,
+    #[schema(exclusive_minimum = 0)]
     pub huber_delta: Option<f64>,
     pub momentum: Option<bool>,
+    #[schema(minimum = 1)]
     pub momentum_restart: Option<u64>,
     pub spread: Option<SpreadOption>,
+    #[schema(minimum = 1, maximum = 10)]
     pub inflation: Option<f64>,
+    #[schema(exclusive_minimum = 0)]
     pub prior_spread: Option<f64>,
+    #[schema(exclusive_minimum = 0)]
     pub readout_spread: Option<f64>,
     pub skip: Option<bool>,
     pub seed: Option<u64>,
@@ -283,7 +299,7 @@ impl Options {
             }
         }
         if let ScaleOption::Fixed(r) = self.scale {
-            if !(r.min.is_finite() && r.max.is_finite() && r.max > r.min) {
+            if !(r.min.is_finite() && r.max.is_finite() && r.max > r.min && (r.max - r.min).is_finite()) {
                 return Err(bad(
                     "scale",
                     format!("needs finite min < max, got min {} max {}", r.min, r.max),
@@ -344,6 +360,7 @@ mod tests {
             (r#"{"inflation": 0.5}"#, "inflation"),
             (r#"{"lags": 0}"#, "lags"),
             (r#"{"scale": {"min": 3, "max": 3}}"#, "scale"),
+            (r#"{"scale": {"min": -1e308, "max": 1e308}}"#, "scale"),
             (r#"{"spread": {"every": 0, "gamma": 1}}"#, "spread.every"),
         ];
         for (json, field) in cases {

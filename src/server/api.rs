@@ -236,7 +236,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 #[utoipa::path(put, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
     request_body(content((RawOptions = "application/json")), description = "Stream options; every field optional, defaults from the server config"),
     responses(
         (status = 201, description = "Created", body = StreamOut),
@@ -288,7 +288,7 @@ pub async fn list_streams(State(app): State<AppState>) -> Json<StreamList> {
 }
 
 #[utoipa::path(get, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
     responses(
         (status = 200, description = "Options and statistics", body = StreamOut),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -304,7 +304,7 @@ pub async fn get_stream(
 }
 
 #[utoipa::path(delete, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -320,7 +320,7 @@ pub async fn delete_stream(
 }
 
 #[utoipa::path(post, path = "/v1/streams/{name}/observations", tag = "observations",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
     request_body(content(
         (ObservationsBody = "application/json"),
         (String = "application/x-ndjson"),
@@ -394,15 +394,19 @@ pub async fn post_observations(
 #[serde(deny_unknown_fields)]
 pub struct ForecastQuery {
     /// Steps ahead (1 ..= the configured limit).
+    #[param(minimum = 1)]
     pub horizon: usize,
     /// Coverage of the interval, in (0, 1); default 0.9.
+    #[param(exclusive_minimum = 0, exclusive_maximum = 1)]
     pub level: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForecastRequest {
+    #[schema(minimum = 1)]
     pub horizon: usize,
+    #[schema(exclusive_minimum = 0, exclusive_maximum = 1)]
     pub level: Option<f64>,
     /// The future exogenous inputs: `horizon` rows of `inputs` values (omit when none).
     #[serde(default)]
@@ -410,7 +414,7 @@ pub struct ForecastRequest {
 }
 
 #[utoipa::path(get, path = "/v1/streams/{name}/forecast", tag = "forecasts",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -"), ForecastQuery),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$"), ForecastQuery),
     responses(
         (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
         (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
@@ -436,7 +440,7 @@ pub async fn get_forecast(
 }
 
 #[utoipa::path(post, path = "/v1/streams/{name}/forecast", tag = "forecasts",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
     request_body(content((ForecastRequest = "application/json"))),
     responses(
         (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
@@ -542,7 +546,7 @@ async fn forecast(
 
 /// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.
 #[utoipa::path(get, path = "/v1/streams/{name}/events", tag = "observations",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -")),
+    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
     responses(
         (status = 200, description = "Server-Sent Events: one `observation` event per applied observation (data: seq, y, prediction, error)", body = String, content_type = "text/event-stream"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
