@@ -299,7 +299,11 @@ impl Options {
             }
         }
         if let ScaleOption::Fixed(r) = self.scale {
-            if !(r.min.is_finite() && r.max.is_finite() && r.max > r.min && (r.max - r.min).is_finite()) {
+            if !(r.min.is_finite()
+                && r.max.is_finite()
+                && r.max > r.min
+                && (r.max - r.min).is_finite())
+            {
                 return Err(bad(
                     "scale",
                     format!("needs finite min < max, got min {} max {}", r.min, r.max),
@@ -376,9 +380,21 @@ mod tests {
 
         fn field() -> impl Strategy<Value = (String, serde_json::Value)> {
             let names = prop_oneof![
-                Just("hidden"), Just("lags"), Just("inputs"), Just("outputs"), Just("ensemble"),
-                Just("noise"), Just("inflation"), Just("prior_spread"), Just("seed"), Just("method"),
-                Just("spread"), Just("scale"), Just("step"), Just("momentum"), Just("bogus"),
+                Just("hidden"),
+                Just("lags"),
+                Just("inputs"),
+                Just("outputs"),
+                Just("ensemble"),
+                Just("noise"),
+                Just("inflation"),
+                Just("prior_spread"),
+                Just("seed"),
+                Just("method"),
+                Just("spread"),
+                Just("scale"),
+                Just("step"),
+                Just("momentum"),
+                Just("bogus"),
             ];
             let values = prop_oneof![
                 any::<i64>().prop_map(serde_json::Value::from),

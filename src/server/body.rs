@@ -219,6 +219,34 @@ pub fn decode_csv(body: &[u8]) -> Result<Vec<Observation>, DecodeError> {
             .at_line(1)
             .field("y"));
     }
+    // Indices must run 1..=k without gaps or repeats (and so are bounded by the header's
+    // length: a header `y999999999` must not size anything).
+    for (prefix, n) in [('y', ny), ('x', nx)] {
+        let mut seen = vec![false; n.min(headers.len())];
+        for (c, h) in columns.iter().zip(headers.iter()) {
+            let i = match (c, prefix) {
+                (Column::Y(i), 'y') | (Column::X(i), 'x') => *i,
+                _ => continue,
+            };
+            match seen.get_mut(i) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(DecodeError::new(format!(
+                        "column `{h}` repeats or skips an index: `{prefix}` columns must be `{prefix}` or `{prefix}1`..`{prefix}k`"
+                    ))
+                    .at_line(1)
+                    .field(h));
+                }
+            }
+        }
+        if seen.len() < n || seen.iter().any(|s| !s) {
+            return Err(DecodeError::new(format!(
+                "the `{prefix}` columns skip an index: they must be `{prefix}` or `{prefix}1`..`{prefix}k`"
+            ))
+            .at_line(1)
+            .field(prefix.to_string()));
+        }
+    }
     let mut out = Vec::new();
     for (i, rec) in reader.records().enumerate() {
         let line = i as u64 + 2;
@@ -321,7 +349,25 @@ mod tests {
         let e = decode_csv(b"date,y\n2020,1\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("date"));
         assert!(decode_csv(b"x\n1\n").is_err());
+        for bad in [
+            "y,y1\n1,2\n",
+            "y2\n1\n",
+            "y1,y3\n1,2\n",
+            "y1,x2\n1,2\n",
+            "y,y\n1,2\n",
+        ] {
+            assert!(decode_csv(bad.as_bytes()).is_err(), "{bad}");
+        }
         assert!(decode_csv(b"y\n").is_err());
+    }
+
+    /// Found by `cargo fuzz`: a header index sized a vector (`y121599999999999999`).
+    #[test]
+    fn csv_column_index_beyond_the_header_is_refused_issue_5() {
+        let e = decode_csv(b"\ny121599999999999999\n\x0b\0\0\0\0\0\0\0").unwrap_err();
+        assert_eq!(e.line, Some(1));
+        let e = decode_csv(b"y1000000000000\n1\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("y1000000000000"));
     }
 
     mod properties {
@@ -338,7 +384,8 @@ mod tests {
         }
 
         fn batch() -> impl Strategy<Value = Vec<Observation>> {
-            (1usize..4, 0usize..3).prop_flat_map(|(m, n)| proptest::collection::vec(observation(m, n), 1..20))
+            (1usize..4, 0usize..3)
+                .prop_flat_map(|(m, n)| proptest::collection::vec(observation(m, n), 1..20))
         }
 
         fn json(o: &Observation) -> String {
