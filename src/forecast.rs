@@ -14,8 +14,13 @@ use serde::Serialize;
 use crate::model::Scaler;
 use crate::network::{self, Layout};
 
-/// Particles used for the interval (evenly spaced through the ensemble).
-pub const INTERVAL_PARTICLES: usize = 64;
+/// Particles used for the interval (evenly spaced through the ensemble): a quarter of the
+/// ensemble, at least 8 (or all of a smaller one) and at most 64. The forecast state is copied
+/// at every publish, so this bounds that copy to J·d/4 (and a stream's memory to about 1.25×
+/// its ensemble) while 8–64 noisy roll-outs still estimate a spread.
+pub fn interval_particles(ensemble: usize) -> usize {
+    (ensemble / 4).clamp(8.min(ensemble), 64)
+}
 
 #[derive(Debug, Clone)]
 pub struct ForecastState {

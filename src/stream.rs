@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ensemble::{Ensemble, EnsembleState};
-use crate::forecast::{ForecastState, INTERVAL_PARTICLES};
+use crate::forecast::{ForecastState, interval_particles};
 use crate::model::{LagBuffer, OnlineModel, Scaler};
 use crate::options::{Options, ScaleOption};
 
@@ -433,7 +433,7 @@ impl Stream {
         let (y_scale, x_scale) = (self.y_scale.clone()?, self.x_scale.clone()?);
         let e = &self.model.learner;
         let j = e.size();
-        let k = j.min(INTERVAL_PARTICLES);
+        let k = interval_particles(j);
         let mut particles = Vec::with_capacity(k * e.dim());
         let mut hidden = Vec::with_capacity(k * e.layout().hidden);
         for i in 0..k {

@@ -504,11 +504,7 @@ async fn forecast(
             "`horizon` must be between 1 and {max}, got {horizon}"
         )));
     }
-    let particles = view
-        .options
-        .ensemble
-        .min(crate::forecast::INTERVAL_PARTICLES) as u64
-        + 1;
+    let particles = crate::forecast::interval_particles(view.options.ensemble) as u64 + 1;
     let work = horizon as u64 * particles * view.options.layout().dim() as u64;
     let budget = app.inner.config.limits.forecast_work;
     if work > budget {

@@ -59,12 +59,35 @@ pub struct StreamView {
 /// The event sent to `/events` subscribers for every applied observation.
 pub type Event = Applied;
 
+/// SSE fan-out, created when the first subscriber arrives: a broadcast channel preallocates
+/// its whole ring, which for a thousand streams nobody watches would be memory for nothing.
+#[derive(Debug, Default)]
+pub struct Events(std::sync::OnceLock<broadcast::Sender<Event>>);
+
+/// Events buffered per stream before a slow subscriber is told it lagged.
+const EVENT_BUFFER: usize = 1024;
+
+impl Events {
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.0
+            .get_or_init(|| broadcast::channel(EVENT_BUFFER).0)
+            .subscribe()
+    }
+
+    fn send(&self, e: &Event) {
+        if let Some(tx) = self.0.get() {
+            // No subscriber left is fine.
+            let _ = tx.send(e.clone());
+        }
+    }
+}
+
 /// A cheap-to-clone handle on a stream's owner.
 #[derive(Debug, Clone)]
 pub struct StreamHandle {
     pub tx: mpsc::Sender<Command>,
     pub view: watch::Receiver<Arc<StreamView>>,
-    pub events: broadcast::Sender<Event>,
+    pub events: Arc<Events>,
 }
 
 impl StreamHandle {
@@ -126,7 +149,7 @@ pub fn spawn(
         }
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
-    let (events, _) = broadcast::channel(1024);
+    let events = Arc::new(Events::default());
     let owner = Owner {
         name,
         stream,
@@ -155,7 +178,7 @@ struct Owner {
     stream: Option<Box<Stream>>,
     store: Option<Box<StreamStore>>,
     view: watch::Sender<Arc<StreamView>>,
-    events: broadcast::Sender<Event>,
+    events: Arc<Events>,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
     /// Test fault injection (see `server::Failpoints`).
@@ -384,8 +407,7 @@ impl Owner {
                 self.publish(&stream, forecast);
                 for o in &outcomes {
                     for a in &o.applied {
-                        // No subscribers is fine.
-                        let _ = self.events.send(a.clone());
+                        self.events.send(a);
                     }
                 }
                 for (o, reply) in outcomes.into_iter().zip(replies) {

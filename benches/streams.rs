@@ -1,0 +1,171 @@
+//! Many streams (issue 6): 1,000 streams (J=32, hidden 8) created in one daemon and fed
+//! concurrently over HTTP by 8 client threads, with forecasts (horizon 14) sampled on random
+//! streams meanwhile. Reports aggregate observations/s, p50/p99 forecast latency, and the
+//! daemon's resident memory per stream (RSS after ingest minus RSS before the streams existed,
+//! divided by the number of streams) against the bytes the ensemble itself needs.
+//!
+//! `cargo bench --bench streams` (add `-- quick` for 200 streams).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+
+const EXE: &str = env!("CARGO_BIN_EXE_ekid");
+
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(fsync: &str) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("ekid.toml");
+    std::fs::write(&cfg, format!("[storage]\nfsync = \"{fsync}\"\n")).expect("config");
+    let mut child = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    Server {
+        base: line.trim().trim_start_matches("listening on ").to_owned(),
+        child,
+        _dir: dir,
+    }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let (n, rounds, per_batch) = if quick {
+        (200usize, 3usize, 20usize)
+    } else {
+        (1000, 5, 20)
+    };
+    let (j, h) = (32usize, 8usize);
+    // d = (hidden + 1)(hidden + lags + 1) with the default 12 lags.
+    let d = (h + 1) * (h + 12 + 1);
+    let ensemble_bytes = (j * d * 8) as f64;
+    println!(
+        "| fsync | streams | obs/s (8 clients, NDJSON × {per_batch}) | forecast p50 / p99 | RSS per stream | ensemble bytes | budget 1.3×ens + 32 KiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for fsync in ["never", "always"] {
+        let server = start(fsync);
+        let pid = server.child.id();
+        let c = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client");
+        std::thread::sleep(Duration::from_millis(200));
+        let base_rss = rss_bytes(pid);
+        for i in 0..n {
+            let r = c
+                .put(format!("{}/v1/streams/s{i}", server.base))
+                .json(&serde_json::json!({"ensemble": j, "hidden": h, "scale": {"min": -1.0, "max": 1.0}}))
+                .send()
+                .expect("create");
+            assert!(r.status().is_success(), "create s{i}: {}", r.status());
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (done, base, c) = (done.clone(), server.base.clone(), c.clone());
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let mut k = 1usize;
+                while !done.load(Ordering::Relaxed) {
+                    k = (k * 7919 + 13) % n;
+                    let t = Instant::now();
+                    let r = c
+                        .get(format!("{base}/v1/streams/s{k}/forecast?horizon=14"))
+                        .send();
+                    if matches!(r, Ok(ref r) if r.status().is_success()) {
+                        lat.push(t.elapsed().as_secs_f64());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                lat
+            })
+        };
+        let started = Instant::now();
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let (base, c) = (server.base.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let mut sent = 0usize;
+                    for round in 0..rounds {
+                        for i in (w..n).step_by(8) {
+                            let body: String = (0..per_batch)
+                                .map(|t| {
+                                    let x = ((round * per_batch + t) as f64 / 5.0 + i as f64).sin();
+                                    format!("{{\"y\": {x}}}\n")
+                                })
+                                .collect();
+                            let r = c
+                                .post(format!("{base}/v1/streams/s{i}/observations"))
+                                .header("content-type", "application/x-ndjson")
+                                .body(body)
+                                .send()
+                                .expect("post");
+                            assert!(r.status().is_success(), "post: {}", r.status());
+                            sent += per_batch;
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let total: usize = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+        let secs = started.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        let mut lat = sampler.join().expect("sampler");
+        let per_stream = (rss_bytes(pid).saturating_sub(base_rss)) as f64 / n as f64;
+        println!(
+            "| {fsync} | {n} | {:.0} | {:.2} / {:.2} ms ({} samples) | {:.1} KiB | {:.1} KiB | {:.1} KiB |",
+            total as f64 / secs,
+            percentile(&mut lat, 0.5) * 1e3,
+            percentile(&mut lat, 0.99) * 1e3,
+            lat.len(),
+            per_stream / 1024.0,
+            ensemble_bytes / 1024.0,
+            (1.3 * ensemble_bytes + 32768.0) / 1024.0,
+        );
+    }
+}
