@@ -13,7 +13,7 @@
 //! `cargo bench --bench http` (add `-- quick` for a shorter run). Prints markdown tables.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,53 +21,13 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use serde_json::Value;
 
-const EXE: &str = env!("CARGO_BIN_EXE_ekid");
+mod common;
+
+use common::{EXE, percentile, start, start_in};
 const DATA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/datasets/daily-min-temperatures.csv"
 );
-
-struct Server {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(storage: &str) -> Server {
-    start_in(tempfile::tempdir().expect("tempdir"), storage)
-}
-
-fn start_in(dir: tempfile::TempDir, storage: &str) -> Server {
-    let cfg = dir.path().join("ekid.toml");
-    std::fs::write(&cfg, format!("[storage]\n{storage}\n")).expect("config");
-    let mut child = Command::new(EXE)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ekid serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("address line");
-    let base = line.trim().trim_start_matches("listening on ").to_owned();
-    Server {
-        child,
-        base,
-        _dir: dir,
-    }
-}
 
 fn values() -> Vec<f64> {
     let text = std::fs::read_to_string(DATA).expect("dataset");
@@ -75,14 +35,6 @@ fn values() -> Vec<f64> {
         .skip(1)
         .filter_map(|l| l.rsplit(',').next()?.trim().parse().ok())
         .collect()
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn create(c: &Client, base: &str, name: &str, j: usize, h: usize) {

@@ -6,71 +6,15 @@
 //!
 //! `cargo bench --bench streams` (add `-- quick` for 200 streams).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
 
-const EXE: &str = env!("CARGO_BIN_EXE_ekid");
+mod common;
 
-struct Server {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(fsync: &str) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("ekid.toml");
-    std::fs::write(&cfg, format!("[storage]\nfsync = \"{fsync}\"\n")).expect("config");
-    let mut child = Command::new(EXE)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("line");
-    Server {
-        base: line.trim().trim_start_matches("listening on ").to_owned(),
-        child,
-        _dir: dir,
-    }
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
+use common::{percentile, rss_bytes, start};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
@@ -88,7 +32,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|");
     for fsync in ["never", "always"] {
-        let server = start(fsync);
+        let server = start(&format!("fsync = \"{fsync}\""));
         let pid = server.child.id();
         let c = Client::builder()
             .timeout(Duration::from_secs(60))

@@ -1,0 +1,70 @@
+//! What the HTTP benches share: a real `ekid serve` on a free loopback port with its own
+//! temporary data directory and config, and percentiles.
+
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+pub const EXE: &str = env!("CARGO_BIN_EXE_ekid");
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start(storage: &str) -> Server {
+    start_in(tempfile::tempdir().expect("tempdir"), storage)
+}
+
+pub fn start_in(dir: tempfile::TempDir, storage: &str) -> Server {
+    let cfg = dir.path().join("ekid.toml");
+    std::fs::write(&cfg, format!("[storage]\n{storage}\n")).expect("config");
+    let mut child = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ekid serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address line");
+    let base = line.trim().trim_start_matches("listening on ").to_owned();
+    Server {
+        child,
+        base,
+        _dir: dir,
+    }
+}
+
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Resident memory of a process, bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
