@@ -235,6 +235,9 @@ pub struct EvalArgs {
     /// Write the prequential predictions of the default (or only) EKI method as seq,y,prediction.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+    /// Plot the series and those predictions (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// Passes over the training stream when `--passes` is not given.
@@ -394,7 +397,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut preds: Vec<Option<f64>> = Vec::new();
     for (i, m) in config.methods.iter().enumerate() {
-        let keep = args.predictions.is_some() && Some(i) == write_index;
+        let keep = (args.predictions.is_some() || args.plot.is_some()) && Some(i) == write_index;
         let r = eval::run_method(m, &config, &scaled, |_, p| {
             if keep {
                 preds.push(p);
@@ -414,6 +417,19 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             w.write_record([(i + 1).to_string(), y.to_string(), p])?;
         }
         w.flush()?;
+    }
+    if let Some(path) = &args.plot {
+        if write_index.is_none() {
+            bail!("--plot needs an EKI method in --methods");
+        }
+        let user: Vec<Option<f64>> = preds.iter().map(|p| p.map(|p| scaler.to_user(p))).collect();
+        let split = ((series.values.len() as f64) * config.train_fraction).round() as usize;
+        let title = format!(
+            "{} `{}`: one-step prequential predictions",
+            args.file.display(),
+            series.column
+        );
+        crate::plot::write_svg(path, &title, &series.values, &user, split)?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {

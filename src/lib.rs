@@ -12,6 +12,7 @@ pub mod model;
 pub mod network;
 pub mod ogd;
 pub mod options;
+pub mod plot;
 pub mod prior;
 pub mod replay;
 pub mod server;

@@ -158,3 +158,29 @@ fn unknown_method_and_bad_option_are_refused() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn plot_draws_the_series_and_the_predictions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("p.svg");
+    let path = dataset("daily-min-temperatures.csv");
+    run_ok(&[
+        "eval",
+        path.to_str().expect("utf-8"),
+        "--methods",
+        "eki",
+        "--passes",
+        "1",
+        "--ensemble",
+        "20",
+        "--plot",
+        svg.to_str().expect("utf-8"),
+    ]);
+    let text = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
+    assert!(
+        text.matches("<polyline").count() >= 2,
+        "series and predictions are drawn"
+    );
+    assert!(text.contains("prequential prediction") && text.contains("train | test split"));
+}
