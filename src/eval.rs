@@ -265,8 +265,8 @@ pub fn run_method(
             let mut m = OnlineModel::new(Persistence, persistence_lags, 0, 1);
             let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
             let m = OnlineModel::new(Persistence, persistence_lags, 0, 1);
-            let (first, final_, ..) = passes(m, &split, 1, |_, _| None, |_| {});
-            let _ = final_;
+            // Persistence learns nothing: one pass, and `final` is `first`.
+            let (first, ..) = passes(m, &split, 1, |_, _| None, |_| {});
             EvalResult {
                 method: "persistence".into(),
                 passes: 1,

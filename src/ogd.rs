@@ -17,11 +17,11 @@ pub struct Ogd {
     window: usize,
     /// Running hidden state for predictions.
     hidden: Vec<f64>,
-    /// Ring of the last `window` inputs (`window × n_in`) and of the hidden states before them.
+    /// The last `window` inputs (`window × n_in`, oldest first) and the hidden states before
+    /// each of them.
     zs: Vec<f64>,
     hs: Vec<f64>,
     len: usize,
-    head: usize,
     ws: BpttWorkspace,
 }
 
@@ -145,7 +145,6 @@ impl Ogd {
             zs: vec![0.0; window * layout.n_in],
             hs: vec![0.0; window * layout.hidden],
             len: 0,
-            head: 0,
             layout,
             params,
             lr,
@@ -162,23 +161,18 @@ impl Ogd {
 impl Learner for Ogd {
     fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) {
         let (ni, nh, w) = (self.layout.n_in, self.layout.hidden, self.window);
-        // Remember the window in a ring, oldest at `head` once full.
-        let slot = (self.head + self.len) % w;
+        // The window, oldest first: when full, drop the oldest step (a shift of a few hundred
+        // doubles, cheaper than the gradient it feeds).
+        if self.len == w {
+            self.zs.copy_within(ni.., 0);
+            self.hs.copy_within(nh.., 0);
+        } else {
+            self.len += 1;
+        }
+        let slot = self.len - 1;
         self.zs[slot * ni..(slot + 1) * ni].copy_from_slice(z);
         self.hs[slot * nh..(slot + 1) * nh].copy_from_slice(&self.hidden);
-        if self.len < w {
-            self.len += 1;
-        } else {
-            self.head = (self.head + 1) % w;
-        }
         self.predict_frozen(z, pred);
-        // Unroll the ring into contiguous order inside the workspace's `a` rows is avoided by
-        // rotating the ring itself so the window starts at index 0.
-        if self.head != 0 {
-            self.zs.rotate_left(self.head * ni);
-            self.hs.rotate_left(self.head * nh);
-            self.head = 0;
-        }
         let h0 = &self.hs[..nh];
         window_gradient(
             &self.layout,
@@ -215,7 +209,6 @@ impl Learner for Ogd {
     fn reset_state(&mut self) {
         self.hidden.fill(0.0);
         self.len = 0;
-        self.head = 0;
     }
 }
 
