@@ -626,3 +626,6 @@ impl Ensemble {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden;
