@@ -13,7 +13,8 @@
 //!    hidden ∈ {8, 16, 32, 64}.
 //!
 //! Pass table names to run only some (`cargo bench --bench roofline -- ratio cores`), and
-//! `quick` for fewer samples.
+//! `quick` for fewer samples. `profile J HIDDEN [THREADS]` runs only observations for 10 s, for
+//! `perf record`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -92,6 +93,33 @@ impl Floor {
             }
         }
         black_box(self.buf[0]);
+    }
+
+    /// The same traffic split over two threads (each its half of the rows).
+    fn pass2(&mut self) {
+        let rows = self.buf.len() / self.d / 2;
+        let (a, b) = self.buf.split_at_mut(rows * self.d);
+        let (coef, d) = (&self.coef, self.d);
+        std::thread::scope(|s| {
+            s.spawn(|| half(b, coef, d));
+            half(a, coef, d);
+        });
+        black_box(self.buf[0]);
+    }
+}
+
+fn half(buf: &mut [f64], coef: &[f64], d: usize) {
+    let mut acc = [0.0f64; 8];
+    for c in buf.chunks_exact(8) {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let q = black_box(acc.iter().sum::<f64>()) * 1e-30;
+    for row in buf.chunks_exact_mut(d) {
+        for (u, &c) in row.iter_mut().zip(coef) {
+            *u += c * q;
+        }
     }
 }
 
@@ -177,28 +205,33 @@ fn ratio(samples: usize) {
 fn cores(samples: usize) {
     println!("## cores: one stream on one thread and on two\n");
     println!(
-        "| J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up | floor (1 thread) | 2 threads / floor |"
+        "| J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up | floor, 1 thread | floor, 2 threads | 2 threads / 2-thread floor |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for &(j, hidden) in &[(2000, 32), (8000, 32), (2000, 16), (500, 32)] {
+    println!("|---|---|---|---|---|---|---|---|");
+    for &(j, hidden) in &[(2000, 32), (8000, 32), (2000, 64), (2000, 16)] {
         let mut one = Stream::new(j, hidden, 1);
         let mut two = Stream::new(j, hidden, 2);
         let d = one.e.dim();
         let mut floor = Floor::new(j, d);
+        let mut floor2 = Floor::new(j, d);
         let t = interleaved(
-            &mut [&mut || one.observe(), &mut || two.observe(), &mut || {
-                floor.pass()
-            }],
+            &mut [
+                &mut || one.observe(),
+                &mut || two.observe(),
+                &mut || floor.pass(),
+                &mut || floor2.pass2(),
+            ],
             samples,
             Duration::from_millis(60),
         );
         println!(
-            "| {j} | {hidden} | {:.0} | {:.0} | {:.2} | {} | {:.2} |",
+            "| {j} | {hidden} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} |",
             1.0 / t[0],
             1.0 / t[1],
             t[0] / t[1],
             fmt_time(t[2]),
-            t[1] / t[2]
+            fmt_time(t[3]),
+            t[1] / t[3]
         );
     }
     println!();
@@ -255,11 +288,31 @@ fn growth(samples: usize) {
     println!();
 }
 
+/// `profile J HIDDEN [THREADS]`: only observations, for 10 s, to run under `perf record`.
+fn profile(args: &[String]) {
+    let num =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    let mut s = Stream::new(num(1, 2000), num(2, 32), num(3, 1));
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(10) {
+        s.observe();
+        n += 1;
+    }
+    println!(
+        "{n} observations, {}",
+        fmt_time(start.elapsed().as_secs_f64() / n as f64)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if args.first().is_some_and(|a| a == "profile") {
+        return profile(&args);
+    }
     let quick = args.iter().any(|a| a == "quick");
     let want = |name: &str| {
         let named: Vec<&String> = args.iter().filter(|a| *a != "quick").collect();

@@ -58,6 +58,10 @@ pub fn accumulate4(acc: &mut [f64], mean: &[f64], u: [&[f64]; BLOCK], e: [f64; B
 
 /// Accumulates output `o`'s row over the columns `cols` of consecutive particles: `rows` holds
 /// whole particles (`d` apart), `w` their predictions (`m` apart), `acc` and `mean` the columns.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a kernel over plain slices: bundling them would hide which are aligned"
+)]
 pub fn accumulate_rows(
     acc: &mut [f64],
     mean: &[f64],
@@ -205,7 +209,6 @@ impl UpdateRule<'_> {
 }
 
 /// Continues the per-column sums `sum` (columns `cols`) over consecutive particles `rows`.
-#[allow(dead_code)]
 pub fn sum_rows(sum: &mut [f64], rows: &[f64], d: usize, cols: std::ops::Range<usize>) {
     let n = sum.len();
     let mut blocks = rows.chunks_exact(BLOCK * d);

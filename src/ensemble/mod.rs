@@ -21,7 +21,9 @@ use crate::prior::Prior;
 use crate::update::KalmanUpdate;
 
 mod kernels;
+mod parallel;
 use kernels::{BLOCK, UpdateRule};
+pub use parallel::PARALLEL_MIN_WORK;
 
 /// One EKI ensemble. Only its owner mutates it.
 #[derive(Debug, Clone)]
@@ -53,6 +55,7 @@ pub struct Ensemble {
     last_prediction_var: f64,
     /// Threads one step may use (see [`Ensemble::set_threads`]).
     threads: usize,
+    parallel_min_work: usize,
     ws: Workspace,
 }
 
@@ -68,6 +71,8 @@ struct Workspace {
     cww: Vec<f64>,
     next_mean: Vec<f64>,
     scratch: Vec<f64>,
+    /// The second thread's `[h; z; 1]`.
+    scratch_b: Vec<f64>,
     mean_hidden_before: Vec<f64>,
     healthy: Vec<bool>,
     wbar: Vec<f64>,
@@ -157,6 +162,7 @@ impl Ensemble {
             particle_sse: vec![0.0; j],
             last_prediction_var: 0.0,
             threads: 1,
+            parallel_min_work: PARALLEL_MIN_WORK,
             ws: Workspace {
                 w: vec![0.0; j * m],
                 q: vec![0.0; j * m],
@@ -164,6 +170,7 @@ impl Ensemble {
                 cww: vec![0.0; m * m],
                 next_mean: vec![0.0; d],
                 scratch: vec![0.0; layout.row()],
+                scratch_b: vec![0.0; layout.row()],
                 mean_hidden_before: vec![0.0; nh],
                 healthy: vec![true; j],
                 wbar: vec![0.0; m],
@@ -232,9 +239,24 @@ impl Ensemble {
         Ok(e)
     }
 
-    /// Lets one step split its work over up to `threads` threads (1: serial).
+    /// Lets one step split its work over two threads (`threads` ≥ 2; 1, the default, is the
+    /// serial step) once the ensemble is big enough ([`PARALLEL_MIN_WORK`] particle-parameters).
+    /// Results are bit-identical either way. Opt-in because it pays only when a second core is
+    /// idle: with both cores busy (other streams, other processes) each step waits for a
+    /// descheduled helper and runs up to twice as slow as the serial one.
     pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
+        self.threads = threads.clamp(1, 2);
+    }
+
+    /// Whether a step of this ensemble runs on two threads.
+    pub fn is_parallel(&self) -> bool {
+        self.threads >= 2 && self.j * self.d >= self.parallel_min_work && self.j >= 4 * BLOCK
+    }
+
+    /// Tests force the two-thread path on small ensembles with a threshold of 0.
+    #[cfg(test)]
+    fn set_parallel_min_work(&mut self, work: usize) {
+        self.parallel_min_work = work;
     }
 
     pub fn layout(&self) -> &Layout {
@@ -373,26 +395,44 @@ impl Ensemble {
         // 2. Forward every particle, fusing the cross-covariance accumulation.
         let mut all_healthy = pred.iter().all(|v| v.is_finite());
         self.ws.cuw.fill(0.0);
+        let parallel = self.is_parallel();
         let Workspace {
             w,
             cuw,
             scratch,
+            scratch_b,
             healthy,
             ..
         } = &mut self.ws;
-        all_healthy &= forward_rows(
-            &self.layout,
-            &self.particles,
-            &mut self.hidden,
-            w,
-            healthy,
-            scratch,
-            all_healthy.then_some(Accumulate {
+        if parallel {
+            network::load_inputs(&self.layout, scratch_b, z);
+            all_healthy &= parallel::forward(
+                &self.layout,
+                &self.particles,
+                &mut self.hidden,
+                w,
+                healthy,
+                scratch,
+                scratch_b,
                 cuw,
-                mean: &self.mean,
+                &self.mean,
                 pred,
-            }),
-        );
+            );
+        } else {
+            all_healthy &= forward_rows(
+                &self.layout,
+                &self.particles,
+                &mut self.hidden,
+                w,
+                healthy,
+                scratch,
+                all_healthy.then_some(Accumulate {
+                    cuw,
+                    mean: &self.mean,
+                    pred,
+                }),
+            );
+        }
         let mut report = StepReport {
             repaired: 0,
             step_size: 1.0,
@@ -479,12 +519,22 @@ impl Ensemble {
                 n / (n + 3.0)
             }),
         };
-        rule.rows(
-            &mut self.particles,
-            q,
-            &mut self.previous,
-            Some(&mut self.mean),
-        );
+        if parallel {
+            parallel::update(
+                &rule,
+                &mut self.particles,
+                q,
+                &mut self.previous,
+                &mut self.mean,
+            );
+        } else {
+            rule.rows(
+                &mut self.particles,
+                q,
+                &mut self.previous,
+                Some(&mut self.mean),
+            );
+        }
         for v in self.mean.iter_mut() {
             *v *= inv_j;
         }
