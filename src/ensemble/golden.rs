@@ -3,6 +3,11 @@
 //! it produced into one FNV-1a fingerprint and compares it with the constant recorded from the
 //! code before the optimisations. A mismatch means results changed: an optimisation reordered
 //! a floating-point sum (or contracted a multiply-add), not that the constant needs updating.
+//!
+//! The constants were recorded on x86-64 Linux with glibc, whose libm picks its FMA variant of
+//! `expm1` (inside `tanh`) on CPUs that have FMA. The engine calls the platform's `f64::tanh`,
+//! so on another libm its results, and these fingerprints, differ: to check a change there,
+//! record the fingerprints with the code before the change and compare with the code after.
 
 use std::path::PathBuf;
 

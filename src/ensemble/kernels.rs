@@ -142,20 +142,27 @@ impl UpdateRule<'_> {
         self.m == 1 && self.lambda == 1.0 && self.nesterov.is_none()
     }
 
-    /// One particle, in the original order of passes: `u += C^{uw} q` output by output, then
-    /// inflation around ū', then the Nesterov extrapolation, then `sum += u`.
-    fn one(&self, u: &mut [f64], q: &[f64], prev: Option<&mut [f64]>, sum: Option<&mut [f64]>) {
-        let d = self.d;
-        let u = &mut u[..d];
-        for (o, row) in self.cuw.chunks_exact(d).enumerate() {
+    /// One particle's columns `[c0, c0 + u.len())`, in the original order of passes: `u += C^{uw} q`
+    /// output by output, then inflation around ū', then the Nesterov extrapolation, then
+    /// `sum += u`.
+    fn one(
+        &self,
+        u: &mut [f64],
+        c0: usize,
+        q: &[f64],
+        prev: Option<&mut [f64]>,
+        sum: Option<&mut [f64]>,
+    ) {
+        let n = u.len();
+        for (o, row) in self.cuw.chunks_exact(self.d).enumerate() {
             let qv = q[o];
-            for (up, &cp) in u.iter_mut().zip(row) {
+            for (up, &cp) in u.iter_mut().zip(&row[c0..c0 + n]) {
                 *up += cp * qv;
             }
         }
         if self.lambda != 1.0 {
             let lambda = self.lambda;
-            for (up, &nm) in u.iter_mut().zip(self.next_mean) {
+            for (up, &nm) in u.iter_mut().zip(&self.next_mean[c0..c0 + n]) {
                 *up = nm + lambda * (*up - nm);
             }
         }
@@ -190,7 +197,7 @@ impl UpdateRule<'_> {
                 .chunks_exact_mut(d)
                 .zip(qb.remainder())
             {
-                self.one(u, std::slice::from_ref(qj), None, sum.as_deref_mut());
+                self.one(u, 0, std::slice::from_ref(qj), None, sum.as_deref_mut());
             }
         } else if self.nesterov.is_some() {
             for ((u, qj), pv) in rows
@@ -198,29 +205,53 @@ impl UpdateRule<'_> {
                 .zip(q.chunks_exact(m))
                 .zip(prev.chunks_exact_mut(d))
             {
-                self.one(u, qj, Some(pv), sum.as_deref_mut());
+                self.one(u, 0, qj, Some(pv), sum.as_deref_mut());
             }
         } else {
             for (u, qj) in rows.chunks_exact_mut(d).zip(q.chunks_exact(m)) {
-                self.one(u, qj, None, sum.as_deref_mut());
+                self.one(u, 0, qj, None, sum.as_deref_mut());
             }
         }
     }
-}
-
-/// Continues the per-column sums `sum` (columns `cols`) over consecutive particles `rows`.
-pub fn sum_rows(sum: &mut [f64], rows: &[f64], d: usize, cols: std::ops::Range<usize>) {
-    let n = sum.len();
-    let mut blocks = rows.chunks_exact(BLOCK * d);
-    for blk in &mut blocks {
-        let [u0, u1, u2, u3] = four(blk, d).map(|u| &u[cols.clone()][..n]);
-        for p in 0..n {
-            sum[p] = (((sum[p] + u0[p]) + u1[p]) + u2[p]) + u3[p];
-        }
-    }
-    for u in blocks.remainder().chunks_exact(d) {
-        for (s, &v) in sum.iter_mut().zip(&u[cols.clone()]) {
-            *s += v;
+    /// The update of the columns `[c0, c0 + sum.len())` of every particle: `rows[j]` (and, with
+    /// momentum, `prev[j]`) is particle j's slice of those columns. Sums into `sum` in
+    /// particle order. Used by the two-thread step, each thread on its own columns.
+    pub fn columns(
+        &self,
+        rows: &mut [&mut [f64]],
+        c0: usize,
+        q: &[f64],
+        prev: &mut [&mut [f64]],
+        sum: &mut [f64],
+    ) {
+        let (n, m) = (sum.len(), self.m);
+        if self.plain() {
+            let c = &self.cuw[c0..c0 + n];
+            let mut blocks = rows.chunks_exact_mut(BLOCK);
+            let mut qb = q.chunks_exact(BLOCK);
+            for (blk, qj) in (&mut blocks).zip(&mut qb) {
+                let [u0, u1, u2, u3] = blk else {
+                    unreachable!("chunks_exact yields blocks of {BLOCK}")
+                };
+                let qj = [qj[0], qj[1], qj[2], qj[3]];
+                update4(
+                    [&mut **u0, &mut **u1, &mut **u2, &mut **u3],
+                    c,
+                    qj,
+                    Some(&mut *sum),
+                );
+            }
+            for (u, qj) in blocks.into_remainder().iter_mut().zip(qb.remainder()) {
+                self.one(u, c0, std::slice::from_ref(qj), None, Some(&mut *sum));
+            }
+        } else if self.nesterov.is_some() {
+            for ((u, qj), pv) in rows.iter_mut().zip(q.chunks_exact(m)).zip(prev.iter_mut()) {
+                self.one(u, c0, qj, Some(pv), Some(&mut *sum));
+            }
+        } else {
+            for (u, qj) in rows.iter_mut().zip(q.chunks_exact(m)) {
+                self.one(u, c0, qj, None, Some(&mut *sum));
+            }
         }
     }
 }

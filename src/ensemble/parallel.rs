@@ -7,14 +7,14 @@
 //!   fused as in the serial step) while thread B runs the forward of `[s, J)`; then both
 //!   continue the sums over `[s, J)`, A on the first part of the accumulator and B on the rest
 //!   (columns for one output, output rows for several);
-//! - update: A updates `[0, s')` summing the new mean, B updates `[s', J)`; then both continue
-//!   the mean's sums over `[s', J)`, split by columns.
+//! - update: each thread updates its half of the columns of every particle and sums its half
+//!   of the new mean (an element-wise pass has no order to keep across columns).
 //!
 //! A takes fewer particles than B because it also sums. Where the cut falls changes only who
 //! computes what, never an operation or its order, so the result is the serial one for any
 //! cut and any thread timing. The cost over the serial step is one extra read of B's part of
-//! the ensemble per pass, and one scoped thread spawned per pass (a few tens of µs), which is
-//! why only big ensembles ([`PARALLEL_MIN_WORK`]) take this path.
+//! the ensemble in the forward, and one scoped thread spawned per pass (a few tens of µs),
+//! which is why only big ensembles ([`PARALLEL_MIN_WORK`]) take this path.
 //!
 //! The threads hand each other slices through `Mutex<Option<…>>` slots and meet at one
 //! `Barrier` per pass, so the borrow checker sees every hand-over: no `unsafe`.
@@ -31,9 +31,7 @@ use crate::network::Layout;
 pub const PARALLEL_MIN_WORK: usize = 1 << 20;
 
 /// Share of the particles thread A runs in the forward (it also accumulates C^{uw}).
-const FORWARD_SHARE: f64 = 0.4;
-/// Share of the particles thread A updates (it also sums the mean).
-const UPDATE_SHARE: f64 = 0.4;
+const FORWARD_SHARE: f64 = 0.45;
 
 /// The cut: a multiple of [`BLOCK`], at least one block each side.
 fn cut(j: usize, share: f64) -> usize {
@@ -144,8 +142,10 @@ pub(super) fn forward(
     !sick.load(Ordering::Relaxed)
 }
 
-/// The update pass on two threads: `sum` (zeroed by the caller) receives the per-column sums
-/// of the updated particles, in particle order.
+/// The update pass on two threads, split by columns: each thread updates its half of every
+/// particle and sums its half of the mean, so nothing is read twice and no sum changes order.
+/// `sum` is zeroed by the caller. (Handing each thread its halves of the rows takes two
+/// vectors of J slices: the two-thread step's only allocation besides the spawn.)
 pub(super) fn update(
     rule: &UpdateRule,
     particles: &mut [f64],
@@ -153,33 +153,19 @@ pub(super) fn update(
     previous: &mut [f64],
     sum: &mut [f64],
 ) {
-    let (d, m) = (rule.d, rule.m);
-    let j = particles.len() / d;
-    let s = cut(j, UPDATE_SHARE);
+    let d = rule.d;
     let c = d / 2 / 8 * 8;
-    let (pa, pb) = particles.split_at_mut(s * d);
-    let (qa, qb) = q.split_at(s * m);
-    let (va, vb) = if previous.is_empty() {
-        (&mut [][..], &mut [][..])
-    } else {
-        previous.split_at_mut(s * d)
-    };
-    let barrier = Barrier::new(2);
-    let rows_slot: Mutex<Option<&[f64]>> = Mutex::new(None);
-    let sum_slot: Mutex<Option<&mut [f64]>> = Mutex::new(None);
-    let (barrier, rows_slot, sum_slot) = (&barrier, &rows_slot, &sum_slot);
+    let (mut left, mut right) = halves(particles, d, c);
+    let (mut prev_left, mut prev_right) = halves(previous, d, c);
+    let (sum_left, sum_right) = sum.split_at_mut(c);
     std::thread::scope(|scope| {
-        scope.spawn(move || {
-            rule.rows(pb, qb, vb, None);
-            let pb: &[f64] = pb;
-            put(rows_slot, pb);
-            barrier.wait();
-            kernels::sum_rows(take(sum_slot), pb, d, c..d);
-        });
-        rule.rows(pa, qa, va, Some(&mut *sum));
-        let (left, right) = sum.split_at_mut(c);
-        put(sum_slot, right);
-        barrier.wait();
-        kernels::sum_rows(left, take(rows_slot), d, 0..c);
+        scope.spawn(|| rule.columns(&mut right, c, q, &mut prev_right, sum_right));
+        rule.columns(&mut left, 0, q, &mut prev_left, sum_left);
     });
+}
+
+/// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts.
+type Halves<'a> = (Vec<&'a mut [f64]>, Vec<&'a mut [f64]>);
+fn halves(buf: &mut [f64], d: usize, c: usize) -> Halves<'_> {
+    buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()
 }
