@@ -13,8 +13,8 @@
 //!    hidden ∈ {8, 16, 32, 64}.
 //!
 //! Pass table names to run only some (`cargo bench --bench roofline -- ratio cores`), and
-//! `quick` for fewer samples. `profile J HIDDEN [THREADS]` runs only observations for 10 s, for
-//! `perf record`.
+//! `quick` for fewer samples. `profile J HIDDEN [THREADS [SECONDS]]` runs only observations (10 s
+//! by default), for `perf record`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -209,21 +209,25 @@ fn cores(samples: usize) {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for &(j, hidden) in &[(2000, 32), (8000, 32), (2000, 64), (2000, 16)] {
+        // The two streams interleaved, then the two floors interleaved: four buffers of this
+        // size at once would evict each other from L3 between samples.
         let mut one = Stream::new(j, hidden, 1);
         let mut two = Stream::new(j, hidden, 2);
         let d = one.e.dim();
-        let mut floor = Floor::new(j, d);
-        let mut floor2 = Floor::new(j, d);
         let t = interleaved(
-            &mut [
-                &mut || one.observe(),
-                &mut || two.observe(),
-                &mut || floor.pass(),
-                &mut || floor2.pass2(),
-            ],
+            &mut [&mut || one.observe(), &mut || two.observe()],
             samples,
             Duration::from_millis(60),
         );
+        drop((one, two));
+        let mut floor = Floor::new(j, d);
+        let mut floor2 = Floor::new(j, d);
+        let f = interleaved(
+            &mut [&mut || floor.pass(), &mut || floor2.pass2()],
+            samples,
+            Duration::from_millis(60),
+        );
+        let t = [t[0], t[1], f[0], f[1]];
         println!(
             "| {j} | {hidden} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} |",
             1.0 / t[0],
@@ -288,14 +292,16 @@ fn growth(samples: usize) {
     println!();
 }
 
-/// `profile J HIDDEN [THREADS]`: only observations, for 10 s, to run under `perf record`.
+/// `profile J HIDDEN [THREADS [SECONDS]]`: only observations (10 s by default), to run under
+/// `perf record` or to time one configuration in a process of its own.
 fn profile(args: &[String]) {
     let num =
         |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let mut s = Stream::new(num(1, 2000), num(2, 32), num(3, 1));
+    let seconds = num(4, 10) as u64;
     let start = Instant::now();
     let mut n = 0u64;
-    while start.elapsed() < Duration::from_secs(10) {
+    while start.elapsed() < Duration::from_secs(seconds) {
         s.observe();
         n += 1;
     }
