@@ -63,10 +63,12 @@ pub fn load_inputs(layout: &Layout, scratch: &mut [f64], z: &[f64]) {
     scratch[h + layout.n_in] = 1.0;
 }
 
+/// `Σ a[i]·b[i]` with four interleaved accumulators, combined as `(s0 + s2) + (s1 + s3) + tail`.
+/// The order is fixed (it is the engine's numerical contract: results are bit-identical
+/// across versions), so the compiler vectorises across the accumulators but never
+/// reassociates. [`dot4`] computes four of these at once with the same per-row order.
 #[inline]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    // Four independent accumulators let the compiler vectorise without reassociating; the order
-    // is fixed, so results stay deterministic.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut s = [0.0f64; 4];
@@ -85,9 +87,56 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     (s[0] + s[2]) + (s[1] + s[3]) + tail
 }
 
+/// Four rows (`rows` holds them back to back, `4·b.len()` values) dotted with the same `b`:
+/// each result is bit-identical to [`dot`] of that row. Sharing the loads of `b` and running
+/// sixteen independent accumulators takes the forward from add-latency-bound to load-bound.
+#[inline]
+fn dot4(rows: &[f64], b: &[f64]) -> [f64; 4] {
+    let n = b.len();
+    let (r0, rest) = rows.split_at(n);
+    let (r1, rest) = rest.split_at(n);
+    let (r2, r3) = rest.split_at(n);
+    let r3 = &r3[..n];
+    let mut s0 = [0.0f64; 4];
+    let mut s1 = [0.0f64; 4];
+    let mut s2 = [0.0f64; 4];
+    let mut s3 = [0.0f64; 4];
+    let chunks = n / 4;
+    for i in 0..chunks {
+        let o = 4 * i;
+        for l in 0..4 {
+            let x = b[o + l];
+            s0[l] += r0[o + l] * x;
+            s1[l] += r1[o + l] * x;
+            s2[l] += r2[o + l] * x;
+            s3[l] += r3[o + l] * x;
+        }
+    }
+    let mut t = [0.0f64; 4];
+    for i in 4 * chunks..n {
+        let x = b[i];
+        t[0] += r0[i] * x;
+        t[1] += r1[i] * x;
+        t[2] += r2[i] * x;
+        t[3] += r3[i] * x;
+    }
+    let fold = |s: [f64; 4], t: f64| (s[0] + s[2]) + (s[1] + s[3]) + t;
+    [
+        fold(s0, t[0]),
+        fold(s1, t[1]),
+        fold(s2, t[2]),
+        fold(s3, t[3]),
+    ]
+}
+
 /// One step of one particle: `scratch` holds `[h_prev; z; 1]` on entry (z loaded by
 /// [`load_inputs`]), `hidden` is the particle's state (read and overwritten with `h_new`), `out`
 /// receives the read-out. On exit `scratch[..hidden]` holds `h_new`. Allocates nothing.
+///
+/// The cell's pre-activations are computed four rows at a time into `hidden`, then `tanh` runs
+/// over them in one tight loop: the calls are independent, so they overlap in the pipeline
+/// instead of each waiting behind the next row's dot product. `tanh` is the platform's libm
+/// (`f64::tanh`), as it always was; it is the largest single cost of the forward.
 #[inline]
 pub fn step(
     layout: &Layout,
@@ -98,14 +147,23 @@ pub fn step(
 ) {
     let k = layout.row();
     let nh = layout.hidden;
-    scratch[..nh].copy_from_slice(hidden);
-    for (i, h) in hidden.iter_mut().enumerate() {
-        *h = dot(&params[i * k..(i + 1) * k], scratch).tanh();
+    let x = &mut scratch[..k];
+    x[..nh].copy_from_slice(hidden);
+    let cell = &params[..nh * k];
+    let full = nh / 4;
+    for (g, rows) in cell.chunks_exact(4 * k).enumerate() {
+        hidden[4 * g..4 * g + 4].copy_from_slice(&dot4(rows, x));
     }
-    scratch[..nh].copy_from_slice(hidden);
+    for i in 4 * full..nh {
+        hidden[i] = dot(&cell[i * k..(i + 1) * k], x);
+    }
+    for h in hidden.iter_mut() {
+        *h = h.tanh();
+    }
+    x[..nh].copy_from_slice(hidden);
     let ro = layout.readout_offset();
     for (o, y) in out.iter_mut().enumerate() {
-        *y = dot(&params[ro + o * k..ro + (o + 1) * k], scratch);
+        *y = dot(&params[ro + o * k..ro + (o + 1) * k], x);
     }
 }
 

@@ -20,6 +20,11 @@ use crate::options::{Options, Spread};
 use crate::prior::Prior;
 use crate::update::KalmanUpdate;
 
+mod kernels;
+mod parallel;
+use kernels::{BLOCK, UpdateRule};
+pub use parallel::PARALLEL_MIN_WORK;
+
 /// One EKI ensemble. Only its owner mutates it.
 #[derive(Debug, Clone)]
 pub struct Ensemble {
@@ -48,6 +53,9 @@ pub struct Ensemble {
     /// Per-particle sum of squared one-step errors since the last reset (picks the best particle).
     particle_sse: Vec<f64>,
     last_prediction_var: f64,
+    /// Threads one step may use (see [`Ensemble::set_threads`]).
+    threads: usize,
+    parallel_min_work: usize,
     ws: Workspace,
 }
 
@@ -63,6 +71,8 @@ struct Workspace {
     cww: Vec<f64>,
     next_mean: Vec<f64>,
     scratch: Vec<f64>,
+    /// The second thread's `[h; z; 1]`.
+    scratch_b: Vec<f64>,
     mean_hidden_before: Vec<f64>,
     healthy: Vec<bool>,
     wbar: Vec<f64>,
@@ -151,6 +161,8 @@ impl Ensemble {
             repaired: 0,
             particle_sse: vec![0.0; j],
             last_prediction_var: 0.0,
+            threads: 1,
+            parallel_min_work: PARALLEL_MIN_WORK,
             ws: Workspace {
                 w: vec![0.0; j * m],
                 q: vec![0.0; j * m],
@@ -158,6 +170,7 @@ impl Ensemble {
                 cww: vec![0.0; m * m],
                 next_mean: vec![0.0; d],
                 scratch: vec![0.0; layout.row()],
+                scratch_b: vec![0.0; layout.row()],
                 mean_hidden_before: vec![0.0; nh],
                 healthy: vec![true; j],
                 wbar: vec![0.0; m],
@@ -224,6 +237,26 @@ impl Ensemble {
             scale: s.prior_scale,
         };
         Ok(e)
+    }
+
+    /// Lets one step split its work over two threads (`threads` ≥ 2; 1, the default, is the
+    /// serial step) once the ensemble is big enough ([`PARALLEL_MIN_WORK`] particle-parameters).
+    /// Results are bit-identical either way. Opt-in because it pays only when a second core is
+    /// idle: with both cores busy (other streams, other processes) each step waits for a
+    /// descheduled helper and runs up to twice as slow as the serial one.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.clamp(1, 2);
+    }
+
+    /// Whether a step of this ensemble runs on two threads.
+    pub fn is_parallel(&self) -> bool {
+        self.threads >= 2 && self.j * self.d >= self.parallel_min_work && self.j >= 4 * BLOCK
+    }
+
+    /// Tests force the two-thread path on small ensembles with a threshold of 0.
+    #[cfg(test)]
+    fn set_parallel_min_work(&mut self, work: usize) {
+        self.parallel_min_work = work;
     }
 
     pub fn layout(&self) -> &Layout {
@@ -350,7 +383,7 @@ impl Ensemble {
     /// `pred` (made before anything learns from `y`), then updates every particle.
     /// `z` and `y` must be finite (checked at the edge).
     pub fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
-        let (d, m, nh) = (self.d, self.layout.outputs, self.layout.hidden);
+        let (d, m) = (self.d, self.layout.outputs);
         debug_assert!(z.iter().chain(y).all(|v| v.is_finite()));
 
         // 1. Predict with the mean particle.
@@ -362,33 +395,43 @@ impl Ensemble {
         // 2. Forward every particle, fusing the cross-covariance accumulation.
         let mut all_healthy = pred.iter().all(|v| v.is_finite());
         self.ws.cuw.fill(0.0);
+        let parallel = self.is_parallel();
         let Workspace {
             w,
             cuw,
             scratch,
+            scratch_b,
             healthy,
             ..
         } = &mut self.ws;
-        for (jj, ((u, h), wj)) in self
-            .particles
-            .chunks_exact(d)
-            .zip(self.hidden.chunks_exact_mut(nh))
-            .zip(w.chunks_exact_mut(m))
-            .enumerate()
-        {
-            network::step(&self.layout, u, h, scratch, wj);
-            let ok = wj.iter().all(|v| v.is_finite());
-            healthy[jj] = ok;
-            if !ok {
-                all_healthy = false;
-                continue;
-            }
-            for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
-                let e = wj[o] - pred[o];
-                for ((c, &up), &mp) in row.iter_mut().zip(u).zip(&self.mean) {
-                    *c += (up - mp) * e;
-                }
-            }
+        if parallel {
+            network::load_inputs(&self.layout, scratch_b, z);
+            all_healthy &= parallel::forward(
+                &self.layout,
+                &self.particles,
+                &mut self.hidden,
+                w,
+                healthy,
+                scratch,
+                scratch_b,
+                cuw,
+                &self.mean,
+                pred,
+            );
+        } else {
+            all_healthy &= forward_rows(
+                &self.layout,
+                &self.particles,
+                &mut self.hidden,
+                w,
+                healthy,
+                scratch,
+                all_healthy.then_some(Accumulate {
+                    cuw,
+                    mean: &self.mean,
+                    pred,
+                }),
+            );
         }
         let mut report = StepReport {
             repaired: 0,
@@ -463,50 +506,34 @@ impl Ensemble {
 
         // 5. The update pass: read and write every particle once, summing the new mean.
         self.mean.fill(0.0);
-        let lambda = self.inflation;
-        let nesterov = if self.momentum {
-            // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
-            // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
-            let n = (self.steps % self.momentum_restart) as f64;
-            n / (n + 3.0)
-        } else {
-            0.0
+        let rule = UpdateRule {
+            cuw,
+            d,
+            m,
+            lambda: self.inflation,
+            next_mean,
+            nesterov: self.momentum.then(|| {
+                // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
+                // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
+                let n = (self.steps % self.momentum_restart) as f64;
+                n / (n + 3.0)
+            }),
         };
-        for (jj, (u, qj)) in self
-            .particles
-            .chunks_exact_mut(d)
-            .zip(q.chunks_exact(m))
-            .enumerate()
-        {
-            if m == 1 {
-                let (c, qv) = (&cuw[..d], qj[0]);
-                for (up, &cp) in u.iter_mut().zip(c) {
-                    *up += cp * qv;
-                }
-            } else {
-                for (o, row) in cuw.chunks_exact(d).enumerate() {
-                    let qv = qj[o];
-                    for (up, &cp) in u.iter_mut().zip(row) {
-                        *up += cp * qv;
-                    }
-                }
-            }
-            if lambda != 1.0 {
-                for (up, &nm) in u.iter_mut().zip(next_mean.iter()) {
-                    *up = nm + lambda * (*up - nm);
-                }
-            }
-            if self.momentum {
-                let prev = &mut self.previous[jj * d..(jj + 1) * d];
-                for (up, pp) in u.iter_mut().zip(prev.iter_mut()) {
-                    let new = *up;
-                    *up = new + nesterov * (new - *pp);
-                    *pp = new;
-                }
-            }
-            for (mp, &up) in self.mean.iter_mut().zip(u.iter()) {
-                *mp += up;
-            }
+        if parallel {
+            parallel::update(
+                &rule,
+                &mut self.particles,
+                q,
+                &mut self.previous,
+                &mut self.mean,
+            );
+        } else {
+            rule.rows(
+                &mut self.particles,
+                q,
+                &mut self.previous,
+                Some(&mut self.mean),
+            );
         }
         for v in self.mean.iter_mut() {
             *v *= inv_j;
@@ -624,5 +651,60 @@ impl Ensemble {
     }
 }
 
+/// The cross-covariance accumulation fused into a forward pass.
+struct Accumulate<'a> {
+    /// `m×d`, zeroed by the caller.
+    cuw: &'a mut [f64],
+    mean: &'a [f64],
+    /// The mean particle's prediction ŷ.
+    pred: &'a [f64],
+}
+
+/// Runs the forward of consecutive particles (`params`, `hidden`, `w`, `healthy` aligned) and,
+/// with `acc`, adds `(u_j − ū)(w_j − ŷ)ᵀ` for them, block by block while the block's rows are
+/// still in L1/L2. Once a prediction is not finite it stops accumulating (the repair pass
+/// recomputes C^{uw} from scratch). Returns whether every prediction was finite.
+fn forward_rows(
+    layout: &Layout,
+    params: &[f64],
+    hidden: &mut [f64],
+    w: &mut [f64],
+    healthy: &mut [bool],
+    scratch: &mut [f64],
+    mut acc: Option<Accumulate>,
+) -> bool {
+    let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
+    let mut all = true;
+    for (((blk, hb), wb), okb) in params
+        .chunks(BLOCK * d)
+        .zip(hidden.chunks_mut(BLOCK * nh))
+        .zip(w.chunks_mut(BLOCK * m))
+        .zip(healthy.chunks_mut(BLOCK))
+    {
+        for (((u, h), wj), ok) in blk
+            .chunks_exact(d)
+            .zip(hb.chunks_exact_mut(nh))
+            .zip(wb.chunks_exact_mut(m))
+            .zip(okb.iter_mut())
+        {
+            network::step(layout, u, h, scratch, wj);
+            *ok = wj.iter().all(|v| v.is_finite());
+            all &= *ok;
+        }
+        if !all {
+            acc = None;
+        }
+        if let Some(a) = acc.as_mut() {
+            for (o, row) in a.cuw.chunks_exact_mut(d).enumerate() {
+                kernels::accumulate_rows(row, a.mean, blk, d, 0..d, wb, m, o, a.pred[o]);
+            }
+        }
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden;

@@ -300,3 +300,85 @@ fn same_seed_same_ensemble_different_seed_different() {
     assert_eq!(a.particles(), b.particles());
     assert_ne!(a.particles(), c.particles());
 }
+
+/// Pushes one stream through the serial step and the two-thread step and asserts that every
+/// prediction, particle, hidden state and the mean are bit-identical (issue 6).
+fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usize>) {
+    let mut serial = Ensemble::new(o);
+    serial.set_threads(1);
+    let mut parallel = serial.clone();
+    parallel.set_threads(2);
+    parallel.set_parallel_min_work(0);
+    assert!(parallel.is_parallel() && !serial.is_parallel());
+    if let Some(jj) = poison {
+        let mut p = serial.particles().to_vec();
+        p[jj * serial.dim() + 1] = f64::NAN;
+        serial.set_particles(&p);
+        parallel.set_particles(&p);
+    }
+    let (n_in, m) = (serial.layout().n_in, serial.layout().outputs);
+    let mut rng = ChaCha8Rng::seed_from_u64(o.seed ^ 0x7a11);
+    let (mut ps, mut pp) = (vec![0.0; m], vec![0.0; m]);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for t in 0..steps {
+        let z = random_vec(&mut rng, n_in);
+        let y = random_vec(&mut rng, m);
+        let rs = serial.step(&z, &y, &mut ps);
+        let rp = parallel.step(&z, &y, &mut pp);
+        assert_eq!(bits(&ps), bits(&pp), "prediction at step {t}");
+        assert_eq!(rs.repaired, rp.repaired, "repairs at step {t}");
+        assert_eq!(rs.step_size.to_bits(), rp.step_size.to_bits());
+    }
+    assert_eq!(bits(serial.particles()), bits(parallel.particles()));
+    assert_eq!(bits(serial.mean()), bits(parallel.mean()));
+    assert_eq!(bits(&serial.hidden), bits(&parallel.hidden));
+    assert_eq!(bits(&serial.previous), bits(&parallel.previous));
+    assert_eq!(
+        bits(serial.particle_predictions()),
+        bits(parallel.particle_predictions())
+    );
+}
+
+#[test]
+fn two_threads_give_the_serial_bits_issue_6() {
+    // Sizes around the block and cut boundaries, one and several outputs, every update rule.
+    for (j, hidden, outputs) in [(16, 3, 1), (37, 4, 1), (50, 5, 2), (43, 2, 3), (64, 8, 1)] {
+        let base = options(j, hidden, 3, outputs, Method::Kalman, j as u64);
+        assert_parallel_matches_serial(&base, 30, None);
+        let inflated = Options {
+            inflation: 1.001,
+            ..base.clone()
+        };
+        assert_parallel_matches_serial(&inflated, 30, None);
+        let flow = Options {
+            method: Method::Flow,
+            momentum: true,
+            ..base.clone()
+        };
+        assert_parallel_matches_serial(&flow, 30, None);
+        let spread = Options {
+            spread: crate::options::SpreadOption::On(crate::options::Spread {
+                every: 7,
+                gamma: 0.5,
+                decay: 0.9,
+            }),
+            ..base.clone()
+        };
+        assert_parallel_matches_serial(&spread, 30, None);
+        // A particle on each side of the cut turns non-finite: the repair path.
+        assert_parallel_matches_serial(&base, 10, Some(1));
+        assert_parallel_matches_serial(&base, 10, Some(j - 2));
+    }
+}
+
+#[test]
+fn big_ensembles_split_and_small_ones_do_not() {
+    let mut small = Ensemble::new(&options(100, 16, 12, 1, Method::Kalman, 1));
+    small.set_threads(2);
+    assert!(!small.is_parallel());
+    let mut big = Ensemble::new(&options(2000, 32, 12, 1, Method::Kalman, 1));
+    big.set_threads(2);
+    assert!(big.is_parallel());
+    big.set_threads(1);
+    assert!(!big.is_parallel());
+}

@@ -1,0 +1,337 @@
+//! The engine against the machine's memory floor, in one run (issue 6).
+//!
+//! `cargo bench --bench roofline` prints three tables:
+//!
+//! 1. `ratio`: the time of one observation (mean-particle predict + update of J particles) next
+//!    to the floor, the least memory traffic that work needs: a pass that reads a buffer of J·d
+//!    doubles and then reads and writes it (the forward reads every weight once, the update
+//!    reads and writes each once). Both are timed in the same run, samples interleaved, and the
+//!    ratio of the medians is reported. Small ensembles sit in cache, and so does the floor's
+//!    buffer of the same size: the comparison is always like for like.
+//! 2. `cores`: observations/s of one big stream on one thread and split over two.
+//! 3. `growth`: observations/s and ensemble bytes for J ∈ {32, 100, 500, 2000, 8000} ×
+//!    hidden ∈ {8, 16, 32, 64}.
+//!
+//! Pass table names to run only some (`cargo bench --bench roofline -- ratio cores`), and
+//! `quick` for fewer samples. `profile J HIDDEN [THREADS [SECONDS]]` runs only observations (10 s
+//! by default), for `perf record`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use ekid::ensemble::Ensemble;
+use ekid::options::Options;
+
+fn options(j: usize, hidden: usize) -> Options {
+    Options {
+        ensemble: j,
+        hidden,
+        ..Options::default()
+    }
+    .check()
+    .expect("valid bench options")
+}
+
+/// A stream of observations for the default model (lags 12, one output).
+struct Stream {
+    e: Ensemble,
+    t: usize,
+    z: Vec<f64>,
+    pred: [f64; 1],
+}
+
+impl Stream {
+    fn new(j: usize, hidden: usize, threads: usize) -> Self {
+        let mut e = Ensemble::new(&options(j, hidden));
+        e.set_threads(threads);
+        let z = vec![0.0; e.layout().n_in];
+        Stream {
+            e,
+            t: 0,
+            z,
+            pred: [0.0],
+        }
+    }
+    fn observe(&mut self) {
+        self.t += 1;
+        let y = 0.5 + 0.4 * (self.t as f64 / 7.0).sin();
+        self.e
+            .step(black_box(&self.z), black_box(&[y]), &mut self.pred);
+        self.z.rotate_right(1);
+        self.z[0] = y;
+        black_box(self.pred[0]);
+    }
+}
+
+/// The floor over a buffer of `n` doubles: one read pass, then one read-write pass, both
+/// written so that they vectorise (eight independent sums; an element-wise update).
+struct Floor {
+    buf: Vec<f64>,
+    coef: Vec<f64>,
+    d: usize,
+}
+
+impl Floor {
+    fn new(j: usize, d: usize) -> Self {
+        Floor {
+            buf: vec![1.0; j * d],
+            coef: vec![1e-12; d],
+            d,
+        }
+    }
+    fn pass(&mut self) {
+        let mut acc = [0.0f64; 8];
+        for c in self.buf.chunks_exact(8) {
+            for k in 0..8 {
+                acc[k] += c[k];
+            }
+        }
+        let q = black_box(acc.iter().sum::<f64>()) * 1e-30;
+        for row in self.buf.chunks_exact_mut(self.d) {
+            for (u, &c) in row.iter_mut().zip(&self.coef) {
+                *u += c * q;
+            }
+        }
+        black_box(self.buf[0]);
+    }
+
+    /// The same traffic split over two threads (each its half of the rows).
+    fn pass2(&mut self) {
+        let rows = self.buf.len() / self.d / 2;
+        let (a, b) = self.buf.split_at_mut(rows * self.d);
+        let (coef, d) = (&self.coef, self.d);
+        std::thread::scope(|s| {
+            s.spawn(|| half(b, coef, d));
+            half(a, coef, d);
+        });
+        black_box(self.buf[0]);
+    }
+}
+
+fn half(buf: &mut [f64], coef: &[f64], d: usize) {
+    let mut acc = [0.0f64; 8];
+    for c in buf.chunks_exact(8) {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let q = black_box(acc.iter().sum::<f64>()) * 1e-30;
+    for row in buf.chunks_exact_mut(d) {
+        for (u, &c) in row.iter_mut().zip(coef) {
+            *u += c * q;
+        }
+    }
+}
+
+/// Seconds per call of `f`, one sample: enough calls to fill `target`.
+fn sample(f: &mut dyn FnMut(), target: Duration) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u32;
+    while n == 0 || start.elapsed() < target {
+        f();
+        n += 1;
+    }
+    start.elapsed().as_secs_f64() / f64::from(n)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Medians of interleaved samples of several measured functions (so that a burst of load from
+/// elsewhere on the machine hits all of them alike).
+fn interleaved(fs: &mut [&mut dyn FnMut()], samples: usize, target: Duration) -> Vec<f64> {
+    for f in fs.iter_mut() {
+        sample(*f, target / 2);
+    }
+    let mut times = vec![Vec::new(); fs.len()];
+    for _ in 0..samples {
+        for (f, t) in fs.iter_mut().zip(&mut times) {
+            t.push(sample(*f, target));
+        }
+    }
+    times.into_iter().map(median).collect()
+}
+
+fn fmt_time(s: f64) -> String {
+    if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
+fn ratio(samples: usize) {
+    println!("## ratio: one observation vs the memory floor (single thread)\n");
+    println!(
+        "| J | hidden | d | ensemble bytes | time / obs | obs/s | ns per particle-parameter | floor | time / floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &(j, hidden) in &[
+        (100, 16),
+        (500, 16),
+        (2000, 16),
+        (100, 32),
+        (500, 32),
+        (2000, 32),
+    ] {
+        let mut s = Stream::new(j, hidden, 1);
+        let d = s.e.dim();
+        let mut floor = Floor::new(j, d);
+        let t = interleaved(
+            &mut [&mut || s.observe(), &mut || floor.pass()],
+            samples,
+            Duration::from_millis(40),
+        );
+        println!(
+            "| {j} | {hidden} | {d} | {:.2} MB | {} | {:.0} | {:.2} | {} | {:.2} |",
+            (j * d * 8) as f64 / 1e6,
+            fmt_time(t[0]),
+            1.0 / t[0],
+            t[0] * 1e9 / (j * d) as f64,
+            fmt_time(t[1]),
+            t[0] / t[1]
+        );
+    }
+    println!();
+}
+
+fn cores(samples: usize) {
+    println!("## cores: one stream on one thread and on two\n");
+    println!(
+        "| J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up | floor, 1 thread | floor, 2 threads | 2 threads / 2-thread floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &(j, hidden) in &[(2000, 32), (8000, 32), (2000, 64), (2000, 16)] {
+        // The two streams interleaved, then the two floors interleaved: four buffers of this
+        // size at once would evict each other from L3 between samples.
+        let mut one = Stream::new(j, hidden, 1);
+        let mut two = Stream::new(j, hidden, 2);
+        let d = one.e.dim();
+        let t = interleaved(
+            &mut [&mut || one.observe(), &mut || two.observe()],
+            samples,
+            Duration::from_millis(60),
+        );
+        drop((one, two));
+        let mut floor = Floor::new(j, d);
+        let mut floor2 = Floor::new(j, d);
+        let f = interleaved(
+            &mut [&mut || floor.pass(), &mut || floor2.pass2()],
+            samples,
+            Duration::from_millis(60),
+        );
+        let t = [t[0], t[1], f[0], f[1]];
+        println!(
+            "| {j} | {hidden} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} |",
+            1.0 / t[0],
+            1.0 / t[1],
+            t[0] / t[1],
+            fmt_time(t[2]),
+            fmt_time(t[3]),
+            t[1] / t[3]
+        );
+    }
+    println!();
+}
+
+fn growth(samples: usize) {
+    println!("## growth: observations/s (single thread) and ensemble bytes\n");
+    let js = [32usize, 100, 500, 2000, 8000];
+    let hs = [8usize, 16, 32, 64];
+    println!("| J \\ hidden (d) | {} |", {
+        let v: Vec<String> = hs
+            .iter()
+            .map(|&h| format!("{h} ({})", options(2, h).layout().dim()))
+            .collect();
+        v.join(" | ")
+    });
+    println!("|---|{}", "---|".repeat(hs.len()));
+    let mut per = Vec::new();
+    for &j in &js {
+        let mut cells = Vec::new();
+        for &h in &hs {
+            let mut s = Stream::new(j, h, 1);
+            let d = s.e.dim();
+            let work = (j * d) as f64;
+            // Fewer samples where one observation takes tens of milliseconds.
+            let n = if work > 5e6 { samples.min(3) } else { samples };
+            let target = Duration::from_millis(if work > 5e6 { 150 } else { 30 });
+            let t = interleaved(&mut [&mut || s.observe()], n, target)[0];
+            per.push((j, h, t * 1e9 / work));
+            let bytes = (j * d * 8) as f64;
+            let b = if bytes >= 1e6 {
+                format!("{:.1} MB", bytes / 1e6)
+            } else {
+                format!("{:.0} kB", bytes / 1e3)
+            };
+            cells.push(format!("{:.0} obs/s, {b}", 1.0 / t));
+        }
+        println!("| {j} | {} |", cells.join(" | "));
+    }
+    println!("\nns per particle-parameter (time / (J·d)):\n");
+    println!("| J \\ hidden | {} |", {
+        let v: Vec<String> = hs.iter().map(|h| h.to_string()).collect();
+        v.join(" | ")
+    });
+    println!("|---|{}", "---|".repeat(hs.len()));
+    for &j in &js {
+        let v: Vec<String> = per
+            .iter()
+            .filter(|r| r.0 == j)
+            .map(|r| format!("{:.2}", r.2))
+            .collect();
+        println!("| {j} | {} |", v.join(" | "));
+    }
+    println!();
+}
+
+/// `profile J HIDDEN [THREADS [SECONDS]]`: only observations (10 s by default), to run under
+/// `perf record` or to time one configuration in a process of its own.
+fn profile(args: &[String]) {
+    let num =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    let mut s = Stream::new(num(1, 2000), num(2, 32), num(3, 1));
+    let seconds = num(4, 10) as u64;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        s.observe();
+        n += 1;
+    }
+    println!(
+        "{n} observations, {}",
+        fmt_time(start.elapsed().as_secs_f64() / n as f64)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.first().is_some_and(|a| a == "profile") {
+        return profile(&args);
+    }
+    let quick = args.iter().any(|a| a == "quick");
+    let want = |name: &str| {
+        let named: Vec<&String> = args.iter().filter(|a| *a != "quick").collect();
+        named.is_empty() || named.iter().any(|a| *a == name)
+    };
+    let samples = if quick { 5 } else { 15 };
+    if want("ratio") {
+        ratio(samples);
+    }
+    if want("cores") {
+        cores(samples);
+    }
+    if want("growth") {
+        growth(if quick { 3 } else { 7 });
+    }
+}
