@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Barrier, Mutex, PoisonError};
 
 use super::kernels::{self, BLOCK, UpdateRule};
-use super::{Accumulate, forward_rows};
+use super::{Accumulate, forward_rows, touch_ahead};
 use crate::network::Layout;
 
 /// Particle-parameters (J·d) from which a step with two threads splits: 2^20, 8 MiB of
@@ -109,6 +109,7 @@ pub(super) fn forward(
     let (ha, hb) = hidden.split_at_mut(s * nh);
     let (wa, wb) = w.split_at_mut(s * m);
     let (oka, okb) = healthy.split_at_mut(s);
+    let touch = touch_ahead(particles.len());
     let sick = AtomicBool::new(!pred.iter().all(|v| v.is_finite()));
     let barrier = Barrier::new(2);
     let w_slot: Mutex<Option<&[f64]>> = Mutex::new(None);
@@ -116,7 +117,7 @@ pub(super) fn forward(
     let (sick, barrier, w_slot, cuw_slot) = (&sick, &barrier, &w_slot, &cuw_slot);
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            if !forward_rows(layout, pb, hb, wb, okb, scratch_b, None) {
+            if !forward_rows(layout, pb, hb, wb, okb, scratch_b, None, touch) {
                 sick.store(true, Ordering::Relaxed);
             }
             let wb: &[f64] = wb;
@@ -131,7 +132,7 @@ pub(super) fn forward(
             mean,
             pred,
         });
-        if !forward_rows(layout, pa, ha, wa, oka, scratch_a, acc) {
+        if !forward_rows(layout, pa, ha, wa, oka, scratch_a, acc, touch) {
             sick.store(true, Ordering::Relaxed);
         }
         let (left, right) = cuw.split_at_mut(c);

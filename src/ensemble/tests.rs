@@ -382,3 +382,34 @@ fn big_ensembles_split_and_small_ones_do_not() {
     big.set_threads(1);
     assert!(!big.is_parallel());
 }
+
+#[test]
+fn touching_ahead_changes_no_result_issue_6() {
+    // The touch only loads; force it on a small ensemble and compare with it off.
+    let e = Ensemble::new(&options(37, 5, 3, 1, Method::Kalman, 8));
+    let l = *e.layout();
+    let run = |touch: bool| {
+        let (mut hidden, mut w, mut ok) = (e.hidden.clone(), vec![0.0; 37], vec![true; 37]);
+        let mut cuw = vec![0.0; e.dim()];
+        let mut scratch = vec![0.0; l.row()];
+        network::load_inputs(&l, &mut scratch, &[0.2, 0.5, 0.9]);
+        let acc = Accumulate {
+            cuw: &mut cuw,
+            mean: e.mean(),
+            pred: &[0.4],
+        };
+        let all = forward_rows(
+            &l,
+            e.particles(),
+            &mut hidden,
+            &mut w,
+            &mut ok,
+            &mut scratch,
+            Some(acc),
+            touch,
+        );
+        assert!(all);
+        [hidden, w, cuw].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+    };
+    assert_eq!(run(true), run(false));
+}
