@@ -100,10 +100,8 @@ impl Floor {
         let rows = self.buf.len() / self.d / 2;
         let (a, b) = self.buf.split_at_mut(rows * self.d);
         let (coef, d) = (&self.coef, self.d);
-        std::thread::scope(|s| {
-            s.spawn(|| half(b, coef, d));
-            half(a, coef, d);
-        });
+        // On the engine's step pool, as the two-thread step runs.
+        ekid::ensemble::on_pool(|| rayon::join(|| half(a, coef, d), || half(b, coef, d)));
         black_box(self.buf[0]);
     }
 }
@@ -147,6 +145,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Medians of interleaved samples of several measured functions (so that a burst of load from
 /// elsewhere on the machine hits all of them alike).
 fn interleaved(fs: &mut [&mut dyn FnMut()], samples: usize, target: Duration) -> Vec<f64> {
+    rounds(fs, samples, target)
+        .into_iter()
+        .map(median)
+        .collect()
+}
+
+/// Every sample of every function, round by round (`times[f][round]`), after a warm-up.
+fn rounds(fs: &mut [&mut dyn FnMut()], samples: usize, target: Duration) -> Vec<Vec<f64>> {
     for f in fs.iter_mut() {
         sample(*f, target / 2);
     }
@@ -156,7 +162,7 @@ fn interleaved(fs: &mut [&mut dyn FnMut()], samples: usize, target: Duration) ->
             t.push(sample(*f, target));
         }
     }
-    times.into_iter().map(median).collect()
+    times
 }
 
 fn fmt_time(s: f64) -> String {
@@ -205,21 +211,32 @@ fn ratio(samples: usize) {
 fn cores(samples: usize) {
     println!("## cores: one stream on one thread and on two\n");
     println!(
-        "| J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up | floor, 1 thread | floor, 2 threads | 2 threads / 2-thread floor |"
+        "| J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up (median of rounds) | floor, 1 thread | floor, 2 threads | 2 threads / 2-thread floor |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for &(j, hidden) in &[(2000, 32), (8000, 32), (2000, 64), (2000, 16)] {
-        // The two streams interleaved, then the two floors interleaved: four buffers of this
-        // size at once would evict each other from L3 between samples.
-        let mut one = Stream::new(j, hidden, 1);
-        let mut two = Stream::new(j, hidden, 2);
-        let d = one.e.dim();
-        let t = interleaved(
-            &mut [&mut || one.observe(), &mut || two.observe()],
-            samples,
-            Duration::from_millis(60),
-        );
-        drop((one, two));
+        // One stream, its samples alternating between one thread and two (the results are
+        // the same bits either way, so it is one stream's evolution), then the two floors
+        // interleaved: two ensembles of this size at once would evict each other from L3.
+        let s = std::sync::Mutex::new(Stream::new(j, hidden, 1));
+        let d = s.lock().expect("one user").e.dim();
+        let observe_on = |threads: usize| {
+            let mut s = s.lock().expect("one user");
+            s.e.set_threads(threads);
+            s.observe();
+        };
+        let r = ekid::ensemble::on_pool(|| {
+            rounds(
+                &mut [&mut || observe_on(1), &mut || observe_on(2)],
+                samples,
+                Duration::from_millis(60),
+            )
+        });
+        drop(s);
+        // The speed-up of each round (adjacent samples), then the median: the machine's speed
+        // drifts over seconds when its host is busy, and adjacent samples share the drift.
+        let speedup = median(r[0].iter().zip(&r[1]).map(|(a, b)| a / b).collect());
+        let t = [median(r[0].clone()), median(r[1].clone())];
         let mut floor = Floor::new(j, d);
         let mut floor2 = Floor::new(j, d);
         let f = interleaved(
@@ -229,10 +246,9 @@ fn cores(samples: usize) {
         );
         let t = [t[0], t[1], f[0], f[1]];
         println!(
-            "| {j} | {hidden} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} |",
+            "| {j} | {hidden} | {:.0} | {:.0} | {speedup:.2} | {} | {} | {:.2} |",
             1.0 / t[0],
             1.0 / t[1],
-            t[0] / t[1],
             fmt_time(t[2]),
             fmt_time(t[3]),
             t[1] / t[3]
@@ -301,10 +317,13 @@ fn profile(args: &[String]) {
     let seconds = num(4, 10) as u64;
     let start = Instant::now();
     let mut n = 0u64;
-    while start.elapsed() < Duration::from_secs(seconds) {
-        s.observe();
-        n += 1;
-    }
+    // Enter the step pool once, as `ekid eval` and the daemon's batches do.
+    ekid::ensemble::on_pool(|| {
+        while start.elapsed() < Duration::from_secs(seconds) {
+            s.observe();
+            n += 1;
+        }
+    });
     println!(
         "{n} observations, {}",
         fmt_time(start.elapsed().as_secs_f64() / n as f64)

@@ -229,6 +229,10 @@ pub struct EvalArgs {
     /// OGD truncated back-propagation window.
     #[arg(long, default_value_t = OgdSettings::default().window)]
     pub ogd_window: usize,
+    /// Threads one EKI step may use: 2 splits ensembles of at least 2^20 particle-parameters
+    /// over two cores (same results).
+    #[arg(long, default_value_t = 2)]
+    pub step_threads: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -376,6 +380,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             window: args.ogd_window,
         },
         train_fraction: 0.8,
+        step_threads: args.step_threads.max(1),
     };
     let scaler = match options.scale {
         ScaleOption::Fixed(r) => Scaler::new(r.min, r.max),

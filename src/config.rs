@@ -22,6 +22,22 @@ pub struct Config {
     pub limits: Limits,
     pub auth: Auth,
     pub storage: StorageConfig,
+    pub engine: Engine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Engine {
+    /// Threads one stream's step may use: 2 splits the step of an ensemble of at least
+    /// 2^20 particle-parameters over two cores (same results); 1 keeps every step serial.
+    /// Capped at the machine's cores.
+    pub step_threads: usize,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine { step_threads: 2 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +85,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: Auth::default(),
             storage: StorageConfig::default(),
+            engine: Engine::default(),
         }
     }
 }
@@ -102,6 +119,9 @@ impl Config {
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
         let c: Config = toml::from_str(text)?;
         c.stream_defaults()?;
+        if c.engine.step_threads == 0 {
+            anyhow::bail!("[engine] step_threads must be at least 1");
+        }
         Ok(c)
     }
 
@@ -150,5 +170,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("noise"), "{e}");
+        let e = Config::from_toml("[engine]\nstep_threads = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step_threads"), "{e}");
     }
 }

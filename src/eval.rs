@@ -113,6 +113,8 @@ pub struct EvalConfig {
     pub methods: Vec<EvalMethod>,
     pub ogd: OgdSettings,
     pub train_fraction: f64,
+    /// Threads one EKI step may use ([`Ensemble::set_threads`]; same results).
+    pub step_threads: usize,
 }
 
 /// Mean squared error accumulator over the predicted positions.
@@ -224,8 +226,10 @@ fn passes<L: Learner + Clone>(
     out
 }
 
-fn eki_model(o: &Options) -> OnlineModel<Ensemble> {
-    OnlineModel::new(Ensemble::new(o), o.lags, 0, 1)
+fn eki_model(o: &Options, threads: usize) -> OnlineModel<Ensemble> {
+    let mut e = Ensemble::new(o);
+    e.set_threads(threads);
+    OnlineModel::new(e, o.lags, 0, 1)
 }
 
 /// The OGD network starts where the EKI prior is centred for the same seed.
@@ -242,7 +246,7 @@ pub fn run_method(
     method: &EvalMethod,
     config: &EvalConfig,
     scaled: &[f64],
-    predictions: impl FnMut(usize, Option<f64>),
+    predictions: impl FnMut(usize, Option<f64>) + Send,
 ) -> EvalResult {
     let n_train = ((scaled.len() as f64) * config.train_fraction).round() as usize;
     let split = Split {
@@ -301,8 +305,11 @@ pub fn run_method(
             }
         }
         EvalMethod::Eki(name, eo) => {
-            let mut m = eki_model(eo);
-            let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
+            let mut m = eki_model(eo, config.step_threads);
+            // Steps that split run their fork-joins from the step pool's workers.
+            let (preq, ops) = crate::ensemble::on_pool(|| {
+                timed(&mut || prequential(&mut m, scaled, &mut predictions))
+            });
             let best = |model: &OnlineModel<Ensemble>, test: &[f64]| {
                 let index = model.learner.best_particle();
                 let mut pm = model
@@ -310,13 +317,15 @@ pub fn run_method(
                     .map_learner(|ensemble| Particle { ensemble, index });
                 Some(test_segment(&mut pm, test))
             };
-            let (first, final_, best_first, best_final) = passes(
-                eki_model(eo),
-                &split,
-                p,
-                best,
-                |m: &mut OnlineModel<Ensemble>| m.learner.reset_particle_errors(),
-            );
+            let (first, final_, best_first, best_final) = crate::ensemble::on_pool(|| {
+                passes(
+                    eki_model(eo, config.step_threads),
+                    &split,
+                    p,
+                    best,
+                    |m: &mut OnlineModel<Ensemble>| m.learner.reset_particle_errors(),
+                )
+            });
             EvalResult {
                 method: name.clone(),
                 passes: p,
@@ -409,6 +418,7 @@ mod tests {
             passes: 2,
             ogd: OgdSettings::default(),
             train_fraction: 0.8,
+            step_threads: 1,
         }
     }
 

@@ -223,6 +223,21 @@ impl Stream {
         &self.options
     }
 
+    /// Lets this stream's steps use up to `threads` threads ([`Ensemble::set_threads`]: only
+    /// big ensembles split, and the results are the same bits either way).
+    pub fn set_step_threads(&mut self, threads: usize) {
+        self.model.learner.set_threads(threads);
+    }
+
+    /// Threads one step of this stream uses: 2 when its steps split, else 1.
+    pub fn step_threads(&self) -> usize {
+        if self.model.learner.is_parallel() {
+            2
+        } else {
+            1
+        }
+    }
+
     pub fn state(&self) -> StreamState {
         StreamState {
             options: self.options.clone(),
@@ -326,7 +341,17 @@ impl Stream {
 
     /// Learns from the observations a [`Plan`] of this same state accepted, in order, calling
     /// `sink` with each one's prequential prediction.
-    pub fn apply(&mut self, batch: &[Observation], plan: &Plan, mut sink: impl FnMut(Applied)) {
+    /// When the steps split over two threads, the whole batch runs on the step pool, so each
+    /// step's fork-joins start from a pool worker instead of waking one per observation.
+    pub fn apply(&mut self, batch: &[Observation], plan: &Plan, sink: impl FnMut(Applied) + Send) {
+        if self.step_threads() > 1 {
+            crate::ensemble::on_pool(|| self.apply_here(batch, plan, sink));
+        } else {
+            self.apply_here(batch, plan, sink);
+        }
+    }
+
+    fn apply_here(&mut self, batch: &[Observation], plan: &Plan, mut sink: impl FnMut(Applied)) {
         if plan.accepted.is_empty() {
             return;
         }

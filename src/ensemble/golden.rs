@@ -71,6 +71,7 @@ fn eval_fingerprint(file: &str, prefix: usize, method: &str, o: Options, passes:
         methods: vec![m],
         ogd: OgdSettings::default(),
         train_fraction: 0.8,
+        step_threads: 1,
     };
     let mut f = Fingerprint::new();
     let r = run_method(&config.methods[0], &config, &s, |_, p| f.prediction(p));

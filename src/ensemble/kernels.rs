@@ -89,6 +89,38 @@ pub fn accumulate_rows(
     }
 }
 
+/// [`accumulate_rows`] over particles given as slices (`rows[j][span]` are particle j's
+/// columns), as the two-thread step holds its part of every particle.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "plain slices, as in accumulate_rows"
+)]
+pub fn accumulate_slices(
+    acc: &mut [f64],
+    mean: &[f64],
+    rows: &[&mut [f64]],
+    span: std::ops::Range<usize>,
+    w: &[f64],
+    m: usize,
+    o: usize,
+    pred_o: f64,
+) {
+    let mut blocks = rows.chunks_exact(BLOCK);
+    let mut wb = w.chunks_exact(BLOCK * m);
+    for (blk, wj) in (&mut blocks).zip(&mut wb) {
+        let u = [0, 1, 2, 3].map(|b| &blk[b][span.clone()]);
+        let e = [0, 1, 2, 3].map(|b| wj[b * m + o] - pred_o);
+        accumulate4(acc, mean, u, e);
+    }
+    for (u, wj) in blocks
+        .remainder()
+        .iter()
+        .zip(wb.remainder().chunks_exact(m))
+    {
+        accumulate1(acc, mean, &u[span.clone()], wj[o] - pred_o);
+    }
+}
+
 /// The plain update of a block of four (one output, no inflation, no momentum):
 /// `u_b[p] += c[p]·q_b`, then `sum[p] += u_b[p]` in particle order when a sum is kept.
 #[inline]
@@ -213,20 +245,21 @@ impl UpdateRule<'_> {
             }
         }
     }
-    /// The update of the columns `[c0, c0 + sum.len())` of every particle: `rows[j]` (and, with
-    /// momentum, `prev[j]`) is particle j's slice of those columns. Sums into `sum` in
-    /// particle order. Used by the two-thread step, each thread on its own columns.
+    /// The update of the columns `span` of every particle: `rows[j][span]` (and, with momentum,
+    /// `prev[j][span]`) are particle j's values, this rule's C^{uw} rows and next mean are indexed
+    /// `0..span.len()` (the rule covers exactly these columns). Sums into `sum` (`span.len()`
+    /// long) in particle order. Used by the two-thread step, each thread on its own columns.
     pub fn columns(
         &self,
         rows: &mut [&mut [f64]],
-        c0: usize,
+        span: std::ops::Range<usize>,
         q: &[f64],
         prev: &mut [&mut [f64]],
         sum: &mut [f64],
     ) {
-        let (n, m) = (sum.len(), self.m);
+        let m = self.m;
         if self.plain() {
-            let c = &self.cuw[c0..c0 + n];
+            let c = &self.cuw[..span.len()];
             let mut blocks = rows.chunks_exact_mut(BLOCK);
             let mut qb = q.chunks_exact(BLOCK);
             for (blk, qj) in (&mut blocks).zip(&mut qb) {
@@ -235,22 +268,29 @@ impl UpdateRule<'_> {
                 };
                 let qj = [qj[0], qj[1], qj[2], qj[3]];
                 update4(
-                    [&mut **u0, &mut **u1, &mut **u2, &mut **u3],
+                    [
+                        &mut u0[span.clone()],
+                        &mut u1[span.clone()],
+                        &mut u2[span.clone()],
+                        &mut u3[span.clone()],
+                    ],
                     c,
                     qj,
                     Some(&mut *sum),
                 );
             }
             for (u, qj) in blocks.into_remainder().iter_mut().zip(qb.remainder()) {
-                self.one(u, c0, std::slice::from_ref(qj), None, Some(&mut *sum));
+                let u = &mut u[span.clone()];
+                self.one(u, 0, std::slice::from_ref(qj), None, Some(&mut *sum));
             }
         } else if self.nesterov.is_some() {
             for ((u, qj), pv) in rows.iter_mut().zip(q.chunks_exact(m)).zip(prev.iter_mut()) {
-                self.one(u, c0, qj, Some(pv), Some(&mut *sum));
+                let (u, pv) = (&mut u[span.clone()], &mut pv[span.clone()]);
+                self.one(u, 0, qj, Some(pv), Some(&mut *sum));
             }
         } else {
             for (u, qj) in rows.iter_mut().zip(q.chunks_exact(m)) {
-                self.one(u, c0, qj, None, Some(&mut *sum));
+                self.one(&mut u[span.clone()], 0, qj, None, Some(&mut *sum));
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::update::KalmanUpdate;
 mod kernels;
 mod parallel;
 use kernels::{BLOCK, UpdateRule};
-pub use parallel::PARALLEL_MIN_WORK;
+pub use parallel::{PARALLEL_MIN_WORK, on_pool};
 
 /// One EKI ensemble. Only its owner mutates it.
 #[derive(Debug, Clone)]
@@ -250,7 +250,10 @@ impl Ensemble {
 
     /// Whether a step of this ensemble runs on two threads.
     pub fn is_parallel(&self) -> bool {
-        self.threads >= 2 && self.j * self.d >= self.parallel_min_work && self.j >= 4 * BLOCK
+        self.threads >= 2
+            && self.j * self.d >= self.parallel_min_work
+            && self.j >= 4 * BLOCK
+            && parallel::pool().is_some()
     }
 
     /// Tests force the two-thread path on small ensembles with a threshold of 0.
@@ -383,6 +386,15 @@ impl Ensemble {
     /// `pred` (made before anything learns from `y`), then updates every particle.
     /// `z` and `y` must be finite (checked at the edge).
     pub fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
+        if self.is_parallel() {
+            parallel::on_pool(|| self.step_here(z, y, pred))
+        } else {
+            self.step_here(z, y, pred)
+        }
+    }
+
+    /// [`Ensemble::step`] on the calling thread (on the step pool when the step splits).
+    fn step_here(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
         let (d, m) = (self.d, self.layout.outputs);
         debug_assert!(z.iter().chain(y).all(|v| v.is_finite()));
 
@@ -404,9 +416,12 @@ impl Ensemble {
             healthy,
             ..
         } = &mut self.ws;
+        // Two threads: the C^{uw} sums over the particles from `split` on are still due after
+        // the forward (the update pass finishes them).
+        let mut split = None;
         if parallel {
             network::load_inputs(&self.layout, scratch_b, z);
-            all_healthy &= parallel::forward(
+            let (ok, s) = parallel::forward(
                 &self.layout,
                 &self.particles,
                 &mut self.hidden,
@@ -418,6 +433,8 @@ impl Ensemble {
                 &self.mean,
                 pred,
             );
+            all_healthy &= ok;
+            split = all_healthy.then_some(s);
         } else {
             all_healthy &= forward_rows(
                 &self.layout,
@@ -475,8 +492,10 @@ impl Ensemble {
             *v *= inv_j;
         }
         self.last_prediction_var = (0..m).map(|o| cww[o * m + o]).sum::<f64>() / m as f64;
-        for c in cuw.iter_mut() {
-            *c *= inv_j;
+        if !parallel {
+            for c in cuw.iter_mut() {
+                *c *= inv_j;
+            }
         }
         for (e, wj) in self.particle_sse.iter_mut().zip(w.chunks_exact(m)) {
             *e += wj
@@ -497,38 +516,50 @@ impl Ensemble {
         for v in qbar.iter_mut() {
             *v *= inv_j;
         }
-        // ū' = ū + C^{uw} q̄ (needed before the pass for inflation around the new mean).
-        next_mean.copy_from_slice(&self.mean);
-        for (o, row) in cuw.chunks_exact(d).enumerate() {
-            for (nm, &c) in next_mean.iter_mut().zip(row) {
-                *nm += c * qbar[o];
-            }
-        }
-
-        // 5. The update pass: read and write every particle once, summing the new mean.
-        self.mean.fill(0.0);
-        let rule = UpdateRule {
-            cuw,
-            d,
-            m,
-            lambda: self.inflation,
-            next_mean,
-            nesterov: self.momentum.then(|| {
-                // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
-                // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
-                let n = (self.steps % self.momentum_restart) as f64;
-                n / (n + 3.0)
-            }),
-        };
+        let nesterov = self.momentum.then(|| {
+            // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
+            // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
+            let n = (self.steps % self.momentum_restart) as f64;
+            n / (n + 3.0)
+        });
         if parallel {
-            parallel::update(
-                &rule,
-                &mut self.particles,
+            // 5'. C^{uw}'s scaling, ū' and the update pass, column run by column run.
+            parallel::Finish {
+                d,
+                m,
+                inv_j,
+                lambda: self.inflation,
+                nesterov,
                 q,
+                qbar,
+                continuation: split.map(|s| (s, &w[..], &pred[..])),
+            }
+            .run(
+                &mut self.particles,
                 &mut self.previous,
+                cuw,
+                next_mean,
                 &mut self.mean,
             );
         } else {
+            // ū' = ū + C^{uw} q̄ (needed before the pass for inflation around the new mean).
+            next_mean.copy_from_slice(&self.mean);
+            for (o, row) in cuw.chunks_exact(d).enumerate() {
+                for (nm, &c) in next_mean.iter_mut().zip(row) {
+                    *nm += c * qbar[o];
+                }
+            }
+
+            // 5. The update pass: read and write every particle once, summing the new mean.
+            self.mean.fill(0.0);
+            let rule = UpdateRule {
+                cuw,
+                d,
+                m,
+                lambda: self.inflation,
+                next_mean,
+                nesterov,
+            };
             rule.rows(
                 &mut self.particles,
                 q,

@@ -3,37 +3,65 @@
 //! Sums over particles (C^{uw}, the new mean) must run j = 0, 1, …, J−1 for every parameter,
 //! so the particles cannot simply be cut in two with a partial sum each. Instead:
 //!
-//! - forward: thread A runs particles `[0, s)` and accumulates C^{uw} over them (all columns,
-//!   fused as in the serial step) while thread B runs the forward of `[s, J)`; then both
-//!   continue the sums over `[s, J)`, A on the first part of the accumulator and B on the rest
-//!   (columns for one output, output rows for several);
-//! - update: each thread updates its half of the columns of every particle and sums its half
+//! - forward: one side runs particles `[0, s)` and accumulates C^{uw} over them (all columns,
+//!   fused as in the serial step) while the other runs the forward of `[s, J)`; then both
+//!   continue the sums over `[s, J)`, one on the first part of the accumulator and the other on
+//!   the rest (columns for one output, output rows for several);
+//! - update: each side updates its half of the columns of every particle and sums its half
 //!   of the new mean (an element-wise pass has no order to keep across columns).
 //!
-//! A takes fewer particles than B because it also sums. Where the cut falls changes only who
-//! computes what, never an operation or its order, so the result is the serial one for any
-//! cut and any thread timing. The cost over the serial step is one extra read of B's part of
-//! the ensemble in the forward, and one scoped thread spawned per pass (a few tens of µs),
-//! which is why only big ensembles ([`PARALLEL_MIN_WORK`]) take this path.
+//! The first side takes fewer particles because it also sums. Where the cut falls changes only
+//! who computes what, never an operation or its order, so the result is the serial one for any
+//! cut and any thread timing. The cost over the serial step is one extra read of the second
+//! part of the ensemble in the forward, and three fork-joins per observation.
 //!
-//! The threads hand each other slices through `Mutex<Option<…>>` slots and meet at one
-//! `Barrier` per pass, so the borrow checker sees every hand-over: no `unsafe`.
+//! The halves run as `rayon::join`s on [`pool`], two workers started once and kept: a join
+//! costs a wake-up of an idle (usually still spinning) worker, microseconds, where spawning a
+//! thread per pass cost 60–90 µs in this VM. The pool is the only place the crate starts
+//! threads for the engine; rayon's scoped joins let the halves borrow the ensemble, so there is
+//! no `unsafe` and no hand-over of slices between threads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Barrier, Mutex, PoisonError};
+use std::sync::OnceLock;
 
 use super::kernels::{self, BLOCK, UpdateRule};
 use super::{Accumulate, forward_rows, touch_ahead};
 use crate::network::Layout;
 
 /// Particle-parameters (J·d) from which a step with two threads splits: 2^20, 8 MiB of
-/// particles. Below that the spawn and the extra read cost more than the second core gains.
+/// particles. Below that the fork-joins and the extra read cost more than the second core gains.
 pub const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// Share of the particles thread A runs in the forward (it also accumulates C^{uw}).
-const FORWARD_SHARE: f64 = 0.4;
-/// Share of the columns thread A updates.
-const UPDATE_LEFT: f64 = 0.54;
+/// Share of the particles the first side runs in the forward (it also accumulates C^{uw}).
+/// The first side of a join runs at once on the calling worker, the second once the other
+/// worker has stolen it; the shares lean towards the first side by about that delay.
+const FORWARD_SHARE: f64 = 0.42;
+/// Share of the columns the first side updates.
+const UPDATE_SHARE: f64 = 0.53;
+
+/// The two-worker pool every two-thread step runs on, started on first use. `None` if the
+/// operating system refused the threads: steps then stay serial.
+pub fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .thread_name(|i| format!("ekid-step-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!("two-thread steps disabled: {e}"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `f` on the step pool when there is one (inline when already on it): callers that make
+/// many two-thread steps in a row (a batch, an evaluation pass) enter the pool once, so each
+/// step's fork-joins start from a worker instead of waking one from outside.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match pool() {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
 
 /// The cut: a multiple of [`BLOCK`], at least one block each side.
 fn cut(j: usize, share: f64) -> usize {
@@ -41,50 +69,10 @@ fn cut(j: usize, share: f64) -> usize {
     s.clamp(BLOCK, j - BLOCK)
 }
 
-/// Where B's part of the `m×d` accumulator starts: half the columns for one output, half the
-/// output rows for several (kept a multiple of 8 so both halves start on a cache line).
-fn accumulator_cut(d: usize, m: usize) -> usize {
-    if m == 1 { d / 2 / 8 * 8 } else { m / 2 * d }
-}
-
-fn put<T>(slot: &Mutex<Option<T>>, v: T) {
-    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(v);
-}
-
-fn take<T>(slot: &Mutex<Option<T>>) -> T {
-    slot.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take()
-        .expect("the other thread filled the slot before the barrier")
-}
-
-/// Continues the accumulation of `part` (the flat elements `[start, start + len)` of the
-/// `m×d` accumulator) over the consecutive particles `rows` with predictions `w`.
-#[allow(clippy::too_many_arguments, reason = "plain slices, as in the kernels")]
-fn accumulate_span(
-    part: &mut [f64],
-    start: usize,
-    mean: &[f64],
-    rows: &[f64],
-    d: usize,
-    w: &[f64],
-    m: usize,
-    pred: &[f64],
-) {
-    let end = start + part.len();
-    let mut at = start;
-    while at < end {
-        let o = at / d;
-        let (p0, p1) = (at % d, d.min(end - o * d));
-        let acc = &mut part[at - start..at - start + (p1 - p0)];
-        kernels::accumulate_rows(acc, &mean[p0..p1], rows, d, p0..p1, w, m, o, pred[o]);
-        at += p1 - p0;
-    }
-}
-
-/// The forward of every particle with C^{uw} accumulated (unscaled) into `cuw`, on two
-/// threads. `scratch_a`/`scratch_b` hold the inputs `z`. Returns whether every prediction was
-/// finite; when one is not, C^{uw} is left incomplete (the repair pass recomputes it).
+/// The forward of every particle, with C^{uw} accumulated (unscaled) into `cuw` over the first
+/// part's particles, on two threads. `scratch_a`/`scratch_b` hold the inputs `z`. Returns
+/// whether every prediction was finite and the first particle of the second part, whose
+/// C^{uw} sums [`finish`] continues.
 #[allow(
     clippy::too_many_arguments,
     reason = "the serial forward's slices plus the second thread's scratch"
@@ -100,75 +88,179 @@ pub(super) fn forward(
     cuw: &mut [f64],
     mean: &[f64],
     pred: &[f64],
-) -> bool {
+) -> (bool, usize) {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
     let j = particles.len() / d;
     let s = cut(j, FORWARD_SHARE);
-    let c = accumulator_cut(d, m);
     let (pa, pb) = particles.split_at(s * d);
     let (ha, hb) = hidden.split_at_mut(s * nh);
     let (wa, wb) = w.split_at_mut(s * m);
     let (oka, okb) = healthy.split_at_mut(s);
     let touch = touch_ahead(particles.len());
-    let sick = AtomicBool::new(!pred.iter().all(|v| v.is_finite()));
-    let barrier = Barrier::new(2);
-    let w_slot: Mutex<Option<&[f64]>> = Mutex::new(None);
-    let cuw_slot: Mutex<Option<&mut [f64]>> = Mutex::new(None);
-    let (sick, barrier, w_slot, cuw_slot) = (&sick, &barrier, &w_slot, &cuw_slot);
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
-            if !forward_rows(layout, pb, hb, wb, okb, scratch_b, None, touch) {
-                sick.store(true, Ordering::Relaxed);
-            }
-            let wb: &[f64] = wb;
-            put(w_slot, wb);
-            barrier.wait();
-            if !sick.load(Ordering::Relaxed) {
-                accumulate_span(take(cuw_slot), c, mean, pb, d, wb, m, pred);
-            }
-        });
-        let acc = (!sick.load(Ordering::Relaxed)).then_some(Accumulate {
-            cuw: &mut *cuw,
-            mean,
-            pred,
-        });
-        if !forward_rows(layout, pa, ha, wa, oka, scratch_a, acc, touch) {
-            sick.store(true, Ordering::Relaxed);
-        }
-        let (left, right) = cuw.split_at_mut(c);
-        put(cuw_slot, right);
-        barrier.wait();
-        if !sick.load(Ordering::Relaxed) {
-            accumulate_span(left, 0, mean, pb, d, take(w_slot), m, pred);
-        }
-    });
-    !sick.load(Ordering::Relaxed)
+    let pred_ok = pred.iter().all(|v| v.is_finite());
+    let acc = pred_ok.then_some(Accumulate { cuw, mean, pred });
+    let (ok_a, ok_b) = rayon::join(
+        || forward_rows(layout, pa, ha, wa, oka, scratch_a, acc, touch),
+        || forward_rows(layout, pb, hb, wb, okb, scratch_b, None, touch),
+    );
+    (pred_ok && ok_a && ok_b, s)
 }
 
-/// The update pass on two threads, split by columns: each thread updates its half of every
-/// particle and sums its half of the mean, so nothing is read twice and no sum changes order.
-/// `sum` is zeroed by the caller. (Handing each thread its halves of the rows takes two
-/// vectors of J slices: the two-thread step's only allocation besides the spawn.)
-pub(super) fn update(
-    rule: &UpdateRule,
-    particles: &mut [f64],
-    q: &[f64],
-    previous: &mut [f64],
-    sum: &mut [f64],
-) {
-    let d = rule.d;
-    // The helper starts a spawn later (tens of µs), so it takes a little less than half.
-    let c = (d as f64 * UPDATE_LEFT) as usize / 8 * 8;
-    let (mut left, mut right) = halves(particles, d, c);
-    let (mut prev_left, mut prev_right) = halves(previous, d, c);
-    let (sum_left, sum_right) = sum.split_at_mut(c);
-    std::thread::scope(|scope| {
-        scope.spawn(|| rule.columns(&mut right, c, q, &mut prev_right, sum_right));
-        rule.columns(&mut left, 0, q, &mut prev_left, sum_left);
-    });
+/// The rest of a two-thread step once the coefficients are known, split by columns: for each
+/// run of columns, continue C^{uw}'s sums over the second part's particles (when due), scale
+/// C^{uw} by 1/J, form the next mean ū' = ū + C^{uw} q̄, then update every particle and sum the
+/// new mean: the serial step's operations per element, in its order.
+///
+/// Why runs of columns: the continuation reads the second part's particles once more, and the
+/// update then reads them again. Done a run of columns at a time (sized to stay in L2), the
+/// update finds them in cache, so the ensemble crosses the memory bus once as in the serial
+/// step instead of once and a half.
+pub(super) struct Finish<'a> {
+    pub d: usize,
+    pub m: usize,
+    pub inv_j: f64,
+    pub lambda: f64,
+    pub nesterov: Option<f64>,
+    pub q: &'a [f64],
+    pub qbar: &'a [f64],
+    /// `(first particle of the second part, all predictions w, the mean prediction ŷ)` when
+    /// C^{uw} still lacks the second part's sums; `None` after a repair recomputed it whole.
+    pub continuation: Option<(usize, &'a [f64], &'a [f64])>,
+}
+
+/// One thread's columns of everything [`Finish`] touches.
+struct Part<'p, 'a> {
+    rows: &'p mut [&'a mut [f64]],
+    prev: &'p mut [&'a mut [f64]],
+    /// Per output, this thread's columns of its C^{uw} row.
+    cuw: &'p mut [&'a mut [f64]],
+    next_mean: &'a mut [f64],
+    /// ū on entry, the sum of the new particles on exit.
+    mean: &'a mut [f64],
+}
+
+/// L2 bytes a run of columns of the second part's particles may take.
+const RUN_BYTES: usize = 512 << 10;
+
+impl Finish<'_> {
+    pub(super) fn run(
+        &self,
+        particles: &mut [f64],
+        previous: &mut [f64],
+        cuw: &mut [f64],
+        next_mean: &mut [f64],
+        mean: &mut [f64],
+    ) {
+        let d = self.d;
+        let c = if d >= 16 {
+            (d as f64 * UPDATE_SHARE) as usize / 8 * 8
+        } else {
+            d / 2
+        };
+        let (mut rows_l, mut rows_r) = halves(particles, d, c);
+        let (mut prev_l, mut prev_r) = halves(previous, d, c);
+        let (mut cuw_l, mut cuw_r) = halves(cuw, d, c);
+        let (nm_l, nm_r) = next_mean.split_at_mut(c);
+        let (mean_l, mean_r) = mean.split_at_mut(c);
+        rayon::join(
+            || {
+                self.columns(Part {
+                    rows: &mut rows_l,
+                    prev: &mut prev_l,
+                    cuw: &mut cuw_l,
+                    next_mean: nm_l,
+                    mean: mean_l,
+                })
+            },
+            || {
+                self.columns(Part {
+                    rows: &mut rows_r,
+                    prev: &mut prev_r,
+                    cuw: &mut cuw_r,
+                    next_mean: nm_r,
+                    mean: mean_r,
+                })
+            },
+        );
+    }
+
+    fn columns(&self, p: Part) {
+        let m = self.m;
+        let Part {
+            rows,
+            prev,
+            cuw,
+            next_mean,
+            mean,
+        } = p;
+        let n = mean.len();
+        let second = self
+            .continuation
+            .map_or(rows.len(), |(from, ..)| rows.len() - from);
+        let run = (RUN_BYTES / 8 / second.max(1) / 8 * 8).clamp(8, n.max(8));
+        // Several outputs: the rule wants this run's C^{uw} rows back to back.
+        let mut gathered = if m > 1 {
+            vec![0.0; m * run]
+        } else {
+            Vec::new()
+        };
+        let mut a = 0;
+        while a < n {
+            let span = a..(a + run).min(n);
+            let len = span.len();
+            if let Some((from, w, pred)) = self.continuation {
+                for (o, row) in cuw.iter_mut().enumerate() {
+                    kernels::accumulate_slices(
+                        &mut row[span.clone()],
+                        &mean[span.clone()],
+                        &rows[from..],
+                        span.clone(),
+                        &w[from * m..],
+                        m,
+                        o,
+                        pred[o],
+                    );
+                }
+            }
+            for row in cuw.iter_mut() {
+                for v in &mut row[span.clone()] {
+                    *v *= self.inv_j;
+                }
+            }
+            let nm = &mut next_mean[span.clone()];
+            nm.copy_from_slice(&mean[span.clone()]);
+            for (row, &qb) in cuw.iter().zip(self.qbar) {
+                for (x, &cv) in nm.iter_mut().zip(&row[span.clone()]) {
+                    *x += cv * qb;
+                }
+            }
+            let sum = &mut mean[span.clone()];
+            sum.fill(0.0);
+            let rule_cuw: &[f64] = if m == 1 {
+                &cuw[0][span.clone()]
+            } else {
+                for (g, row) in gathered.chunks_exact_mut(len).zip(cuw.iter()) {
+                    g.copy_from_slice(&row[span.clone()]);
+                }
+                &gathered[..m * len]
+            };
+            let rule = UpdateRule {
+                cuw: rule_cuw,
+                d: len,
+                m,
+                lambda: self.lambda,
+                next_mean: nm,
+                nesterov: self.nesterov,
+            };
+            rule.columns(rows, span.clone(), self.q, prev, sum);
+            a = span.end;
+        }
+    }
 }
 
 /// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts.
+/// (Handing each thread its parts of the rows takes vectors of slices: with the gathered
+/// C^{uw} rows of a multi-output stream, the two-thread step's only allocations.)
 type Halves<'a> = (Vec<&'a mut [f64]>, Vec<&'a mut [f64]>);
 fn halves(buf: &mut [f64], d: usize, c: usize) -> Halves<'_> {
     buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()

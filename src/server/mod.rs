@@ -69,8 +69,10 @@ pub struct Shared {
     /// Serialises creations and deletions (they do file IO between registry checks).
     lifecycle: tokio::sync::Mutex<()>,
     owners: Mutex<Vec<JoinHandle<()>>>,
-    /// Limits concurrent batch updates to the number of cores.
+    /// One permit per core: a batch update holds as many as its steps use threads.
     cores: Arc<Semaphore>,
+    /// Threads a stream's step may use (`engine.step_threads`, at most the cores).
+    step_threads: usize,
     /// Requests in flight (`limits.concurrent_requests`).
     pub requests: Arc<Semaphore>,
     /// Fault injection for tests (`EKID_FAILPOINTS`), read once at start.
@@ -113,6 +115,7 @@ impl AppState {
                 lifecycle: tokio::sync::Mutex::new(()),
                 owners: Mutex::new(Vec::new()),
                 cores: Arc::new(Semaphore::new(cores)),
+                step_threads: config.engine.step_threads.clamp(1, cores),
                 requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
                 failpoints: Failpoints::from_env(),
                 shutdown,
@@ -201,6 +204,7 @@ impl AppState {
             self.inner.config.limits.queue_depth,
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
+            self.inner.step_threads,
             self.inner.failpoints.panic_in_update.as_deref() == Some(name),
         );
         let view = handle.view();

@@ -113,11 +113,13 @@ pub fn spawn(
     queue_depth: usize,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
+    step_threads: usize,
     panic_in_update: bool,
 ) -> (StreamHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_depth.max(1));
     let (stream, store, view) = match start {
-        Start::Live(stream, store) => {
+        Start::Live(mut stream, store) => {
+            stream.set_step_threads(step_threads);
             let view = StreamView {
                 name: name.clone(),
                 options: stream.options().clone(),
@@ -344,7 +346,9 @@ impl Owner {
             self.store = Some(store);
             return;
         }
-        let permit = self.cores.clone().acquire_owned().await;
+        // A step split over two threads runs only when two cores are free of other updates.
+        let threads = u32::try_from(stream.step_threads()).unwrap_or(1);
+        let permit = self.cores.clone().acquire_many_owned(threads).await;
         let started = Instant::now();
         let panic_in_update = self.panic_in_update;
         let result = tokio::task::spawn_blocking(move || {

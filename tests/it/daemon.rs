@@ -414,3 +414,53 @@ fn concurrent_streams_learn_as_if_alone() {
     assert_eq!(a, alone);
     assert_eq!(b, alone);
 }
+
+/// One stream big enough to split its steps over two threads (J·d ≥ 2^20) learns the same
+/// bits as with `[engine] step_threads = 1`: predictions of every batch, then a forecast.
+#[test]
+fn split_steps_give_the_serial_predictions_issue_6() {
+    let v = series(60);
+    let run = |threads: usize| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("ekid.toml");
+        std::fs::write(
+            &cfg,
+            format!("[storage]\nfsync = \"never\"\n[engine]\nstep_threads = {threads}\n"),
+        )
+        .expect("config");
+        let cfg = cfg.to_str().expect("utf-8 path").to_owned();
+        let d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
+        let c = client();
+        let big =
+            serde_json::json!({"ensemble": 720, "hidden": 32, "scale": {"min": 0, "max": 20}});
+        assert_eq!(put(&c, &d, "big", big).status(), 201);
+        let mut preds = Vec::new();
+        for (k, chunk) in v.chunks(20).enumerate() {
+            let r = post(
+                &c,
+                &d,
+                "big",
+                "application/x-ndjson",
+                ndjson(chunk, Some(1 + 20 * k as u64)),
+            );
+            assert_eq!(r.status(), 200);
+            let r: Value = r.json().expect("json");
+            preds.extend(r["predictions"].as_array().expect("predictions").clone());
+        }
+        let f = get(&c, &d, "/v1/streams/big/forecast?horizon=5");
+        // The split runs on the step pool's two workers, started on the first split step.
+        let pool = d.thread_names().iter().any(|n| n.starts_with("ekid-step"));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(pool, threads == 2 && cores >= 2, "{:?}", d.thread_names());
+        (preds, f["steps"].clone())
+    };
+    let (serial, split) = (run(1), run(2));
+    assert_eq!(serial.0.len(), 60);
+    assert!(
+        serial.0[20..]
+            .iter()
+            .all(|p| p["prediction"][0].is_number())
+    );
+    assert_eq!(serial.1.as_array().map(Vec::len), Some(5));
+    assert_eq!(serial, split);
+}
