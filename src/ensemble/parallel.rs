@@ -106,15 +106,15 @@ pub(super) fn forward(
     (pred_ok && ok_a && ok_b, s)
 }
 
-/// The rest of a two-thread step once the coefficients are known, split by columns: for each
-/// run of columns, continue C^{uw}'s sums over the second part's particles (when due), scale
-/// C^{uw} by 1/J, form the next mean ū' = ū + C^{uw} q̄, then update every particle and sum the
-/// new mean: the serial step's operations per element, in its order.
+/// The rest of a two-thread step once the coefficients are known, split by columns: each
+/// side continues C^{uw}'s sums over the second part's particles on its columns (when due),
+/// scales them by 1/J, forms its columns of the next mean ū' = ū + C^{uw} q̄, then updates its
+/// columns of every particle and sums them into the new mean: the serial step's operations
+/// per element, in its order, in one fork-join.
 ///
-/// Why runs of columns: the continuation reads the second part's particles once more, and the
-/// update then reads them again. Done a run of columns at a time (sized to stay in L2), the
-/// update finds them in cache, so the ensemble crosses the memory bus once as in the serial
-/// step instead of once and a half.
+/// (Runs of a few dozen columns, continuation then update while the second part's columns
+/// are in L2, measured slower here: the strided walk over 2000 rows defeats the prefetcher
+/// that the serial-looking walk along each half-row keeps busy.)
 pub(super) struct Finish<'a> {
     pub d: usize,
     pub m: usize,
@@ -138,9 +138,6 @@ struct Part<'p, 'a> {
     /// ū on entry, the sum of the new particles on exit.
     mean: &'a mut [f64],
 }
-
-/// L2 bytes a run of columns of the second part's particles may take.
-const RUN_BYTES: usize = 512 << 10;
 
 impl Finish<'_> {
     pub(super) fn run(
@@ -194,67 +191,49 @@ impl Finish<'_> {
             mean,
         } = p;
         let n = mean.len();
-        let second = self
-            .continuation
-            .map_or(rows.len(), |(from, ..)| rows.len() - from);
-        let run = (RUN_BYTES / 8 / second.max(1) / 8 * 8).clamp(8, n.max(8));
-        // Several outputs: the rule wants this run's C^{uw} rows back to back.
-        let mut gathered = if m > 1 {
-            vec![0.0; m * run]
-        } else {
-            Vec::new()
-        };
-        let mut a = 0;
-        while a < n {
-            let span = a..(a + run).min(n);
-            let len = span.len();
-            if let Some((from, w, pred)) = self.continuation {
-                for (o, row) in cuw.iter_mut().enumerate() {
-                    kernels::accumulate_slices(
-                        &mut row[span.clone()],
-                        &mean[span.clone()],
-                        &rows[from..],
-                        span.clone(),
-                        &w[from * m..],
-                        m,
-                        o,
-                        pred[o],
-                    );
-                }
+        if let Some((from, w, pred)) = self.continuation {
+            for (o, row) in cuw.iter_mut().enumerate() {
+                kernels::accumulate_slices(
+                    row,
+                    mean,
+                    &rows[from..],
+                    0..n,
+                    &w[from * m..],
+                    m,
+                    o,
+                    pred[o],
+                );
             }
-            for row in cuw.iter_mut() {
-                for v in &mut row[span.clone()] {
-                    *v *= self.inv_j;
-                }
-            }
-            let nm = &mut next_mean[span.clone()];
-            nm.copy_from_slice(&mean[span.clone()]);
-            for (row, &qb) in cuw.iter().zip(self.qbar) {
-                for (x, &cv) in nm.iter_mut().zip(&row[span.clone()]) {
-                    *x += cv * qb;
-                }
-            }
-            let sum = &mut mean[span.clone()];
-            sum.fill(0.0);
-            let rule_cuw: &[f64] = if m == 1 {
-                &cuw[0][span.clone()]
-            } else {
-                for (g, row) in gathered.chunks_exact_mut(len).zip(cuw.iter()) {
-                    g.copy_from_slice(&row[span.clone()]);
-                }
-                &gathered[..m * len]
-            };
-            let rule = UpdateRule {
-                cuw: rule_cuw,
-                d: len,
-                m,
-                lambda: self.lambda,
-                next_mean: nm,
-                nesterov: self.nesterov,
-            };
-            rule.columns(rows, span.clone(), self.q, prev, sum);
-            a = span.end;
         }
+        for row in cuw.iter_mut() {
+            for v in row.iter_mut() {
+                *v *= self.inv_j;
+            }
+        }
+        next_mean.copy_from_slice(mean);
+        for (row, &qb) in cuw.iter().zip(self.qbar) {
+            for (x, &cv) in next_mean.iter_mut().zip(row.iter()) {
+                *x += cv * qb;
+            }
+        }
+        mean.fill(0.0);
+        // Several outputs: the rule wants this side's C^{uw} rows back to back.
+        let gathered: Vec<f64>;
+        let rule_cuw: &[f64] = if m == 1 {
+            &cuw[0][..]
+        } else {
+            gathered = cuw.iter().flat_map(|r| r.iter().copied()).collect();
+            &gathered
+        };
+        let rule = UpdateRule {
+            cuw: rule_cuw,
+            d: n,
+            m,
+            lambda: self.lambda,
+            next_mean,
+            nesterov: self.nesterov,
+        };
+        rule.columns(rows, 0..n, self.q, prev, mean);
     }
 }
 
