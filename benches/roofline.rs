@@ -42,7 +42,7 @@ struct Stream {
 
 impl Stream {
     fn new(j: usize, hidden: usize, threads: usize) -> Self {
-        let mut e = Ensemble::new(&options(j, hidden));
+        let mut e = Ensemble::<f64>::new(&options(j, hidden));
         e.set_threads(threads);
         let z = vec![0.0; e.layout().n_in];
         Stream {

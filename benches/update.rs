@@ -27,7 +27,7 @@ fn update(c: &mut Criterion) {
     for &hidden in &[16usize, 32] {
         for &j in &[100usize, 500, 2000] {
             let o = options(j, hidden);
-            let mut e = Ensemble::new(&o);
+            let mut e = Ensemble::<f64>::new(&o);
             let n_in = e.layout().n_in;
             let d = e.dim();
             g.throughput(Throughput::Elements((j * d) as u64));

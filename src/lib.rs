@@ -14,6 +14,7 @@ pub mod ogd;
 pub mod options;
 pub mod plot;
 pub mod prior;
+pub mod real;
 pub mod replay;
 pub mod server;
 pub mod snapshot;

@@ -55,12 +55,16 @@ impl Layout {
     }
 }
 
+use crate::real::Real;
+
 /// Writes `z` and the constant 1 into the tail of a scratch vector of length `layout.row()`.
 #[inline]
-pub fn load_inputs(layout: &Layout, scratch: &mut [f64], z: &[f64]) {
+pub fn load_inputs<T: Real>(layout: &Layout, scratch: &mut [T], z: &[f64]) {
     let h = layout.hidden;
-    scratch[h..h + layout.n_in].copy_from_slice(z);
-    scratch[h + layout.n_in] = 1.0;
+    for (s, &v) in scratch[h..h + layout.n_in].iter_mut().zip(z) {
+        *s = T::from_f64(v);
+    }
+    scratch[h + layout.n_in] = T::ONE;
 }
 
 /// `Σ a[i]·b[i]` with four interleaved accumulators, combined as `(s0 + s2) + (s1 + s3) + tail`.
@@ -68,10 +72,10 @@ pub fn load_inputs(layout: &Layout, scratch: &mut [f64], z: &[f64]) {
 /// across versions), so the compiler vectorises across the accumulators but never
 /// reassociates. [`dot4`] computes four of these at once with the same per-row order.
 #[inline]
-pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut s = [0.0f64; 4];
+    let mut s = [T::ZERO; 4];
     let chunks = n / 4;
     for i in 0..chunks {
         let o = 4 * i;
@@ -80,7 +84,7 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
         s[2] += a[o + 2] * b[o + 2];
         s[3] += a[o + 3] * b[o + 3];
     }
-    let mut tail = 0.0;
+    let mut tail = T::ZERO;
     for i in 4 * chunks..n {
         tail += a[i] * b[i];
     }
@@ -91,16 +95,16 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// each result is bit-identical to [`dot`] of that row. Sharing the loads of `b` and running
 /// sixteen independent accumulators takes the forward from add-latency-bound to load-bound.
 #[inline]
-fn dot4(rows: &[f64], b: &[f64]) -> [f64; 4] {
+fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
     let n = b.len();
     let (r0, rest) = rows.split_at(n);
     let (r1, rest) = rest.split_at(n);
     let (r2, r3) = rest.split_at(n);
     let r3 = &r3[..n];
-    let mut s0 = [0.0f64; 4];
-    let mut s1 = [0.0f64; 4];
-    let mut s2 = [0.0f64; 4];
-    let mut s3 = [0.0f64; 4];
+    let mut s0 = [T::ZERO; 4];
+    let mut s1 = [T::ZERO; 4];
+    let mut s2 = [T::ZERO; 4];
+    let mut s3 = [T::ZERO; 4];
     let chunks = n / 4;
     for i in 0..chunks {
         let o = 4 * i;
@@ -112,7 +116,7 @@ fn dot4(rows: &[f64], b: &[f64]) -> [f64; 4] {
             s3[l] += r3[o + l] * x;
         }
     }
-    let mut t = [0.0f64; 4];
+    let mut t = [T::ZERO; 4];
     for i in 4 * chunks..n {
         let x = b[i];
         t[0] += r0[i] * x;
@@ -120,7 +124,7 @@ fn dot4(rows: &[f64], b: &[f64]) -> [f64; 4] {
         t[2] += r2[i] * x;
         t[3] += r3[i] * x;
     }
-    let fold = |s: [f64; 4], t: f64| (s[0] + s[2]) + (s[1] + s[3]) + t;
+    let fold = |s: [T; 4], t: T| (s[0] + s[2]) + (s[1] + s[3]) + t;
     [
         fold(s0, t[0]),
         fold(s1, t[1]),
@@ -135,15 +139,16 @@ fn dot4(rows: &[f64], b: &[f64]) -> [f64; 4] {
 ///
 /// The cell's pre-activations are computed four rows at a time into `hidden`, then `tanh` runs
 /// over them in one tight loop: the calls are independent, so they overlap in the pipeline
-/// instead of each waiting behind the next row's dot product. `tanh` is the platform's libm
-/// (`f64::tanh`), as it always was; it is the largest single cost of the forward.
+/// instead of each waiting behind the next row's dot product. `tanh` is [`Real::tanh`]: for
+/// `f64` the platform's libm, as it always was (the largest single cost of the forward); for
+/// `f32` a rational function the compiler vectorises.
 #[inline]
-pub fn step(
+pub fn step<T: Real>(
     layout: &Layout,
-    params: &[f64],
-    hidden: &mut [f64],
-    scratch: &mut [f64],
-    out: &mut [f64],
+    params: &[T],
+    hidden: &mut [T],
+    scratch: &mut [T],
+    out: &mut [T],
 ) {
     let k = layout.row();
     let nh = layout.hidden;

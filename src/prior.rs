@@ -16,6 +16,7 @@
 //!   prequential nMSE 9.5e-3 centred at zero with spread 1 against 1.28e-2 with a Glorot centre
 //!   and spread 0.1, see BENCHMARKS.md).
 
+use crate::real::Real;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
@@ -60,10 +61,17 @@ impl Prior {
     }
 
     /// Writes `around + gamma·scale⊙ξ` into `out`.
-    pub fn draw_around(&self, around: &[f64], gamma: f64, rng: &mut impl Rng, out: &mut [f64]) {
+    /// (Drawn in `f64` whatever the storage type, so `f32` ensembles see the same draws.)
+    pub fn draw_around<A: Real, T: Real>(
+        &self,
+        around: &[A],
+        gamma: f64,
+        rng: &mut impl Rng,
+        out: &mut [T],
+    ) {
         for ((o, &c), &s) in out.iter_mut().zip(around).zip(&self.scale) {
             let z: f64 = rng.sample(StandardNormal);
-            *o = c + gamma * s * z;
+            *o = T::from_f64(c.to_f64() + gamma * s * z);
         }
     }
 }

@@ -8,13 +8,15 @@
 //! loop runs over slices of one length, so the compiler vectorises across parameters without
 //! bounds checks. Vectorising across p never reorders a sum over j, so results stay bit-identical.
 
+use crate::real::Real;
+
 /// Particles per block: four particle rows plus the accumulator and the mean stay in L1/L2
 /// (4 × 12 kB at hidden 32).
 pub const BLOCK: usize = 4;
 
 /// Splits `rows` (at least `BLOCK` rows of `d`, back to back) into the first `BLOCK` rows.
 #[inline]
-fn four(rows: &[f64], d: usize) -> [&[f64]; BLOCK] {
+fn four<T>(rows: &[T], d: usize) -> [&[T]; BLOCK] {
     let (a, r) = rows.split_at(d);
     let (b, r) = r.split_at(d);
     let (c, r) = r.split_at(d);
@@ -22,7 +24,7 @@ fn four(rows: &[f64], d: usize) -> [&[f64]; BLOCK] {
 }
 
 #[inline]
-fn four_mut(rows: &mut [f64], d: usize) -> [&mut [f64]; BLOCK] {
+fn four_mut<T>(rows: &mut [T], d: usize) -> [&mut [T]; BLOCK] {
     let (a, r) = rows.split_at_mut(d);
     let (b, r) = r.split_at_mut(d);
     let (c, r) = r.split_at_mut(d);
@@ -31,7 +33,7 @@ fn four_mut(rows: &mut [f64], d: usize) -> [&mut [f64]; BLOCK] {
 
 /// `acc[p] += (u[p] − mean[p])·e`: one particle's term of the (unscaled) cross-covariance.
 #[inline]
-pub fn accumulate1(acc: &mut [f64], mean: &[f64], u: &[f64], e: f64) {
+pub fn accumulate1<T: Real>(acc: &mut [T], mean: &[T], u: &[T], e: T) {
     let n = acc.len();
     let (mean, u) = (&mean[..n], &u[..n]);
     for p in 0..n {
@@ -41,7 +43,7 @@ pub fn accumulate1(acc: &mut [f64], mean: &[f64], u: &[f64], e: f64) {
 
 /// [`accumulate1`] for four consecutive particles, in their order, per element.
 #[inline]
-pub fn accumulate4(acc: &mut [f64], mean: &[f64], u: [&[f64]; BLOCK], e: [f64; BLOCK]) {
+pub fn accumulate4<T: Real>(acc: &mut [T], mean: &[T], u: [&[T]; BLOCK], e: [T; BLOCK]) {
     let n = acc.len();
     let mean = &mean[..n];
     let [u0, u1, u2, u3] = u.map(|s| &s[..n]);
@@ -62,10 +64,10 @@ pub fn accumulate4(acc: &mut [f64], mean: &[f64], u: [&[f64]; BLOCK], e: [f64; B
     clippy::too_many_arguments,
     reason = "a kernel over plain slices: bundling them would hide which are aligned"
 )]
-pub fn accumulate_rows(
-    acc: &mut [f64],
-    mean: &[f64],
-    rows: &[f64],
+pub fn accumulate_rows<T: Real>(
+    acc: &mut [T],
+    mean: &[T],
+    rows: &[T],
     d: usize,
     cols: std::ops::Range<usize>,
     w: &[f64],
@@ -77,7 +79,7 @@ pub fn accumulate_rows(
     let mut wb = w.chunks_exact(BLOCK * m);
     for (blk, wj) in (&mut blocks).zip(&mut wb) {
         let u = four(blk, d).map(|u| &u[cols.clone()]);
-        let e = [0, 1, 2, 3].map(|b| wj[b * m + o] - pred_o);
+        let e = [0, 1, 2, 3].map(|b| T::from_f64(wj[b * m + o] - pred_o));
         accumulate4(acc, mean, u, e);
     }
     for (u, wj) in blocks
@@ -85,7 +87,7 @@ pub fn accumulate_rows(
         .chunks_exact(d)
         .zip(wb.remainder().chunks_exact(m))
     {
-        accumulate1(acc, mean, &u[cols.clone()], wj[o] - pred_o);
+        accumulate1(acc, mean, &u[cols.clone()], T::from_f64(wj[o] - pred_o));
     }
 }
 
@@ -95,10 +97,10 @@ pub fn accumulate_rows(
     clippy::too_many_arguments,
     reason = "plain slices, as in accumulate_rows"
 )]
-pub fn accumulate_slices(
-    acc: &mut [f64],
-    mean: &[f64],
-    rows: &[&mut [f64]],
+pub fn accumulate_slices<T: Real>(
+    acc: &mut [T],
+    mean: &[T],
+    rows: &[&mut [T]],
     span: std::ops::Range<usize>,
     w: &[f64],
     m: usize,
@@ -109,7 +111,7 @@ pub fn accumulate_slices(
     let mut wb = w.chunks_exact(BLOCK * m);
     for (blk, wj) in (&mut blocks).zip(&mut wb) {
         let u = [0, 1, 2, 3].map(|b| &blk[b][span.clone()]);
-        let e = [0, 1, 2, 3].map(|b| wj[b * m + o] - pred_o);
+        let e = [0, 1, 2, 3].map(|b| T::from_f64(wj[b * m + o] - pred_o));
         accumulate4(acc, mean, u, e);
     }
     for (u, wj) in blocks
@@ -117,14 +119,14 @@ pub fn accumulate_slices(
         .iter()
         .zip(wb.remainder().chunks_exact(m))
     {
-        accumulate1(acc, mean, &u[span.clone()], wj[o] - pred_o);
+        accumulate1(acc, mean, &u[span.clone()], T::from_f64(wj[o] - pred_o));
     }
 }
 
 /// The plain update of a block of four (one output, no inflation, no momentum):
 /// `u_b[p] += c[p]·q_b`, then `sum[p] += u_b[p]` in particle order when a sum is kept.
 #[inline]
-pub fn update4(u: [&mut [f64]; BLOCK], c: &[f64], q: [f64; BLOCK], sum: Option<&mut [f64]>) {
+pub fn update4<T: Real>(u: [&mut [T]; BLOCK], c: &[T], q: [T; BLOCK], sum: Option<&mut [T]>) {
     let n = c.len();
     let [u0, u1, u2, u3] = u.map(|s| &mut s[..n]);
     match sum {
@@ -157,21 +159,21 @@ pub fn update4(u: [&mut [f64]; BLOCK], c: &[f64], q: [f64; BLOCK], sum: Option<&
 
 /// Settings of the update pass of one step.
 #[derive(Debug, Clone, Copy)]
-pub struct UpdateRule<'a> {
+pub struct UpdateRule<'a, T> {
     /// `m×d`, row o = C^{uw} column o.
-    pub cuw: &'a [f64],
+    pub cuw: &'a [T],
     pub d: usize,
     pub m: usize,
-    pub lambda: f64,
+    pub lambda: T,
     /// ū' = ū + C^{uw} q̄, the centre of inflation.
-    pub next_mean: &'a [f64],
+    pub next_mean: &'a [T],
     /// The Nesterov coefficient when momentum is on.
-    pub nesterov: Option<f64>,
+    pub nesterov: Option<T>,
 }
 
-impl UpdateRule<'_> {
+impl<T: Real> UpdateRule<'_, T> {
     fn plain(&self) -> bool {
-        self.m == 1 && self.lambda == 1.0 && self.nesterov.is_none()
+        self.m == 1 && self.lambda == T::ONE && self.nesterov.is_none()
     }
 
     /// One particle's columns `[c0, c0 + u.len())`, in the original order of passes: `u += C^{uw} q`
@@ -179,20 +181,20 @@ impl UpdateRule<'_> {
     /// `sum += u`.
     fn one(
         &self,
-        u: &mut [f64],
+        u: &mut [T],
         c0: usize,
         q: &[f64],
-        prev: Option<&mut [f64]>,
-        sum: Option<&mut [f64]>,
+        prev: Option<&mut [T]>,
+        sum: Option<&mut [T]>,
     ) {
         let n = u.len();
         for (o, row) in self.cuw.chunks_exact(self.d).enumerate() {
-            let qv = q[o];
+            let qv = T::from_f64(q[o]);
             for (up, &cp) in u.iter_mut().zip(&row[c0..c0 + n]) {
                 *up += cp * qv;
             }
         }
-        if self.lambda != 1.0 {
+        if self.lambda != T::ONE {
             let lambda = self.lambda;
             for (up, &nm) in u.iter_mut().zip(&self.next_mean[c0..c0 + n]) {
                 *up = nm + lambda * (*up - nm);
@@ -214,14 +216,14 @@ impl UpdateRule<'_> {
 
     /// Updates consecutive particles (`rows`, `q` and, with momentum, `prev` aligned), adding
     /// each to `sum` in order when a sum is kept.
-    pub fn rows(&self, rows: &mut [f64], q: &[f64], prev: &mut [f64], mut sum: Option<&mut [f64]>) {
+    pub fn rows(&self, rows: &mut [T], q: &[f64], prev: &mut [T], mut sum: Option<&mut [T]>) {
         let (d, m) = (self.d, self.m);
         if self.plain() {
             let c = &self.cuw[..d];
             let mut blocks = rows.chunks_exact_mut(BLOCK * d);
             let mut qb = q.chunks_exact(BLOCK);
             for (blk, qj) in (&mut blocks).zip(&mut qb) {
-                let qj = [qj[0], qj[1], qj[2], qj[3]];
+                let qj = [qj[0], qj[1], qj[2], qj[3]].map(T::from_f64);
                 update4(four_mut(blk, d), c, qj, sum.as_deref_mut());
             }
             for (u, qj) in blocks
@@ -251,11 +253,11 @@ impl UpdateRule<'_> {
     /// long) in particle order. Used by the two-thread step, each thread on its own columns.
     pub fn columns(
         &self,
-        rows: &mut [&mut [f64]],
+        rows: &mut [&mut [T]],
         span: std::ops::Range<usize>,
         q: &[f64],
-        prev: &mut [&mut [f64]],
-        sum: &mut [f64],
+        prev: &mut [&mut [T]],
+        sum: &mut [T],
     ) {
         let m = self.m;
         if self.plain() {
@@ -266,7 +268,7 @@ impl UpdateRule<'_> {
                 let [u0, u1, u2, u3] = blk else {
                     unreachable!("chunks_exact yields blocks of {BLOCK}")
                 };
-                let qj = [qj[0], qj[1], qj[2], qj[3]];
+                let qj = [qj[0], qj[1], qj[2], qj[3]].map(T::from_f64);
                 update4(
                     [
                         &mut u0[span.clone()],

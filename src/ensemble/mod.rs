@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::network::{self, Layout};
 use crate::options::{Options, Spread};
 use crate::prior::Prior;
+use crate::real::Real;
 use crate::update::KalmanUpdate;
 
 mod kernels;
@@ -25,9 +26,10 @@ mod parallel;
 use kernels::{BLOCK, UpdateRule};
 pub use parallel::{PARALLEL_MIN_WORK, on_pool};
 
-/// One EKI ensemble. Only its owner mutates it.
+/// One EKI ensemble, storing and computing its particles in `T` ([`Real`]: `f64` by default,
+/// or `f32`). Only its owner mutates it.
 #[derive(Debug, Clone)]
-pub struct Ensemble {
+pub struct Ensemble<T: Real = f64> {
     layout: Layout,
     j: usize,
     d: usize,
@@ -39,13 +41,13 @@ pub struct Ensemble {
     prior: Prior,
     rng: ChaCha8Rng,
     /// `J×d`, particle-major: the points where G is evaluated.
-    particles: Vec<f64>,
+    particles: Vec<T>,
     /// Momentum only: the un-extrapolated iterates `u_n` (`J×d`), empty otherwise.
-    previous: Vec<f64>,
+    previous: Vec<T>,
     /// `J×hidden`.
-    hidden: Vec<f64>,
-    mean: Vec<f64>,
-    mean_hidden: Vec<f64>,
+    hidden: Vec<T>,
+    mean: Vec<T>,
+    mean_hidden: Vec<T>,
     /// Updates applied so far.
     steps: u64,
     respreads: u64,
@@ -56,24 +58,25 @@ pub struct Ensemble {
     /// Threads one step may use (see [`Ensemble::set_threads`]).
     threads: usize,
     parallel_min_work: usize,
-    ws: Workspace,
+    ws: Workspace<T>,
 }
 
 #[derive(Debug, Clone)]
-struct Workspace {
+struct Workspace<T> {
     /// Particle predictions `J×m`.
     w: Vec<f64>,
     /// Update coefficients `J×m`.
     q: Vec<f64>,
     /// `m×d`: row o holds `Σ_j (u_j − ū) (w_j[o] − ŷ[o])`, then C^{uw} column o.
-    cuw: Vec<f64>,
+    cuw: Vec<T>,
     /// `m×m`.
     cww: Vec<f64>,
-    next_mean: Vec<f64>,
-    scratch: Vec<f64>,
-    /// The second thread's `[h; z; 1]`.
-    scratch_b: Vec<f64>,
-    mean_hidden_before: Vec<f64>,
+    next_mean: Vec<T>,
+    /// `[h; z; 1]` then the `m` outputs of one particle's forward.
+    scratch: Vec<T>,
+    /// The second thread's.
+    scratch_b: Vec<T>,
+    mean_hidden_before: Vec<T>,
     healthy: Vec<bool>,
     wbar: Vec<f64>,
     qbar: Vec<f64>,
@@ -107,7 +110,17 @@ pub struct StepReport {
     pub step_size: f64,
 }
 
-impl Ensemble {
+/// `T` values as `f64` (exact), for snapshots and forecasts.
+fn widen<T: Real>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+/// Splits a scratch vector into `[h; z; 1]` and the outputs.
+fn split_scratch<'s, T>(scratch: &'s mut [T], layout: &Layout) -> (&'s mut [T], &'s mut [T]) {
+    scratch.split_at_mut(layout.row())
+}
+
+impl<T: Real> Ensemble<T> {
     /// Draws the initial ensemble from the prior, reproducibly from `options.seed`.
     pub fn new(options: &Options) -> Self {
         let layout = options.layout();
@@ -125,7 +138,7 @@ impl Ensemble {
             options.skip,
             &mut rng,
         );
-        let mut particles = vec![0.0; j * d];
+        let mut particles = vec![T::ZERO; j * d];
         for u in particles.chunks_exact_mut(d) {
             prior.draw_around(&prior.centre, 1.0, &mut rng, u);
         }
@@ -153,9 +166,9 @@ impl Ensemble {
                 Vec::new()
             },
             particles,
-            hidden: vec![0.0; j * nh],
-            mean: vec![0.0; d],
-            mean_hidden: vec![0.0; nh],
+            hidden: vec![T::ZERO; j * nh],
+            mean: vec![T::ZERO; d],
+            mean_hidden: vec![T::ZERO; nh],
             steps: 0,
             respreads: 0,
             repaired: 0,
@@ -166,12 +179,12 @@ impl Ensemble {
             ws: Workspace {
                 w: vec![0.0; j * m],
                 q: vec![0.0; j * m],
-                cuw: vec![0.0; m * d],
+                cuw: vec![T::ZERO; m * d],
                 cww: vec![0.0; m * m],
-                next_mean: vec![0.0; d],
-                scratch: vec![0.0; layout.row()],
-                scratch_b: vec![0.0; layout.row()],
-                mean_hidden_before: vec![0.0; nh],
+                next_mean: vec![T::ZERO; d],
+                scratch: vec![T::ZERO; layout.row() + m],
+                scratch_b: vec![T::ZERO; layout.row() + m],
+                mean_hidden_before: vec![T::ZERO; nh],
                 healthy: vec![true; j],
                 wbar: vec![0.0; m],
                 qbar: vec![0.0; m],
@@ -184,11 +197,11 @@ impl Ensemble {
     /// A copy of the evolving state, for snapshots.
     pub fn state(&self) -> EnsembleState {
         EnsembleState {
-            particles: self.particles.clone(),
-            previous: self.previous.clone(),
-            hidden: self.hidden.clone(),
-            mean: self.mean.clone(),
-            mean_hidden: self.mean_hidden.clone(),
+            particles: widen(&self.particles),
+            previous: widen(&self.previous),
+            hidden: widen(&self.hidden),
+            mean: widen(&self.mean),
+            mean_hidden: widen(&self.mean_hidden),
             steps: self.steps,
             respreads: self.respreads,
             repaired: self.repaired,
@@ -221,11 +234,12 @@ impl Ensemble {
                 ));
             }
         }
-        e.particles = s.particles;
-        e.previous = s.previous;
-        e.hidden = s.hidden;
-        e.mean = s.mean;
-        e.mean_hidden = s.mean_hidden;
+        let narrow = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
+        e.particles = narrow(s.particles);
+        e.previous = narrow(s.previous);
+        e.hidden = narrow(s.hidden);
+        e.mean = narrow(s.mean);
+        e.mean_hidden = narrow(s.mean_hidden);
         e.steps = s.steps;
         e.respreads = s.respreads;
         e.repaired = s.repaired;
@@ -271,19 +285,19 @@ impl Ensemble {
     pub fn dim(&self) -> usize {
         self.d
     }
-    pub fn particles(&self) -> &[f64] {
+    pub fn particles(&self) -> &[T] {
         &self.particles
     }
-    pub fn particle(&self, j: usize) -> &[f64] {
+    pub fn particle(&self, j: usize) -> &[T] {
         &self.particles[j * self.d..(j + 1) * self.d]
     }
-    pub fn mean(&self) -> &[f64] {
+    pub fn mean(&self) -> &[T] {
         &self.mean
     }
-    pub fn mean_hidden(&self) -> &[f64] {
+    pub fn mean_hidden(&self) -> &[T] {
         &self.mean_hidden
     }
-    pub fn hidden(&self, j: usize) -> &[f64] {
+    pub fn hidden(&self, j: usize) -> &[T] {
         let nh = self.layout.hidden;
         &self.hidden[j * nh..(j + 1) * nh]
     }
@@ -307,15 +321,16 @@ impl Ensemble {
     pub fn parameter_spread(&self) -> f64 {
         let mut s = 0.0;
         for u in self.particles.chunks_exact(self.d) {
-            for (a, b) in u.iter().zip(&self.mean) {
-                s += (a - b) * (a - b);
+            for (&a, &b) in u.iter().zip(&self.mean) {
+                let x = (a - b).to_f64();
+                s += x * x;
             }
         }
         (s / (self.j * self.d) as f64).sqrt()
     }
 
     /// Replaces the particles (tests and analysis drive the ensemble from given states).
-    pub fn set_particles(&mut self, particles: &[f64]) {
+    pub fn set_particles(&mut self, particles: &[T]) {
         self.particles.copy_from_slice(particles);
         if self.momentum {
             self.previous.copy_from_slice(particles);
@@ -324,13 +339,13 @@ impl Ensemble {
     }
 
     fn recompute_mean(&mut self) {
-        self.mean.fill(0.0);
+        self.mean.fill(T::ZERO);
         for u in self.particles.chunks_exact(self.d) {
             for (m, &v) in self.mean.iter_mut().zip(u) {
                 *m += v;
             }
         }
-        let inv = 1.0 / self.j as f64;
+        let inv = T::from_f64(1.0 / self.j as f64);
         for m in &mut self.mean {
             *m *= inv;
         }
@@ -338,8 +353,8 @@ impl Ensemble {
 
     /// Clears every hidden state (the mean particle's too), e.g. at the start of a pass.
     pub fn reset_hidden(&mut self) {
-        self.hidden.fill(0.0);
-        self.mean_hidden.fill(0.0);
+        self.hidden.fill(T::ZERO);
+        self.mean_hidden.fill(T::ZERO);
     }
 
     pub fn reset_particle_errors(&mut self) {
@@ -359,27 +374,29 @@ impl Ensemble {
 
     /// Mean-particle prediction with frozen parameters; advances only the mean's hidden state.
     pub fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
-        network::load_inputs(&self.layout, &mut self.ws.scratch, z);
-        network::step(
-            &self.layout,
-            &self.mean,
-            &mut self.mean_hidden,
-            &mut self.ws.scratch,
-            pred,
-        );
+        let (x, out) = split_scratch(&mut self.ws.scratch, &self.layout);
+        network::load_inputs(&self.layout, x, z);
+        network::step(&self.layout, &self.mean, &mut self.mean_hidden, x, out);
+        for (p, o) in pred.iter_mut().zip(out.iter()) {
+            *p = o.to_f64();
+        }
     }
 
     /// Particle `j`'s prediction with frozen parameters; advances only its hidden state.
     pub fn predict_particle_frozen(&mut self, j: usize, z: &[f64], pred: &mut [f64]) {
         let nh = self.layout.hidden;
-        network::load_inputs(&self.layout, &mut self.ws.scratch, z);
+        let (x, out) = split_scratch(&mut self.ws.scratch, &self.layout);
+        network::load_inputs(&self.layout, x, z);
         network::step(
             &self.layout,
             &self.particles[j * self.d..(j + 1) * self.d],
             &mut self.hidden[j * nh..(j + 1) * nh],
-            &mut self.ws.scratch,
-            pred,
+            x,
+            out,
         );
+        for (p, o) in pred.iter_mut().zip(out.iter()) {
+            *p = o.to_f64();
+        }
     }
 
     /// One observation: writes the mean particle's prediction of `y` from inputs `z` into
@@ -406,7 +423,7 @@ impl Ensemble {
 
         // 2. Forward every particle, fusing the cross-covariance accumulation.
         let mut all_healthy = pred.iter().all(|v| v.is_finite());
-        self.ws.cuw.fill(0.0);
+        self.ws.cuw.fill(T::ZERO);
         let parallel = self.is_parallel();
         let Workspace {
             w,
@@ -448,7 +465,7 @@ impl Ensemble {
                     mean: &self.mean,
                     pred,
                 }),
-                touch_ahead(self.particles.len()),
+                touch_ahead::<T>(self.particles.len()),
             );
         }
         let mut report = StepReport {
@@ -493,8 +510,9 @@ impl Ensemble {
         }
         self.last_prediction_var = (0..m).map(|o| cww[o * m + o]).sum::<f64>() / m as f64;
         if !parallel {
+            let inv = T::from_f64(inv_j);
             for c in cuw.iter_mut() {
-                *c *= inv_j;
+                *c *= inv;
             }
         }
         for (e, wj) in self.particle_sse.iter_mut().zip(w.chunks_exact(m)) {
@@ -520,7 +538,7 @@ impl Ensemble {
             // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
             // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
             let n = (self.steps % self.momentum_restart) as f64;
-            n / (n + 3.0)
+            T::from_f64(n / (n + 3.0))
         });
         if parallel {
             // 5'. C^{uw}'s scaling, ū' and the update pass, column run by column run.
@@ -528,7 +546,7 @@ impl Ensemble {
                 d,
                 m,
                 inv_j,
-                lambda: self.inflation,
+                lambda: T::from_f64(self.inflation),
                 nesterov,
                 q,
                 qbar,
@@ -545,18 +563,19 @@ impl Ensemble {
             // ū' = ū + C^{uw} q̄ (needed before the pass for inflation around the new mean).
             next_mean.copy_from_slice(&self.mean);
             for (o, row) in cuw.chunks_exact(d).enumerate() {
+                let qb = T::from_f64(qbar[o]);
                 for (nm, &c) in next_mean.iter_mut().zip(row) {
-                    *nm += c * qbar[o];
+                    *nm += c * qb;
                 }
             }
 
             // 5. The update pass: read and write every particle once, summing the new mean.
-            self.mean.fill(0.0);
+            self.mean.fill(T::ZERO);
             let rule = UpdateRule {
                 cuw,
                 d,
                 m,
-                lambda: self.inflation,
+                lambda: T::from_f64(self.inflation),
                 next_mean,
                 nesterov,
             };
@@ -567,8 +586,9 @@ impl Ensemble {
                 Some(&mut self.mean),
             );
         }
+        let inv = T::from_f64(inv_j);
         for v in self.mean.iter_mut() {
-            *v *= inv_j;
+            *v *= inv;
         }
         self.steps += 1;
 
@@ -603,9 +623,11 @@ impl Ensemble {
         let n_healthy = self.ws.healthy.iter().filter(|&&h| h).count();
         let centre = &mut self.ws.next_mean;
         if n_healthy == 0 {
-            centre.copy_from_slice(&self.prior.centre);
+            for (c, &p) in centre.iter_mut().zip(&self.prior.centre) {
+                *c = T::from_f64(p);
+            }
         } else {
-            centre.fill(0.0);
+            centre.fill(T::ZERO);
             for (u, _) in self
                 .particles
                 .chunks_exact(d)
@@ -616,8 +638,9 @@ impl Ensemble {
                     *c += v;
                 }
             }
+            let n = T::from_f64(n_healthy as f64);
             for c in centre.iter_mut() {
-                *c /= n_healthy as f64;
+                *c /= n;
             }
         }
         let mut repaired = 0;
@@ -630,16 +653,22 @@ impl Ensemble {
             self.prior
                 .draw_around(&self.ws.next_mean, 1.0, &mut self.rng, u);
             if u.iter().any(|v| !v.is_finite()) {
-                u.copy_from_slice(&self.prior.centre);
+                for (v, &p) in u.iter_mut().zip(&self.prior.centre) {
+                    *v = T::from_f64(p);
+                }
             }
             let h = &mut self.hidden[jj * nh..(jj + 1) * nh];
             h.copy_from_slice(&self.ws.mean_hidden_before);
             if h.iter().any(|v| !v.is_finite()) {
-                h.fill(0.0);
+                h.fill(T::ZERO);
             }
-            network::load_inputs(&self.layout, &mut self.ws.scratch, z);
+            let (x, out) = split_scratch(&mut self.ws.scratch, &self.layout);
+            network::load_inputs(&self.layout, x, z);
+            network::step(&self.layout, u, h, x, out);
             let wj = &mut self.ws.w[jj * m..(jj + 1) * m];
-            network::step(&self.layout, u, h, &mut self.ws.scratch, wj);
+            for (w, o) in wj.iter_mut().zip(out.iter()) {
+                *w = o.to_f64();
+            }
             if wj.iter().any(|v| !v.is_finite()) {
                 // Cannot happen for finite parameters, inputs and state; stay total anyway.
                 wj.fill(0.0);
@@ -650,30 +679,27 @@ impl Ensemble {
         }
         self.repaired += repaired as u64;
         self.recompute_mean();
-        if self
-            .mean_hidden
-            .iter()
-            .chain(pred.iter())
-            .any(|v| !v.is_finite())
+        if self.mean_hidden.iter().any(|v| !v.is_finite())
+            || pred.iter().any(|v| !v.is_finite())
             || self.ws.mean_hidden_before.iter().any(|v| !v.is_finite())
         {
             if self.ws.mean_hidden_before.iter().any(|v| !v.is_finite()) {
-                self.ws.mean_hidden_before.fill(0.0);
+                self.ws.mean_hidden_before.fill(T::ZERO);
             }
             self.mean_hidden
                 .copy_from_slice(&self.ws.mean_hidden_before);
             self.predict_frozen(z, pred);
             if pred.iter().any(|v| !v.is_finite()) {
-                self.mean_hidden.fill(0.0);
+                self.mean_hidden.fill(T::ZERO);
                 self.predict_frozen(z, pred);
             }
         }
         // Re-accumulate the cross-covariance over the repaired ensemble.
         let Workspace { w, cuw, .. } = &mut self.ws;
-        cuw.fill(0.0);
+        cuw.fill(T::ZERO);
         for (u, wj) in self.particles.chunks_exact(d).zip(w.chunks_exact(m)) {
             for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
-                let e = wj[o] - pred[o];
+                let e = T::from_f64(wj[o] - pred[o]);
                 for ((c, &up), &mp) in row.iter_mut().zip(u).zip(&self.mean) {
                     *c += (up - mp) * e;
                 }
@@ -684,10 +710,10 @@ impl Ensemble {
 }
 
 /// The cross-covariance accumulation fused into a forward pass.
-struct Accumulate<'a> {
+struct Accumulate<'a, T> {
     /// `m×d`, zeroed by the caller.
-    cuw: &'a mut [f64],
-    mean: &'a [f64],
+    cuw: &'a mut [T],
+    mean: &'a [T],
     /// The mean particle's prediction ŷ.
     pred: &'a [f64],
 }
@@ -700,14 +726,14 @@ struct Accumulate<'a> {
     clippy::too_many_arguments,
     reason = "the aligned per-particle slices of one range, as the two-thread step cuts them"
 )]
-fn forward_rows(
+fn forward_rows<T: Real>(
     layout: &Layout,
-    params: &[f64],
-    hidden: &mut [f64],
+    params: &[T],
+    hidden: &mut [T],
     w: &mut [f64],
     healthy: &mut [bool],
-    scratch: &mut [f64],
-    mut acc: Option<Accumulate>,
+    scratch: &mut [T],
+    mut acc: Option<Accumulate<T>>,
     touch: bool,
 ) -> bool {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
@@ -729,8 +755,11 @@ fn forward_rows(
             .get((bi + TOUCH_AHEAD) * BLOCK * d..)
             .filter(|_| touch)
         {
-            for v in ahead[..ahead.len().min(BLOCK * d)].iter().step_by(8) {
-                touched |= v.to_bits();
+            for v in ahead[..ahead.len().min(BLOCK * d)]
+                .iter()
+                .step_by(T::PER_LINE)
+            {
+                touched |= v.bits();
             }
         }
         for (((u, h), wj), ok) in blk
@@ -739,7 +768,11 @@ fn forward_rows(
             .zip(wb.chunks_exact_mut(m))
             .zip(okb.iter_mut())
         {
-            network::step(layout, u, h, scratch, wj);
+            let (x, out) = split_scratch(scratch, layout);
+            network::step(layout, u, h, x, out);
+            for (w, o) in wj.iter_mut().zip(out.iter()) {
+                *w = o.to_f64();
+            }
             *ok = wj.iter().all(|v| v.is_finite());
             all &= *ok;
         }
@@ -756,17 +789,17 @@ fn forward_rows(
     all
 }
 
-/// Whether the forward of an ensemble of `work` particle-parameters touches ahead.
-fn touch_ahead(work: usize) -> bool {
-    work >= TOUCH_MIN_WORK
+/// Whether the forward of an ensemble of `work` particle-parameters of `T` touches ahead.
+fn touch_ahead<T>(work: usize) -> bool {
+    work * std::mem::size_of::<T>() >= TOUCH_MIN_BYTES
 }
 
 /// Blocks ahead whose cache lines the forward touches (see [`forward_rows`]).
 const TOUCH_AHEAD: usize = 4;
-/// Particle-parameters from which it does: 16 MiB of particles, half the (shared) L3. Measured
-/// on the development machine (BENCHMARKS.md, issue 6): about 7% faster at J=2000, hidden 32
+/// Ensemble bytes from which it does: 16 MiB of particles, half the (shared) L3. Measured on
+/// the development machine (BENCHMARKS.md, issue 6): about 7% faster at J=2000, hidden 32
 /// (24 MB), 5% slower at J=2000, hidden 16 (8 MB, which the L3 holds).
-const TOUCH_MIN_WORK: usize = 1 << 21;
+const TOUCH_MIN_BYTES: usize = 16 << 20;
 
 #[cfg(test)]
 mod tests;

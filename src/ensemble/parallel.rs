@@ -26,6 +26,7 @@ use std::sync::OnceLock;
 use super::kernels::{self, BLOCK, UpdateRule};
 use super::{Accumulate, forward_rows, touch_ahead};
 use crate::network::Layout;
+use crate::real::Real;
 
 /// Particle-parameters (J·d) from which a step with two threads splits: 2^20, 8 MiB of
 /// particles. Below that the fork-joins and the extra read cost more than the second core gains.
@@ -77,16 +78,16 @@ fn cut(j: usize, share: f64) -> usize {
     clippy::too_many_arguments,
     reason = "the serial forward's slices plus the second thread's scratch"
 )]
-pub(super) fn forward(
+pub(super) fn forward<T: Real>(
     layout: &Layout,
-    particles: &[f64],
-    hidden: &mut [f64],
+    particles: &[T],
+    hidden: &mut [T],
     w: &mut [f64],
     healthy: &mut [bool],
-    scratch_a: &mut [f64],
-    scratch_b: &mut [f64],
-    cuw: &mut [f64],
-    mean: &[f64],
+    scratch_a: &mut [T],
+    scratch_b: &mut [T],
+    cuw: &mut [T],
+    mean: &[T],
     pred: &[f64],
 ) -> (bool, usize) {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
@@ -96,7 +97,7 @@ pub(super) fn forward(
     let (ha, hb) = hidden.split_at_mut(s * nh);
     let (wa, wb) = w.split_at_mut(s * m);
     let (oka, okb) = healthy.split_at_mut(s);
-    let touch = touch_ahead(particles.len());
+    let touch = touch_ahead::<T>(particles.len());
     let pred_ok = pred.iter().all(|v| v.is_finite());
     let acc = pred_ok.then_some(Accumulate { cuw, mean, pred });
     let (ok_a, ok_b) = rayon::join(
@@ -115,12 +116,12 @@ pub(super) fn forward(
 /// (Runs of a few dozen columns, continuation then update while the second part's columns
 /// are in L2, measured slower here: the strided walk over 2000 rows defeats the prefetcher
 /// that the serial-looking walk along each half-row keeps busy.)
-pub(super) struct Finish<'a> {
+pub(super) struct Finish<'a, T> {
     pub d: usize,
     pub m: usize,
     pub inv_j: f64,
-    pub lambda: f64,
-    pub nesterov: Option<f64>,
+    pub lambda: T,
+    pub nesterov: Option<T>,
     pub q: &'a [f64],
     pub qbar: &'a [f64],
     /// `(first particle of the second part, all predictions w, the mean prediction ŷ)` when
@@ -129,24 +130,24 @@ pub(super) struct Finish<'a> {
 }
 
 /// One thread's columns of everything [`Finish`] touches.
-struct Part<'p, 'a> {
-    rows: &'p mut [&'a mut [f64]],
-    prev: &'p mut [&'a mut [f64]],
+struct Part<'p, 'a, T> {
+    rows: &'p mut [&'a mut [T]],
+    prev: &'p mut [&'a mut [T]],
     /// Per output, this thread's columns of its C^{uw} row.
-    cuw: &'p mut [&'a mut [f64]],
-    next_mean: &'a mut [f64],
+    cuw: &'p mut [&'a mut [T]],
+    next_mean: &'a mut [T],
     /// ū on entry, the sum of the new particles on exit.
-    mean: &'a mut [f64],
+    mean: &'a mut [T],
 }
 
-impl Finish<'_> {
+impl<T: Real> Finish<'_, T> {
     pub(super) fn run(
         &self,
-        particles: &mut [f64],
-        previous: &mut [f64],
-        cuw: &mut [f64],
-        next_mean: &mut [f64],
-        mean: &mut [f64],
+        particles: &mut [T],
+        previous: &mut [T],
+        cuw: &mut [T],
+        next_mean: &mut [T],
+        mean: &mut [T],
     ) {
         let d = self.d;
         let c = if d >= 16 {
@@ -181,7 +182,7 @@ impl Finish<'_> {
         );
     }
 
-    fn columns(&self, p: Part) {
+    fn columns(&self, p: Part<T>) {
         let m = self.m;
         let Part {
             rows,
@@ -205,21 +206,23 @@ impl Finish<'_> {
                 );
             }
         }
+        let inv = T::from_f64(self.inv_j);
         for row in cuw.iter_mut() {
             for v in row.iter_mut() {
-                *v *= self.inv_j;
+                *v *= inv;
             }
         }
         next_mean.copy_from_slice(mean);
         for (row, &qb) in cuw.iter().zip(self.qbar) {
+            let qb = T::from_f64(qb);
             for (x, &cv) in next_mean.iter_mut().zip(row.iter()) {
                 *x += cv * qb;
             }
         }
-        mean.fill(0.0);
+        mean.fill(T::ZERO);
         // Several outputs: the rule wants this side's C^{uw} rows back to back.
-        let gathered: Vec<f64>;
-        let rule_cuw: &[f64] = if m == 1 {
+        let gathered: Vec<T>;
+        let rule_cuw: &[T] = if m == 1 {
             &cuw[0][..]
         } else {
             gathered = cuw.iter().flat_map(|r| r.iter().copied()).collect();
@@ -240,7 +243,7 @@ impl Finish<'_> {
 /// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts.
 /// (Handing each thread its parts of the rows takes vectors of slices: with the gathered
 /// C^{uw} rows of a multi-output stream, the two-thread step's only allocations.)
-type Halves<'a> = (Vec<&'a mut [f64]>, Vec<&'a mut [f64]>);
-fn halves(buf: &mut [f64], d: usize, c: usize) -> Halves<'_> {
+type Halves<'a, T> = (Vec<&'a mut [T]>, Vec<&'a mut [T]>);
+fn halves<T>(buf: &mut [T], d: usize, c: usize) -> Halves<'_, T> {
     buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()
 }

@@ -84,7 +84,7 @@ proptest! {
         let method = if flow { Method::Flow } else { Method::Kalman };
         let mut o = options(j, hidden, lags, outputs, method, seed);
         o.momentum = momentum && flow;
-        let mut e = Ensemble::new(&o);
+        let mut e = Ensemble::<f64>::new(&o);
         linearise(&mut e);
         let initial = e.particles().to_vec();
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
@@ -107,7 +107,7 @@ proptest! {
     ) {
         let mut o = options(j, hidden, lags, outputs, Method::Kalman, seed);
         o.noise = noise;
-        let mut e = Ensemble::new(&o);
+        let mut e = Ensemble::<f64>::new(&o);
         linearise(&mut e);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xabc);
         let z = random_vec(&mut rng, e.layout().n_in);
@@ -151,7 +151,7 @@ fn forward_all(e: &Ensemble, z: &[f64]) -> Vec<f64> {
 fn kalman_update_matches_dense_computation() {
     let (j, m) = (7, 2);
     let o = options(j, 3, 2, m, Method::Kalman, 11);
-    let mut e = Ensemble::new(&o);
+    let mut e = Ensemble::<f64>::new(&o);
     let d = e.dim();
     let z = [0.3, 0.7, 0.1, 0.9];
     let y = [0.4, 0.6];
@@ -194,7 +194,7 @@ fn flow_step_matches_hand_computed_d() {
     let j = 3;
     let mut o = options(j, 1, 1, 1, Method::Flow, 5);
     o.step = crate::options::Step { h: 0.5, eps: 1e-3 };
-    let mut e = Ensemble::new(&o);
+    let mut e = Ensemble::<f64>::new(&o);
     let d = e.dim();
     let z = [0.8];
     let y = [0.25];
@@ -229,7 +229,7 @@ fn flow_step_matches_hand_computed_d() {
 #[test]
 fn a_particle_with_non_finite_prediction_is_redrawn() {
     let o = options(10, 4, 3, 1, Method::Kalman, 3);
-    let mut e = Ensemble::new(&o);
+    let mut e = Ensemble::<f64>::new(&o);
     let d = e.dim();
     let mut p = e.particles().to_vec();
     // Particle 4's read-out bias overflows to infinity.
@@ -251,7 +251,7 @@ fn a_particle_with_non_finite_prediction_is_redrawn() {
 #[test]
 fn every_particle_unhealthy_falls_back_to_the_prior() {
     let o = options(4, 2, 1, 1, Method::Kalman, 9);
-    let mut e = Ensemble::new(&o);
+    let mut e = Ensemble::<f64>::new(&o);
     let p = vec![f64::NAN; e.particles().len()];
     e.set_particles(&p);
     let mut pred = [0.0];
@@ -267,7 +267,7 @@ fn spread_and_inflation_keep_the_ensemble_alive() {
     let run = |f: &dyn Fn(&mut Options)| {
         let mut o = options(20, 4, 2, 1, Method::Kalman, 1);
         f(&mut o);
-        let mut e = Ensemble::new(&o.check().expect("valid"));
+        let mut e = Ensemble::<f64>::new(&o.check().expect("valid"));
         let mut pred = [0.0];
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         for _ in 0..400 {
@@ -294,9 +294,9 @@ fn spread_and_inflation_keep_the_ensemble_alive() {
 
 #[test]
 fn same_seed_same_ensemble_different_seed_different() {
-    let a = Ensemble::new(&options(5, 2, 2, 1, Method::Kalman, 42));
-    let b = Ensemble::new(&options(5, 2, 2, 1, Method::Kalman, 42));
-    let c = Ensemble::new(&options(5, 2, 2, 1, Method::Kalman, 43));
+    let a = Ensemble::<f64>::new(&options(5, 2, 2, 1, Method::Kalman, 42));
+    let b = Ensemble::<f64>::new(&options(5, 2, 2, 1, Method::Kalman, 42));
+    let c = Ensemble::<f64>::new(&options(5, 2, 2, 1, Method::Kalman, 43));
     assert_eq!(a.particles(), b.particles());
     assert_ne!(a.particles(), c.particles());
 }
@@ -304,7 +304,7 @@ fn same_seed_same_ensemble_different_seed_different() {
 /// Pushes one stream through the serial step and the two-thread step and asserts that every
 /// prediction, particle, hidden state and the mean are bit-identical (issue 6).
 fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usize>) {
-    let mut serial = Ensemble::new(o);
+    let mut serial = Ensemble::<f64>::new(o);
     serial.set_threads(1);
     let mut parallel = serial.clone();
     parallel.set_threads(2);
@@ -373,10 +373,10 @@ fn two_threads_give_the_serial_bits_issue_6() {
 
 #[test]
 fn big_ensembles_split_and_small_ones_do_not() {
-    let mut small = Ensemble::new(&options(100, 16, 12, 1, Method::Kalman, 1));
+    let mut small = Ensemble::<f64>::new(&options(100, 16, 12, 1, Method::Kalman, 1));
     small.set_threads(2);
     assert!(!small.is_parallel());
-    let mut big = Ensemble::new(&options(2000, 32, 12, 1, Method::Kalman, 1));
+    let mut big = Ensemble::<f64>::new(&options(2000, 32, 12, 1, Method::Kalman, 1));
     big.set_threads(2);
     assert!(big.is_parallel());
     big.set_threads(1);
@@ -386,7 +386,7 @@ fn big_ensembles_split_and_small_ones_do_not() {
 #[test]
 fn touching_ahead_changes_no_result_issue_6() {
     // The touch only loads; force it on a small ensemble and compare with it off.
-    let e = Ensemble::new(&options(37, 5, 3, 1, Method::Kalman, 8));
+    let e = Ensemble::<f64>::new(&options(37, 5, 3, 1, Method::Kalman, 8));
     let l = *e.layout();
     let run = |touch: bool| {
         let (mut hidden, mut w, mut ok) = (e.hidden.clone(), vec![0.0; 37], vec![true; 37]);
