@@ -15,6 +15,7 @@ use crate::model::Scaler;
 use crate::options::{
     Loss, Method, Off, Options, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
+use crate::real::Precision;
 use crate::replay::{self, ReplayArgs};
 use crate::server;
 
@@ -126,6 +127,9 @@ pub struct OptionFlags {
     /// Seed of the prior draws.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// What the ensemble stores and computes in: `f64` or `f32`.
+    #[arg(long, value_parser = parse_precision)]
+    pub precision: Option<Precision>,
     /// `auto` or `MIN:MAX`.
     #[arg(long)]
     pub scale: Option<String>,
@@ -203,6 +207,7 @@ impl OptionFlags {
             skip: self.skip,
             seed: self.seed,
             scale,
+            precision: self.precision,
         })
     }
 }
@@ -462,4 +467,12 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         write!(out, "{}", eval::table(&results))?;
     }
     Ok(())
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    match s {
+        "f64" => Ok(Precision::F64),
+        "f32" => Ok(Precision::F32),
+        _ => Err(format!("expected `f64` or `f32`, got `{s}`")),
+    }
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::ensemble::Ensemble;
+use crate::ensemble::AnyEnsemble;
 use crate::model::{Learner, OnlineModel, Persistence, Scaler};
 use crate::ogd::Ogd;
 use crate::options::{Method, Off, Options, Spread, SpreadOption};
@@ -172,7 +172,7 @@ fn test_segment<L: Learner>(model: &mut OnlineModel<L>, test: &[f64]) -> f64 {
 
 /// Predicts with one chosen particle of an ensemble (frozen), for the best-particle column.
 struct Particle {
-    ensemble: Ensemble,
+    ensemble: AnyEnsemble,
     index: usize,
 }
 
@@ -226,8 +226,8 @@ fn passes<L: Learner + Clone>(
     out
 }
 
-fn eki_model(o: &Options, threads: usize) -> OnlineModel<Ensemble> {
-    let mut e = Ensemble::new(o);
+fn eki_model(o: &Options, threads: usize) -> OnlineModel<AnyEnsemble> {
+    let mut e = AnyEnsemble::new(o);
     e.set_threads(threads);
     OnlineModel::new(e, o.lags, 0, 1)
 }
@@ -310,7 +310,7 @@ pub fn run_method(
             let (preq, ops) = crate::ensemble::on_pool(|| {
                 timed(&mut || prequential(&mut m, scaled, &mut predictions))
             });
-            let best = |model: &OnlineModel<Ensemble>, test: &[f64]| {
+            let best = |model: &OnlineModel<AnyEnsemble>, test: &[f64]| {
                 let index = model.learner.best_particle();
                 let mut pm = model
                     .clone()
@@ -323,7 +323,7 @@ pub fn run_method(
                     &split,
                     p,
                     best,
-                    |m: &mut OnlineModel<Ensemble>| m.learner.reset_particle_errors(),
+                    |m: &mut OnlineModel<AnyEnsemble>| m.learner.reset_particle_errors(),
                 )
             });
             EvalResult {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ensemble::Ensemble;
+use crate::ensemble::AnyEnsemble;
 
 /// A one-step-ahead learner working in scaled units.
 pub trait Learner {
@@ -17,12 +17,12 @@ pub trait Learner {
     fn reset_state(&mut self);
 }
 
-impl Learner for Ensemble {
+impl Learner for AnyEnsemble {
     fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) {
-        Ensemble::step(self, z, y, pred);
+        AnyEnsemble::step(self, z, y, pred);
     }
     fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
-        Ensemble::predict_frozen(self, z, pred);
+        AnyEnsemble::predict_frozen(self, z, pred);
     }
     fn reset_state(&mut self) {
         self.reset_hidden();

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::network::Layout;
+use crate::real::Precision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -135,6 +136,7 @@ pub struct RawOptions {
     pub skip: Option<bool>,
     pub seed: Option<u64>,
     pub scale: Option<ScaleOption>,
+    pub precision: Option<Precision>,
 }
 
 /// Validated options: every field present and in range.
@@ -165,6 +167,10 @@ pub struct Options {
     pub skip: bool,
     pub seed: u64,
     pub scale: ScaleOption,
+    /// What the ensemble stores and computes in (absent in snapshots older than the option:
+    /// those were `f64`).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for Options {
@@ -191,6 +197,7 @@ impl Default for Options {
             skip: true,
             seed: 0,
             scale: ScaleOption::Auto(Auto::Auto),
+            precision: Precision::F64,
         }
     }
 }
@@ -252,6 +259,7 @@ impl RawOptions {
             skip: self.skip.unwrap_or(defaults.skip),
             seed: self.seed.unwrap_or(defaults.seed),
             scale: self.scale.unwrap_or(defaults.scale),
+            precision: self.precision.unwrap_or(defaults.precision),
         };
         o.check()
     }
@@ -321,9 +329,9 @@ impl Options {
         )
     }
 
-    /// Bytes the ensemble's parameters occupy (J·d doubles).
+    /// Bytes the ensemble's parameters occupy (J·d values of the precision).
     pub fn ensemble_bytes(&self) -> usize {
-        self.ensemble * self.layout().dim() * std::mem::size_of::<f64>()
+        self.ensemble * self.layout().dim() * self.precision.bytes()
     }
 }
 

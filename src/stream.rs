@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ensemble::{Ensemble, EnsembleState};
+use crate::ensemble::{AnyEnsemble, EnsembleState};
 use crate::forecast::{ForecastState, interval_particles};
 use crate::model::{LagBuffer, OnlineModel, Scaler};
 use crate::options::{Options, ScaleOption};
@@ -162,7 +162,7 @@ pub struct Stream {
     /// Observations held back until the `auto` scales are fixed. They would only fill the lag
     /// buffer anyway, so holding them changes no prediction.
     pending: Vec<Observation>,
-    model: OnlineModel<Ensemble>,
+    model: OnlineModel<AnyEnsemble>,
     stats: Stats,
     // Scratch for one observation in model units (no allocation per observation).
     ys: Vec<f64>,
@@ -197,7 +197,7 @@ impl Stream {
             ScaleOption::Auto(_) => None,
         };
         let model = OnlineModel::new(
-            Ensemble::new(&options),
+            AnyEnsemble::new(&options),
             options.lags,
             options.inputs,
             options.outputs,
@@ -253,7 +253,7 @@ impl Stream {
     /// Rebuilds a stream exactly as it was when `state` was taken.
     pub fn from_state(state: StreamState) -> Result<Stream, String> {
         let options = state.options.check().map_err(|e| e.to_string())?;
-        let ensemble = Ensemble::from_state(&options, state.ensemble)?;
+        let ensemble = AnyEnsemble::from_state(&options, state.ensemble)?;
         if state.lags.values().len() != options.lags * options.outputs {
             return Err("lag buffer does not match the options".into());
         }
@@ -278,7 +278,7 @@ impl Stream {
     pub fn y_scale(&self) -> Option<&[Scaler]> {
         self.y_scale.as_deref()
     }
-    pub fn ensemble(&self) -> &Ensemble {
+    pub fn ensemble(&self) -> &AnyEnsemble {
         &self.model.learner
     }
 
@@ -462,16 +462,15 @@ impl Stream {
         let mut particles = Vec::with_capacity(k * e.dim());
         let mut hidden = Vec::with_capacity(k * e.layout().hidden);
         for i in 0..k {
-            let idx = i * j / k;
-            particles.extend_from_slice(e.particle(idx));
-            hidden.extend_from_slice(e.hidden(idx));
+            e.copy_particle(i * j / k, &mut particles, &mut hidden);
         }
+        let (mean, mean_hidden) = e.mean_f64();
         Some(ForecastState {
             layout: *e.layout(),
             lags: self.options.lags,
             inputs: self.options.inputs,
-            mean: e.mean().to_vec(),
-            mean_hidden: e.mean_hidden().to_vec(),
+            mean,
+            mean_hidden,
             particles,
             hidden,
             lag_values: self.model.lags().values().to_vec(),

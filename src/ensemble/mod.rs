@@ -21,8 +21,10 @@ use crate::prior::Prior;
 use crate::real::Real;
 use crate::update::KalmanUpdate;
 
+mod any;
 mod kernels;
 mod parallel;
+pub use any::AnyEnsemble;
 use kernels::{BLOCK, UpdateRule};
 pub use parallel::{PARALLEL_MIN_WORK, on_pool};
 

@@ -1,0 +1,105 @@
+//! A stream's ensemble in the precision its options name: one type for the stream, `ekid eval`
+//! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
+
+use super::{Ensemble, EnsembleState, StepReport};
+use crate::network::Layout;
+use crate::options::Options;
+use crate::real::{Precision, Real};
+
+#[derive(Debug, Clone)]
+pub enum AnyEnsemble {
+    F64(Ensemble<f64>),
+    F32(Ensemble<f32>),
+}
+
+/// Runs `$body` with `$e` bound to the ensemble, whichever precision it has.
+macro_rules! each {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self {
+            AnyEnsemble::F64($e) => $body,
+            AnyEnsemble::F32($e) => $body,
+        }
+    };
+}
+
+/// The values of one particle-sized slice, widened to `f64` (exact).
+fn extend_f64<T: Real>(out: &mut Vec<f64>, v: &[T]) {
+    out.extend(v.iter().map(|x| x.to_f64()));
+}
+
+impl AnyEnsemble {
+    pub fn new(options: &Options) -> Self {
+        match options.precision {
+            Precision::F64 => AnyEnsemble::F64(Ensemble::new(options)),
+            Precision::F32 => AnyEnsemble::F32(Ensemble::new(options)),
+        }
+    }
+
+    pub fn from_state(options: &Options, state: EnsembleState) -> Result<Self, String> {
+        Ok(match options.precision {
+            Precision::F64 => AnyEnsemble::F64(Ensemble::from_state(options, state)?),
+            Precision::F32 => AnyEnsemble::F32(Ensemble::from_state(options, state)?),
+        })
+    }
+
+    pub fn state(&self) -> EnsembleState {
+        each!(self, e => e.state())
+    }
+    pub fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
+        each!(self, e => e.step(z, y, pred))
+    }
+    pub fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
+        each!(self, e => e.predict_frozen(z, pred))
+    }
+    pub fn predict_particle_frozen(&mut self, j: usize, z: &[f64], pred: &mut [f64]) {
+        each!(self, e => e.predict_particle_frozen(j, z, pred))
+    }
+    pub fn reset_hidden(&mut self) {
+        each!(self, e => e.reset_hidden())
+    }
+    pub fn reset_particle_errors(&mut self) {
+        each!(self, e => e.reset_particle_errors())
+    }
+    pub fn best_particle(&self) -> usize {
+        each!(self, e => e.best_particle())
+    }
+    pub fn set_threads(&mut self, threads: usize) {
+        each!(self, e => e.set_threads(threads))
+    }
+    pub fn is_parallel(&self) -> bool {
+        each!(self, e => e.is_parallel())
+    }
+    pub fn repaired(&self) -> u64 {
+        each!(self, e => e.repaired())
+    }
+    pub fn prediction_variance(&self) -> f64 {
+        each!(self, e => e.prediction_variance())
+    }
+    pub fn size(&self) -> usize {
+        each!(self, e => e.size())
+    }
+    pub fn dim(&self) -> usize {
+        each!(self, e => e.dim())
+    }
+    pub fn layout(&self) -> &Layout {
+        each!(self, e => e.layout())
+    }
+
+    /// Appends particle `j`'s parameters and hidden state, as `f64`.
+    pub fn copy_particle(&self, j: usize, params: &mut Vec<f64>, hidden: &mut Vec<f64>) {
+        each!(self, e => {
+            extend_f64(params, e.particle(j));
+            extend_f64(hidden, e.hidden(j));
+        })
+    }
+
+    /// The mean particle and its hidden state, as `f64`.
+    pub fn mean_f64(&self) -> (Vec<f64>, Vec<f64>) {
+        each!(self, e => {
+            let (mut m, mut h) = (Vec::new(), Vec::new());
+            extend_f64(&mut m, e.mean());
+            extend_f64(&mut h, e.mean_hidden());
+            (m, h)
+        })
+    }
+}
