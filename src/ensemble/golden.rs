@@ -31,9 +31,10 @@ impl Fingerprint {
     fn value(&mut self, v: f64) {
         self.word(v.to_bits());
     }
-    fn values(&mut self, vs: &[f64]) {
+    /// Values of either precision (f32 widened to f64 exactly).
+    fn values<T: Real>(&mut self, vs: &[T]) {
         for &v in vs {
-            self.value(v);
+            self.value(v.to_f64());
         }
     }
     fn prediction(&mut self, p: Option<f64>) {
@@ -137,8 +138,8 @@ fn eki_variants_are_pinned_issue_6() {
 }
 
 /// A deterministic multi-output, exogenous-input stream driven straight into `Ensemble::step`.
-fn synthetic_fingerprint(o: &Options, steps: usize) -> u64 {
-    let mut e = Ensemble::new(o);
+fn synthetic_fingerprint<T: Real>(o: &Options, steps: usize) -> u64 {
+    let mut e = Ensemble::<T>::new(o);
     let (n_in, m) = (e.layout().n_in, e.layout().outputs);
     let mut z = vec![0.0; n_in];
     let mut y = vec![0.0; m];
@@ -208,7 +209,7 @@ fn multi_output_ensembles_are_pinned_issue_6() {
         0x51225da33633284f,
         0x0553e0e04fec532d,
     ];
-    let got = cases.map(|o| synthetic_fingerprint(&o.check().expect("valid"), 150));
+    let got = cases.map(|o| synthetic_fingerprint::<f64>(&o.check().expect("valid"), 150));
     assert_eq!(got, want, "got {got:#x?}");
 }
 
@@ -223,7 +224,7 @@ fn repaired_particles_are_pinned_issue_6() {
     }
     .check()
     .expect("valid");
-    let mut e = Ensemble::new(&o);
+    let mut e = Ensemble::<f64>::new(&o);
     let d = e.dim();
     let mut p = e.particles().to_vec();
     p[3 * d + d - 1] = f64::INFINITY;
@@ -242,4 +243,55 @@ fn repaired_particles_are_pinned_issue_6() {
     assert_eq!(repaired, 2, "the case must go through the repair path");
     f.values(e.particles());
     assert_eq!(f.0, 0x5ada6366432590c9, "got {:#x}", f.0);
+}
+
+/// `f32` ensembles have results of their own (not those of `f64`): pinned the same way, so
+/// that later work on the `f32` path keeps them. They use no libm (their tanh is
+/// [`crate::real::tanh_f32`]), so unlike the `f64` constants these hold on any IEEE machine. Default options on both datasets, the flow
+/// form with momentum, and a multi-output stream with inflation.
+#[test]
+fn f32_results_are_pinned_issue_6() {
+    let f32 = |o: Options| Options {
+        precision: crate::real::Precision::F32,
+        ..o
+    };
+    let mut got = Vec::new();
+    for file in FILES {
+        got.push(eval_fingerprint(
+            file,
+            usize::MAX,
+            "eki",
+            f32(Options::default()),
+            2,
+        ));
+        got.push(eval_fingerprint(
+            file,
+            500,
+            "eki-momentum",
+            f32(small(40, 8)),
+            2,
+        ));
+    }
+    let multi = Options {
+        ensemble: 24,
+        hidden: 6,
+        lags: 3,
+        inputs: 2,
+        outputs: 3,
+        inflation: 1.001,
+        seed: 17,
+        ..Options::default()
+    };
+    got.push(synthetic_fingerprint::<f32>(
+        &f32(multi).check().expect("valid"),
+        150,
+    ));
+    let want: [u64; 5] = [
+        0x1c08485f088e206c,
+        0xdb1513d466e53ade,
+        0xf317ffefff990a8f,
+        0x935e2e69ab891b68,
+        0x87cdaae83997b5c5,
+    ];
+    assert_eq!(got, want, "got {got:#x?}");
 }

@@ -304,7 +304,12 @@ fn same_seed_same_ensemble_different_seed_different() {
 /// Pushes one stream through the serial step and the two-thread step and asserts that every
 /// prediction, particle, hidden state and the mean are bit-identical (issue 6).
 fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usize>) {
-    let mut serial = Ensemble::<f64>::new(o);
+    parallel_matches_serial::<f64>(o, steps, poison);
+    parallel_matches_serial::<f32>(o, steps, poison);
+}
+
+fn parallel_matches_serial<T: Real>(o: &Options, steps: usize, poison: Option<usize>) {
+    let mut serial = Ensemble::<T>::new(o);
     serial.set_threads(1);
     let mut parallel = serial.clone();
     parallel.set_threads(2);
@@ -312,7 +317,7 @@ fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usiz
     assert!(parallel.is_parallel() && !serial.is_parallel());
     if let Some(jj) = poison {
         let mut p = serial.particles().to_vec();
-        p[jj * serial.dim() + 1] = f64::NAN;
+        p[jj * serial.dim() + 1] = T::from_f64(f64::NAN);
         serial.set_particles(&p);
         parallel.set_particles(&p);
     }
@@ -320,6 +325,7 @@ fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usiz
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed ^ 0x7a11);
     let (mut ps, mut pp) = (vec![0.0; m], vec![0.0; m]);
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let tbits = |v: &[T]| v.iter().map(|x| x.bits()).collect::<Vec<_>>();
     for t in 0..steps {
         let z = random_vec(&mut rng, n_in);
         let y = random_vec(&mut rng, m);
@@ -329,10 +335,10 @@ fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usiz
         assert_eq!(rs.repaired, rp.repaired, "repairs at step {t}");
         assert_eq!(rs.step_size.to_bits(), rp.step_size.to_bits());
     }
-    assert_eq!(bits(serial.particles()), bits(parallel.particles()));
-    assert_eq!(bits(serial.mean()), bits(parallel.mean()));
-    assert_eq!(bits(&serial.hidden), bits(&parallel.hidden));
-    assert_eq!(bits(&serial.previous), bits(&parallel.previous));
+    assert_eq!(tbits(serial.particles()), tbits(parallel.particles()));
+    assert_eq!(tbits(serial.mean()), tbits(parallel.mean()));
+    assert_eq!(tbits(&serial.hidden), tbits(&parallel.hidden));
+    assert_eq!(tbits(&serial.previous), tbits(&parallel.previous));
     assert_eq!(
         bits(serial.particle_predictions()),
         bits(parallel.particle_predictions())
@@ -391,7 +397,7 @@ fn touching_ahead_changes_no_result_issue_6() {
     let run = |touch: bool| {
         let (mut hidden, mut w, mut ok) = (e.hidden.clone(), vec![0.0; 37], vec![true; 37]);
         let mut cuw = vec![0.0; e.dim()];
-        let mut scratch = vec![0.0; l.row()];
+        let mut scratch = vec![0.0; l.row() + l.outputs];
         network::load_inputs(&l, &mut scratch, &[0.2, 0.5, 0.9]);
         let acc = Accumulate {
             cuw: &mut cuw,

@@ -243,3 +243,31 @@ fn delete_is_durable_and_a_new_stream_of_the_same_name_starts_fresh() {
     let (r, _) = recovered(&store, "d");
     assert_eq!(r.last_seq(), 0);
 }
+
+#[test]
+fn f32_streams_recover_bit_for_bit_from_a_snapshot_and_the_log_issue_6() {
+    let o = Options {
+        precision: crate::real::Precision::F32,
+        ..options()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("f", &o).unwrap();
+    let mut s = Stream::new(o.clone());
+    feed(&mut s, &mut ss, &[batch(0, 15)]);
+    ss.snapshot(&s).unwrap();
+    feed(&mut s, &mut ss, &[batch(15, 9)]);
+    drop(ss);
+    let (mut r, report) = recovered(&store, "f");
+    assert_eq!(report.replayed, 9);
+    assert_eq!(r.options().precision, crate::real::Precision::F32);
+    assert_eq!(state(&r), state(&s));
+    // And it goes on learning the same bits.
+    let next = batch(24, 5);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let plan = s.plan(&next).unwrap();
+    s.apply(&next, &plan, |x| a.push(x.prediction));
+    r.apply(&next, &plan, |x| b.push(x.prediction));
+    assert_eq!(a, b);
+    assert_eq!(state(&r), state(&s));
+}
