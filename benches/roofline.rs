@@ -14,13 +14,14 @@
 //!
 //! Pass table names to run only some (`cargo bench --bench roofline -- ratio cores`), and
 //! `quick` for fewer samples. `profile J HIDDEN [THREADS [SECONDS]]` runs only observations (10 s
-//! by default), for `perf record`.
+//! by default; add `f32` after the seconds for that precision), for `perf record`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ekid::ensemble::Ensemble;
+use ekid::ensemble::AnyEnsemble;
 use ekid::options::Options;
+use ekid::real::{Precision, Real};
 
 fn options(j: usize, hidden: usize) -> Options {
     Options {
@@ -34,7 +35,7 @@ fn options(j: usize, hidden: usize) -> Options {
 
 /// A stream of observations for the default model (lags 12, one output).
 struct Stream {
-    e: Ensemble,
+    e: AnyEnsemble,
     t: usize,
     z: Vec<f64>,
     pred: [f64; 1],
@@ -42,7 +43,14 @@ struct Stream {
 
 impl Stream {
     fn new(j: usize, hidden: usize, threads: usize) -> Self {
-        let mut e = Ensemble::<f64>::new(&options(j, hidden));
+        Self::with(j, hidden, threads, Precision::F64)
+    }
+    fn with(j: usize, hidden: usize, threads: usize, precision: Precision) -> Self {
+        let o = Options {
+            precision,
+            ..options(j, hidden)
+        };
+        let mut e = AnyEnsemble::new(&o);
         e.set_threads(threads);
         let z = vec![0.0; e.layout().n_in];
         Stream {
@@ -65,33 +73,22 @@ impl Stream {
 
 /// The floor over a buffer of `n` doubles: one read pass, then one read-write pass, both
 /// written so that they vectorise (eight independent sums; an element-wise update).
-struct Floor {
-    buf: Vec<f64>,
-    coef: Vec<f64>,
+struct Floor<T> {
+    buf: Vec<T>,
+    coef: Vec<T>,
     d: usize,
 }
 
-impl Floor {
+impl<T: Real> Floor<T> {
     fn new(j: usize, d: usize) -> Self {
         Floor {
-            buf: vec![1.0; j * d],
-            coef: vec![1e-12; d],
+            buf: vec![T::ONE; j * d],
+            coef: vec![T::from_f64(1e-12); d],
             d,
         }
     }
     fn pass(&mut self) {
-        let mut acc = [0.0f64; 8];
-        for c in self.buf.chunks_exact(8) {
-            for k in 0..8 {
-                acc[k] += c[k];
-            }
-        }
-        let q = black_box(acc.iter().sum::<f64>()) * 1e-30;
-        for row in self.buf.chunks_exact_mut(self.d) {
-            for (u, &c) in row.iter_mut().zip(&self.coef) {
-                *u += c * q;
-            }
-        }
+        half(&mut self.buf, &self.coef, self.d);
         black_box(self.buf[0]);
     }
 
@@ -106,14 +103,17 @@ impl Floor {
     }
 }
 
-fn half(buf: &mut [f64], coef: &[f64], d: usize) {
-    let mut acc = [0.0f64; 8];
-    for c in buf.chunks_exact(8) {
-        for k in 0..8 {
+/// The floor's two passes over `buf`: sixteen independent sums (a cache line of `f32`, two of
+/// `f64`, per iteration), then the element-wise read-write.
+fn half<T: Real>(buf: &mut [T], coef: &[T], d: usize) {
+    let mut acc = [T::ZERO; 16];
+    for c in buf.chunks_exact(16) {
+        for k in 0..16 {
             acc[k] += c[k];
         }
     }
-    let q = black_box(acc.iter().sum::<f64>()) * 1e-30;
+    let sum = acc.iter().fold(0.0, |s, a| s + a.to_f64());
+    let q = T::from_f64(black_box(sum) * 1e-30);
     for row in buf.chunks_exact_mut(d) {
         for (u, &c) in row.iter_mut().zip(coef) {
             *u += c * q;
@@ -176,28 +176,42 @@ fn fmt_time(s: f64) -> String {
 fn ratio(samples: usize) {
     println!("## ratio: one observation vs the memory floor (single thread)\n");
     println!(
-        "| J | hidden | d | ensemble bytes | time / obs | obs/s | ns per particle-parameter | floor | time / floor |"
+        "| precision | J | hidden | d | ensemble bytes | time / obs | obs/s | ns per particle-parameter | floor | time / floor |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for &(j, hidden) in &[
-        (100, 16),
-        (500, 16),
-        (2000, 16),
-        (100, 32),
-        (500, 32),
-        (2000, 32),
-    ] {
-        let mut s = Stream::new(j, hidden, 1);
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for precision in [Precision::F64, Precision::F32] {
+        for &(j, hidden) in &[
+            (100, 16),
+            (500, 16),
+            (2000, 16),
+            (100, 32),
+            (500, 32),
+            (2000, 32),
+        ] {
+            match precision {
+                Precision::F64 => ratio_row::<f64>(samples, j, hidden, precision),
+                Precision::F32 => ratio_row::<f32>(samples, j, hidden, precision),
+            }
+        }
+    }
+    println!();
+}
+
+/// One row: the stream in `precision` against the floor over its bytes (`T` is its type).
+fn ratio_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precision) {
+    {
+        let mut s = Stream::with(j, hidden, 1, precision);
         let d = s.e.dim();
-        let mut floor = Floor::new(j, d);
+        let mut floor = Floor::<T>::new(j, d);
         let t = interleaved(
             &mut [&mut || s.observe(), &mut || floor.pass()],
             samples,
             Duration::from_millis(40),
         );
+        let name = format!("{precision:?}").to_lowercase();
         println!(
-            "| {j} | {hidden} | {d} | {:.2} MB | {} | {:.0} | {:.2} | {} | {:.2} |",
-            (j * d * 8) as f64 / 1e6,
+            "| {name} | {j} | {hidden} | {d} | {:.2} MB | {} | {:.0} | {:.2} | {} | {:.2} |",
+            (j * d * std::mem::size_of::<T>()) as f64 / 1e6,
             fmt_time(t[0]),
             1.0 / t[0],
             t[0] * 1e9 / (j * d) as f64,
@@ -205,7 +219,6 @@ fn ratio(samples: usize) {
             t[0] / t[1]
         );
     }
-    println!();
 }
 
 fn cores(samples: usize) {
@@ -237,8 +250,8 @@ fn cores(samples: usize) {
         // drifts over seconds when its host is busy, and adjacent samples share the drift.
         let speedup = median(r[0].iter().zip(&r[1]).map(|(a, b)| a / b).collect());
         let t = [median(r[0].clone()), median(r[1].clone())];
-        let mut floor = Floor::new(j, d);
-        let mut floor2 = Floor::new(j, d);
+        let mut floor = Floor::<f64>::new(j, d);
+        let mut floor2 = Floor::<f64>::new(j, d);
         let f = interleaved(
             &mut [&mut || floor.pass(), &mut || floor2.pass2()],
             samples,
@@ -308,12 +321,16 @@ fn growth(samples: usize) {
     println!();
 }
 
-/// `profile J HIDDEN [THREADS [SECONDS]]`: only observations (10 s by default), to run under
+/// `profile J HIDDEN [THREADS [SECONDS [f32]]]`: only observations (10 s by default), to run under
 /// `perf record` or to time one configuration in a process of its own.
 fn profile(args: &[String]) {
     let num =
         |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
-    let mut s = Stream::new(num(1, 2000), num(2, 32), num(3, 1));
+    let precision = match args.get(5).map(String::as_str) {
+        Some("f32") => Precision::F32,
+        _ => Precision::F64,
+    };
+    let mut s = Stream::with(num(1, 2000), num(2, 32), num(3, 1), precision);
     let seconds = num(4, 10) as u64;
     let start = Instant::now();
     let mut n = 0u64;

@@ -106,14 +106,28 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
     let mut s2 = [T::ZERO; 4];
     let mut s3 = [T::ZERO; 4];
     let chunks = n / 4;
-    for i in 0..chunks {
-        let o = 4 * i;
+    // Row by row inside each chunk of four columns: every accumulator sees the same operations
+    // in the same order as in `dot`, and each row's four lanes are one vector operation (with
+    // the rows interleaved per lane, the compiler vectorised across rows instead and spent the
+    // loop gathering `f32` lanes).
+    for ((((x, a0), a1), a2), a3) in b
+        .chunks_exact(4)
+        .zip(r0.chunks_exact(4))
+        .zip(r1.chunks_exact(4))
+        .zip(r2.chunks_exact(4))
+        .zip(r3.chunks_exact(4))
+    {
         for l in 0..4 {
-            let x = b[o + l];
-            s0[l] += r0[o + l] * x;
-            s1[l] += r1[o + l] * x;
-            s2[l] += r2[o + l] * x;
-            s3[l] += r3[o + l] * x;
+            s0[l] += a0[l] * x[l];
+        }
+        for l in 0..4 {
+            s1[l] += a1[l] * x[l];
+        }
+        for l in 0..4 {
+            s2[l] += a2[l] * x[l];
+        }
+        for l in 0..4 {
+            s3[l] += a3[l] * x[l];
         }
     }
     let mut t = [T::ZERO; 4];

@@ -192,3 +192,43 @@ fn replay_to_a_dead_server_fails_clearly() {
     assert!(err.contains("gave up after"), "{err}");
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+/// The same with `f32` ensembles: the daemon's `f32` stream predicts what `ekid eval
+/// --precision f32` does, bit for bit.
+#[test]
+fn f32_replay_predictions_equal_eval_bit_for_bit_issue_6() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dataset("monthly-sunspots.csv");
+    let (a, b) = (dir.path().join("replay.csv"), dir.path().join("eval.csv"));
+    replay(&[
+        s(&path),
+        "--server",
+        &d.base,
+        "--stream",
+        "f",
+        "--precision",
+        "f32",
+        "--predictions",
+        s(&a),
+    ]);
+    run_ok(&[
+        "eval",
+        s(&path),
+        "--methods",
+        "eki",
+        "--passes",
+        "1",
+        "--precision",
+        "f32",
+        "--predictions",
+        s(&b),
+    ]);
+    let (a, b) = (
+        std::fs::read(&a).expect("replay predictions"),
+        std::fs::read(&b).expect("eval predictions"),
+    );
+    assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 2821);
+    assert!(a == b, "replay and eval predictions differ");
+    assert_eq!(stream(&d, "f")["options"]["precision"], "f32");
+}
