@@ -36,6 +36,33 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// Replays `path` into stream `name` and runs `ekid eval --methods eki --passes 1` on it, both
+/// with `options` (stream option flags) and `--predictions`; returns replay's stderr and the
+/// two prediction files.
+fn replay_and_eval(
+    d: &Daemon,
+    dir: &Path,
+    path: &Path,
+    name: &str,
+    options: &[&str],
+) -> (Output, Vec<u8>, Vec<u8>) {
+    let a = dir.join(format!("replay-{name}.csv"));
+    let b = dir.join(format!("eval-{name}.csv"));
+    let mut args = vec![s(path), "--server", &d.base, "--stream", name];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["--predictions", s(&a)]);
+    let out = replay(&args);
+    let mut args = vec!["eval", s(path), "--methods", "eki", "--passes", "1"];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["--predictions", s(&b)]);
+    run_ok(&args);
+    (
+        out,
+        std::fs::read(&a).expect("replay predictions"),
+        std::fs::read(&b).expect("eval predictions"),
+    )
+}
+
 /// The daemon fed by `ekid replay` predicts exactly what `ekid eval` does offline: the same
 /// default options and seed, the same scale (the file's min/max), every prediction bit for bit.
 #[test]
@@ -46,33 +73,8 @@ fn replay_predictions_equal_eval_bit_for_bit_issue_3() {
         .into_iter()
         .enumerate()
     {
-        let path = dataset(file);
-        let a = dir.path().join(format!("replay-{i}.csv"));
-        let b = dir.path().join(format!("eval-{i}.csv"));
         let name = format!("s{i}");
-        let out = replay(&[
-            s(&path),
-            "--server",
-            &d.base,
-            "--stream",
-            &name,
-            "--predictions",
-            s(&a),
-        ]);
-        run_ok(&[
-            "eval",
-            s(&path),
-            "--methods",
-            "eki",
-            "--passes",
-            "1",
-            "--predictions",
-            s(&b),
-        ]);
-        let (a, b) = (
-            std::fs::read(&a).expect("replay predictions"),
-            std::fs::read(&b).expect("eval predictions"),
-        );
+        let (out, a, b) = replay_and_eval(&d, dir.path(), &dataset(file), &name, &[]);
         let n = if i == 0 { 3650 } else { 2820 };
         assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), n + 1, "{file}");
         assert!(a == b, "{file}: replay and eval predictions differ");
@@ -200,34 +202,7 @@ fn f32_replay_predictions_equal_eval_bit_for_bit_issue_6() {
     let d = Daemon::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dataset("monthly-sunspots.csv");
-    let (a, b) = (dir.path().join("replay.csv"), dir.path().join("eval.csv"));
-    replay(&[
-        s(&path),
-        "--server",
-        &d.base,
-        "--stream",
-        "f",
-        "--precision",
-        "f32",
-        "--predictions",
-        s(&a),
-    ]);
-    run_ok(&[
-        "eval",
-        s(&path),
-        "--methods",
-        "eki",
-        "--passes",
-        "1",
-        "--precision",
-        "f32",
-        "--predictions",
-        s(&b),
-    ]);
-    let (a, b) = (
-        std::fs::read(&a).expect("replay predictions"),
-        std::fs::read(&b).expect("eval predictions"),
-    );
+    let (_, a, b) = replay_and_eval(&d, dir.path(), &path, "f", &["--precision", "f32"]);
     assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 2821);
     assert!(a == b, "replay and eval predictions differ");
     assert_eq!(stream(&d, "f")["options"]["precision"], "f32");
