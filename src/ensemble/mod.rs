@@ -60,6 +60,8 @@ pub struct Ensemble<T: Real = f64> {
     /// Threads one step may use (see [`Ensemble::set_threads`]).
     threads: usize,
     parallel_min_work: usize,
+    /// Where the two-thread step cuts its work (learned; never changes a result).
+    balance: parallel::Balance,
     ws: Workspace<T>,
 }
 
@@ -178,6 +180,7 @@ impl<T: Real> Ensemble<T> {
             last_prediction_var: 0.0,
             threads: 1,
             parallel_min_work: PARALLEL_MIN_WORK,
+            balance: parallel::Balance::default(),
             ws: Workspace {
                 w: vec![0.0; j * m],
                 q: vec![0.0; j * m],
@@ -451,6 +454,7 @@ impl<T: Real> Ensemble<T> {
                 cuw,
                 &self.mean,
                 pred,
+                &mut self.balance,
             );
             all_healthy &= ok;
             split = all_healthy.then_some(s);
@@ -543,7 +547,7 @@ impl<T: Real> Ensemble<T> {
             T::from_f64(n / (n + 3.0))
         });
         if parallel {
-            // 5'. C^{uw}'s scaling, ū' and the update pass, column run by column run.
+            // 5'. The rest of C^{uw}, its scaling, ū' and the update pass, by columns.
             parallel::Finish {
                 d,
                 m,
@@ -560,6 +564,7 @@ impl<T: Real> Ensemble<T> {
                 cuw,
                 next_mean,
                 &mut self.mean,
+                &mut self.balance,
             );
         } else {
             // ū' = ū + C^{uw} q̄ (needed before the pass for inflation around the new mean).

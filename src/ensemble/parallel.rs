@@ -22,6 +22,7 @@
 //! no `unsafe` and no hand-over of slices between threads.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use super::kernels::{self, BLOCK, UpdateRule};
 use super::{Accumulate, forward_rows, touch_ahead};
@@ -32,12 +33,40 @@ use crate::real::Real;
 /// particles. Below that the fork-joins and the extra read cost more than the second core gains.
 pub const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// Share of the particles the first side runs in the forward (it also accumulates C^{uw}).
-/// The first side of a join runs at once on the calling worker, the second once the other
-/// worker has stolen it; the shares lean towards the first side by about that delay.
-const FORWARD_SHARE: f64 = 0.42;
-/// Share of the columns the first side updates.
-const UPDATE_SHARE: f64 = 0.53;
+/// Where the two sides cut the work, learned from how long each side took: the cut never
+/// changes a result, only who computes what, so it may follow the machine. A fixed cut made
+/// every step wait for the slower side whenever the host slowed one core down (seconds at a
+/// time here); this one moves a fifth of the way to the cut that would have balanced the last
+/// step. Starts from what balanced on an idle machine: the first side (which also accumulates
+/// C^{uw}, and starts at once while the second waits to be stolen) takes 42% of the particles
+/// and 53% of the columns.
+#[derive(Debug, Clone, Copy)]
+pub struct Balance {
+    forward: f64,
+    finish: f64,
+}
+
+impl Default for Balance {
+    fn default() -> Self {
+        Balance {
+            forward: 0.42,
+            finish: 0.53,
+        }
+    }
+}
+
+/// The share that would have balanced two sides that took `ta` and `tb` for shares `share`
+/// and `1 − share`, approached by a fifth, kept within [0.1, 0.9].
+fn rebalance(share: f64, ta: Duration, tb: Duration) -> f64 {
+    let (ta, tb) = (ta.as_secs_f64(), tb.as_secs_f64());
+    if !(ta > 0.0 && tb > 0.0) {
+        return share;
+    }
+    // Time per unit of work on each side; the balanced share gives both the same time.
+    let (ra, rb) = (ta / share, tb / (1.0 - share));
+    let target = rb / (ra + rb);
+    (share + 0.2 * (target - share)).clamp(0.1, 0.9)
+}
 
 /// The two-worker pool every two-thread step runs on, started on first use. `None` if the
 /// operating system refused the threads: steps then stay serial.
@@ -89,10 +118,11 @@ pub(super) fn forward<T: Real>(
     cuw: &mut [T],
     mean: &[T],
     pred: &[f64],
+    balance: &mut Balance,
 ) -> (bool, usize) {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
     let j = particles.len() / d;
-    let s = cut(j, FORWARD_SHARE);
+    let s = cut(j, balance.forward);
     let (pa, pb) = particles.split_at(s * d);
     let (ha, hb) = hidden.split_at_mut(s * nh);
     let (wa, wb) = w.split_at_mut(s * m);
@@ -100,10 +130,19 @@ pub(super) fn forward<T: Real>(
     let touch = touch_ahead::<T>(particles.len());
     let pred_ok = pred.iter().all(|v| v.is_finite());
     let acc = pred_ok.then_some(Accumulate { cuw, mean, pred });
-    let (ok_a, ok_b) = rayon::join(
-        || forward_rows(layout, pa, ha, wa, oka, scratch_a, acc, touch),
-        || forward_rows(layout, pb, hb, wb, okb, scratch_b, None, touch),
+    let start = Instant::now();
+    let ((ok_a, ta), (ok_b, tb)) = rayon::join(
+        || {
+            let ok = forward_rows(layout, pa, ha, wa, oka, scratch_a, acc, touch);
+            (ok, start.elapsed())
+        },
+        || {
+            let ok = forward_rows(layout, pb, hb, wb, okb, scratch_b, None, touch);
+            (ok, start.elapsed())
+        },
     );
+    let used = s as f64 / j as f64;
+    balance.forward = rebalance(used, ta, tb);
     (pred_ok && ok_a && ok_b, s)
 }
 
@@ -141,6 +180,10 @@ struct Part<'p, 'a, T> {
 }
 
 impl<T: Real> Finish<'_, T> {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the ensemble's buffers, each cut in two"
+    )]
     pub(super) fn run(
         &self,
         particles: &mut [T],
@@ -148,10 +191,12 @@ impl<T: Real> Finish<'_, T> {
         cuw: &mut [T],
         next_mean: &mut [T],
         mean: &mut [T],
+        balance: &mut Balance,
     ) {
         let d = self.d;
+        // A multiple of 8 columns (both sides start on a cache line), at least 8 each side.
         let c = if d >= 16 {
-            (d as f64 * UPDATE_SHARE) as usize / 8 * 8
+            ((d as f64 * balance.finish) as usize / 8 * 8).clamp(8, (d - 8) / 8 * 8)
         } else {
             d / 2
         };
@@ -160,7 +205,8 @@ impl<T: Real> Finish<'_, T> {
         let (mut cuw_l, mut cuw_r) = halves(cuw, d, c);
         let (nm_l, nm_r) = next_mean.split_at_mut(c);
         let (mean_l, mean_r) = mean.split_at_mut(c);
-        rayon::join(
+        let start = Instant::now();
+        let (tl, tr) = rayon::join(
             || {
                 self.columns(Part {
                     rows: &mut rows_l,
@@ -168,7 +214,8 @@ impl<T: Real> Finish<'_, T> {
                     cuw: &mut cuw_l,
                     next_mean: nm_l,
                     mean: mean_l,
-                })
+                });
+                start.elapsed()
             },
             || {
                 self.columns(Part {
@@ -177,9 +224,13 @@ impl<T: Real> Finish<'_, T> {
                     cuw: &mut cuw_r,
                     next_mean: nm_r,
                     mean: mean_r,
-                })
+                });
+                start.elapsed()
             },
         );
+        if d >= 16 {
+            balance.finish = rebalance(c as f64 / d as f64, tl, tr);
+        }
     }
 
     fn columns(&self, p: Part<T>) {
@@ -246,4 +297,25 @@ impl<T: Real> Finish<'_, T> {
 type Halves<'a, T> = (Vec<&'a mut [T]>, Vec<&'a mut [T]>);
 fn halves<T>(buf: &mut [T], d: usize, c: usize) -> Halves<'_, T> {
     buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cut_moves_a_fifth_of_the_way_to_balance() {
+        let ms = Duration::from_millis;
+        // Balanced already: stays.
+        assert!((rebalance(0.4, ms(4), ms(4)) - 0.4).abs() < 1e-12);
+        // Equal speeds but the first side took all its time on 60% of the work: the balanced
+        // share is 0.5, a fifth of the way from 0.6 is 0.58.
+        assert!((rebalance(0.6, ms(6), ms(4)) - 0.58).abs() < 1e-12);
+        // The second side twice as slow per unit: balance at 2/3, approached by a fifth.
+        let s = rebalance(0.5, ms(5), ms(10));
+        assert!((s - (0.5 + 0.2 * (2.0 / 3.0 - 0.5))).abs() < 1e-12);
+        // Never beyond [0.1, 0.9], and no timing leaves it as it was.
+        assert_eq!(rebalance(0.12, ms(100), ms(1)), 0.1);
+        assert_eq!(rebalance(0.3, Duration::ZERO, ms(1)), 0.3);
+    }
 }
