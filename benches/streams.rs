@@ -4,7 +4,8 @@
 //! daemon's resident memory per stream (RSS after ingest minus RSS before the streams existed,
 //! divided by the number of streams) against the bytes the ensemble itself needs.
 //!
-//! `cargo bench --bench streams` (add `-- quick` for 200 streams).
+//! `cargo bench --bench streams` (add `-- quick` for 200 streams, `-- f32` for streams with
+//! `precision = "f32"`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,11 @@ use common::{percentile, rss_bytes, start};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    let (precision, value_bytes) = if std::env::args().any(|a| a == "f32") {
+        ("f32", 4)
+    } else {
+        ("f64", 8)
+    };
     let (n, rounds, per_batch) = if quick {
         (200usize, 3usize, 20usize)
     } else {
@@ -26,11 +32,11 @@ fn main() {
     let (j, h) = (32usize, 8usize);
     // d = (hidden + 1)(hidden + lags + 1) with the default 12 lags.
     let d = (h + 1) * (h + 12 + 1);
-    let ensemble_bytes = (j * d * 8) as f64;
+    let ensemble_bytes = (j * d * value_bytes) as f64;
     println!(
-        "| fsync | streams | obs/s (8 clients, NDJSON × {per_batch}) | forecast p50 / p99 | RSS per stream | ensemble bytes | budget 1.3×ens + 32 KiB |"
+        "| precision | fsync | streams | obs/s (8 clients, NDJSON × {per_batch}) | forecast p50 / p99 | RSS per stream | ensemble bytes | budget 1.3×ens + 32 KiB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for fsync in ["never", "always"] {
         let server = start(&format!("fsync = \"{fsync}\""));
         let pid = server.child.id();
@@ -43,7 +49,12 @@ fn main() {
         for i in 0..n {
             let r = c
                 .put(format!("{}/v1/streams/s{i}", server.base))
-                .json(&serde_json::json!({"ensemble": j, "hidden": h, "scale": {"min": -1.0, "max": 1.0}}))
+                .json(&serde_json::json!({
+                    "ensemble": j,
+                    "hidden": h,
+                    "precision": precision,
+                    "scale": {"min": -1.0, "max": 1.0}
+                }))
                 .send()
                 .expect("create");
             assert!(r.status().is_success(), "create s{i}: {}", r.status());
@@ -102,7 +113,7 @@ fn main() {
         let mut lat = sampler.join().expect("sampler");
         let per_stream = (rss_bytes(pid).saturating_sub(base_rss)) as f64 / n as f64;
         println!(
-            "| {fsync} | {n} | {:.0} | {:.2} / {:.2} ms ({} samples) | {:.1} KiB | {:.1} KiB | {:.1} KiB |",
+            "| {precision} | {fsync} | {n} | {:.0} | {:.2} / {:.2} ms ({} samples) | {:.1} KiB | {:.1} KiB | {:.1} KiB |",
             total as f64 / secs,
             percentile(&mut lat, 0.5) * 1e3,
             percentile(&mut lat, 0.99) * 1e3,
