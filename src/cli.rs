@@ -455,14 +455,18 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     } else {
         writeln!(
             out,
-            "{} `{}`: {} values, train {} / test {}, {} passes; nMSE on the [0,1] scale",
+            "{} `{}`: {} values, train {} / test {}, {} passes, {}; nMSE on the [0,1] scale",
             args.file.display(),
             series.column,
             series.values.len(),
             ((series.values.len() as f64) * config.train_fraction).round(),
             series.values.len()
                 - ((series.values.len() as f64) * config.train_fraction).round() as usize,
-            config.passes
+            config.passes,
+            match config.options.precision {
+                Precision::F64 => "f64",
+                Precision::F32 => "f32",
+            }
         )?;
         write!(out, "{}", eval::table(&results))?;
     }
