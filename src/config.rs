@@ -49,7 +49,7 @@ pub struct Limits {
     pub batch_observations: usize,
     /// Most streams at once.
     pub streams: usize,
-    /// Budget for all ensembles together (J·d·8 bytes each), bytes.
+    /// Budget for all ensembles together (J·d values of 8 bytes each, 4 for `f32`), bytes.
     pub memory_bytes: u64,
     /// Longest forecast horizon.
     pub horizon: usize,

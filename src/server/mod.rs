@@ -176,9 +176,11 @@ impl AppState {
             let left = limits.memory_bytes.saturating_sub(reg.bytes);
             if bytes > left {
                 return Err(ApiError::Limit(format!(
-                    "the ensemble needs {bytes} bytes (J·d·8 = {}·{}·8) but only {left} of the {}-byte budget are left",
+                    "the ensemble needs {bytes} bytes (J·d·{} = {}·{}·{}) but only {left} of the {}-byte budget are left",
+                    options.precision.bytes(),
                     options.ensemble,
                     options.layout().dim(),
+                    options.precision.bytes(),
                     limits.memory_bytes
                 )));
             }

@@ -547,6 +547,21 @@ fn limits_refuse_clearly() {
         p["detail"].as_str().expect("detail").contains("only"),
         "{p}"
     );
+    // f32 ensembles count 4 bytes a value: J=300 at hidden 16 (d = 493) needs 1 183 200 bytes
+    // as f64, over the budget, and half that as f32.
+    let (st, p, _) = put("half", r#"{"ensemble": 300, "hidden": 16}"#);
+    assert_eq!(st, 422, "{p}");
+    assert!(
+        p["detail"].as_str().expect("detail").contains("300·493·8"),
+        "{p}"
+    );
+    let (st, p, _) = put(
+        "half",
+        r#"{"ensemble": 300, "hidden": 16, "precision": "f32"}"#,
+    );
+    assert_eq!(st, 201, "{p}");
+    let (st, _, _) = send(c.delete(d.url("/v1/streams/half")));
+    assert_eq!(st, 204);
     assert_eq!(put("b", S).0, 201);
     // Number of streams.
     let (st, p, _) = put("c", S);
