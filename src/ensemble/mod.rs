@@ -438,8 +438,8 @@ impl<T: Real> Ensemble<T> {
             healthy,
             ..
         } = &mut self.ws;
-        // Two threads: the C^{uw} sums over the particles from `split` on are still due after
-        // the forward (the update pass finishes them).
+        // Two threads: the C^{uw} sums over the particles from `split` on may still be due
+        // after the forward (the update pass finishes them).
         let mut split = None;
         if parallel {
             network::load_inputs(&self.layout, scratch_b, z);
@@ -472,6 +472,7 @@ impl<T: Real> Ensemble<T> {
                     pred,
                 }),
                 touch_ahead::<T>(self.particles.len()),
+                &mut |_, _| {},
             );
         }
         let mut report = StepReport {
@@ -742,9 +743,11 @@ fn forward_rows<T: Real>(
     scratch: &mut [T],
     mut acc: Option<Accumulate<T>>,
     touch: bool,
+    after_block: &mut dyn FnMut(usize, &[f64]),
 ) -> bool {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
     let mut all = true;
+    let mut done = 0;
     // Out of cache the forward is where each particle is first read, and the arithmetic in
     // between (tanh above all) keeps the hardware prefetcher from running far enough ahead:
     // loading one value per cache line of the block TOUCH_AHEAD blocks on starts those reads
@@ -783,6 +786,8 @@ fn forward_rows<T: Real>(
             *ok = wj.iter().all(|v| v.is_finite());
             all &= *ok;
         }
+        done += okb.len();
+        after_block(done, wb);
         if !all {
             acc = None;
         }

@@ -4,24 +4,28 @@
 //! so the particles cannot simply be cut in two with a partial sum each. Instead:
 //!
 //! - forward: one side runs particles `[0, s)` and accumulates C^{uw} over them (all columns,
-//!   fused as in the serial step) while the other runs the forward of `[s, J)`; then both
-//!   continue the sums over `[s, J)`, one on the first part of the accumulator and the other on
-//!   the rest (columns for one output, output rows for several);
-//! - update: each side updates its half of the columns of every particle and sums its half
-//!   of the new mean (an element-wise pass has no order to keep across columns).
+//!   fused as in the serial step) while the other runs the forward of `[s, J)`, handing over
+//!   each finished block's predictions; the first side then chases the second, continuing the
+//!   sums over its finished particles in order while it computes the rest;
+//! - finish: whatever sums the chase had not reached when the second side finished are
+//!   continued by both sides, split by columns; then each side scales its columns of C^{uw},
+//!   forms its columns of the next mean, updates its columns of every particle and sums its
+//!   part of the new mean (an element-wise pass has no order to keep across columns).
 //!
-//! The first side takes fewer particles because it also sums. Where the cut falls changes only
-//! who computes what, never an operation or its order, so the result is the serial one for any
-//! cut and any thread timing. The cost over the serial step is one extra read of the second
-//! part of the ensemble in the forward, and three fork-joins per observation.
+//! Where the cuts fall, and how far the chase gets, change only who computes what, never an
+//! operation or its order, so the result is the serial one for any cut and any thread timing.
+//! The cost over the serial step is the chase's second read of the second part's particles
+//! (just after the other core read them, so mostly from the shared cache) and two fork-joins
+//! per observation.
 //!
 //! The halves run as `rayon::join`s on [`pool`], two workers started once and kept: a join
 //! costs a wake-up of an idle (usually still spinning) worker, microseconds, where spawning a
 //! thread per pass cost 60–90 µs in this VM. The pool is the only place the crate starts
-//! threads for the engine; rayon's scoped joins let the halves borrow the ensemble, so there is
-//! no `unsafe` and no hand-over of slices between threads.
+//! threads for the engine; rayon's scoped joins let the halves borrow the ensemble, and the
+//! hand-over is atomics, so there is no `unsafe`.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::kernels::{self, BLOCK, UpdateRule};
@@ -36,10 +40,10 @@ pub const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// Where the two sides cut the work, learned from how long each side took: the cut never
 /// changes a result, only who computes what, so it may follow the machine. A fixed cut made
 /// every step wait for the slower side whenever the host slowed one core down (seconds at a
-/// time here); this one moves a fifth of the way to the cut that would have balanced the last
-/// step. Starts from what balanced on an idle machine: the first side (which also accumulates
-/// C^{uw}, and starts at once while the second waits to be stolen) takes 42% of the particles
-/// and 53% of the columns.
+/// time here); these move part of the way (a tenth for the forward, whose single-step
+/// estimate is noisier, a fifth for the columns) to the cut that would have balanced the last
+/// step. They start near where they settle on an idle machine: the first side (which also sums,
+/// and then chases) takes 30% of the particles and 53% of the columns.
 #[derive(Debug, Clone, Copy)]
 pub struct Balance {
     forward: f64,
@@ -49,7 +53,7 @@ pub struct Balance {
 impl Default for Balance {
     fn default() -> Self {
         Balance {
-            forward: 0.42,
+            forward: 0.3,
             finish: 0.53,
         }
     }
@@ -99,10 +103,14 @@ fn cut(j: usize, share: f64) -> usize {
     s.clamp(BLOCK, j - BLOCK)
 }
 
-/// The forward of every particle, with C^{uw} accumulated (unscaled) into `cuw` over the first
-/// part's particles, on two threads. `scratch_a`/`scratch_b` hold the inputs `z`. Returns
-/// whether every prediction was finite and the first particle of the second part, whose
-/// C^{uw} sums [`finish`] continues.
+/// The forward of every particle on two threads, with C^{uw} accumulated (unscaled) into
+/// `cuw` as far as it can go in order. One side runs the forward of `[0, s)` with the sums
+/// fused, as the serial step does; the other runs the forward of `[s, J)` and hands each
+/// finished block's predictions over (`progress`). The first side then chases it: it continues
+/// the sums over the second part's finished particles, in order, while the second part is
+/// still being computed, and stops when that is done. Returns whether every prediction was
+/// finite and the first particle whose sums are still due ([`Finish`] does those, split by
+/// columns). `scratch_a`/`scratch_b` hold the inputs `z`.
 #[allow(
     clippy::too_many_arguments,
     reason = "the serial forward's slices plus the second thread's scratch"
@@ -129,21 +137,149 @@ pub(super) fn forward<T: Real>(
     let (oka, okb) = healthy.split_at_mut(s);
     let touch = touch_ahead::<T>(particles.len());
     let pred_ok = pred.iter().all(|v| v.is_finite());
-    let acc = pred_ok.then_some(Accumulate { cuw, mean, pred });
+    // The hand-over: the second side's predictions as bits, how many of its particles are
+    // done, and whether it has finished.
+    let shared: Vec<AtomicU64> = (0..(j - s) * m).map(|_| AtomicU64::new(0)).collect();
+    let (progress, finished) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let (shared, progress, finished) = (&shared, &progress, &finished);
     let start = Instant::now();
-    let ((ok_a, ta), (ok_b, tb)) = rayon::join(
+    let (first, (ok_b, tb)) = rayon::join(
         || {
-            let ok = forward_rows(layout, pa, ha, wa, oka, scratch_a, acc, touch);
-            (ok, start.elapsed())
+            let acc = pred_ok.then_some(Accumulate {
+                cuw: &mut *cuw,
+                mean,
+                pred,
+            });
+            let ok = forward_rows(
+                layout,
+                pa,
+                ha,
+                wa,
+                oka,
+                scratch_a,
+                acc,
+                touch,
+                &mut |_, _| {},
+            );
+            let own = start.elapsed();
+            let mut chase = Chase::default();
+            if ok && pred_ok {
+                chase.run(cuw, mean, pb, d, m, pred, shared, progress, finished);
+            }
+            (ok, own, chase)
         },
         || {
-            let ok = forward_rows(layout, pb, hb, wb, okb, scratch_b, None, touch);
+            let ok = forward_rows(
+                layout,
+                pb,
+                hb,
+                wb,
+                okb,
+                scratch_b,
+                None,
+                touch,
+                &mut |done, block| {
+                    let at = (done - block.len() / m) * m;
+                    for (slot, v) in shared[at..at + block.len()].iter().zip(block) {
+                        slot.store(v.to_bits(), Ordering::Relaxed);
+                    }
+                    progress.store(done, Ordering::Release);
+                },
+            );
+            finished.store(true, Ordering::Release);
             (ok, start.elapsed())
         },
     );
-    let used = s as f64 / j as f64;
-    balance.forward = rebalance(used, ta, tb);
-    (pred_ok && ok_a && ok_b, s)
+    let (ok_a, own, chase) = first;
+    balance.forward = rebalance_forward(balance.forward, j, s, own, tb, &chase);
+    (pred_ok && ok_a && ok_b, s + chase.done)
+}
+
+/// How far the first side got chasing the second, and the time it spent summing.
+#[derive(Debug, Default)]
+struct Chase {
+    /// Second-part particles whose C^{uw} sums are done.
+    done: usize,
+    work: Duration,
+}
+
+impl Chase {
+    /// Continues C^{uw}'s sums (all columns) over the second part's particles `rows` as their
+    /// predictions arrive in `shared`, block by block in order, until the second side has
+    /// finished: what is left then is split by columns in [`Finish`].
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the accumulation's slices and the hand-over"
+    )]
+    fn run<T: Real>(
+        &mut self,
+        cuw: &mut [T],
+        mean: &[T],
+        rows: &[T],
+        d: usize,
+        m: usize,
+        pred: &[f64],
+        shared: &[AtomicU64],
+        progress: &AtomicUsize,
+        finished: &AtomicBool,
+    ) {
+        let mut w = vec![0.0; BLOCK * m];
+        loop {
+            // `finished` before `progress`: once finished, the progress read after it is final.
+            let over = finished.load(Ordering::Acquire);
+            let ready = progress.load(Ordering::Acquire);
+            if over || self.done >= ready {
+                if over {
+                    return;
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            let t = Instant::now();
+            let end = (self.done + BLOCK).min(ready);
+            let n = end - self.done;
+            for (v, slot) in w.iter_mut().zip(&shared[self.done * m..end * m]) {
+                *v = f64::from_bits(slot.load(Ordering::Relaxed));
+            }
+            let block = &rows[self.done * d..end * d];
+            for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
+                kernels::accumulate_rows(row, mean, block, d, 0..d, &w[..n * m], m, o, pred[o]);
+            }
+            self.done = end;
+            self.work += t.elapsed();
+        }
+    }
+}
+
+/// The forward's next share for the first side: the cut at which its own part plus the chase
+/// of the rest would take as long as the second side's forward, from this step's costs per
+/// particle, approached by a tenth and kept within [0.1, 0.9].
+fn rebalance_forward(
+    share: f64,
+    j: usize,
+    s: usize,
+    own: Duration,
+    theirs: Duration,
+    chase: &Chase,
+) -> f64 {
+    let (own, theirs) = (own.as_secs_f64(), theirs.as_secs_f64());
+    if !(own > 0.0 && theirs > 0.0) || s == 0 || s >= j {
+        return share;
+    }
+    let own_each = own / s as f64; // forward + fused sums
+    let forward_each = theirs / (j - s) as f64;
+    let sum_each = if chase.done > 0 {
+        chase.work.as_secs_f64() / chase.done as f64
+    } else {
+        0.3 * own_each
+    };
+    // s·own + (J − s)·sum = (J − s)·forward  ⇒  s = J(forward − sum) / (own + forward − sum)
+    let denominator = own_each + forward_each - sum_each;
+    if !(denominator > 0.0 && forward_each > sum_each) {
+        return share;
+    }
+    let target = (forward_each - sum_each) / denominator;
+    (share + 0.1 * (target - share)).clamp(0.1, 0.9)
 }
 
 /// The rest of a two-thread step once the coefficients are known, split by columns: each
@@ -302,6 +438,42 @@ fn halves<T>(buf: &mut [T], d: usize, c: usize) -> Halves<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forward_cut_moves_towards_own_part_plus_chase_equal_to_the_other_forward() {
+        let us = Duration::from_micros;
+        // 1000 particles cut at 300: the first side took 1.2 µs per own particle and summed at
+        // 0.4 µs per chased one, the second took 1.0 µs per particle. Balanced:
+        // s·1.2 + (1000 − s)·0.4 = (1000 − s)·1.0  ⇒  s = 600/1.8 = 333.3.
+        let chase = Chase {
+            done: 700,
+            work: us(280),
+        };
+        let s = rebalance_forward(0.3, 1000, 300, us(360), us(700), &chase);
+        assert!(
+            (s - (0.3 + 0.1 * (600.0 / 1800.0 - 0.3))).abs() < 1e-9,
+            "{s}"
+        );
+        // Nothing chased: the sums are taken as 0.3 of the first side's cost per particle.
+        let none = Chase::default();
+        let s = rebalance_forward(0.3, 1000, 300, us(360), us(700), &none);
+        let sum = 0.36;
+        let target = (1.0 - sum) / (1.2 + 1.0 - sum);
+        assert!((s - (0.3 + 0.1 * (target - 0.3))).abs() < 1e-9, "{s}");
+        // No timing, or summing as slow as the forward: no move.
+        assert_eq!(
+            rebalance_forward(0.3, 1000, 300, Duration::ZERO, us(7), &none),
+            0.3
+        );
+        let slow = Chase {
+            done: 10,
+            work: us(20),
+        };
+        assert_eq!(
+            rebalance_forward(0.3, 1000, 300, us(360), us(700), &slow),
+            0.3
+        );
+    }
 
     #[test]
     fn the_cut_moves_a_fifth_of_the_way_to_balance() {
