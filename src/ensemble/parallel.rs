@@ -18,7 +18,7 @@
 //! (just after the other core read them, so mostly from the shared cache) and two fork-joins
 //! per observation.
 //!
-//! The halves run as `rayon::join`s on [`pool`], two workers started once and kept: a join
+//! The halves run as `rayon::join`s on [`pool`], workers started once and kept: a join
 //! costs a wake-up of an idle (usually still spinning) worker, microseconds, where spawning a
 //! thread per pass cost 60–90 µs in this VM. The pool is the only place the crate starts
 //! threads for the engine; rayon's scoped joins let the halves borrow the ensemble, and the
@@ -72,13 +72,15 @@ fn rebalance(share: f64, ta: Duration, tb: Duration) -> f64 {
     (share + 0.2 * (target - share)).clamp(0.1, 0.9)
 }
 
-/// The two-worker pool every two-thread step runs on, started on first use. `None` if the
-/// operating system refused the threads: steps then stay serial.
+/// The pool every two-thread step runs on, started on first use: one worker per core (at
+/// least two), so that as many split steps can run at once as the daemon's core permits let
+/// through. `None` if the operating system refused the threads: steps then stay serial.
 pub fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
+            .num_threads(cores.max(2))
             .thread_name(|i| format!("ekid-step-{i}"))
             .build()
             .map_err(|e| tracing::warn!("two-thread steps disabled: {e}"))
@@ -138,10 +140,16 @@ pub(super) fn forward<T: Real>(
     let touch = touch_ahead::<T>(particles.len());
     let pred_ok = pred.iter().all(|v| v.is_finite());
     // The hand-over: the second side's predictions as bits, how many of its particles are
-    // done, and whether it has finished.
+    // done, and whether it has started and finished.
     let shared: Vec<AtomicU64> = (0..(j - s) * m).map(|_| AtomicU64::new(0)).collect();
-    let (progress, finished) = (AtomicUsize::new(0), AtomicBool::new(false));
-    let (shared, progress, finished) = (&shared, &progress, &finished);
+    let progress = AtomicUsize::new(0);
+    let (started, finished) = (AtomicBool::new(false), AtomicBool::new(false));
+    let hand_over = HandOver {
+        shared: &shared,
+        progress: &progress,
+        started: &started,
+        finished: &finished,
+    };
     let start = Instant::now();
     let (first, (ok_b, tb)) = rayon::join(
         || {
@@ -164,11 +172,14 @@ pub(super) fn forward<T: Real>(
             let own = start.elapsed();
             let mut chase = Chase::default();
             if ok && pred_ok {
-                chase.run(cuw, mean, pb, d, m, pred, shared, progress, finished);
+                chase.run(cuw, mean, pb, d, m, pred, &hand_over);
             }
             (ok, own, chase)
         },
         || {
+            hand_over.started.store(true, Ordering::Release);
+            // Set even if this side panics, so that a chase never waits for it forever.
+            let _finished = SetOnDrop(hand_over.finished);
             let ok = forward_rows(
                 layout,
                 pb,
@@ -180,19 +191,36 @@ pub(super) fn forward<T: Real>(
                 touch,
                 &mut |done, block| {
                     let at = (done - block.len() / m) * m;
-                    for (slot, v) in shared[at..at + block.len()].iter().zip(block) {
+                    for (slot, v) in hand_over.shared[at..at + block.len()].iter().zip(block) {
                         slot.store(v.to_bits(), Ordering::Relaxed);
                     }
-                    progress.store(done, Ordering::Release);
+                    hand_over.progress.store(done, Ordering::Release);
                 },
             );
-            finished.store(true, Ordering::Release);
             (ok, start.elapsed())
         },
     );
     let (ok_a, own, chase) = first;
     balance.forward = rebalance_forward(balance.forward, j, s, own, tb, &chase);
     (pred_ok && ok_a && ok_b, s + chase.done)
+}
+
+/// What the second side of the forward shares with the first.
+struct HandOver<'a> {
+    /// Its predictions, `(J − s)×m`, as bits.
+    shared: &'a [AtomicU64],
+    /// How many of its particles are done (their predictions in `shared`).
+    progress: &'a AtomicUsize,
+    started: &'a AtomicBool,
+    finished: &'a AtomicBool,
+}
+
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// How far the first side got chasing the second, and the time it spent summing.
@@ -205,8 +233,11 @@ struct Chase {
 
 impl Chase {
     /// Continues C^{uw}'s sums (all columns) over the second part's particles `rows` as their
-    /// predictions arrive in `shared`, block by block in order, until the second side has
-    /// finished: what is left then is split by columns in [`Finish`].
+    /// predictions arrive, block by block in order, until the second side has finished: what
+    /// is left then is split by columns in [`Finish`]. It waits only for a second side that is
+    /// running on another worker: one that has not started may be waiting for this very
+    /// thread (rayon runs an unstolen half on the thread that forked it, after the first half;
+    /// the pool's other worker may be busy with another stream's step), so then it returns.
     #[allow(
         clippy::too_many_arguments,
         reason = "the accumulation's slices and the hand-over"
@@ -219,17 +250,15 @@ impl Chase {
         d: usize,
         m: usize,
         pred: &[f64],
-        shared: &[AtomicU64],
-        progress: &AtomicUsize,
-        finished: &AtomicBool,
+        hand_over: &HandOver,
     ) {
         let mut w = vec![0.0; BLOCK * m];
         loop {
             // `finished` before `progress`: once finished, the progress read after it is final.
-            let over = finished.load(Ordering::Acquire);
-            let ready = progress.load(Ordering::Acquire);
+            let over = hand_over.finished.load(Ordering::Acquire);
+            let ready = hand_over.progress.load(Ordering::Acquire);
             if over || self.done >= ready {
-                if over {
+                if over || !hand_over.started.load(Ordering::Acquire) {
                     return;
                 }
                 std::hint::spin_loop();
@@ -238,7 +267,7 @@ impl Chase {
             let t = Instant::now();
             let end = (self.done + BLOCK).min(ready);
             let n = end - self.done;
-            for (v, slot) in w.iter_mut().zip(&shared[self.done * m..end * m]) {
+            for (v, slot) in w.iter_mut().zip(&hand_over.shared[self.done * m..end * m]) {
                 *v = f64::from_bits(slot.load(Ordering::Relaxed));
             }
             let block = &rows[self.done * d..end * d];

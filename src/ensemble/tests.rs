@@ -420,3 +420,40 @@ fn touching_ahead_changes_no_result_issue_6() {
     };
     assert_eq!(run(true), run(false));
 }
+
+/// Two split ensembles stepping at once share the pool's two workers: each step's second half
+/// may then never be stolen and run only after the first half on the same thread. The first
+/// half's chase must not wait for it (it would wait forever), and the results stay the serial
+/// ones.
+#[test]
+fn concurrent_split_steps_on_the_shared_pool_neither_hang_nor_change_results_issue_6() {
+    let run = |seed: u64, threads: usize| {
+        let o = options(40, 6, 3, 1, Method::Kalman, seed);
+        let mut e = Ensemble::<f64>::new(&o);
+        e.set_threads(threads);
+        e.set_parallel_min_work(0);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut pred = [0.0];
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            let z = random_vec(&mut rng, 3);
+            let y = random_vec(&mut rng, 1);
+            e.step(&z, &y, &mut pred);
+            out.push(pred[0].to_bits());
+        }
+        out
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    for seed in 1u64..=6 {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((seed, run(seed, 2)));
+        });
+    }
+    for _ in 1..=6 {
+        let (seed, split) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a split step hung on the shared pool");
+        assert_eq!(split, run(seed, 1), "seed {seed}");
+    }
+}
