@@ -286,8 +286,14 @@ impl Store {
         let segments = wal::list_segments(dir).map_err(io_err(dir))?;
         let mut tail = None;
         for (i, (_, path)) in segments.iter().enumerate() {
-            let scan = wal::scan_segment(path)?;
             let last = i + 1 == segments.len();
+            if last && wal::is_torn_creation(path).map_err(io_err(path))? {
+                tracing::warn!(path = %path.display(), "removing a log segment whose creation was cut short (shorter than its header: it held nothing)");
+                std::fs::remove_file(path).map_err(io_err(path))?;
+                wal::sync_dir(dir).map_err(io_err(dir))?;
+                continue;
+            }
+            let scan = wal::scan_segment(path)?;
             if scan.torn_bytes > 0 {
                 if !last {
                     return Err(StoreError::Invalid {

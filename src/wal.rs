@@ -17,7 +17,9 @@
 //! Reading: a record that is short or fails its checksum *and* reaches the end of the file is a
 //! torn tail (a crash mid-append): it is cut off with a warning. A bad record followed by more
 //! data is corruption: an error naming the file and offset. Trailing zero bytes (a filesystem
-//! that extended the file before the crash) count as a torn tail.
+//! that extended the file before the crash) count as a torn tail. A last segment shorter than
+//! its header is a rotation cut short (a crash between creating the file and writing its
+//! header, which is fsynced before any record): it holds nothing, and recovery removes it.
 //!
 //! Ordering the daemon keeps: validate the batch → append → fsync (policy `always`) → apply →
 //! acknowledge. A failed append is rolled back by truncating to the previous length, so the
@@ -118,6 +120,12 @@ fn encode_record(first_seq: u64, observations: &[Observation], out: &mut Vec<u8>
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out.extend_from_slice(&body);
+}
+
+/// Whether the segment at `path` is shorter than its header: its creation was cut short, so it
+/// can hold no record (see the module doc).
+pub fn is_torn_creation(path: &Path) -> io::Result<bool> {
+    Ok(std::fs::metadata(path)?.len() < HEADER_LEN)
 }
 
 /// Reads and checks a whole segment.
@@ -262,8 +270,12 @@ impl Wal {
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&first_seq.to_le_bytes());
-        file.write_all(&header).map_err(io_err(&path))?;
-        file.sync_all().map_err(io_err(&path))?;
+        if let Err(e) = file.write_all(&header).and_then(|()| file.sync_all()) {
+            // A full disk: leave no headerless segment behind, or a later rotation would put
+            // one between two good segments, where recovery cannot tell it from corruption.
+            let _ = std::fs::remove_file(&path);
+            return Err(io_err(&path)(e));
+        }
         sync_dir(dir).map_err(io_err(dir))?;
         Ok(Wal {
             dir: dir.to_owned(),

@@ -624,8 +624,9 @@ fn limits_refuse_clearly() {
         "slow client held the connection {:?}",
         started.elapsed()
     );
-    // The daemon still serves.
-    assert_eq!(send(c.get(d.url("/healthz"))).0, 200);
+    // The daemon still serves (on a new connection: the client's pooled one sat idle through
+    // the header timeout above, and the daemon may be closing it just as it is reused).
+    assert_eq!(send(client().get(d.url("/healthz"))).0, 200);
 }
 
 #[test]
