@@ -98,7 +98,9 @@ impl<T: Real> Floor<T> {
         let (a, b) = self.buf.split_at_mut(rows * self.d);
         let (coef, d) = (&self.coef, self.d);
         // On the engine's step pool, as the two-thread step runs.
-        ekid::ensemble::on_pool(|| rayon::join(|| half(a, coef, d), || half(b, coef, d)));
+        ekid::ensemble::on_pool(true, || {
+            rayon::join(|| half(a, coef, d), || half(b, coef, d))
+        });
         black_box(self.buf[0]);
     }
 }
@@ -238,7 +240,7 @@ fn cores(samples: usize) {
             s.e.set_threads(threads);
             s.observe();
         };
-        let r = ekid::ensemble::on_pool(|| {
+        let r = ekid::ensemble::on_pool(true, || {
             rounds(
                 &mut [&mut || observe_on(1), &mut || observe_on(2)],
                 samples,
@@ -335,7 +337,7 @@ fn profile(args: &[String]) {
     let start = Instant::now();
     let mut n = 0u64;
     // Enter the step pool once, as `ekid eval` and the daemon's batches do.
-    ekid::ensemble::on_pool(|| {
+    ekid::ensemble::on_pool(true, || {
         while start.elapsed() < Duration::from_secs(seconds) {
             s.observe();
             n += 1;

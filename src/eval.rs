@@ -307,7 +307,8 @@ pub fn run_method(
         EvalMethod::Eki(name, eo) => {
             let mut m = eki_model(eo, config.step_threads);
             // Steps that split run their fork-joins from the step pool's workers.
-            let (preq, ops) = crate::ensemble::on_pool(|| {
+            let on_two = m.learner.is_parallel();
+            let (preq, ops) = crate::ensemble::on_pool(on_two, || {
                 timed(&mut || prequential(&mut m, scaled, &mut predictions))
             });
             let best = |model: &OnlineModel<AnyEnsemble>, test: &[f64]| {
@@ -317,7 +318,7 @@ pub fn run_method(
                     .map_learner(|ensemble| Particle { ensemble, index });
                 Some(test_segment(&mut pm, test))
             };
-            let (first, final_, best_first, best_final) = crate::ensemble::on_pool(|| {
+            let (first, final_, best_first, best_final) = crate::ensemble::on_pool(on_two, || {
                 passes(
                     eki_model(eo, config.step_threads),
                     &split,

@@ -344,11 +344,9 @@ impl Stream {
     /// When the steps split over two threads, the whole batch runs on the step pool, so each
     /// step's fork-joins start from a pool worker instead of waking one per observation.
     pub fn apply(&mut self, batch: &[Observation], plan: &Plan, sink: impl FnMut(Applied) + Send) {
-        if self.step_threads() > 1 {
-            crate::ensemble::on_pool(|| self.apply_here(batch, plan, sink));
-        } else {
-            self.apply_here(batch, plan, sink);
-        }
+        crate::ensemble::on_pool(self.step_threads() > 1, || {
+            self.apply_here(batch, plan, sink)
+        });
     }
 
     fn apply_here(&mut self, batch: &[Observation], plan: &Plan, mut sink: impl FnMut(Applied)) {

@@ -91,17 +91,12 @@ pub fn accumulate_rows<T: Real>(
     }
 }
 
-/// [`accumulate_rows`] over particles given as slices (`rows[j][span]` are particle j's
-/// columns), as the two-thread step holds its part of every particle.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "plain slices, as in accumulate_rows"
-)]
+/// [`accumulate_rows`] over particles given as slices (`rows[j]` is particle j's part, as the
+/// two-thread step holds its columns of every particle).
 pub fn accumulate_slices<T: Real>(
     acc: &mut [T],
     mean: &[T],
     rows: &[&mut [T]],
-    span: std::ops::Range<usize>,
     w: &[f64],
     m: usize,
     o: usize,
@@ -110,7 +105,7 @@ pub fn accumulate_slices<T: Real>(
     let mut blocks = rows.chunks_exact(BLOCK);
     let mut wb = w.chunks_exact(BLOCK * m);
     for (blk, wj) in (&mut blocks).zip(&mut wb) {
-        let u = [0, 1, 2, 3].map(|b| &blk[b][span.clone()]);
+        let u = [0, 1, 2, 3].map(|b| &*blk[b]);
         let e = [0, 1, 2, 3].map(|b| T::from_f64(wj[b * m + o] - pred_o));
         accumulate4(acc, mean, u, e);
     }
@@ -119,7 +114,27 @@ pub fn accumulate_slices<T: Real>(
         .iter()
         .zip(wb.remainder().chunks_exact(m))
     {
-        accumulate1(acc, mean, &u[span.clone()], T::from_f64(wj[o] - pred_o));
+        accumulate1(acc, mean, u, T::from_f64(wj[o] - pred_o));
+    }
+}
+
+/// Scales the (unscaled) C^{uw} rows by `inv_j` and forms the next mean ū' = ū + Σ_o C^{uw}_o q̄_o
+/// over the same columns (`rows` holds each output's row, or this part's columns of it). Per
+/// element: the scaling, then the outputs' terms in output order.
+pub fn scale_and_next_mean<'r, T: Real>(
+    rows: impl Iterator<Item = &'r mut [T]>,
+    inv_j: T,
+    qbar: &[f64],
+    mean: &[T],
+    next_mean: &mut [T],
+) {
+    next_mean.copy_from_slice(mean);
+    for (row, &qb) in rows.zip(qbar) {
+        let qb = T::from_f64(qb);
+        for (c, x) in row.iter_mut().zip(next_mean.iter_mut()) {
+            *c *= inv_j;
+            *x += *c * qb;
+        }
     }
 }
 
@@ -247,21 +262,13 @@ impl<T: Real> UpdateRule<'_, T> {
             }
         }
     }
-    /// The update of the columns `span` of every particle: `rows[j][span]` (and, with momentum,
-    /// `prev[j][span]`) are particle j's values, this rule's C^{uw} rows and next mean are indexed
-    /// `0..span.len()` (the rule covers exactly these columns). Sums into `sum` (`span.len()`
-    /// long) in particle order. Used by the two-thread step, each thread on its own columns.
-    pub fn columns(
-        &self,
-        rows: &mut [&mut [T]],
-        span: std::ops::Range<usize>,
-        q: &[f64],
-        prev: &mut [&mut [T]],
-        sum: &mut [T],
-    ) {
+    /// The update of every particle's part: `rows[j]` (and, with momentum, `prev[j]`) is particle
+    /// j's part, the columns this rule's C^{uw} rows and next mean cover. Sums into `sum` in
+    /// particle order. Used by the two-thread step, each thread on its own columns.
+    pub fn columns(&self, rows: &mut [&mut [T]], q: &[f64], prev: &mut [&mut [T]], sum: &mut [T]) {
         let m = self.m;
         if self.plain() {
-            let c = &self.cuw[..span.len()];
+            let c = &self.cuw[..sum.len()];
             let mut blocks = rows.chunks_exact_mut(BLOCK);
             let mut qb = q.chunks_exact(BLOCK);
             for (blk, qj) in (&mut blocks).zip(&mut qb) {
@@ -270,29 +277,22 @@ impl<T: Real> UpdateRule<'_, T> {
                 };
                 let qj = [qj[0], qj[1], qj[2], qj[3]].map(T::from_f64);
                 update4(
-                    [
-                        &mut u0[span.clone()],
-                        &mut u1[span.clone()],
-                        &mut u2[span.clone()],
-                        &mut u3[span.clone()],
-                    ],
+                    [&mut **u0, &mut **u1, &mut **u2, &mut **u3],
                     c,
                     qj,
                     Some(&mut *sum),
                 );
             }
             for (u, qj) in blocks.into_remainder().iter_mut().zip(qb.remainder()) {
-                let u = &mut u[span.clone()];
                 self.one(u, 0, std::slice::from_ref(qj), None, Some(&mut *sum));
             }
         } else if self.nesterov.is_some() {
             for ((u, qj), pv) in rows.iter_mut().zip(q.chunks_exact(m)).zip(prev.iter_mut()) {
-                let (u, pv) = (&mut u[span.clone()], &mut pv[span.clone()]);
                 self.one(u, 0, qj, Some(pv), Some(&mut *sum));
             }
         } else {
             for (u, qj) in rows.iter_mut().zip(q.chunks_exact(m)) {
-                self.one(&mut u[span.clone()], 0, qj, None, Some(&mut *sum));
+                self.one(u, 0, qj, None, Some(&mut *sum));
             }
         }
     }

@@ -408,11 +408,7 @@ impl<T: Real> Ensemble<T> {
     /// `pred` (made before anything learns from `y`), then updates every particle.
     /// `z` and `y` must be finite (checked at the edge).
     pub fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
-        if self.is_parallel() {
-            parallel::on_pool(|| self.step_here(z, y, pred))
-        } else {
-            self.step_here(z, y, pred)
-        }
+        parallel::on_pool(self.is_parallel(), || self.step_here(z, y, pred))
     }
 
     /// [`Ensemble::step`] on the calling thread (on the step pool when the step splits).
@@ -516,12 +512,6 @@ impl<T: Real> Ensemble<T> {
             *v *= inv_j;
         }
         self.last_prediction_var = (0..m).map(|o| cww[o * m + o]).sum::<f64>() / m as f64;
-        if !parallel {
-            let inv = T::from_f64(inv_j);
-            for c in cuw.iter_mut() {
-                *c *= inv;
-            }
-        }
         for (e, wj) in self.particle_sse.iter_mut().zip(w.chunks_exact(m)) {
             *e += wj
                 .iter()
@@ -568,14 +558,15 @@ impl<T: Real> Ensemble<T> {
                 &mut self.balance,
             );
         } else {
-            // ū' = ū + C^{uw} q̄ (needed before the pass for inflation around the new mean).
-            next_mean.copy_from_slice(&self.mean);
-            for (o, row) in cuw.chunks_exact(d).enumerate() {
-                let qb = T::from_f64(qbar[o]);
-                for (nm, &c) in next_mean.iter_mut().zip(row) {
-                    *nm += c * qb;
-                }
-            }
+            // C^{uw} = Σ/J, and ū' = ū + C^{uw} q̄ (needed before the pass for inflation around
+            // the new mean).
+            kernels::scale_and_next_mean(
+                cuw.chunks_exact_mut(d),
+                T::from_f64(inv_j),
+                qbar,
+                &self.mean,
+                next_mean,
+            );
 
             // 5. The update pass: read and write every particle once, summing the new mean.
             self.mean.fill(T::ZERO);

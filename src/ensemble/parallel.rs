@@ -89,11 +89,13 @@ pub fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Runs `f` on the step pool when there is one (inline when already on it): callers that make
-/// many two-thread steps in a row (a batch, an evaluation pass) enter the pool once, so each
-/// step's fork-joins start from a worker instead of waking one from outside.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    match pool() {
+/// Runs `f` on the step pool when `split` (the steps it makes run on two threads) and there
+/// is a pool, inline otherwise (and inline when already on it): callers that make many
+/// two-thread steps in a row (a batch, an evaluation pass) enter the pool once, so each step's
+/// fork-joins start from a worker instead of waking one from outside. Serial work never starts
+/// the pool.
+pub fn on_pool<R: Send>(split: bool, f: impl FnOnce() -> R + Send) -> R {
+    match split.then(pool).flatten() {
         Some(p) => p.install(f),
         None => f(),
     }
@@ -410,31 +412,16 @@ impl<T: Real> Finish<'_, T> {
         let n = mean.len();
         if let Some((from, w, pred)) = self.continuation {
             for (o, row) in cuw.iter_mut().enumerate() {
-                kernels::accumulate_slices(
-                    row,
-                    mean,
-                    &rows[from..],
-                    0..n,
-                    &w[from * m..],
-                    m,
-                    o,
-                    pred[o],
-                );
+                kernels::accumulate_slices(row, mean, &rows[from..], &w[from * m..], m, o, pred[o]);
             }
         }
-        let inv = T::from_f64(self.inv_j);
-        for row in cuw.iter_mut() {
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
-        }
-        next_mean.copy_from_slice(mean);
-        for (row, &qb) in cuw.iter().zip(self.qbar) {
-            let qb = T::from_f64(qb);
-            for (x, &cv) in next_mean.iter_mut().zip(row.iter()) {
-                *x += cv * qb;
-            }
-        }
+        kernels::scale_and_next_mean(
+            cuw.iter_mut().map(|r| &mut **r),
+            T::from_f64(self.inv_j),
+            self.qbar,
+            mean,
+            next_mean,
+        );
         mean.fill(T::ZERO);
         // Several outputs: the rule wants this side's C^{uw} rows back to back.
         let gathered: Vec<T>;
@@ -452,13 +439,14 @@ impl<T: Real> Finish<'_, T> {
             next_mean,
             nesterov: self.nesterov,
         };
-        rule.columns(rows, 0..n, self.q, prev, mean);
+        rule.columns(rows, self.q, prev, mean);
     }
 }
 
 /// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts.
-/// (Handing each thread its parts of the rows takes vectors of slices: with the gathered
-/// C^{uw} rows of a multi-output stream, the two-thread step's only allocations.)
+/// (Handing each thread its parts of the rows takes vectors of slices. The two-thread step
+/// allocates these, the forward's hand-over of predictions and the chase's block of them, and
+/// the gathered C^{uw} rows of a multi-output stream: O(J·m) per step, never O(J·d).)
 type Halves<'a, T> = (Vec<&'a mut [T]>, Vec<&'a mut [T]>);
 fn halves<T>(buf: &mut [T], d: usize, c: usize) -> Halves<'_, T> {
     buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()
