@@ -23,15 +23,9 @@ use ekid::ensemble::AnyEnsemble;
 use ekid::options::Options;
 use ekid::real::{Precision, Real};
 
-fn options(j: usize, hidden: usize) -> Options {
-    Options {
-        ensemble: j,
-        hidden,
-        ..Options::default()
-    }
-    .check()
-    .expect("valid bench options")
-}
+mod common;
+
+use common::{engine_options as options, floor_pass};
 
 /// A stream of observations for the default model (lags 12, one output).
 struct Stream {
@@ -88,7 +82,7 @@ impl<T: Real> Floor<T> {
         }
     }
     fn pass(&mut self) {
-        half(&mut self.buf, &self.coef, self.d);
+        floor_pass(&mut self.buf, &self.coef, self.d);
         black_box(self.buf[0]);
     }
 
@@ -99,27 +93,9 @@ impl<T: Real> Floor<T> {
         let (coef, d) = (&self.coef, self.d);
         // On the engine's step pool, as the two-thread step runs.
         ekid::ensemble::on_pool(true, || {
-            rayon::join(|| half(a, coef, d), || half(b, coef, d))
+            rayon::join(|| floor_pass(a, coef, d), || floor_pass(b, coef, d))
         });
         black_box(self.buf[0]);
-    }
-}
-
-/// The floor's two passes over `buf`: sixteen independent sums (a cache line of `f32`, two of
-/// `f64`, per iteration), then the element-wise read-write.
-fn half<T: Real>(buf: &mut [T], coef: &[T], d: usize) {
-    let mut acc = [T::ZERO; 16];
-    for c in buf.chunks_exact(16) {
-        for k in 0..16 {
-            acc[k] += c[k];
-        }
-    }
-    let sum = acc.iter().fold(0.0, |s, a| s + a.to_f64());
-    let q = T::from_f64(black_box(sum) * 1e-30);
-    for row in buf.chunks_exact_mut(d) {
-        for (u, &c) in row.iter_mut().zip(coef) {
-            *u += c * q;
-        }
     }
 }
 

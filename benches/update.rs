@@ -10,17 +10,10 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ekid::ensemble::Ensemble;
-use ekid::options::Options;
 
-fn options(j: usize, hidden: usize) -> Options {
-    Options {
-        ensemble: j,
-        hidden,
-        ..Options::default()
-    }
-    .check()
-    .expect("valid bench options")
-}
+mod common;
+
+use common::{engine_options as options, floor_pass};
 
 fn update(c: &mut Criterion) {
     let mut g = c.benchmark_group("observation");
@@ -49,7 +42,8 @@ fn update(c: &mut Criterion) {
     g.finish();
 }
 
-/// The floor: read J·d doubles (the forward), then read and write them (the update).
+/// The floor (`common::floor_pass`, as in the roofline bench): read J·d doubles (the
+/// forward), then read and write them (the update).
 fn memory_floor(c: &mut Criterion) {
     let mut g = c.benchmark_group("floor");
     for &hidden in &[16usize, 32] {
@@ -60,20 +54,7 @@ fn memory_floor(c: &mut Criterion) {
             g.throughput(Throughput::Elements((j * d) as u64));
             g.bench_function(BenchmarkId::new(format!("h{hidden}"), j), |b| {
                 b.iter(|| {
-                    // A pure read pass (eight independent sums, so it is not latency-bound),
-                    // then an element-wise read-write pass: both vectorise.
-                    let mut acc = [0.0f64; 8];
-                    for c in buf.chunks_exact(8) {
-                        for k in 0..8 {
-                            acc[k] += c[k];
-                        }
-                    }
-                    let q = black_box(acc.iter().sum::<f64>()) * 1e-30;
-                    for row in buf.chunks_exact_mut(d) {
-                        for (u, &c) in row.iter_mut().zip(&coef) {
-                            *u += c * q;
-                        }
-                    }
+                    floor_pass(&mut buf, &coef, d);
                     black_box(buf[0])
                 })
             });

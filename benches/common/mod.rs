@@ -1,5 +1,6 @@
-//! What the HTTP benches share: a real `ekid serve` on a free loopback port with its own
-//! temporary data directory and config, and percentiles.
+//! What the benches share: a real `ekid serve` on a free loopback port with its own temporary
+//! data directory and config, and percentiles (the HTTP benches); stream options by size and
+//! the memory floor's passes (the engine benches).
 
 #![allow(dead_code)] // each bench uses its own subset
 
@@ -67,4 +68,34 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Default stream options with `j` particles and `hidden` units.
+pub fn engine_options(j: usize, hidden: usize) -> ekid::options::Options {
+    ekid::options::Options {
+        ensemble: j,
+        hidden,
+        ..ekid::options::Options::default()
+    }
+    .check()
+    .expect("valid bench options")
+}
+
+/// The memory floor's two passes over `buf` (the least traffic one observation needs: the
+/// forward reads every weight, the update reads and writes it): sixteen independent sums (a cache line of `f32`, two of
+/// `f64`, per iteration), then the element-wise read-write.
+pub fn floor_pass<T: ekid::real::Real>(buf: &mut [T], coef: &[T], d: usize) {
+    let mut acc = [T::ZERO; 16];
+    for c in buf.chunks_exact(16) {
+        for k in 0..16 {
+            acc[k] += c[k];
+        }
+    }
+    let sum = acc.iter().fold(0.0, |s, a| s + a.to_f64());
+    let q = T::from_f64(std::hint::black_box(sum) * 1e-30);
+    for row in buf.chunks_exact_mut(d) {
+        for (u, &c) in row.iter_mut().zip(coef) {
+            *u += c * q;
+        }
+    }
 }
