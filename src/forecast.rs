@@ -181,9 +181,7 @@ impl ForecastState {
                 path,
             );
         }
-        // From the tail probability: 0.5 + level/2 rounds to 1 (an infinite quantile) for
-        // levels within 1e-16 of 1, while (1 − level)/2 stays positive for every level < 1.
-        let zq = -normal_quantile((1.0 - level) / 2.0);
+        let zq = interval_quantile(level);
         (0..horizon)
             .map(|s| {
                 let mut step = ForecastStep {
@@ -217,6 +215,13 @@ impl ForecastState {
     }
 }
 
+/// The standard normal quantile of a central interval of coverage `level` in (0, 1). From the
+/// tail probability: 0.5 + level/2 rounds to 1 (an infinite quantile) for levels within 1e-16
+/// of 1, while (1 − level)/2 stays positive for every level < 1.
+fn interval_quantile(level: f64) -> f64 {
+    -normal_quantile((1.0 - level) / 2.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,7 +229,7 @@ mod tests {
     #[test]
     fn levels_next_to_one_give_finite_intervals() {
         for level in [0.9999999999999999, 1.0 - 1e-12, 0.5, 1e-300] {
-            let z = -normal_quantile((1.0 - level) / 2.0);
+            let z = interval_quantile(level);
             assert!(z.is_finite() && z >= 0.0, "{level}: {z}");
         }
     }
