@@ -260,9 +260,10 @@ impl<T: Real> Ensemble<T> {
 
     /// Lets one step split its work over two threads (`threads` ≥ 2; 1, the default, is the
     /// serial step) once the ensemble is big enough ([`PARALLEL_MIN_WORK`] particle-parameters).
-    /// Results are bit-identical either way. Opt-in because it pays only when a second core is
-    /// idle: with both cores busy (other streams, other processes) each step waits for a
-    /// descheduled helper and runs up to twice as slow as the serial one.
+    /// Results are bit-identical either way. It pays only when a second core is idle, so the
+    /// owner decides: the daemon asks for it (`[engine] step_threads`) and holds a core permit
+    /// per thread, so that split steps never compete with other streams' updates; `ekid eval`
+    /// asks for it with `--step-threads`.
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.clamp(1, 2);
     }
