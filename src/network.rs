@@ -94,6 +94,12 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 /// Four rows (`rows` holds them back to back, `4·b.len()` values) dotted with the same `b`:
 /// each result is bit-identical to [`dot`] of that row. Sharing the loads of `b` and running
 /// sixteen independent accumulators takes the forward from add-latency-bound to load-bound.
+///
+/// Each row's four accumulators are one explicit vector ([`Real::X4`]), so the loop is one
+/// load of `b`, four row loads, four multiplies and four adds per chunk of four columns. With
+/// plain arrays the compiler vectorised across the rows instead (to make the final fold a
+/// vector operation) and spent the loop transposing: three shuffles per row per chunk. Here
+/// the transpose happens once, at the end, for the fold.
 #[inline]
 fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
     let n = b.len();
@@ -101,15 +107,10 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
     let (r1, rest) = rest.split_at(n);
     let (r2, r3) = rest.split_at(n);
     let r3 = &r3[..n];
-    let mut s0 = [T::ZERO; 4];
-    let mut s1 = [T::ZERO; 4];
-    let mut s2 = [T::ZERO; 4];
-    let mut s3 = [T::ZERO; 4];
+    let zero = T::x4([T::ZERO; 4]);
+    let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
     let chunks = n / 4;
-    // Row by row inside each chunk of four columns: every accumulator sees the same operations
-    // in the same order as in `dot`, and each row's four lanes are one vector operation (with
-    // the rows interleaved per lane, the compiler vectorised across rows instead and spent the
-    // loop gathering `f32` lanes).
+    let lanes = |c: &[T]| T::x4([c[0], c[1], c[2], c[3]]);
     for ((((x, a0), a1), a2), a3) in b
         .chunks_exact(4)
         .zip(r0.chunks_exact(4))
@@ -117,18 +118,11 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
         .zip(r2.chunks_exact(4))
         .zip(r3.chunks_exact(4))
     {
-        for l in 0..4 {
-            s0[l] += a0[l] * x[l];
-        }
-        for l in 0..4 {
-            s1[l] += a1[l] * x[l];
-        }
-        for l in 0..4 {
-            s2[l] += a2[l] * x[l];
-        }
-        for l in 0..4 {
-            s3[l] += a3[l] * x[l];
-        }
+        let x = lanes(x);
+        s0 = s0 + lanes(a0) * x;
+        s1 = s1 + lanes(a1) * x;
+        s2 = s2 + lanes(a2) * x;
+        s3 = s3 + lanes(a3) * x;
     }
     let mut t = [T::ZERO; 4];
     for i in 4 * chunks..n {
@@ -138,13 +132,10 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
         t[2] += r2[i] * x;
         t[3] += r3[i] * x;
     }
-    let fold = |s: [T; 4], t: T| (s[0] + s[2]) + (s[1] + s[3]) + t;
-    [
-        fold(s0, t[0]),
-        fold(s1, t[1]),
-        fold(s2, t[2]),
-        fold(s3, t[3]),
-    ]
+    // Per row `(s[0] + s[2]) + (s[1] + s[3]) + t`, as `dot` folds, for the four rows at once:
+    // `lane[l]` holds accumulator l of every row.
+    let [l0, l1, l2, l3] = T::x4_transpose([s0, s1, s2, s3]);
+    T::x4_array(((l0 + l2) + (l1 + l3)) + T::x4(t))
 }
 
 /// One step of one particle: `scratch` holds `[h_prev; z; 1]` on entry (z loaded by

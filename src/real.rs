@@ -38,6 +38,17 @@ pub trait Real:
     fn is_finite(self) -> bool;
     /// The bits, widened (for loads that must not be optimised away).
     fn bits(self) -> u64;
+
+    /// Four lanes of `Self` as one explicit vector (`wide`: one SSE register of `f32`, two of
+    /// `f64` on the baseline build). Lane-wise `+` and `×` are the IEEE operations of the
+    /// scalars, so a kernel written with it keeps the bits of the same per-lane sequence; what
+    /// it fixes is the *shape*: with plain arrays the compiler may pick which dimension to
+    /// vectorise and pay for it in shuffles (see `network::dot4`).
+    type X4: Copy + Add<Output = Self::X4> + Mul<Output = Self::X4>;
+    fn x4(v: [Self; 4]) -> Self::X4;
+    fn x4_array(v: Self::X4) -> [Self; 4];
+    /// The 4×4 transpose: lane l of result r is lane r of `v[l]`.
+    fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4];
 }
 
 impl Real for f64 {
@@ -65,6 +76,19 @@ impl Real for f64 {
     fn bits(self) -> u64 {
         self.to_bits()
     }
+    type X4 = wide::f64x4;
+    #[inline(always)]
+    fn x4(v: [Self; 4]) -> Self::X4 {
+        wide::f64x4::new(v)
+    }
+    #[inline(always)]
+    fn x4_array(v: Self::X4) -> [Self; 4] {
+        v.to_array()
+    }
+    #[inline(always)]
+    fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4] {
+        wide::f64x4::transpose(v)
+    }
 }
 
 impl Real for f32 {
@@ -90,6 +114,19 @@ impl Real for f32 {
     #[inline(always)]
     fn bits(self) -> u64 {
         u64::from(self.to_bits())
+    }
+    type X4 = wide::f32x4;
+    #[inline(always)]
+    fn x4(v: [Self; 4]) -> Self::X4 {
+        wide::f32x4::new(v)
+    }
+    #[inline(always)]
+    fn x4_array(v: Self::X4) -> [Self; 4] {
+        v.to_array()
+    }
+    #[inline(always)]
+    fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4] {
+        wide::f32x4::transpose(v)
     }
 }
 
