@@ -306,17 +306,16 @@ impl Options {
                 ));
             }
         }
-        if let ScaleOption::Fixed(r) = self.scale {
-            if !(r.min.is_finite()
+        if let ScaleOption::Fixed(r) = self.scale
+            && !(r.min.is_finite()
                 && r.max.is_finite()
                 && r.max > r.min
                 && (r.max - r.min).is_finite())
-            {
-                return Err(bad(
-                    "scale",
-                    format!("needs finite min < max, got min {} max {}", r.min, r.max),
-                ));
-            }
+        {
+            return Err(bad(
+                "scale",
+                format!("needs finite min < max, got min {} max {}", r.min, r.max),
+            ));
         }
         Ok(self)
     }

@@ -67,10 +67,10 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if let Some(r) = args.rate {
-        if !(r.is_finite() && r > 0.0) {
-            bail!("--rate must be a finite number > 0, got {r}");
-        }
+    if let Some(r) = args.rate
+        && !(r.is_finite() && r > 0.0)
+    {
+        bail!("--rate must be a finite number > 0, got {r}");
     }
     let name = match &args.stream {
         Some(n) => n.clone(),

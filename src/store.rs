@@ -189,10 +189,10 @@ impl Store {
         let mut names = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
-            if entry.path().is_dir() {
-                if let Some(n) = entry.file_name().to_str() {
-                    names.push(n.to_owned());
-                }
+            if entry.path().is_dir()
+                && let Some(n) = entry.file_name().to_str()
+            {
+                names.push(n.to_owned());
             }
         }
         names.sort();

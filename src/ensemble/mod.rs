@@ -593,12 +593,12 @@ impl<T: Real> Ensemble<T> {
         self.steps += 1;
 
         // 6. EKI(R): periodically re-draw around the mean so the ensemble does not collapse.
-        if let Some(s) = self.spread {
-            if self.steps % s.every == 0 {
-                let gamma = s.gamma * s.decay.powi(self.respreads.min(i32::MAX as u64) as i32);
-                self.respread(gamma);
-                self.respreads += 1;
-            }
+        if let Some(s) = self.spread
+            && self.steps.is_multiple_of(s.every)
+        {
+            let gamma = s.gamma * s.decay.powi(self.respreads.min(i32::MAX as u64) as i32);
+            self.respread(gamma);
+            self.respreads += 1;
         }
         report
     }

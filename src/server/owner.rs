@@ -389,10 +389,10 @@ impl Owner {
                 });
             }
             // 3. A snapshot when due; a failure here loses nothing (the log has it all).
-            if store.snapshot_due() {
-                if let Err(e) = store.snapshot(&stream) {
-                    tracing::error!(error = %e, "snapshot failed; the log still holds everything");
-                }
+            if store.snapshot_due()
+                && let Err(e) = store.snapshot(&stream)
+            {
+                tracing::error!(error = %e, "snapshot failed; the log still holds everything");
             }
             let forecast = stream.forecast_state().map(Arc::new);
             (stream, store, Ok(outcomes), forecast)
