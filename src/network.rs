@@ -167,10 +167,13 @@ pub fn step<T: Real>(
     for i in 4 * full..nh {
         hidden[i] = dot(&cell[i * k..(i + 1) * k], x);
     }
-    for h in hidden.iter_mut() {
-        *h = h.tanh();
+    // The new state goes to the particle and, for the read-out, into the scratch row at once
+    // (a second copy was a `memmove` call per particle).
+    for (h, xv) in hidden.iter_mut().zip(x[..nh].iter_mut()) {
+        let t = h.tanh();
+        *h = t;
+        *xv = t;
     }
-    x[..nh].copy_from_slice(hidden);
     let ro = layout.readout_offset();
     for (o, y) in out.iter_mut().enumerate() {
         *y = dot(&params[ro + o * k..ro + (o + 1) * k], x);

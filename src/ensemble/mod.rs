@@ -492,25 +492,17 @@ impl<T: Real> Ensemble<T> {
             next_mean,
             ..
         } = &mut self.ws;
-        wbar.fill(0.0);
-        for wj in w.chunks_exact(m) {
-            for o in 0..m {
-                wbar[o] += wj[o];
+        // Sums over particles, each in particle order from 0.0 (as they always ran), one output
+        // (pair) at a time so that the running sum stays in a register.
+        mean_over_particles(w, m, inv_j, wbar);
+        for a in 0..m {
+            for b in 0..m {
+                let (wa, wb) = (wbar[a], wbar[b]);
+                let s = w
+                    .chunks_exact(m)
+                    .fold(0.0, |s, wj| s + (wj[a] - wa) * (wj[b] - wb));
+                cww[a * m + b] = s * inv_j;
             }
-        }
-        for v in wbar.iter_mut() {
-            *v *= inv_j;
-        }
-        cww.fill(0.0);
-        for wj in w.chunks_exact(m) {
-            for a in 0..m {
-                for b in 0..m {
-                    cww[a * m + b] += (wj[a] - wbar[a]) * (wj[b] - wbar[b]);
-                }
-            }
-        }
-        for v in cww.iter_mut() {
-            *v *= inv_j;
         }
         self.last_prediction_var = (0..m).map(|o| cww[o * m + o]).sum::<f64>() / m as f64;
         for (e, wj) in self.particle_sse.iter_mut().zip(w.chunks_exact(m)) {
@@ -523,15 +515,7 @@ impl<T: Real> Ensemble<T> {
 
         // 4. Coefficients q_j: u_j += C^{uw} q_j.
         report.step_size = self.update.coefficients(w, cww, y, q);
-        qbar.fill(0.0);
-        for qj in q.chunks_exact(m) {
-            for o in 0..m {
-                qbar[o] += qj[o];
-            }
-        }
-        for v in qbar.iter_mut() {
-            *v *= inv_j;
-        }
+        mean_over_particles(q, m, inv_j, qbar);
         let nesterov = self.momentum.then(|| {
             // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
             // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
@@ -706,6 +690,14 @@ impl<T: Real> Ensemble<T> {
             }
         }
         repaired
+    }
+}
+
+/// `out[o] = (Σ_j v_j[o]) · inv_j` over the particles' `m`-vectors `v` (`J×m`), each sum from 0.0
+/// in particle order.
+fn mean_over_particles(v: &[f64], m: usize, inv_j: f64, out: &mut [f64]) {
+    for (o, x) in out.iter_mut().enumerate() {
+        *x = v.chunks_exact(m).fold(0.0, |s, vj| s + vj[o]) * inv_j;
     }
 }
 
