@@ -202,14 +202,24 @@ fn ratio_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
 fn cores(samples: usize) {
     println!("## cores: one stream on one thread and on two\n");
     println!(
-        "| J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up (median of rounds) | floor, 1 thread | floor, 2 threads | 2 threads / 2-thread floor |"
+        "| precision | J | hidden | 1 thread obs/s | 2 threads obs/s | speed-up (median of rounds) | floor, 1 thread | floor, 2 threads | 2 threads / 2-thread floor |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &(j, hidden) in &[(2000, 32), (8000, 32), (2000, 64), (2000, 16)] {
+        cores_row::<f64>(samples, j, hidden, Precision::F64);
+    }
+    for &(j, hidden) in &[(2000, 32), (8000, 32)] {
+        cores_row::<f32>(samples, j, hidden, Precision::F32);
+    }
+    println!();
+}
+
+fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precision) {
+    {
         // One stream, its samples alternating between one thread and two (the results are
         // the same bits either way, so it is one stream's evolution), then the two floors
         // interleaved: two ensembles of this size at once would evict each other from L3.
-        let s = std::sync::Mutex::new(Stream::new(j, hidden, 1));
+        let s = std::sync::Mutex::new(Stream::with(j, hidden, 1, precision));
         let d = s.lock().expect("one user").e.dim();
         let observe_on = |threads: usize| {
             let mut s = s.lock().expect("one user");
@@ -228,8 +238,8 @@ fn cores(samples: usize) {
         // drifts over seconds when its host is busy, and adjacent samples share the drift.
         let speedup = median(r[0].iter().zip(&r[1]).map(|(a, b)| a / b).collect());
         let t = [median(r[0].clone()), median(r[1].clone())];
-        let mut floor = Floor::<f64>::new(j, d);
-        let mut floor2 = Floor::<f64>::new(j, d);
+        let mut floor = Floor::<T>::new(j, d);
+        let mut floor2 = Floor::<T>::new(j, d);
         let f = interleaved(
             &mut [&mut || floor.pass(), &mut || floor2.pass2()],
             samples,
@@ -237,7 +247,8 @@ fn cores(samples: usize) {
         );
         let t = [t[0], t[1], f[0], f[1]];
         println!(
-            "| {j} | {hidden} | {:.0} | {:.0} | {speedup:.2} | {} | {} | {:.2} |",
+            "| {} | {j} | {hidden} | {:.0} | {:.0} | {speedup:.2} | {} | {} | {:.2} |",
+            format!("{precision:?}").to_lowercase(),
             1.0 / t[0],
             1.0 / t[1],
             fmt_time(t[2]),
@@ -245,7 +256,6 @@ fn cores(samples: usize) {
             t[1] / t[3]
         );
     }
-    println!();
 }
 
 fn growth(samples: usize) {
