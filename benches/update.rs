@@ -49,7 +49,7 @@ fn memory_floor(c: &mut Criterion) {
     for &hidden in &[16usize, 32] {
         for &j in &[100usize, 500, 2000] {
             let d = options(j, hidden).layout().dim();
-            let mut buf = vec![1.0f64; j * d];
+            let mut buf = ekid::ensemble::ParticleBuf::from_slice(&vec![1.0f64; j * d]);
             let coef = vec![1e-12f64; d];
             g.throughput(Throughput::Elements((j * d) as u64));
             g.bench_function(BenchmarkId::new(format!("h{hidden}"), j), |b| {

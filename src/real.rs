@@ -27,6 +27,7 @@ pub trait Real:
     + SubAssign
     + MulAssign
     + DivAssign
+    + bytemuck::Pod
 {
     const ZERO: Self;
     const ONE: Self;

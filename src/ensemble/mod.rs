@@ -22,9 +22,11 @@ use crate::real::Real;
 use crate::update::KalmanUpdate;
 
 mod any;
+mod buffer;
 mod kernels;
 mod parallel;
 pub use any::AnyEnsemble;
+pub use buffer::ParticleBuf;
 use kernels::{BLOCK, UpdateRule};
 pub use parallel::{PARALLEL_MIN_WORK, on_pool};
 
@@ -43,9 +45,9 @@ pub struct Ensemble<T: Real = f64> {
     prior: Prior,
     rng: ChaCha8Rng,
     /// `J×d`, particle-major: the points where G is evaluated.
-    particles: Vec<T>,
+    particles: ParticleBuf<T>,
     /// Momentum only: the un-extrapolated iterates `u_n` (`J×d`), empty otherwise.
-    previous: Vec<T>,
+    previous: ParticleBuf<T>,
     /// `J×hidden`.
     hidden: Vec<T>,
     mean: Vec<T>,
@@ -142,7 +144,7 @@ impl<T: Real> Ensemble<T> {
             options.skip,
             &mut rng,
         );
-        let mut particles = vec![T::ZERO; j * d];
+        let mut particles = ParticleBuf::zeroed(j * d);
         for u in particles.chunks_exact_mut(d) {
             prior.draw_around(&prior.centre, 1.0, &mut rng, u);
         }
@@ -167,7 +169,7 @@ impl<T: Real> Ensemble<T> {
             previous: if options.momentum {
                 particles.clone()
             } else {
-                Vec::new()
+                ParticleBuf::zeroed(0)
             },
             particles,
             hidden: vec![T::ZERO; j * nh],
@@ -240,8 +242,13 @@ impl<T: Real> Ensemble<T> {
             }
         }
         let narrow = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
-        e.particles = narrow(s.particles);
-        e.previous = narrow(s.previous);
+        let narrow_into = |to: &mut [T], v: &[f64]| {
+            for (t, &x) in to.iter_mut().zip(v) {
+                *t = T::from_f64(x);
+            }
+        };
+        narrow_into(&mut e.particles, &s.particles);
+        narrow_into(&mut e.previous, &s.previous);
         e.hidden = narrow(s.hidden);
         e.mean = narrow(s.mean);
         e.mean_hidden = narrow(s.mean_hidden);

@@ -374,7 +374,11 @@ impl<T: Real> Finish<'_, T> {
         // therefore left to the calling thread after the join: the two sides' last and first
         // columns are then more than a line apart in every row. Each band does the same
         // operations per element as the sides, so the bits do not change.
-        let half_band = if d >= 16 + T::PER_LINE { T::PER_LINE / 2 } else { 0 };
+        let half_band = if d >= 16 + T::PER_LINE {
+            T::PER_LINE / 2
+        } else {
+            0
+        };
         let (a, b) = (c - half_band, c + half_band);
         let [mut rows_l, mut rows_m, mut rows_r] = thirds(particles, d, a, b);
         let [mut prev_l, mut prev_m, mut prev_r] = thirds(previous, d, a, b);
