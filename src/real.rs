@@ -33,6 +33,9 @@ pub trait Real:
     const ONE: Self;
     /// Values per 64-byte cache line.
     const PER_LINE: usize;
+    /// How many times `f64`'s ensemble size a step in this type needs before two threads pay
+    /// (`ensemble::parallel_min_work`).
+    const SPLIT_FACTOR: usize;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn tanh(self) -> Self;
@@ -56,6 +59,7 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const PER_LINE: usize = 8;
+    const SPLIT_FACTOR: usize = 1;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -96,6 +100,7 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const PER_LINE: usize = 16;
+    const SPLIT_FACTOR: usize = 4;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32

@@ -28,7 +28,7 @@ mod parallel;
 pub use any::AnyEnsemble;
 pub use buffer::ParticleBuf;
 use kernels::{BLOCK, UpdateRule};
-pub use parallel::{PARALLEL_MIN_WORK, on_pool};
+pub use parallel::{on_pool, parallel_min_work};
 
 /// One EKI ensemble, storing and computing its particles in `T` ([`Real`]: `f64` by default,
 /// or `f32`). Only its owner mutates it.
@@ -181,7 +181,7 @@ impl<T: Real> Ensemble<T> {
             particle_sse: vec![0.0; j],
             last_prediction_var: 0.0,
             threads: 1,
-            parallel_min_work: PARALLEL_MIN_WORK,
+            parallel_min_work: parallel_min_work::<T>(),
             balance: parallel::Balance::default(),
             ws: Workspace {
                 w: vec![0.0; j * m],
@@ -266,7 +266,7 @@ impl<T: Real> Ensemble<T> {
     }
 
     /// Lets one step split its work over two threads (`threads` ≥ 2; 1, the default, is the
-    /// serial step) once the ensemble is big enough ([`PARALLEL_MIN_WORK`] particle-parameters).
+    /// serial step) once the ensemble is big enough ([`parallel_min_work`] particle-parameters).
     /// Results are bit-identical either way. It pays only when a second core is idle, so the
     /// owner decides: the daemon asks for it (`[engine] step_threads`) and holds a core permit
     /// per thread, so that split steps never compete with other streams' updates; `ekid eval`

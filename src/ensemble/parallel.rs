@@ -33,9 +33,16 @@ use super::{Accumulate, forward_rows, touch_ahead};
 use crate::network::Layout;
 use crate::real::Real;
 
-/// Particle-parameters (J·d) from which a step with two threads splits: 2^20, 8 MiB of
-/// particles. Below that the fork-joins and the extra read cost more than the second core gains.
-pub const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// Particle-parameters (J·d) from which a step of `T` with two threads splits: 2^20 (8 MiB)
+/// for `f64`, 2^22 (16 MiB) for `f32` ([`Real::SPLIT_FACTOR`]). Below that the fork-joins and
+/// the chase's second read cost more than the second core gains. `f32` does half the work per
+/// byte of memory traffic, so it needs the bigger ensemble: at J=2000, hidden 32 (12 MB of
+/// `f32`, 2.97 M particle-parameters) two threads measured 1.13–1.29 ms against 1.14–1.16 ms
+/// on one, at J=4000 (24 MB) 3.2–3.6 against 4.0–4.1 ms; `f64` at J=1000, hidden 32 (12 MB,
+/// 1.49 M) 0.96–1.02 against 1.31 ms (`roofline profile`, interleaved).
+pub fn parallel_min_work<T: Real>() -> usize {
+    (1 << 20) * T::SPLIT_FACTOR
+}
 
 /// Where the two sides cut the work, learned from how long each side took: the cut never
 /// changes a result, only who computes what, so it may follow the machine. A fixed cut made

@@ -387,6 +387,14 @@ fn big_ensembles_split_and_small_ones_do_not() {
     assert!(big.is_parallel());
     big.set_threads(1);
     assert!(!big.is_parallel());
+    // f32 needs four times the particle-parameters: J=2000/h32 (2.97 M) stays serial, J=1000
+    // at hidden 64 (5.0 M) splits.
+    let mut f32_mid = Ensemble::<f32>::new(&options(2000, 32, 12, 1, Method::Kalman, 1));
+    f32_mid.set_threads(2);
+    assert!(!f32_mid.is_parallel());
+    let mut f32_big = Ensemble::<f32>::new(&options(1000, 64, 12, 1, Method::Kalman, 1));
+    f32_big.set_threads(2);
+    assert!(f32_big.is_parallel());
 }
 
 #[test]
