@@ -375,12 +375,13 @@ impl<T: Real> Finish<'_, T> {
             d / 2
         };
         // Rows are `d` values apart, so the cut falls inside a cache line of most rows: with
-        // both sides writing their columns of every particle, J lines would bounce between
-        // the cores on every step (false sharing; `f32` at J=2000/h32 ran slower on two
-        // threads than on one). A band of one cache line's worth of columns around the cut is
-        // therefore left to the calling thread after the join: the two sides' last and first
-        // columns are then more than a line apart in every row. Each band does the same
-        // operations per element as the sides, so the bits do not change.
+        // both sides writing their columns of every particle, up to J lines would bounce
+        // between the cores on every step (false sharing). A band of one cache line's worth of
+        // columns around the cut is therefore left to the calling thread after the join: the
+        // two sides' last and first columns are then more than a line apart in every row.
+        // Each band does the same operations per element as the sides, so the bits do not
+        // change. (Measured within noise at J=2000/h32, 2.47 vs 2.51 ms: what limits this
+        // split is the memory traffic of half-rows, see BENCHMARKS.md, not the shared lines.)
         let half_band = if d >= 16 + T::PER_LINE {
             T::PER_LINE / 2
         } else {
