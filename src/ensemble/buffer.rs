@@ -13,8 +13,10 @@ use std::ops::{Deref, DerefMut};
 
 use crate::real::Real;
 
-/// Buffers of at least this many bytes are mapped with huge pages (two huge pages: below
-/// that the rounding to 2 MiB would waste more than it saves).
+/// Buffers of at least this many bytes are mapped with huge pages. Smaller ensembles span
+/// few enough small pages for the TLB to hold (and a daemon may hold thousands of them, where
+/// a mapping each would only add kernel bookkeeping). Only the 2 MiB-aligned range the buffer
+/// uses is advised, so nothing beyond its own bytes becomes resident.
 pub const HUGE_MIN_BYTES: usize = 4 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 
