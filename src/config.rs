@@ -29,7 +29,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Engine {
     /// Threads one stream's step may use: 2 splits the step of an ensemble of at least
-    /// 2^20 particle-parameters over two cores (same results); 1 keeps every step serial.
+    /// 2^20 particle-parameters (2^22 in `f32`) over two cores (same results); 1 keeps every
+    /// step serial.
     /// Capped at the machine's cores.
     pub step_threads: usize,
 }
