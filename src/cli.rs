@@ -235,7 +235,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = OgdSettings::default().window)]
     pub ogd_window: usize,
     /// Threads one EKI step may use: 2 splits ensembles of at least 2^20 particle-parameters
-    /// over two cores (same results).
+    /// (2^22 with `--precision f32`) over two cores (same results).
     #[arg(long, default_value_t = 2)]
     pub step_threads: usize,
     /// Print JSON instead of the table.
