@@ -1,7 +1,7 @@
 //! A stream's ensemble in the precision its options name: one type for the stream, `ekid eval`
 //! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
 
-use super::{Ensemble, EnsembleState, StepReport};
+use super::{Ensemble, EnsembleState, StepReport, widen};
 use crate::network::Layout;
 use crate::options::Options;
 use crate::real::{Precision, Real};
@@ -95,11 +95,6 @@ impl AnyEnsemble {
 
     /// The mean particle and its hidden state, as `f64`.
     pub fn mean_f64(&self) -> (Vec<f64>, Vec<f64>) {
-        each!(self, e => {
-            let (mut m, mut h) = (Vec::new(), Vec::new());
-            extend_f64(&mut m, e.mean());
-            extend_f64(&mut h, e.mean_hidden());
-            (m, h)
-        })
+        each!(self, e => (widen(e.mean()), widen(e.mean_hidden())))
     }
 }

@@ -14,33 +14,12 @@ use crate::real::Real;
 /// (4 × 12 kB at hidden 32).
 pub const BLOCK: usize = 4;
 
-/// Splits `rows` (at least `BLOCK` rows of `d`, back to back) into the first `BLOCK` rows.
-#[inline]
-fn four<T>(rows: &[T], d: usize) -> [&[T]; BLOCK] {
-    let (a, r) = rows.split_at(d);
-    let (b, r) = r.split_at(d);
-    let (c, r) = r.split_at(d);
-    [a, b, c, &r[..d]]
-}
-
 #[inline]
 fn four_mut<T>(rows: &mut [T], d: usize) -> [&mut [T]; BLOCK] {
     let (a, r) = rows.split_at_mut(d);
     let (b, r) = r.split_at_mut(d);
     let (c, r) = r.split_at_mut(d);
     [a, b, c, &mut r[..d]]
-}
-
-/// Output `o`'s errors `w_b[o] − ŷ_o` of a block's four particles (`w` holds them `m` apart).
-/// (Written out: `[_; 4].map` with a closure was left as a call to `try_map` in the profile.)
-#[inline(always)]
-fn errors4<T: Real>(w: &[f64], m: usize, o: usize, pred_o: f64) -> [T; BLOCK] {
-    [
-        T::from_f64(w[o] - pred_o),
-        T::from_f64(w[m + o] - pred_o),
-        T::from_f64(w[2 * m + o] - pred_o),
-        T::from_f64(w[3 * m + o] - pred_o),
-    ]
 }
 
 /// `acc[p] += (u[p] − mean[p])·e`: one particle's term of the (unscaled) cross-covariance.
@@ -71,69 +50,37 @@ pub fn accumulate4<T: Real>(acc: &mut [T], mean: &[T], u: [&[T]; BLOCK], e: [T; 
     }
 }
 
-/// Accumulates output `o`'s row over the columns `cols` of consecutive particles: `rows` holds
-/// whole particles (`d` apart), `w` their predictions (`m` apart), `acc` and `mean` the columns.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a kernel over plain slices: bundling them would hide which are aligned"
-)]
-pub fn accumulate_rows<T: Real>(
+/// Accumulates output `o`'s row over consecutive particles: `rows` yields each particle's
+/// columns (a particle-major buffer's `chunks_exact(d)`, or one thread's parts of the rows), `w`
+/// holds their predictions (`m` apart), `acc` and `mean` the same columns. Four particles at a
+/// time ([`accumulate4`]), the rest one by one.
+pub fn accumulate_rows<'r, T: Real>(
     acc: &mut [T],
     mean: &[T],
-    rows: &[T],
-    d: usize,
-    cols: std::ops::Range<usize>,
+    rows: impl Iterator<Item = &'r [T]>,
     w: &[f64],
     m: usize,
     o: usize,
     pred_o: f64,
 ) {
-    let mut blocks = rows.chunks_exact(BLOCK * d);
-    let mut wb = w.chunks_exact(BLOCK * m);
-    for (blk, wj) in (&mut blocks).zip(&mut wb) {
-        let [u0, u1, u2, u3] = four(blk, d);
-        let u = [
-            &u0[cols.clone()],
-            &u1[cols.clone()],
-            &u2[cols.clone()],
-            &u3[cols.clone()],
-        ];
-        let e = errors4(wj, m, o, pred_o);
-        accumulate4(acc, mean, u, e);
-    }
-    for (u, wj) in blocks
-        .remainder()
-        .chunks_exact(d)
-        .zip(wb.remainder().chunks_exact(m))
-    {
-        accumulate1(acc, mean, &u[cols.clone()], T::from_f64(wj[o] - pred_o));
-    }
-}
-
-/// [`accumulate_rows`] over particles given as slices (`rows[j]` is particle j's part, as the
-/// two-thread step holds its columns of every particle).
-pub fn accumulate_slices<T: Real>(
-    acc: &mut [T],
-    mean: &[T],
-    rows: &[&mut [T]],
-    w: &[f64],
-    m: usize,
-    o: usize,
-    pred_o: f64,
-) {
-    let mut blocks = rows.chunks_exact(BLOCK);
-    let mut wb = w.chunks_exact(BLOCK * m);
-    for (blk, wj) in (&mut blocks).zip(&mut wb) {
-        let u = [&*blk[0], &*blk[1], &*blk[2], &*blk[3]];
-        let e = errors4(wj, m, o, pred_o);
-        accumulate4(acc, mean, u, e);
-    }
-    for (u, wj) in blocks
-        .remainder()
-        .iter()
-        .zip(wb.remainder().chunks_exact(m))
-    {
-        accumulate1(acc, mean, u, T::from_f64(wj[o] - pred_o));
+    let mut terms = rows.zip(w.chunks_exact(m).map(|wj| T::from_f64(wj[o] - pred_o)));
+    loop {
+        match [terms.next(), terms.next(), terms.next(), terms.next()] {
+            [
+                Some((u0, e0)),
+                Some((u1, e1)),
+                Some((u2, e2)),
+                Some((u3, e3)),
+            ] => {
+                accumulate4(acc, mean, [u0, u1, u2, u3], [e0, e1, e2, e3]);
+            }
+            rest => {
+                for (u, e) in rest.into_iter().flatten() {
+                    accumulate1(acc, mean, u, e);
+                }
+                return;
+            }
+        }
     }
 }
 

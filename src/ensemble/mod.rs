@@ -121,6 +121,20 @@ fn widen<T: Real>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
 }
 
+/// Writes `from` (exactly) into `to`, element by element.
+fn widen_into<T: Real>(to: &mut [f64], from: &[T]) {
+    for (t, f) in to.iter_mut().zip(from) {
+        *t = f.to_f64();
+    }
+}
+
+/// Writes `from`, rounded to `T`, into `to`, element by element.
+fn narrow_into<T: Real>(to: &mut [T], from: &[f64]) {
+    for (t, &f) in to.iter_mut().zip(from) {
+        *t = T::from_f64(f);
+    }
+}
+
 /// Splits a scratch vector into `[h; z; 1]` and the outputs.
 fn split_scratch<'s, T>(scratch: &'s mut [T], layout: &Layout) -> (&'s mut [T], &'s mut [T]) {
     scratch.split_at_mut(layout.row())
@@ -241,17 +255,12 @@ impl<T: Real> Ensemble<T> {
                 ));
             }
         }
-        let narrow = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
-        let narrow_into = |to: &mut [T], v: &[f64]| {
-            for (t, &x) in to.iter_mut().zip(v) {
-                *t = T::from_f64(x);
-            }
-        };
+        // Every length was checked above.
         narrow_into(&mut e.particles, &s.particles);
         narrow_into(&mut e.previous, &s.previous);
-        e.hidden = narrow(s.hidden);
-        e.mean = narrow(s.mean);
-        e.mean_hidden = narrow(s.mean_hidden);
+        narrow_into(&mut e.hidden, &s.hidden);
+        narrow_into(&mut e.mean, &s.mean);
+        narrow_into(&mut e.mean_hidden, &s.mean_hidden);
         e.steps = s.steps;
         e.respreads = s.respreads;
         e.repaired = s.repaired;
@@ -390,9 +399,7 @@ impl<T: Real> Ensemble<T> {
         let (x, out) = split_scratch(&mut self.ws.scratch, &self.layout);
         network::load_inputs(&self.layout, x, z);
         network::step(&self.layout, &self.mean, &mut self.mean_hidden, x, out);
-        for (p, o) in pred.iter_mut().zip(out.iter()) {
-            *p = o.to_f64();
-        }
+        widen_into(pred, out);
     }
 
     /// Particle `j`'s prediction with frozen parameters; advances only its hidden state.
@@ -407,9 +414,7 @@ impl<T: Real> Ensemble<T> {
             x,
             out,
         );
-        for (p, o) in pred.iter_mut().zip(out.iter()) {
-            *p = o.to_f64();
-        }
+        widen_into(pred, out);
     }
 
     /// One observation: writes the mean particle's prediction of `y` from inputs `z` into
@@ -614,9 +619,7 @@ impl<T: Real> Ensemble<T> {
         let n_healthy = self.ws.healthy.iter().filter(|&&h| h).count();
         let centre = &mut self.ws.next_mean;
         if n_healthy == 0 {
-            for (c, &p) in centre.iter_mut().zip(&self.prior.centre) {
-                *c = T::from_f64(p);
-            }
+            narrow_into(centre, &self.prior.centre);
         } else {
             centre.fill(T::ZERO);
             for (u, _) in self
@@ -644,9 +647,7 @@ impl<T: Real> Ensemble<T> {
             self.prior
                 .draw_around(&self.ws.next_mean, 1.0, &mut self.rng, u);
             if u.iter().any(|v| !v.is_finite()) {
-                for (v, &p) in u.iter_mut().zip(&self.prior.centre) {
-                    *v = T::from_f64(p);
-                }
+                narrow_into(u, &self.prior.centre);
             }
             let h = &mut self.hidden[jj * nh..(jj + 1) * nh];
             h.copy_from_slice(&self.ws.mean_hidden_before);
@@ -657,9 +658,7 @@ impl<T: Real> Ensemble<T> {
             network::load_inputs(&self.layout, x, z);
             network::step(&self.layout, u, h, x, out);
             let wj = &mut self.ws.w[jj * m..(jj + 1) * m];
-            for (w, o) in wj.iter_mut().zip(out.iter()) {
-                *w = o.to_f64();
-            }
+            widen_into(wj, out);
             if wj.iter().any(|v| !v.is_finite()) {
                 // Cannot happen for finite parameters, inputs and state; stay total anyway.
                 wj.fill(0.0);
@@ -688,13 +687,9 @@ impl<T: Real> Ensemble<T> {
         // Re-accumulate the cross-covariance over the repaired ensemble.
         let Workspace { w, cuw, .. } = &mut self.ws;
         cuw.fill(T::ZERO);
-        for (u, wj) in self.particles.chunks_exact(d).zip(w.chunks_exact(m)) {
-            for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
-                let e = T::from_f64(wj[o] - pred[o]);
-                for ((c, &up), &mp) in row.iter_mut().zip(u).zip(&self.mean) {
-                    *c += (up - mp) * e;
-                }
-            }
+        for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
+            let rows = self.particles.chunks_exact(d);
+            kernels::accumulate_rows(row, &self.mean, rows, w, m, o, pred[o]);
         }
         repaired
     }
@@ -771,9 +766,7 @@ fn forward_rows<T: Real>(
         {
             let (x, out) = split_scratch(scratch, layout);
             network::step(layout, u, h, x, out);
-            for (w, o) in wj.iter_mut().zip(out.iter()) {
-                *w = o.to_f64();
-            }
+            widen_into(wj, out);
             *ok = wj.iter().all(|v| v.is_finite());
             all &= *ok;
         }
@@ -784,7 +777,7 @@ fn forward_rows<T: Real>(
         }
         if let Some(a) = acc.as_mut() {
             for (o, row) in a.cuw.chunks_exact_mut(d).enumerate() {
-                kernels::accumulate_rows(row, a.mean, blk, d, 0..d, wb, m, o, a.pred[o]);
+                kernels::accumulate_rows(row, a.mean, blk.chunks_exact(d), wb, m, o, a.pred[o]);
             }
         }
     }

@@ -281,7 +281,8 @@ impl Chase {
             }
             let block = &rows[self.done * d..end * d];
             for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
-                kernels::accumulate_rows(row, mean, block, d, 0..d, &w[..n * m], m, o, pred[o]);
+                let rows = block.chunks_exact(d);
+                kernels::accumulate_rows(row, mean, rows, &w[..n * m], m, o, pred[o]);
             }
             self.done = end;
             self.work += t.elapsed();
@@ -444,7 +445,8 @@ impl<T: Real> Finish<'_, T> {
         let n = mean.len();
         if let Some((from, w, pred)) = self.continuation {
             for (o, row) in cuw.iter_mut().enumerate() {
-                kernels::accumulate_slices(row, mean, &rows[from..], &w[from * m..], m, o, pred[o]);
+                let parts = rows[from..].iter().map(|r| &**r);
+                kernels::accumulate_rows(row, mean, parts, &w[from * m..], m, o, pred[o]);
             }
         }
         kernels::scale_and_next_mean(
