@@ -375,27 +375,11 @@ impl<T: Real> Finish<'_, T> {
         } else {
             d / 2
         };
-        // Rows are `d` values apart, so the cut falls inside a cache line of most rows: with
-        // both sides writing their columns of every particle, up to J lines would bounce
-        // between the cores on every step (false sharing). A band of one cache line's worth of
-        // columns around the cut is therefore left to the calling thread after the join: the
-        // two sides' last and first columns are then more than a line apart in every row.
-        // Each band does the same operations per element as the sides, so the bits do not
-        // change. (Measured within noise at J=2000/h32, 2.47 vs 2.51 ms: what limits this
-        // split is the memory traffic of half-rows, see BENCHMARKS.md, not the shared lines.)
-        let half_band = if d >= 16 + T::PER_LINE {
-            T::PER_LINE / 2
-        } else {
-            0
-        };
-        let (a, b) = (c - half_band, c + half_band);
-        let [mut rows_l, mut rows_m, mut rows_r] = thirds(particles, d, a, b);
-        let [mut prev_l, mut prev_m, mut prev_r] = thirds(previous, d, a, b);
-        let [mut cuw_l, mut cuw_m, mut cuw_r] = thirds(cuw, d, a, b);
-        let (nm_l, nm) = next_mean.split_at_mut(a);
-        let (nm_m, nm_r) = nm.split_at_mut(b - a);
-        let (mean_l, mean) = mean.split_at_mut(a);
-        let (mean_m, mean_r) = mean.split_at_mut(b - a);
+        let (mut rows_l, mut rows_r) = halves(particles, d, c);
+        let (mut prev_l, mut prev_r) = halves(previous, d, c);
+        let (mut cuw_l, mut cuw_r) = halves(cuw, d, c);
+        let (nm_l, nm_r) = next_mean.split_at_mut(c);
+        let (mean_l, mean_r) = mean.split_at_mut(c);
         let start = Instant::now();
         let (tl, tr) = rayon::join(
             || {
@@ -419,15 +403,6 @@ impl<T: Real> Finish<'_, T> {
                 start.elapsed()
             },
         );
-        if b > a {
-            self.columns(Part {
-                rows: &mut rows_m,
-                prev: &mut prev_m,
-                cuw: &mut cuw_m,
-                next_mean: nm_m,
-                mean: mean_m,
-            });
-        }
         if d >= 16 {
             balance.finish = rebalance(c as f64 / d as f64, tl, tr);
         }
@@ -477,22 +452,13 @@ impl<T: Real> Finish<'_, T> {
     }
 }
 
-/// Every row of `buf` (rows of `d`) cut at columns `a ≤ b`: the parts `[0, a)`, `[a, b)` and
-/// `[b, d)` of every row. (Handing each thread its parts of the rows takes vectors of slices.
-/// The two-thread step allocates these, the forward's hand-over of predictions and the chase's
-/// block of them, and the gathered C^{uw} rows of a multi-output stream: O(J·m) per step,
-/// never O(J·d).)
-fn thirds<T>(buf: &mut [T], d: usize, a: usize, b: usize) -> [Vec<&mut [T]>; 3] {
-    let rows = buf.len() / d.max(1);
-    let mut parts = [(); 3].map(|_| Vec::with_capacity(rows));
-    for row in buf.chunks_exact_mut(d) {
-        let (l, rest) = row.split_at_mut(a);
-        let (m, r) = rest.split_at_mut(b - a);
-        parts[0].push(l);
-        parts[1].push(m);
-        parts[2].push(r);
-    }
-    parts
+/// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts.
+/// (Handing each thread its parts of the rows takes vectors of slices. The two-thread step
+/// allocates these, the forward's hand-over of predictions and the chase's block of them, and
+/// the gathered C^{uw} rows of a multi-output stream: O(J·m) per step, never O(J·d).)
+type Halves<'a, T> = (Vec<&'a mut [T]>, Vec<&'a mut [T]>);
+fn halves<T>(buf: &mut [T], d: usize, c: usize) -> Halves<'_, T> {
+    buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()
 }
 
 #[cfg(test)]
