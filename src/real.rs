@@ -32,7 +32,7 @@ pub trait Real:
     const ZERO: Self;
     const ONE: Self;
     /// Values per 64-byte cache line.
-    const PER_LINE: usize;
+    const PER_LINE: usize = 64 / std::mem::size_of::<Self>();
     /// How many times `f64`'s ensemble size a step in this type needs before two threads pay
     /// (`ensemble::parallel_min_work`).
     const SPLIT_FACTOR: usize;
@@ -55,10 +55,28 @@ pub trait Real:
     fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4];
 }
 
+/// The [`Real::X4`] items for a `wide` vector type of four lanes.
+macro_rules! x4_with {
+    ($v:ty) => {
+        type X4 = $v;
+        #[inline(always)]
+        fn x4(v: [Self; 4]) -> Self::X4 {
+            <$v>::new(v)
+        }
+        #[inline(always)]
+        fn x4_array(v: Self::X4) -> [Self; 4] {
+            v.to_array()
+        }
+        #[inline(always)]
+        fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4] {
+            <$v>::transpose(v)
+        }
+    };
+}
+
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    const PER_LINE: usize = 8;
     const SPLIT_FACTOR: usize = 1;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
@@ -81,25 +99,12 @@ impl Real for f64 {
     fn bits(self) -> u64 {
         self.to_bits()
     }
-    type X4 = wide::f64x4;
-    #[inline(always)]
-    fn x4(v: [Self; 4]) -> Self::X4 {
-        wide::f64x4::new(v)
-    }
-    #[inline(always)]
-    fn x4_array(v: Self::X4) -> [Self; 4] {
-        v.to_array()
-    }
-    #[inline(always)]
-    fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4] {
-        wide::f64x4::transpose(v)
-    }
+    x4_with!(wide::f64x4);
 }
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    const PER_LINE: usize = 16;
     const SPLIT_FACTOR: usize = 4;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
@@ -121,19 +126,7 @@ impl Real for f32 {
     fn bits(self) -> u64 {
         u64::from(self.to_bits())
     }
-    type X4 = wide::f32x4;
-    #[inline(always)]
-    fn x4(v: [Self; 4]) -> Self::X4 {
-        wide::f32x4::new(v)
-    }
-    #[inline(always)]
-    fn x4_array(v: Self::X4) -> [Self; 4] {
-        v.to_array()
-    }
-    #[inline(always)]
-    fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4] {
-        wide::f32x4::transpose(v)
-    }
+    x4_with!(wide::f32x4);
 }
 
 /// `tanh` for `f32` as a rational function of odd degree 13 over even degree 6 (the minimax
