@@ -278,9 +278,6 @@ impl Stream {
     pub fn y_scale(&self) -> Option<&[Scaler]> {
         self.y_scale.as_deref()
     }
-    pub fn ensemble(&self) -> &AnyEnsemble {
-        &self.model.learner
-    }
 
     /// Validates a whole batch against this stream without changing anything.
     pub fn plan(&self, batch: &[Observation]) -> Result<Plan, BatchError> {
