@@ -188,7 +188,7 @@ fn ratio_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
             samples,
             Duration::from_millis(40),
         );
-        let name = format!("{precision:?}").to_lowercase();
+        let name = precision.name();
         println!(
             "| {name} | {j} | {hidden} | {d} | {:.2} MB | {} | {:.0} | {:.2} | {} | {:.2} |",
             (j * d * std::mem::size_of::<T>()) as f64 / 1e6,
@@ -251,7 +251,7 @@ fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
         let t = [t[0], t[1], f[0], f[1]];
         println!(
             "| {} | {j} | {hidden} | {:.0} | {:.0} | {speedup:.2} | {} | {} | {:.2} |",
-            format!("{precision:?}").to_lowercase(),
+            precision.name(),
             1.0 / t[0],
             1.0 / t[1],
             fmt_time(t[2]),

@@ -128,7 +128,7 @@ pub struct OptionFlags {
     #[arg(long)]
     pub seed: Option<u64>,
     /// What the ensemble stores and computes in: `f64` or `f32`.
-    #[arg(long, value_parser = parse_precision)]
+    #[arg(long)]
     pub precision: Option<Precision>,
     /// `auto` or `MIN:MAX`.
     #[arg(long)]
@@ -463,20 +463,9 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             series.values.len()
                 - ((series.values.len() as f64) * config.train_fraction).round() as usize,
             config.passes,
-            match config.options.precision {
-                Precision::F64 => "f64",
-                Precision::F32 => "f32",
-            }
+            config.options.precision.name()
         )?;
         write!(out, "{}", eval::table(&results))?;
     }
     Ok(())
-}
-
-fn parse_precision(s: &str) -> Result<Precision, String> {
-    match s {
-        "f64" => Ok(Precision::F64),
-        "f32" => Ok(Precision::F32),
-        _ => Err(format!("expected `f64` or `f32`, got `{s}`")),
-    }
 }

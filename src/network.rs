@@ -133,7 +133,7 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
         t[3] += r3[i] * x;
     }
     // Per row `(s[0] + s[2]) + (s[1] + s[3]) + t`, as `dot` folds, for the four rows at once:
-    // `lane[l]` holds accumulator l of every row.
+    // after the transpose `lk` holds accumulator k of every row.
     let [l0, l1, l2, l3] = T::x4_transpose([s0, s1, s2, s3]);
     T::x4_array(((l0 + l2) + (l1 + l3)) + T::x4(t))
 }

@@ -186,6 +186,24 @@ impl Precision {
             Precision::F32 => 4,
         }
     }
+
+    /// The option's spelling: `f64` or `f32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F64 => "f64",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Precision::F64, Precision::F32]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("expected `f64` or `f32`, got `{s}`"))
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +212,18 @@ mod tests {
 
     fn ulps(a: f32, b: f32) -> u32 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn precision_names_parse_back_and_match_the_options_spelling() {
+        for p in [Precision::F64, Precision::F32] {
+            assert_eq!(p.name().parse::<Precision>(), Ok(p));
+            assert_eq!(
+                serde_json::to_string(&p).expect("serialises"),
+                format!("\"{}\"", p.name())
+            );
+        }
+        assert!("f16".parse::<Precision>().is_err());
     }
 
     #[test]
