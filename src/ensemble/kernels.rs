@@ -14,14 +14,6 @@ use crate::real::Real;
 /// (4 × 12 kB at hidden 32).
 pub const BLOCK: usize = 4;
 
-#[inline]
-fn four_mut<T>(rows: &mut [T], d: usize) -> [&mut [T]; BLOCK] {
-    let (a, r) = rows.split_at_mut(d);
-    let (b, r) = r.split_at_mut(d);
-    let (c, r) = r.split_at_mut(d);
-    [a, b, c, &mut r[..d]]
-}
-
 /// `acc[p] += (u[p] − mean[p])·e`: one particle's term of the (unscaled) cross-covariance.
 #[inline]
 pub fn accumulate1<T: Real>(acc: &mut [T], mean: &[T], u: &[T], e: T) {
@@ -158,27 +150,18 @@ impl<T: Real> UpdateRule<'_, T> {
         self.m == 1 && self.lambda == T::ONE && self.nesterov.is_none()
     }
 
-    /// One particle's columns `[c0, c0 + u.len())`, in the original order of passes: `u += C^{uw} q`
-    /// output by output, then inflation around ū', then the Nesterov extrapolation, then
-    /// `sum += u`.
-    fn one(
-        &self,
-        u: &mut [T],
-        c0: usize,
-        q: &[f64],
-        prev: Option<&mut [T]>,
-        sum: Option<&mut [T]>,
-    ) {
-        let n = u.len();
+    /// One particle's columns, in the original order of passes: `u += C^{uw} q` output by
+    /// output, then inflation around ū', then the Nesterov extrapolation, then `sum += u`.
+    fn one(&self, u: &mut [T], q: &[f64], prev: Option<&mut [T]>, sum: Option<&mut [T]>) {
         for (o, row) in self.cuw.chunks_exact(self.d).enumerate() {
             let qv = T::from_f64(q[o]);
-            for (up, &cp) in u.iter_mut().zip(&row[c0..c0 + n]) {
+            for (up, &cp) in u.iter_mut().zip(row) {
                 *up += cp * qv;
             }
         }
         if self.lambda != T::ONE {
             let lambda = self.lambda;
-            for (up, &nm) in u.iter_mut().zip(&self.next_mean[c0..c0 + n]) {
+            for (up, &nm) in u.iter_mut().zip(self.next_mean) {
                 *up = nm + lambda * (*up - nm);
             }
         }
@@ -196,80 +179,55 @@ impl<T: Real> UpdateRule<'_, T> {
         }
     }
 
-    /// Updates consecutive particles (`rows`, `q` and, with momentum, `prev` aligned), adding
-    /// each to `sum` in order when a sum is kept.
-    pub fn rows(&self, rows: &mut [T], q: &[f64], prev: &mut [T], mut sum: Option<&mut [T]>) {
-        let (d, m) = (self.d, self.m);
-        if self.plain() {
-            let c = &self.cuw[..d];
-            let mut blocks = rows.chunks_exact_mut(BLOCK * d);
-            let mut qb = q.chunks_exact(BLOCK);
-            for (blk, qj) in (&mut blocks).zip(&mut qb) {
-                let qj = [
-                    T::from_f64(qj[0]),
-                    T::from_f64(qj[1]),
-                    T::from_f64(qj[2]),
-                    T::from_f64(qj[3]),
-                ];
-                update4(four_mut(blk, d), c, qj, sum.as_deref_mut());
-            }
-            for (u, qj) in blocks
-                .into_remainder()
-                .chunks_exact_mut(d)
-                .zip(qb.remainder())
-            {
-                self.one(u, 0, std::slice::from_ref(qj), None, sum.as_deref_mut());
-            }
-        } else if self.nesterov.is_some() {
-            for ((u, qj), pv) in rows
-                .chunks_exact_mut(d)
-                .zip(q.chunks_exact(m))
-                .zip(prev.chunks_exact_mut(d))
-            {
-                self.one(u, 0, qj, Some(pv), sum.as_deref_mut());
-            }
-        } else {
-            for (u, qj) in rows.chunks_exact_mut(d).zip(q.chunks_exact(m)) {
-                self.one(u, 0, qj, None, sum.as_deref_mut());
-            }
-        }
-    }
-    /// The update of every particle's part: `rows[j]` (and, with momentum, `prev[j]`) is particle
-    /// j's part, the columns this rule's C^{uw} rows and next mean cover. Sums into `sum` in
-    /// particle order. Used by the two-thread step, each thread on its own columns.
-    pub fn columns(&self, rows: &mut [&mut [T]], q: &[f64], prev: &mut [&mut [T]], sum: &mut [T]) {
+    /// Updates consecutive particles: `rows` yields each one's columns (those this rule's
+    /// C^{uw} rows and next mean cover: a particle-major buffer's `chunks_exact_mut(d)`, or one
+    /// thread's parts of the rows), `q` their coefficients (`m` apart) and, with momentum,
+    /// `prev` their previous iterates alike; adds each new particle to `sum` in order when a
+    /// sum is kept. Four particles at a time on the plain rule ([`update4`]).
+    pub fn update<'r, 'p>(
+        &self,
+        rows: impl Iterator<Item = &'r mut [T]>,
+        q: &[f64],
+        prev: impl Iterator<Item = &'p mut [T]>,
+        mut sum: Option<&mut [T]>,
+    ) where
+        T: 'r + 'p,
+    {
         let m = self.m;
         if self.plain() {
-            let c = &self.cuw[..sum.len()];
-            let mut blocks = rows.chunks_exact_mut(BLOCK);
-            let mut qb = q.chunks_exact(BLOCK);
-            for (blk, qj) in (&mut blocks).zip(&mut qb) {
-                let [u0, u1, u2, u3] = blk else {
-                    unreachable!("chunks_exact yields blocks of {BLOCK}")
-                };
-                let qj = [
-                    T::from_f64(qj[0]),
-                    T::from_f64(qj[1]),
-                    T::from_f64(qj[2]),
-                    T::from_f64(qj[3]),
-                ];
-                update4(
-                    [&mut **u0, &mut **u1, &mut **u2, &mut **u3],
-                    c,
-                    qj,
-                    Some(&mut *sum),
-                );
-            }
-            for (u, qj) in blocks.into_remainder().iter_mut().zip(qb.remainder()) {
-                self.one(u, 0, std::slice::from_ref(qj), None, Some(&mut *sum));
+            let c = &self.cuw[..self.d];
+            let mut each = rows.zip(q);
+            loop {
+                match [each.next(), each.next(), each.next(), each.next()] {
+                    [
+                        Some((u0, q0)),
+                        Some((u1, q1)),
+                        Some((u2, q2)),
+                        Some((u3, q3)),
+                    ] => {
+                        let qs = [
+                            T::from_f64(*q0),
+                            T::from_f64(*q1),
+                            T::from_f64(*q2),
+                            T::from_f64(*q3),
+                        ];
+                        update4([u0, u1, u2, u3], c, qs, sum.as_deref_mut());
+                    }
+                    rest => {
+                        for (u, qj) in rest.into_iter().flatten() {
+                            self.one(u, std::slice::from_ref(qj), None, sum.as_deref_mut());
+                        }
+                        return;
+                    }
+                }
             }
         } else if self.nesterov.is_some() {
-            for ((u, qj), pv) in rows.iter_mut().zip(q.chunks_exact(m)).zip(prev.iter_mut()) {
-                self.one(u, 0, qj, Some(pv), Some(&mut *sum));
+            for ((u, qj), pv) in rows.zip(q.chunks_exact(m)).zip(prev) {
+                self.one(u, qj, Some(pv), sum.as_deref_mut());
             }
         } else {
-            for (u, qj) in rows.iter_mut().zip(q.chunks_exact(m)) {
-                self.one(u, 0, qj, None, Some(&mut *sum));
+            for (u, qj) in rows.zip(q.chunks_exact(m)) {
+                self.one(u, qj, None, sum.as_deref_mut());
             }
         }
     }

@@ -575,10 +575,10 @@ impl<T: Real> Ensemble<T> {
                 next_mean,
                 nesterov,
             };
-            rule.rows(
-                &mut self.particles,
+            rule.update(
+                self.particles.chunks_exact_mut(d),
                 q,
-                &mut self.previous,
+                self.previous.chunks_exact_mut(d),
                 Some(&mut self.mean),
             );
         }

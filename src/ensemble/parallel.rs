@@ -448,7 +448,8 @@ impl<T: Real> Finish<'_, T> {
             next_mean,
             nesterov: self.nesterov,
         };
-        rule.columns(rows, self.q, prev, mean);
+        let rows = rows.iter_mut().map(|r| &mut **r);
+        rule.update(rows, self.q, prev.iter_mut().map(|r| &mut **r), Some(mean));
     }
 }
 
