@@ -7,7 +7,8 @@
 //! particle's prediction ŷ instead of w̄, which differs only by `(Σ_j (u_j − ū))(w̄ − ŷ)ᵀ`, zero up
 //! to rounding because ū is recomputed as the exact mean on every update); the update pass
 //! reads and writes `u_j` and sums the new mean on the way. All workspaces are allocated at
-//! construction; [`Ensemble::step`] allocates nothing.
+//! construction (the two-thread step's on its first step); a warm [`Ensemble::step`] allocates
+//! nothing.
 //!
 //! This module does no IO, reads no clock, and draws randomness only from its own seeded RNG.
 
@@ -64,6 +65,8 @@ pub struct Ensemble<T: Real = f64> {
     parallel_min_work: usize,
     /// Where the two-thread step cuts its work (learned; never changes a result).
     balance: parallel::Balance,
+    /// What the two-thread step keeps between steps (allocations only).
+    spare: parallel::Spare<T>,
     ws: Workspace<T>,
 }
 
@@ -197,6 +200,7 @@ impl<T: Real> Ensemble<T> {
             threads: 1,
             parallel_min_work: parallel_min_work::<T>(),
             balance: parallel::Balance::default(),
+            spare: parallel::Spare::default(),
             ws: Workspace {
                 w: vec![0.0; j * m],
                 q: vec![0.0; j * m],
@@ -464,6 +468,7 @@ impl<T: Real> Ensemble<T> {
                 &self.mean,
                 pred,
                 &mut self.balance,
+                &mut self.spare,
             );
             all_healthy &= ok;
             split = all_healthy.then_some(s);
@@ -553,6 +558,7 @@ impl<T: Real> Ensemble<T> {
                 next_mean,
                 &mut self.mean,
                 &mut self.balance,
+                &mut self.spare,
             );
         } else {
             // C^{uw} = Σ/J, and ū' = ū + C^{uw} q̄ (needed before the pass for inflation around

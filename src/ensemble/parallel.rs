@@ -66,6 +66,35 @@ impl Default for Balance {
     }
 }
 
+/// What the two-thread step keeps from one step to the next so that, once warm, it allocates
+/// nothing: the forward's hand-over slots, the chase's block of predictions, the vectors that
+/// give each thread its parts of the rows (empty between steps; [`keep`]) and the gathered
+/// C^{uw} rows of a multi-output stream. A clone starts empty.
+#[derive(Default)]
+pub struct Spare<T: 'static> {
+    shared: Vec<AtomicU64>,
+    chase: Vec<f64>,
+    parts: [Vec<&'static mut [T]>; 6],
+    gathered: [Vec<T>; 2],
+}
+
+impl<T> Clone for Spare<T> {
+    fn clone(&self) -> Self {
+        Spare {
+            shared: Vec::new(),
+            chase: Vec::new(),
+            parts: Default::default(),
+            gathered: Default::default(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Spare<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spare").finish_non_exhaustive()
+    }
+}
+
 /// The share that would have balanced two sides that took `ta` and `tb` for shares `share`
 /// and `1 − share`, approached by a fifth, kept within [0.1, 0.9].
 fn rebalance(share: f64, ta: Duration, tb: Duration) -> f64 {
@@ -138,6 +167,7 @@ pub(super) fn forward<T: Real>(
     mean: &[T],
     pred: &[f64],
     balance: &mut Balance,
+    spare: &mut Spare<T>,
 ) -> (bool, usize) {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
     let j = particles.len() / d;
@@ -150,11 +180,16 @@ pub(super) fn forward<T: Real>(
     let pred_ok = pred.iter().all(|v| v.is_finite());
     // The hand-over: the second side's predictions as bits, how many of its particles are
     // done, and whether it has started and finished.
-    let shared: Vec<AtomicU64> = (0..(j - s) * m).map(|_| AtomicU64::new(0)).collect();
+    if spare.shared.len() < j * m {
+        spare.shared.resize_with(j * m, || AtomicU64::new(0));
+    }
+    spare.chase.resize(BLOCK * m, 0.0);
+    let shared = &spare.shared[..(j - s) * m];
+    let chase_w = &mut spare.chase;
     let progress = AtomicUsize::new(0);
     let (started, finished) = (AtomicBool::new(false), AtomicBool::new(false));
     let hand_over = HandOver {
-        shared: &shared,
+        shared,
         progress: &progress,
         started: &started,
         finished: &finished,
@@ -181,7 +216,7 @@ pub(super) fn forward<T: Real>(
             let own = start.elapsed();
             let mut chase = Chase::default();
             if ok && pred_ok {
-                chase.run(cuw, mean, pb, d, m, pred, &hand_over);
+                chase.run(cuw, mean, pb, d, m, pred, &hand_over, chase_w);
             }
             (ok, own, chase)
         },
@@ -249,7 +284,7 @@ impl Chase {
     /// the pool's other worker may be busy with another stream's step), so then it returns.
     #[allow(
         clippy::too_many_arguments,
-        reason = "the accumulation's slices and the hand-over"
+        reason = "the accumulation's slices, the hand-over and its buffer"
     )]
     fn run<T: Real>(
         &mut self,
@@ -260,8 +295,8 @@ impl Chase {
         m: usize,
         pred: &[f64],
         hand_over: &HandOver,
+        w: &mut [f64],
     ) {
-        let mut w = vec![0.0; BLOCK * m];
         loop {
             // `finished` before `progress`: once finished, the progress read after it is final.
             let over = hand_over.finished.load(Ordering::Acquire);
@@ -352,6 +387,8 @@ struct Part<'p, 'a, T> {
     next_mean: &'a mut [T],
     /// ū on entry, the sum of the new particles on exit.
     mean: &'a mut [T],
+    /// Several outputs: this side's C^{uw} rows back to back, for the rule.
+    gathered: &'p mut Vec<T>,
 }
 
 impl<T: Real> Finish<'_, T> {
@@ -367,6 +404,7 @@ impl<T: Real> Finish<'_, T> {
         next_mean: &mut [T],
         mean: &mut [T],
         balance: &mut Balance,
+        spare: &mut Spare<T>,
     ) {
         let d = self.d;
         // The cut: a multiple of 8 columns, at least 8 each side.
@@ -375,9 +413,11 @@ impl<T: Real> Finish<'_, T> {
         } else {
             d / 2
         };
-        let (mut rows_l, mut rows_r) = halves(particles, d, c);
-        let (mut prev_l, mut prev_r) = halves(previous, d, c);
-        let (mut cuw_l, mut cuw_r) = halves(cuw, d, c);
+        let [p0, p1, p2, p3, p4, p5] = &mut spare.parts;
+        let (mut rows_l, mut rows_r) = halves(particles, d, c, [p0, p1]);
+        let (mut prev_l, mut prev_r) = halves(previous, d, c, [p2, p3]);
+        let (mut cuw_l, mut cuw_r) = halves(cuw, d, c, [p4, p5]);
+        let [gathered_l, gathered_r] = &mut spare.gathered;
         let (nm_l, nm_r) = next_mean.split_at_mut(c);
         let (mean_l, mean_r) = mean.split_at_mut(c);
         let start = Instant::now();
@@ -389,6 +429,7 @@ impl<T: Real> Finish<'_, T> {
                     cuw: &mut cuw_l,
                     next_mean: nm_l,
                     mean: mean_l,
+                    gathered: gathered_l,
                 });
                 start.elapsed()
             },
@@ -399,12 +440,20 @@ impl<T: Real> Finish<'_, T> {
                     cuw: &mut cuw_r,
                     next_mean: nm_r,
                     mean: mean_r,
+                    gathered: gathered_r,
                 });
                 start.elapsed()
             },
         );
         if d >= 16 {
             balance.finish = rebalance(c as f64 / d as f64, tl, tr);
+        }
+        for (spare, parts) in spare
+            .parts
+            .iter_mut()
+            .zip([rows_l, rows_r, prev_l, prev_r, cuw_l, cuw_r])
+        {
+            *spare = keep(parts);
         }
     }
 
@@ -416,6 +465,7 @@ impl<T: Real> Finish<'_, T> {
             cuw,
             next_mean,
             mean,
+            gathered,
         } = p;
         let n = mean.len();
         if let Some((from, w, pred)) = self.continuation {
@@ -433,12 +483,12 @@ impl<T: Real> Finish<'_, T> {
         );
         mean.fill(T::ZERO);
         // Several outputs: the rule wants this side's C^{uw} rows back to back.
-        let gathered: Vec<T>;
         let rule_cuw: &[T] = if m == 1 {
             &cuw[0][..]
         } else {
-            gathered = cuw.iter().flat_map(|r| r.iter().copied()).collect();
-            &gathered
+            gathered.clear();
+            gathered.extend(cuw.iter().flat_map(|r| r.iter().copied()));
+            gathered
         };
         let rule = UpdateRule {
             cuw: rule_cuw,
@@ -453,13 +503,36 @@ impl<T: Real> Finish<'_, T> {
     }
 }
 
-/// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts.
-/// (Handing each thread its parts of the rows takes vectors of slices. The two-thread step
-/// allocates these, the forward's hand-over of predictions and the chase's block of them, and
-/// the gathered C^{uw} rows of a multi-output stream: O(J·m) per step, never O(J·d).)
+/// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts, in
+/// the two spare vectors (handing each thread its parts of the rows takes vectors of slices;
+/// these keep their allocation from step to step).
 type Halves<'a, T> = (Vec<&'a mut [T]>, Vec<&'a mut [T]>);
-fn halves<T>(buf: &mut [T], d: usize, c: usize) -> Halves<'_, T> {
-    buf.chunks_exact_mut(d).map(|r| r.split_at_mut(c)).unzip()
+fn halves<'a, T>(
+    buf: &'a mut [T],
+    d: usize,
+    c: usize,
+    spare: [&mut Vec<&'static mut [T]>; 2],
+) -> Halves<'a, T> {
+    let [l, r] = spare;
+    let (mut left, mut right): Halves<'a, T> = (std::mem::take(l), std::mem::take(r));
+    for row in buf.chunks_exact_mut(d) {
+        let (a, b) = row.split_at_mut(c);
+        left.push(a);
+        right.push(b);
+    }
+    (left, right)
+}
+
+/// Empties a vector of borrowed parts and gives it back its `'static` type with its
+/// allocation: collecting nothing from its own `into_iter` reuses the buffer in place (the
+/// element layout is the same; `tests/alloc.rs` fails if it ever did not).
+#[allow(
+    clippy::unnecessary_filter_map,
+    reason = "the map changes the element type's lifetime, which a filter cannot"
+)]
+fn keep<T>(mut parts: Vec<&mut [T]>) -> Vec<&'static mut [T]> {
+    parts.clear();
+    parts.into_iter().filter_map(|_| None).collect()
 }
 
 #[cfg(test)]
