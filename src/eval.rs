@@ -113,7 +113,7 @@ pub struct EvalConfig {
     pub methods: Vec<EvalMethod>,
     pub ogd: OgdSettings,
     pub train_fraction: f64,
-    /// Threads one EKI step may use ([`Ensemble::set_threads`]; same results).
+    /// Threads one EKI step may use ([`crate::ensemble::Ensemble::set_threads`]; same results).
     pub step_threads: usize,
 }
 

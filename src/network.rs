@@ -70,7 +70,7 @@ pub fn load_inputs<T: Real>(layout: &Layout, scratch: &mut [T], z: &[f64]) {
 /// `Σ a[i]·b[i]` with four interleaved accumulators, combined as `(s0 + s2) + (s1 + s3) + tail`.
 /// The order is fixed (it is the engine's numerical contract: results are bit-identical
 /// across versions), so the compiler vectorises across the accumulators but never
-/// reassociates. [`dot4`] computes four of these at once with the same per-row order.
+/// reassociates. `dot4` computes four of these at once with the same per-row order.
 #[inline]
 pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
@@ -159,14 +159,7 @@ pub fn step<T: Real>(
     let nh = layout.hidden;
     let x = &mut scratch[..k];
     x[..nh].copy_from_slice(hidden);
-    let cell = &params[..nh * k];
-    let full = nh / 4;
-    for (g, rows) in cell.chunks_exact(4 * k).enumerate() {
-        hidden[4 * g..4 * g + 4].copy_from_slice(&dot4(rows, x));
-    }
-    for i in 4 * full..nh {
-        hidden[i] = dot(&cell[i * k..(i + 1) * k], x);
-    }
+    preactivations(&params[..nh * k], x, hidden);
     // The new state goes to the particle and, for the read-out, into the scratch row at once
     // (a second copy was a `memmove` call per particle).
     for (h, xv) in hidden.iter_mut().zip(x[..nh].iter_mut()) {
@@ -174,9 +167,46 @@ pub fn step<T: Real>(
         *h = t;
         *xv = t;
     }
-    let ro = layout.readout_offset();
-    for (o, y) in out.iter_mut().enumerate() {
-        *y = dot(&params[ro + o * k..ro + (o + 1) * k], x);
+    readout(&params[layout.readout_offset()..], x, out);
+}
+
+/// Some cell rows of one particle (`rows`: rows of `x.len()` back to back): `h[i] =
+/// tanh(row_i · x)` with `x = [h_prev; z; 1]`, each value bit-identical to what [`step`]
+/// computes for that row. A two-thread step cuts every particle's rows between its threads.
+#[inline]
+pub fn cell_rows<T: Real>(rows: &[T], x: &[T], h: &mut [T]) {
+    preactivations(rows, x, h);
+    for v in h.iter_mut() {
+        *v = v.tanh();
+    }
+}
+
+/// `out[i] = row_i · x` for the rows `w` holds back to back (rows of `x.len()`), four at a
+/// time. A row's value does not depend on which group of four it falls in ([`dot4`] = [`dot`]
+/// per row).
+#[inline]
+fn preactivations<T: Real>(w: &[T], x: &[T], out: &mut [T]) {
+    let k = x.len();
+    let mut groups = w.chunks_exact(4 * k);
+    for (o, rows) in out.chunks_exact_mut(4).zip(&mut groups) {
+        o.copy_from_slice(&dot4(rows, x));
+    }
+    let full = w.len() / (4 * k) * 4;
+    for (o, row) in out[full..]
+        .iter_mut()
+        .zip(groups.remainder().chunks_exact(k))
+    {
+        *o = dot(row, x);
+    }
+}
+
+/// The read-out of one particle: `out[o] = row_o · x` with `x = [h_new; z; 1]` and `rows` the
+/// read-out rows back to back.
+#[inline]
+pub fn readout<T: Real>(rows: &[T], x: &[T], out: &mut [T]) {
+    let k = x.len();
+    for (y, row) in out.iter_mut().zip(rows.chunks_exact(k)) {
+        *y = dot(row, x);
     }
 }
 

@@ -223,7 +223,7 @@ impl Stream {
         &self.options
     }
 
-    /// Lets this stream's steps use up to `threads` threads ([`Ensemble::set_threads`]: only
+    /// Lets this stream's steps use up to `threads` threads ([`crate::ensemble::Ensemble::set_threads`]: only
     /// big ensembles split, and the results are the same bits either way).
     pub fn set_step_threads(&mut self, threads: usize) {
         self.model.learner.set_threads(threads);

@@ -88,7 +88,9 @@ impl AnyEnsemble {
     /// Appends particle `j`'s parameters and hidden state, as `f64`.
     pub fn copy_particle(&self, j: usize, params: &mut Vec<f64>, hidden: &mut Vec<f64>) {
         each!(self, e => {
-            extend_f64(params, e.particle(j));
+            let (u0, u1) = e.particle_parts(j);
+            extend_f64(params, u0);
+            extend_f64(params, u1);
             extend_f64(hidden, e.hidden(j));
         })
     }

@@ -1,7 +1,8 @@
 //! The ensemble of J particles (networks), their hidden states, the mean particle, and the EKI
 //! step that predicts with the mean particle and then updates every particle.
 //!
-//! Memory: particles are one contiguous `J×d` buffer (row per particle). One step reads it
+//! Memory: particles are one contiguous `J×d` buffer (row per particle; two panels of columns
+//! while the steps split over two threads, see the `parallel` module). One step reads it
 //! twice and writes it once: the forward pass reads `u_j` and, while it is hot in L1,
 //! accumulates `Σ (u_j − ū)(w_j − ŷ)ᵀ` (the cross-covariance C^{uw}, shifted by the mean
 //! particle's prediction ŷ instead of w̄, which differs only by `(Σ_j (u_j − ū))(w̄ − ŷ)ᵀ`, zero up
@@ -63,8 +64,10 @@ pub struct Ensemble<T: Real = f64> {
     /// Threads one step may use (see [`Ensemble::set_threads`]).
     threads: usize,
     parallel_min_work: usize,
-    /// Where the two-thread step cuts its work (learned; never changes a result).
-    balance: parallel::Balance,
+    /// `Some(c)` while the steps split over two threads: `particles` and `previous` are then
+    /// stored as two panels cut at column `c` (`parallel`'s module doc), and C^{uw} too.
+    /// Particle-major rows otherwise.
+    cut: Option<usize>,
     /// What the two-thread step keeps between steps (allocations only).
     spare: parallel::Spare<T>,
     ws: Workspace<T>,
@@ -85,6 +88,11 @@ struct Workspace<T> {
     scratch: Vec<T>,
     /// The second thread's.
     scratch_b: Vec<T>,
+    /// Two threads: the new hidden states (`J×hidden`, swapped with the old after the
+    /// forward); empty until the first split step.
+    hidden_next: Vec<T>,
+    /// Panels only: one particle gathered into a row (repairs, re-draws, frozen predictions).
+    row: Vec<T>,
     mean_hidden_before: Vec<T>,
     healthy: Vec<bool>,
     wbar: Vec<f64>,
@@ -199,7 +207,7 @@ impl<T: Real> Ensemble<T> {
             last_prediction_var: 0.0,
             threads: 1,
             parallel_min_work: parallel_min_work::<T>(),
-            balance: parallel::Balance::default(),
+            cut: None,
             spare: parallel::Spare::default(),
             ws: Workspace {
                 w: vec![0.0; j * m],
@@ -209,6 +217,8 @@ impl<T: Real> Ensemble<T> {
                 next_mean: vec![T::ZERO; d],
                 scratch: vec![T::ZERO; layout.row() + m],
                 scratch_b: vec![T::ZERO; layout.row() + m],
+                hidden_next: Vec::new(),
+                row: Vec::new(),
                 mean_hidden_before: vec![T::ZERO; nh],
                 healthy: vec![true; j],
                 wbar: vec![0.0; m],
@@ -222,8 +232,8 @@ impl<T: Real> Ensemble<T> {
     /// A copy of the evolving state, for snapshots.
     pub fn state(&self) -> EnsembleState {
         EnsembleState {
-            particles: widen(&self.particles),
-            previous: widen(&self.previous),
+            particles: rows_f64(&self.particles, self.d, self.cut),
+            previous: rows_f64(&self.previous, self.d, self.cut),
             hidden: widen(&self.hidden),
             mean: widen(&self.mean),
             mean_hidden: widen(&self.mean_hidden),
@@ -286,6 +296,30 @@ impl<T: Real> Ensemble<T> {
     /// asks for it with `--step-threads`.
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.clamp(1, 2);
+        self.sync_layout();
+    }
+
+    /// Stores the particles as the steps need them: two panels when they split, rows when not.
+    fn sync_layout(&mut self) {
+        let k = self.layout.row();
+        let want = self
+            .is_parallel()
+            .then(|| parallel::row_cut(&self.layout) * k);
+        if want == self.cut {
+            return;
+        }
+        let d = self.d;
+        if let Some(c) = self.cut.take() {
+            for buf in [&mut self.particles, &mut self.previous] {
+                parallel::relayout(buf, d, c, false);
+            }
+        }
+        if let Some(c) = want {
+            for buf in [&mut self.particles, &mut self.previous] {
+                parallel::relayout(buf, d, c, true);
+            }
+            self.cut = want;
+        }
     }
 
     /// Whether a step of this ensemble runs on two threads.
@@ -300,6 +334,7 @@ impl<T: Real> Ensemble<T> {
     #[cfg(test)]
     fn set_parallel_min_work(&mut self, work: usize) {
         self.parallel_min_work = work;
+        self.sync_layout();
     }
 
     pub fn layout(&self) -> &Layout {
@@ -311,11 +346,15 @@ impl<T: Real> Ensemble<T> {
     pub fn dim(&self) -> usize {
         self.d
     }
+    /// The particles as stored: particle-major rows (`J×d`), or two panels while the steps
+    /// split over two threads (see [`Ensemble::particle_parts`]).
     pub fn particles(&self) -> &[T] {
         &self.particles
     }
-    pub fn particle(&self, j: usize) -> &[T] {
-        &self.particles[j * self.d..(j + 1) * self.d]
+    /// Particle `j`'s parameters in two parts, in parameter order (the second empty when the
+    /// particles are stored as rows).
+    pub fn particle_parts(&self, j: usize) -> (&[T], &[T]) {
+        parts(&self.particles, self.d, self.cut, j)
     }
     pub fn mean(&self) -> &[T] {
         &self.mean
@@ -346,8 +385,9 @@ impl<T: Real> Ensemble<T> {
     /// Root mean variance of the parameters across particles.
     pub fn parameter_spread(&self) -> f64 {
         let mut s = 0.0;
-        for u in self.particles.chunks_exact(self.d) {
-            for (&a, &b) in u.iter().zip(&self.mean) {
+        for jj in 0..self.j {
+            let (u0, u1) = self.particle_parts(jj);
+            for (&a, &b) in u0.iter().chain(u1).zip(&self.mean) {
                 let x = (a - b).to_f64();
                 s += x * x;
             }
@@ -356,18 +396,24 @@ impl<T: Real> Ensemble<T> {
     }
 
     /// Replaces the particles (tests and analysis drive the ensemble from given states).
+    /// `particles` are rows (`J×d`) whatever the ensemble's storage.
     pub fn set_particles(&mut self, particles: &[T]) {
         self.particles.copy_from_slice(particles);
         if self.momentum {
             self.previous.copy_from_slice(particles);
+        }
+        if let Some(c) = self.cut {
+            parallel::relayout(&mut self.particles, self.d, c, true);
+            parallel::relayout(&mut self.previous, self.d, c, true);
         }
         self.recompute_mean();
     }
 
     fn recompute_mean(&mut self) {
         self.mean.fill(T::ZERO);
-        for u in self.particles.chunks_exact(self.d) {
-            for (m, &v) in self.mean.iter_mut().zip(u) {
+        for jj in 0..self.j {
+            let (u0, u1) = parts(&self.particles, self.d, self.cut, jj);
+            for (m, &v) in self.mean.iter_mut().zip(u0.iter().chain(u1)) {
                 *m += v;
             }
         }
@@ -411,9 +457,10 @@ impl<T: Real> Ensemble<T> {
         let nh = self.layout.hidden;
         let (x, out) = split_scratch(&mut self.ws.scratch, &self.layout);
         network::load_inputs(&self.layout, x, z);
+        let params = gather(&self.particles, self.d, self.cut, j, &mut self.ws.row);
         network::step(
             &self.layout,
-            &self.particles[j * self.d..(j + 1) * self.d],
+            params,
             &mut self.hidden[j * nh..(j + 1) * nh],
             x,
             out,
@@ -442,24 +489,27 @@ impl<T: Real> Ensemble<T> {
         // 2. Forward every particle, fusing the cross-covariance accumulation.
         let mut all_healthy = pred.iter().all(|v| v.is_finite());
         self.ws.cuw.fill(T::ZERO);
-        let parallel = self.is_parallel();
         let Workspace {
             w,
             cuw,
             scratch,
             scratch_b,
             healthy,
+            hidden_next,
             ..
         } = &mut self.ws;
-        // Two threads: the C^{uw} sums over the particles from `split` on may still be due
-        // after the forward (the update pass finishes them).
-        let mut split = None;
-        if parallel {
+        // Two threads (the particles stored as panels): the left panel's C^{uw} sums from
+        // `left_done` on may still be due after the forward (the update pass finishes them).
+        let mut left_done = None;
+        if let Some(c) = self.cut {
             network::load_inputs(&self.layout, scratch_b, z);
-            let (ok, s) = parallel::forward(
+            hidden_next.resize(self.hidden.len(), T::ZERO);
+            let (left, right) = self.particles.split_at(self.j * c);
+            let (ok, done) = parallel::forward(
                 &self.layout,
-                &self.particles,
-                &mut self.hidden,
+                parallel::Panels { left, right },
+                &self.hidden,
+                hidden_next,
                 w,
                 healthy,
                 scratch,
@@ -467,11 +517,11 @@ impl<T: Real> Ensemble<T> {
                 cuw,
                 &self.mean,
                 pred,
-                &mut self.balance,
                 &mut self.spare,
             );
+            std::mem::swap(&mut self.hidden, hidden_next);
             all_healthy &= ok;
-            split = all_healthy.then_some(s);
+            left_done = Some(done);
         } else {
             all_healthy &= forward_rows(
                 &self.layout,
@@ -539,17 +589,17 @@ impl<T: Real> Ensemble<T> {
             let n = (self.steps % self.momentum_restart) as f64;
             T::from_f64(n / (n + 3.0))
         });
-        if parallel {
-            // 5'. The rest of C^{uw}, its scaling, ū' and the update pass, by columns.
+        if let Some(c) = self.cut {
+            // 5'. The rest of C^{uw}, its scaling, ū' and the update pass, a panel per thread.
+            let due = left_done.filter(|&s| all_healthy && s < self.j);
             parallel::Finish {
-                d,
                 m,
                 inv_j,
                 lambda: T::from_f64(self.inflation),
                 nesterov,
                 q,
                 qbar,
-                continuation: split.map(|s| (s, &w[..], &pred[..])),
+                continuation: due.map(|s| (s, &w[..], &pred[..])),
             }
             .run(
                 &mut self.particles,
@@ -557,8 +607,7 @@ impl<T: Real> Ensemble<T> {
                 cuw,
                 next_mean,
                 &mut self.mean,
-                &mut self.balance,
-                &mut self.spare,
+                c,
             );
         } else {
             // C^{uw} = Σ/J, and ū' = ū + C^{uw} q̄ (needed before the pass for inflation around
@@ -607,8 +656,12 @@ impl<T: Real> Ensemble<T> {
 
     fn respread(&mut self, gamma: f64) {
         let d = self.d;
-        for u in self.particles.chunks_exact_mut(d) {
-            self.prior.draw_around(&self.mean, gamma, &mut self.rng, u);
+        let row = &mut self.ws.row;
+        row.resize(d, T::ZERO);
+        for jj in 0..self.j {
+            self.prior
+                .draw_around(&self.mean, gamma, &mut self.rng, row);
+            scatter(&mut self.particles, d, self.cut, jj, row);
         }
         if self.momentum {
             self.previous.copy_from_slice(&self.particles);
@@ -628,13 +681,9 @@ impl<T: Real> Ensemble<T> {
             narrow_into(centre, &self.prior.centre);
         } else {
             centre.fill(T::ZERO);
-            for (u, _) in self
-                .particles
-                .chunks_exact(d)
-                .zip(&self.ws.healthy)
-                .filter(|(_, h)| **h)
-            {
-                for (c, &v) in centre.iter_mut().zip(u) {
+            for jj in (0..self.j).filter(|&jj| self.ws.healthy[jj]) {
+                let (u0, u1) = parts(&self.particles, d, self.cut, jj);
+                for (c, &v) in centre.iter_mut().zip(u0.iter().chain(u1)) {
                     *c += v;
                 }
             }
@@ -649,7 +698,8 @@ impl<T: Real> Ensemble<T> {
                 continue;
             }
             repaired += 1;
-            let u = &mut self.particles[jj * d..(jj + 1) * d];
+            let u = &mut self.ws.row;
+            u.resize(d, T::ZERO);
             self.prior
                 .draw_around(&self.ws.next_mean, 1.0, &mut self.rng, u);
             if u.iter().any(|v| !v.is_finite()) {
@@ -669,8 +719,9 @@ impl<T: Real> Ensemble<T> {
                 // Cannot happen for finite parameters, inputs and state; stay total anyway.
                 wj.fill(0.0);
             }
+            scatter(&mut self.particles, d, self.cut, jj, u);
             if self.momentum {
-                self.previous[jj * d..(jj + 1) * d].copy_from_slice(u);
+                scatter(&mut self.previous, d, self.cut, jj, u);
             }
         }
         self.repaired += repaired as u64;
@@ -690,15 +741,85 @@ impl<T: Real> Ensemble<T> {
                 self.predict_frozen(z, pred);
             }
         }
-        // Re-accumulate the cross-covariance over the repaired ensemble.
+        // Re-accumulate the cross-covariance over the repaired ensemble, per panel when the
+        // particles are stored as two (C^{uw} is then stored as two panels too).
         let Workspace { w, cuw, .. } = &mut self.ws;
         cuw.fill(T::ZERO);
-        for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
-            let rows = self.particles.chunks_exact(d);
-            kernels::accumulate_rows(row, &self.mean, rows, w, m, o, pred[o]);
+        let c = self.cut.unwrap_or(d);
+        let (particles_l, particles_r) = self.particles.split_at(self.j * c);
+        let (cuw_l, cuw_r) = cuw.split_at_mut(m * c);
+        let (mean_l, mean_r) = self.mean.split_at(c);
+        for (acc, mean, rows, n) in [
+            (cuw_l, mean_l, particles_l, c),
+            (cuw_r, mean_r, particles_r, d - c),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            for (o, row) in acc.chunks_exact_mut(n).enumerate() {
+                let rows = rows.chunks_exact(n);
+                kernels::accumulate_rows(row, mean, rows, w, m, o, pred[o]);
+            }
         }
         repaired
     }
+}
+
+/// Particle `jj`'s two parts in a `J×d` buffer stored as rows (`cut` `None`: its row and an
+/// empty part) or as two panels cut at column `c` (its left and right parts).
+fn parts<T>(buf: &[T], d: usize, cut: Option<usize>, jj: usize) -> (&[T], &[T]) {
+    let c = cut.unwrap_or(d);
+    let (left, right) = buf.split_at(buf.len() / d * c);
+    (
+        &left[jj * c..(jj + 1) * c],
+        &right[jj * (d - c)..(jj + 1) * (d - c)],
+    )
+}
+
+/// [`parts`], mutable.
+fn parts_mut<T>(buf: &mut [T], d: usize, cut: Option<usize>, jj: usize) -> (&mut [T], &mut [T]) {
+    let c = cut.unwrap_or(d);
+    let (left, right) = buf.split_at_mut(buf.len() / d * c);
+    (
+        &mut left[jj * c..(jj + 1) * c],
+        &mut right[jj * (d - c)..(jj + 1) * (d - c)],
+    )
+}
+
+/// Particle `jj` as one row: its row when stored as rows, else its parts copied into `row`.
+fn gather<'a, T: Copy>(
+    buf: &'a [T],
+    d: usize,
+    cut: Option<usize>,
+    jj: usize,
+    row: &'a mut Vec<T>,
+) -> &'a [T] {
+    let (u0, u1) = parts(buf, d, cut, jj);
+    if u1.is_empty() {
+        return u0;
+    }
+    row.clear();
+    row.extend_from_slice(u0);
+    row.extend_from_slice(u1);
+    row
+}
+
+/// Writes the row `u` into particle `jj`'s parts.
+fn scatter<T: Copy>(buf: &mut [T], d: usize, cut: Option<usize>, jj: usize, u: &[T]) {
+    let (u0, u1) = parts_mut(buf, d, cut, jj);
+    let c = u0.len();
+    u0.copy_from_slice(&u[..c]);
+    u1.copy_from_slice(&u[c..]);
+}
+
+/// A `J×d` buffer (rows or panels) as particle-major rows of `f64`.
+fn rows_f64<T: Real>(buf: &[T], d: usize, cut: Option<usize>) -> Vec<f64> {
+    let mut rows = Vec::with_capacity(buf.len());
+    for jj in 0..buf.len() / d {
+        let (u0, u1) = parts(buf, d, cut, jj);
+        rows.extend(u0.iter().chain(u1).map(|v| v.to_f64()));
+    }
+    rows
 }
 
 /// `out[o] = (Σ_j v_j[o]) · inv_j` over the particles' `m`-vectors `v` (`J×m`), each sum from 0.0

@@ -1,22 +1,28 @@
 //! One step of one big ensemble on two threads, bit-identical to the serial step.
 //!
 //! Sums over particles (C^{uw}, the new mean) must run j = 0, 1, …, J−1 for every parameter,
-//! so the particles cannot simply be cut in two with a partial sum each. Instead:
+//! so the particles cannot be cut in two with a partial sum each. The parameters can: a split
+//! ensemble keeps its particles as two panels ([`Ensemble`](super::Ensemble)'s `cut`), the
+//! left one holding the first `r` cell rows of every particle ([`row_cut`]), the right one the
+//! other cell rows and the read-out, each particle's part contiguous and the particles in
+//! order. Each thread owns one panel for the whole step:
 //!
-//! - forward: one side runs particles `[0, s)` and accumulates C^{uw} over them (all columns,
-//!   fused as in the serial step) while the other runs the forward of `[s, J)`, handing over
-//!   each finished block's predictions; the first side then chases the second, continuing the
-//!   sums over its finished particles in order while it computes the rest;
-//! - finish: whatever sums the chase had not reached when the second side finished are
-//!   continued by both sides, split by columns; then each side scales its columns of C^{uw},
-//!   forms its columns of the next mean, updates its columns of every particle and sums its
-//!   part of the new mean (an element-wise pass has no order to keep across columns).
+//! - forward: both threads walk the particles in order. For each particle the left thread
+//!   computes its rows' new states and hands them over; the right thread computes its own,
+//!   takes the left's, runs the read-out (the prediction w_j) and hands w_j back. Each thread
+//!   adds its panel's terms of C^{uw} for a block of particles as soon as it has their
+//!   predictions, while the block is still in its cache;
+//! - finish: each thread scales its columns of C^{uw}, forms its columns of the next mean,
+//!   updates its panel and sums it into the new mean (an element-wise pass has no order to
+//!   keep across columns).
 //!
-//! Where the cuts fall, and how far the chase gets, change only who computes what, never an
-//! operation or its order, so the result is the serial one for any cut and any thread timing.
-//! The cost over the serial step is the chase's second read of the second part's particles
-//! (just after the other core read them, so mostly from the shared cache) and two fork-joins
-//! per observation.
+//! Every value is computed by the serial step's operations in its order (a row's dot product
+//! does not depend on which thread computes it, nor a column's sum on where the row is stored),
+//! so the results are the serial ones whatever the threads' timing. Each thread streams its own
+//! panel, one contiguous read in the forward and one read-write in the update: no part of the
+//! ensemble is read twice, and what crosses between the cores per particle is `r` states and
+//! `m` predictions. (Cutting particle-major rows instead, each thread walking half-rows,
+//! measured slower than one thread: BENCHMARKS.md.)
 //!
 //! The halves run as `rayon::join`s on [`pool`], workers started once and kept: a join
 //! costs a wake-up of an idle (usually still spinning) worker, microseconds, where spawning a
@@ -26,86 +32,27 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use super::kernels::{self, BLOCK, UpdateRule};
-use super::{Accumulate, forward_rows, touch_ahead};
-use crate::network::Layout;
+use super::{TOUCH_AHEAD, split_scratch, widen_into};
+use crate::network::{self, Layout};
 use crate::real::Real;
 
 /// Particle-parameters (J·d) from which a step of `T` with two threads splits: 2^20 (8 MiB)
 /// for `f64`, 2^22 (16 MiB) for `f32` ([`Real::SPLIT_FACTOR`]). Below that the fork-joins and
-/// the chase's second read cost more than the second core gains. `f32` does half the work per
-/// byte of memory traffic, so it needs the bigger ensemble: at J=2000, hidden 32 (12 MB of
-/// `f32`, 2.97 M particle-parameters) two threads measured 1.13–1.29 ms against 1.14–1.16 ms
-/// on one, at J=4000 (24 MB) 3.2–3.6 against 4.0–4.1 ms; `f64` at J=1000, hidden 32 (12 MB,
-/// 1.49 M) 0.96–1.02 against 1.31 ms (`roofline profile`, interleaved).
+/// the per-particle hand-overs cost more than the second core gains.
 pub fn parallel_min_work<T: Real>() -> usize {
     (1 << 20) * T::SPLIT_FACTOR
 }
 
-/// Where the two sides cut the work, learned from how long each side took: the cut never
-/// changes a result, only who computes what, so it may follow the machine. A fixed cut made
-/// every step wait for the slower side whenever the host slowed one core down (seconds at a
-/// time here); these move part of the way (a tenth for the forward, whose single-step
-/// estimate is noisier, a fifth for the columns) to the cut that would have balanced the last
-/// step. They start near where they settle on an idle machine: the first side (which also sums,
-/// and then chases) takes 30% of the particles and 53% of the columns.
-#[derive(Debug, Clone, Copy)]
-pub struct Balance {
-    forward: f64,
-    finish: f64,
-}
-
-impl Default for Balance {
-    fn default() -> Self {
-        Balance {
-            forward: 0.3,
-            finish: 0.53,
-        }
-    }
-}
-
-/// What the two-thread step keeps from one step to the next so that, once warm, it allocates
-/// nothing: the forward's hand-over slots, the chase's block of predictions, the vectors that
-/// give each thread its parts of the rows (empty between steps; [`keep`]) and the gathered
-/// C^{uw} rows of a multi-output stream. A clone starts empty.
-#[derive(Default)]
-pub struct Spare<T: 'static> {
-    shared: Vec<AtomicU64>,
-    chase: Vec<f64>,
-    parts: [Vec<&'static mut [T]>; 6],
-    gathered: [Vec<T>; 2],
-}
-
-impl<T> Clone for Spare<T> {
-    fn clone(&self) -> Self {
-        Spare {
-            shared: Vec::new(),
-            chase: Vec::new(),
-            parts: Default::default(),
-            gathered: Default::default(),
-        }
-    }
-}
-
-impl<T> std::fmt::Debug for Spare<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spare").finish_non_exhaustive()
-    }
-}
-
-/// The share that would have balanced two sides that took `ta` and `tb` for shares `share`
-/// and `1 − share`, approached by a fifth, kept within [0.1, 0.9].
-fn rebalance(share: f64, ta: Duration, tb: Duration) -> f64 {
-    let (ta, tb) = (ta.as_secs_f64(), tb.as_secs_f64());
-    if !(ta > 0.0 && tb > 0.0) {
-        return share;
-    }
-    // Time per unit of work on each side; the balanced share gives both the same time.
-    let (ra, rb) = (ta / share, tb / (1.0 - share));
-    let target = rb / (ra + rb);
-    (share + 0.2 * (target - share)).clamp(0.1, 0.9)
+/// The cell rows of every particle that the left thread (panel) takes: half of the particle's
+/// `hidden + outputs` rows, rounded up, and at least one cell row. The right thread has the
+/// read-out's hand-over to do besides, so the left gets the odd row (at hidden 32 the left
+/// waited for the right for 6% of its time with 16 of the 33 rows; BENCHMARKS.md).
+pub fn row_cut(layout: &Layout) -> usize {
+    (layout.hidden + layout.outputs)
+        .div_ceil(2)
+        .clamp(1, layout.hidden)
 }
 
 /// The pool every two-thread step runs on, started on first use: one worker per core (at
@@ -137,28 +84,60 @@ pub fn on_pool<R: Send>(split: bool, f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// The cut: a multiple of [`BLOCK`], at least one block each side.
-fn cut(j: usize, share: f64) -> usize {
-    let s = ((j as f64 * share) as usize) / BLOCK * BLOCK;
-    s.clamp(BLOCK, j - BLOCK)
+/// Blocks of particles the left thread may run ahead of its C^{uw} sums (beyond that it waits
+/// for the right thread's predictions): its part of 8 blocks of 4 particles stays in L2
+/// (8 × 4 × 5.5 kB at hidden 32 in `f64`).
+const LAG: usize = 8;
+
+/// What the two-thread step keeps from one step to the next so that, once warm, it allocates
+/// nothing: the hand-over's slots, the left thread's copy of the predictions and its new
+/// states. A clone starts empty.
+#[derive(Default)]
+pub struct Spare<T> {
+    states: Vec<AtomicU64>,
+    predictions: Vec<AtomicU64>,
+    w_left: Vec<f64>,
+    state: Vec<T>,
 }
 
-/// The forward of every particle on two threads, with C^{uw} accumulated (unscaled) into
-/// `cuw` as far as it can go in order. One side runs the forward of `[0, s)` with the sums
-/// fused, as the serial step does; the other runs the forward of `[s, J)` and hands each
-/// finished block's predictions over (`progress`). The first side then chases it: it continues
-/// the sums over the second part's finished particles, in order, while the second part is
-/// still being computed, and stops when that is done. Returns whether every prediction was
-/// finite and the first particle whose sums are still due ([`Finish`] does those, split by
-/// columns). `scratch_a`/`scratch_b` hold the inputs `z`.
+impl<T> Clone for Spare<T> {
+    fn clone(&self) -> Self {
+        Spare {
+            states: Vec::new(),
+            predictions: Vec::new(),
+            w_left: Vec::new(),
+            state: Vec::new(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Spare<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spare").finish_non_exhaustive()
+    }
+}
+
+/// The two panels of a split ensemble's particles (`J×c` and `J×(d − c)`).
+pub(super) struct Panels<'a, T> {
+    pub left: &'a [T],
+    pub right: &'a [T],
+}
+
+/// The forward of every particle on two threads (module doc), with C^{uw} accumulated
+/// (unscaled) into `cuw`, which is stored as panels too (`m×c`, then `m×(d − c)`). Reads the
+/// states from `hidden` and writes the new ones to `hidden_next`; `scratch_a`/`scratch_b` hold
+/// the inputs `z`. Returns whether every prediction was finite and how many particles' left
+/// sums are done: all of them, unless the right half ran only after the left one on the same
+/// thread (the pool's other worker busy), when [`Finish`] does the rest.
 #[allow(
     clippy::too_many_arguments,
-    reason = "the serial forward's slices plus the second thread's scratch"
+    reason = "the serial forward's slices plus the second thread's"
 )]
 pub(super) fn forward<T: Real>(
     layout: &Layout,
-    particles: &[T],
-    hidden: &mut [T],
+    panels: Panels<T>,
+    hidden: &[T],
+    hidden_next: &mut [T],
     w: &mut [f64],
     healthy: &mut [bool],
     scratch_a: &mut [T],
@@ -166,99 +145,206 @@ pub(super) fn forward<T: Real>(
     cuw: &mut [T],
     mean: &[T],
     pred: &[f64],
-    balance: &mut Balance,
     spare: &mut Spare<T>,
 ) -> (bool, usize) {
-    let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
-    let j = particles.len() / d;
-    let s = cut(j, balance.forward);
-    let (pa, pb) = particles.split_at(s * d);
-    let (ha, hb) = hidden.split_at_mut(s * nh);
-    let (wa, wb) = w.split_at_mut(s * m);
-    let (oka, okb) = healthy.split_at_mut(s);
-    let touch = touch_ahead::<T>(particles.len());
-    let pred_ok = pred.iter().all(|v| v.is_finite());
-    // The hand-over: the second side's predictions as bits, how many of its particles are
-    // done, and whether it has started and finished.
-    if spare.shared.len() < j * m {
-        spare.shared.resize_with(j * m, || AtomicU64::new(0));
+    let (m, nh, k) = (layout.outputs, layout.hidden, layout.row());
+    let r = row_cut(layout);
+    let (c, cr) = (r * k, layout.dim() - r * k);
+    let j = panels.left.len() / c;
+    let Spare {
+        states,
+        predictions,
+        w_left,
+        state,
+    } = spare;
+    if states.len() != j * r {
+        *states = (0..j * r).map(|_| AtomicU64::new(0)).collect();
     }
-    spare.chase.resize(BLOCK * m, 0.0);
-    let shared = &spare.shared[..(j - s) * m];
-    let chase_w = &mut spare.chase;
-    let progress = AtomicUsize::new(0);
-    let (started, finished) = (AtomicBool::new(false), AtomicBool::new(false));
+    if predictions.len() != j * m {
+        *predictions = (0..j * m).map(|_| AtomicU64::new(0)).collect();
+    }
+    w_left.resize(j * m, 0.0);
+    state.resize(r, T::ZERO);
+    let (cuw_l, cuw_r) = cuw.split_at_mut(m * c);
+    let (mean_l, mean_r) = mean.split_at(c);
     let hand_over = HandOver {
-        shared,
-        progress: &progress,
-        started: &started,
-        finished: &finished,
+        states,
+        predictions,
+        left: AtomicUsize::new(0),
+        right: AtomicUsize::new(0),
+        left_finished: AtomicBool::new(false),
+        right_started: AtomicBool::new(false),
+        right_finished: AtomicBool::new(false),
     };
-    let start = Instant::now();
-    let (first, (ok_b, tb)) = rayon::join(
+    let (left_done, ok) = rayon::join(
         || {
-            let acc = pred_ok.then_some(Accumulate {
-                cuw: &mut *cuw,
-                mean,
+            let _finished = SetOnDrop(&hand_over.left_finished);
+            let (x, _) = split_scratch(scratch_a, layout);
+            let mut sums = Sums {
+                cuw: cuw_l,
+                mean: mean_l,
+                rows: panels.left,
                 pred,
-            });
-            let ok = forward_rows(
-                layout,
-                pa,
-                ha,
-                wa,
-                oka,
-                scratch_a,
-                acc,
-                touch,
-                &mut |_, _| {},
-            );
-            let own = start.elapsed();
-            let mut chase = Chase::default();
-            if ok && pred_ok {
-                chase.run(cuw, mean, pb, d, m, pred, &hand_over, chase_w);
+                w: w_left,
+                done: 0,
+            };
+            for (b, blk) in panels.left.chunks(BLOCK * c).enumerate() {
+                let j0 = b * BLOCK;
+                touch(panels.left, (b + TOUCH_AHEAD) * BLOCK * c, BLOCK * c);
+                for (i, u) in blk.chunks_exact(c).enumerate() {
+                    let jj = j0 + i;
+                    x[..nh].copy_from_slice(&hidden[jj * nh..(jj + 1) * nh]);
+                    network::cell_rows(u, x, state);
+                    for (slot, v) in hand_over.states[jj * r..(jj + 1) * r].iter().zip(&*state) {
+                        slot.store(v.to_f64().to_bits(), Ordering::Relaxed);
+                    }
+                }
+                let produced = j0 + blk.len() / c;
+                hand_over.left.store(produced, Ordering::Release);
+                sums.catch_up(&hand_over, produced, j);
             }
-            (ok, own, chase)
+            sums.catch_up(&hand_over, j, j);
+            sums.done
         },
         || {
-            hand_over.started.store(true, Ordering::Release);
-            // Set even if this side panics, so that a chase never waits for it forever.
-            let _finished = SetOnDrop(hand_over.finished);
-            let ok = forward_rows(
-                layout,
-                pb,
-                hb,
-                wb,
-                okb,
-                scratch_b,
-                None,
-                touch,
-                &mut |done, block| {
-                    let at = (done - block.len() / m) * m;
-                    for (slot, v) in hand_over.shared[at..at + block.len()].iter().zip(block) {
+            hand_over.right_started.store(true, Ordering::Release);
+            let _finished = SetOnDrop(&hand_over.right_finished);
+            let (x, out) = split_scratch(scratch_b, layout);
+            let cell = (nh - r) * k;
+            let mut all = true;
+            for (b, (((blk, hb), wb), okb)) in panels
+                .right
+                .chunks(BLOCK * cr)
+                .zip(hidden_next.chunks_mut(BLOCK * nh))
+                .zip(w.chunks_mut(BLOCK * m))
+                .zip(healthy.chunks_mut(BLOCK))
+                .enumerate()
+            {
+                let j0 = b * BLOCK;
+                let j1 = j0 + okb.len();
+                touch(panels.right, (b + TOUCH_AHEAD) * BLOCK * cr, BLOCK * cr);
+                // Wait for the left half's states of this block (it always runs, first).
+                while hand_over.left.load(Ordering::Acquire) < j1 {
+                    if hand_over.left_finished.load(Ordering::Acquire)
+                        && hand_over.left.load(Ordering::Acquire) < j1
+                    {
+                        // The left half panicked; the join re-raises it.
+                        return false;
+                    }
+                    std::hint::spin_loop();
+                }
+                for (i, (((u, hn), wj), ok)) in blk
+                    .chunks_exact(cr)
+                    .zip(hb.chunks_exact_mut(nh))
+                    .zip(wb.chunks_exact_mut(m))
+                    .zip(okb.iter_mut())
+                    .enumerate()
+                {
+                    let jj = j0 + i;
+                    x[..nh].copy_from_slice(&hidden[jj * nh..(jj + 1) * nh]);
+                    network::cell_rows(&u[..cell], x, &mut hn[r..]);
+                    for (v, slot) in hn[..r].iter_mut().zip(&hand_over.states[jj * r..]) {
+                        *v = T::from_f64(f64::from_bits(slot.load(Ordering::Relaxed)));
+                    }
+                    x[..nh].copy_from_slice(hn);
+                    network::readout(&u[cell..], x, out);
+                    widen_into(wj, out);
+                    *ok = wj.iter().all(|v| v.is_finite());
+                    all &= *ok;
+                    for (slot, v) in hand_over.predictions[jj * m..].iter().zip(wj.iter()) {
                         slot.store(v.to_bits(), Ordering::Relaxed);
                     }
-                    hand_over.progress.store(done, Ordering::Release);
-                },
-            );
-            (ok, start.elapsed())
+                }
+                hand_over.right.store(j1, Ordering::Release);
+                for (o, acc) in cuw_r.chunks_exact_mut(cr).enumerate() {
+                    let rows = blk.chunks_exact(cr);
+                    kernels::accumulate_rows(acc, mean_r, rows, wb, m, o, pred[o]);
+                }
+            }
+            all
         },
     );
-    let (ok_a, own, chase) = first;
-    balance.forward = rebalance_forward(balance.forward, j, s, own, tb, &chase);
-    (pred_ok && ok_a && ok_b, s + chase.done)
+    (ok && pred.iter().all(|v| v.is_finite()), left_done)
 }
 
-/// What the second side of the forward shares with the first.
+/// The left thread's C^{uw} sums: its panel's rows, and how far they have got.
+struct Sums<'a, T> {
+    /// `m×c`: the left columns of C^{uw}, unscaled.
+    cuw: &'a mut [T],
+    mean: &'a [T],
+    rows: &'a [T],
+    pred: &'a [f64],
+    /// The predictions received so far (`J×m`).
+    w: &'a mut [f64],
+    /// Particles summed.
+    done: usize,
+}
+
+impl<T: Real> Sums<'_, T> {
+    /// Sums over the particles whose predictions have arrived. When the right half is running
+    /// it then waits for more until at most [`LAG`] blocks of the `produced` particles are
+    /// left, or none once all `j` are produced; a right half that has not started may be
+    /// waiting for this very thread (rayon runs an unstolen half on the thread that forked it,
+    /// after the first), so then it returns and leaves the rest to [`Finish`].
+    fn catch_up(&mut self, hand_over: &HandOver, produced: usize, j: usize) {
+        let (m, c) = (self.pred.len(), self.cuw.len() / self.pred.len());
+        loop {
+            // `finished` before `right`: once finished, the progress read after it is final.
+            let over = hand_over.right_finished.load(Ordering::Acquire);
+            let ready = hand_over.right.load(Ordering::Acquire);
+            if ready > self.done {
+                let (from, to) = (self.done, ready);
+                for (v, slot) in self.w[from * m..to * m]
+                    .iter_mut()
+                    .zip(&hand_over.predictions[from * m..to * m])
+                {
+                    *v = f64::from_bits(slot.load(Ordering::Relaxed));
+                }
+                for (o, acc) in self.cuw.chunks_exact_mut(c).enumerate() {
+                    let rows = self.rows[from * c..to * c].chunks_exact(c);
+                    let w = &self.w[from * m..to * m];
+                    kernels::accumulate_rows(acc, self.mean, rows, w, m, o, self.pred[o]);
+                }
+                self.done = to;
+            }
+            let behind = produced - self.done;
+            let running = hand_over.right_started.load(Ordering::Acquire) && !over;
+            if behind == 0 || !running || (produced < j && behind <= LAG * BLOCK) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Loads one value per cache line of `panel[from..from + len]` (what is there of it), so that
+/// the reads of a block a few blocks ahead start early ([`super::forward_rows`] does the same
+/// for rows).
+fn touch<T: Real>(panel: &[T], from: usize, len: usize) {
+    if let Some(ahead) = panel.get(from..) {
+        let mut touched = 0u64;
+        for v in ahead[..ahead.len().min(len)].iter().step_by(T::PER_LINE) {
+            touched |= v.bits();
+        }
+        std::hint::black_box(touched);
+    }
+}
+
+/// What the two halves of the forward share: the left's new states (`J×r`) and the right's
+/// predictions (`J×m`), as bits, how many particles each has handed over, and whether each
+/// has started or finished.
 struct HandOver<'a> {
-    /// Its predictions, `(J − s)×m`, as bits.
-    shared: &'a [AtomicU64],
-    /// How many of its particles are done (their predictions in `shared`).
-    progress: &'a AtomicUsize,
-    started: &'a AtomicBool,
-    finished: &'a AtomicBool,
+    states: &'a [AtomicU64],
+    predictions: &'a [AtomicU64],
+    left: AtomicUsize,
+    right: AtomicUsize,
+    left_finished: AtomicBool,
+    right_started: AtomicBool,
+    right_finished: AtomicBool,
 }
 
+/// Sets its flag when dropped, a panic included, so that the other half never waits for a
+/// half that is gone.
 struct SetOnDrop<'a>(&'a AtomicBool);
 
 impl Drop for SetOnDrop<'_> {
@@ -267,135 +353,38 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
-/// How far the first side got chasing the second, and the time it spent summing.
-#[derive(Debug, Default)]
-struct Chase {
-    /// Second-part particles whose C^{uw} sums are done.
-    done: usize,
-    work: Duration,
-}
-
-impl Chase {
-    /// Continues C^{uw}'s sums (all columns) over the second part's particles `rows` as their
-    /// predictions arrive, block by block in order, until the second side has finished: what
-    /// is left then is split by columns in [`Finish`]. It waits only for a second side that is
-    /// running on another worker: one that has not started may be waiting for this very
-    /// thread (rayon runs an unstolen half on the thread that forked it, after the first half;
-    /// the pool's other worker may be busy with another stream's step), so then it returns.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the accumulation's slices, the hand-over and its buffer"
-    )]
-    fn run<T: Real>(
-        &mut self,
-        cuw: &mut [T],
-        mean: &[T],
-        rows: &[T],
-        d: usize,
-        m: usize,
-        pred: &[f64],
-        hand_over: &HandOver,
-        w: &mut [f64],
-    ) {
-        loop {
-            // `finished` before `progress`: once finished, the progress read after it is final.
-            let over = hand_over.finished.load(Ordering::Acquire);
-            let ready = hand_over.progress.load(Ordering::Acquire);
-            if over || self.done >= ready {
-                if over || !hand_over.started.load(Ordering::Acquire) {
-                    return;
-                }
-                std::hint::spin_loop();
-                continue;
-            }
-            let t = Instant::now();
-            let end = (self.done + BLOCK).min(ready);
-            let n = end - self.done;
-            for (v, slot) in w.iter_mut().zip(&hand_over.shared[self.done * m..end * m]) {
-                *v = f64::from_bits(slot.load(Ordering::Relaxed));
-            }
-            let block = &rows[self.done * d..end * d];
-            for (o, row) in cuw.chunks_exact_mut(d).enumerate() {
-                let rows = block.chunks_exact(d);
-                kernels::accumulate_rows(row, mean, rows, &w[..n * m], m, o, pred[o]);
-            }
-            self.done = end;
-            self.work += t.elapsed();
-        }
-    }
-}
-
-/// The forward's next share for the first side: the cut at which its own part plus the chase
-/// of the rest would take as long as the second side's forward, from this step's costs per
-/// particle, approached by a tenth and kept within [0.1, 0.9].
-fn rebalance_forward(
-    share: f64,
-    j: usize,
-    s: usize,
-    own: Duration,
-    theirs: Duration,
-    chase: &Chase,
-) -> f64 {
-    let (own, theirs) = (own.as_secs_f64(), theirs.as_secs_f64());
-    if !(own > 0.0 && theirs > 0.0) || s == 0 || s >= j {
-        return share;
-    }
-    let own_each = own / s as f64; // forward + fused sums
-    let forward_each = theirs / (j - s) as f64;
-    let sum_each = if chase.done > 0 {
-        chase.work.as_secs_f64() / chase.done as f64
-    } else {
-        0.3 * own_each
-    };
-    // s·own + (J − s)·sum = (J − s)·forward  ⇒  s = J(forward − sum) / (own + forward − sum)
-    let denominator = own_each + forward_each - sum_each;
-    if !(denominator > 0.0 && forward_each > sum_each) {
-        return share;
-    }
-    let target = (forward_each - sum_each) / denominator;
-    (share + 0.1 * (target - share)).clamp(0.1, 0.9)
-}
-
-/// The rest of a two-thread step once the coefficients are known, split by columns: each
-/// side continues C^{uw}'s sums over the second part's particles on its columns (when due),
-/// scales them by 1/J, forms its columns of the next mean ū' = ū + C^{uw} q̄, then updates its
-/// columns of every particle and sums them into the new mean: the serial step's operations
-/// per element, in its order, in one fork-join.
-///
-/// (Runs of a few dozen columns, continuation then update while the second part's columns
-/// are in L2, measured slower here: the strided walk over 2000 rows defeats the prefetcher
-/// that the serial-looking walk along each half-row keeps busy.)
+/// The rest of a two-thread step once the coefficients are known, a panel per thread: each
+/// finishes its C^{uw} sums when some are due, scales its columns of C^{uw} by 1/J, forms its
+/// columns of the next mean ū' = ū + C^{uw} q̄, then updates its panel and sums it into the
+/// new mean: the serial step's operations per element, in its order, in one fork-join.
 pub(super) struct Finish<'a, T> {
-    pub d: usize,
     pub m: usize,
     pub inv_j: f64,
     pub lambda: T,
     pub nesterov: Option<T>,
     pub q: &'a [f64],
     pub qbar: &'a [f64],
-    /// `(first particle of the second part, all predictions w, the mean prediction ŷ)` when
-    /// C^{uw} still lacks the second part's sums; `None` after a repair recomputed it whole.
+    /// `(the first particle whose left sums are due, all predictions w, the mean prediction
+    /// ŷ)` when the forward left some; `None` when it did not, or after a repair recomputed
+    /// C^{uw} whole.
     pub continuation: Option<(usize, &'a [f64], &'a [f64])>,
 }
 
-/// One thread's columns of everything [`Finish`] touches.
-struct Part<'p, 'a, T> {
-    rows: &'p mut [&'a mut [T]],
-    prev: &'p mut [&'a mut [T]],
-    /// Per output, this thread's columns of its C^{uw} row.
-    cuw: &'p mut [&'a mut [T]],
+/// One thread's panel and its columns of everything else [`Finish`] touches.
+struct Panel<'a, T> {
+    rows: &'a mut [T],
+    /// Momentum only: the previous iterates' panel (empty otherwise).
+    prev: &'a mut [T],
+    /// `m×n`: this panel's columns of C^{uw}.
+    cuw: &'a mut [T],
     next_mean: &'a mut [T],
     /// ū on entry, the sum of the new particles on exit.
     mean: &'a mut [T],
-    /// Several outputs: this side's C^{uw} rows back to back, for the rule.
-    gathered: &'p mut Vec<T>,
 }
 
 impl<T: Real> Finish<'_, T> {
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the ensemble's buffers, each cut in two"
-    )]
+    /// `particles` and `previous` (empty without momentum) are stored as panels cut at column
+    /// `c`, and `cuw` too (`m×c`, then `m×(d − c)`).
     pub(super) fn run(
         &self,
         particles: &mut [T],
@@ -403,136 +392,88 @@ impl<T: Real> Finish<'_, T> {
         cuw: &mut [T],
         next_mean: &mut [T],
         mean: &mut [T],
-        balance: &mut Balance,
-        spare: &mut Spare<T>,
+        c: usize,
     ) {
-        let d = self.d;
-        // The cut: a multiple of 8 columns, at least 8 each side.
-        let c = if d >= 16 {
-            ((d as f64 * balance.finish) as usize / 8 * 8).clamp(8, (d - 8) / 8 * 8)
-        } else {
-            d / 2
-        };
-        let [p0, p1, p2, p3, p4, p5] = &mut spare.parts;
-        let (mut rows_l, mut rows_r) = halves(particles, d, c, [p0, p1]);
-        let (mut prev_l, mut prev_r) = halves(previous, d, c, [p2, p3]);
-        let (mut cuw_l, mut cuw_r) = halves(cuw, d, c, [p4, p5]);
-        let [gathered_l, gathered_r] = &mut spare.gathered;
+        let j = particles.len() / mean.len();
+        let (rows_l, rows_r) = particles.split_at_mut(j * c);
+        let (prev_l, prev_r) = previous.split_at_mut((j * c).min(previous.len()));
+        let (cuw_l, cuw_r) = cuw.split_at_mut(self.m * c);
         let (nm_l, nm_r) = next_mean.split_at_mut(c);
         let (mean_l, mean_r) = mean.split_at_mut(c);
-        let start = Instant::now();
-        let (tl, tr) = rayon::join(
-            || {
-                self.columns(Part {
-                    rows: &mut rows_l,
-                    prev: &mut prev_l,
-                    cuw: &mut cuw_l,
-                    next_mean: nm_l,
-                    mean: mean_l,
-                    gathered: gathered_l,
-                });
-                start.elapsed()
-            },
-            || {
-                self.columns(Part {
-                    rows: &mut rows_r,
-                    prev: &mut prev_r,
-                    cuw: &mut cuw_r,
-                    next_mean: nm_r,
-                    mean: mean_r,
-                    gathered: gathered_r,
-                });
-                start.elapsed()
-            },
+        let left = Panel {
+            rows: rows_l,
+            prev: prev_l,
+            cuw: cuw_l,
+            next_mean: nm_l,
+            mean: mean_l,
+        };
+        let right = Panel {
+            rows: rows_r,
+            prev: prev_r,
+            cuw: cuw_r,
+            next_mean: nm_r,
+            mean: mean_r,
+        };
+        rayon::join(
+            || self.panel(left, self.continuation),
+            || self.panel(right, None),
         );
-        if d >= 16 {
-            balance.finish = rebalance(c as f64 / d as f64, tl, tr);
-        }
-        for (spare, parts) in spare
-            .parts
-            .iter_mut()
-            .zip([rows_l, rows_r, prev_l, prev_r, cuw_l, cuw_r])
-        {
-            *spare = keep(parts);
-        }
     }
 
-    fn columns(&self, p: Part<T>) {
+    fn panel(&self, p: Panel<T>, continuation: Option<(usize, &[f64], &[f64])>) {
         let m = self.m;
-        let Part {
-            rows,
-            prev,
-            cuw,
-            next_mean,
-            mean,
-            gathered,
-        } = p;
-        let n = mean.len();
-        if let Some((from, w, pred)) = self.continuation {
-            for (o, row) in cuw.iter_mut().enumerate() {
-                let parts = rows[from..].iter().map(|r| &**r);
-                kernels::accumulate_rows(row, mean, parts, &w[from * m..], m, o, pred[o]);
+        let n = p.mean.len();
+        if let Some((from, w, pred)) = continuation {
+            for (o, acc) in p.cuw.chunks_exact_mut(n).enumerate() {
+                let rows = p.rows[from * n..].chunks_exact(n);
+                kernels::accumulate_rows(acc, p.mean, rows, &w[from * m..], m, o, pred[o]);
             }
         }
         kernels::scale_and_next_mean(
-            cuw.iter_mut().map(|r| &mut **r),
+            p.cuw.chunks_exact_mut(n),
             T::from_f64(self.inv_j),
             self.qbar,
-            mean,
-            next_mean,
+            p.mean,
+            p.next_mean,
         );
-        mean.fill(T::ZERO);
-        // Several outputs: the rule wants this side's C^{uw} rows back to back.
-        let rule_cuw: &[T] = if m == 1 {
-            &cuw[0][..]
-        } else {
-            gathered.clear();
-            gathered.extend(cuw.iter().flat_map(|r| r.iter().copied()));
-            gathered
-        };
+        p.mean.fill(T::ZERO);
         let rule = UpdateRule {
-            cuw: rule_cuw,
+            cuw: p.cuw,
             d: n,
             m,
             lambda: self.lambda,
-            next_mean,
+            next_mean: p.next_mean,
             nesterov: self.nesterov,
         };
-        let rows = rows.iter_mut().map(|r| &mut **r);
-        rule.update(rows, self.q, prev.iter_mut().map(|r| &mut **r), Some(mean));
+        let rows = p.rows.chunks_exact_mut(n);
+        rule.update(rows, self.q, p.prev.chunks_exact_mut(n), Some(p.mean));
     }
 }
 
-/// Every row of `buf` (rows of `d`) cut at column `c`: the left parts and the right parts, in
-/// the two spare vectors (handing each thread its parts of the rows takes vectors of slices;
-/// these keep their allocation from step to step).
-type Halves<'a, T> = (Vec<&'a mut [T]>, Vec<&'a mut [T]>);
-fn halves<'a, T>(
-    buf: &'a mut [T],
-    d: usize,
-    c: usize,
-    spare: [&mut Vec<&'static mut [T]>; 2],
-) -> Halves<'a, T> {
-    let [l, r] = spare;
-    let (mut left, mut right): Halves<'a, T> = (std::mem::take(l), std::mem::take(r));
-    for row in buf.chunks_exact_mut(d) {
-        let (a, b) = row.split_at_mut(c);
-        left.push(a);
-        right.push(b);
+/// Particle-major rows of `d` (`buf`) to two panels cut at column `c` (`to_panels`), or back:
+/// what a split ensemble stores (module doc). Copies the buffer once; runs when an ensemble
+/// starts or stops splitting its steps, never per step.
+pub(super) fn relayout<T: Copy>(buf: &mut [T], d: usize, c: usize, to_panels: bool) {
+    if buf.is_empty() {
+        return;
     }
-    (left, right)
-}
-
-/// Empties a vector of borrowed parts and gives it back its `'static` type with its
-/// allocation: collecting nothing from its own `into_iter` reuses the buffer in place (the
-/// element layout is the same; `tests/alloc.rs` fails if it ever did not).
-#[allow(
-    clippy::unnecessary_filter_map,
-    reason = "the map changes the element type's lifetime, which a filter cannot"
-)]
-fn keep<T>(mut parts: Vec<&mut [T]>) -> Vec<&'static mut [T]> {
-    parts.clear();
-    parts.into_iter().filter_map(|_| None).collect()
+    let copy = buf.to_vec();
+    let j = buf.len() / d;
+    if to_panels {
+        let (left, right) = buf.split_at_mut(j * c);
+        let parts = left.chunks_exact_mut(c).zip(right.chunks_exact_mut(d - c));
+        for (row, (a, b)) in copy.chunks_exact(d).zip(parts) {
+            a.copy_from_slice(&row[..c]);
+            b.copy_from_slice(&row[c..]);
+        }
+    } else {
+        let (left, right) = copy.split_at(j * c);
+        let parts = left.chunks_exact(c).zip(right.chunks_exact(d - c));
+        for (row, (a, b)) in buf.chunks_exact_mut(d).zip(parts) {
+            row[..c].copy_from_slice(a);
+            row[c..].copy_from_slice(b);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -540,54 +481,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_forward_cut_moves_towards_own_part_plus_chase_equal_to_the_other_forward() {
-        let us = Duration::from_micros;
-        // 1000 particles cut at 300: the first side took 1.2 µs per own particle and summed at
-        // 0.4 µs per chased one, the second took 1.0 µs per particle. Balanced:
-        // s·1.2 + (1000 − s)·0.4 = (1000 − s)·1.0  ⇒  s = 600/1.8 = 333.3.
-        let chase = Chase {
-            done: 700,
-            work: us(280),
-        };
-        let s = rebalance_forward(0.3, 1000, 300, us(360), us(700), &chase);
-        assert!(
-            (s - (0.3 + 0.1 * (600.0 / 1800.0 - 0.3))).abs() < 1e-9,
-            "{s}"
-        );
-        // Nothing chased: the sums are taken as 0.3 of the first side's cost per particle.
-        let none = Chase::default();
-        let s = rebalance_forward(0.3, 1000, 300, us(360), us(700), &none);
-        let sum = 0.36;
-        let target = (1.0 - sum) / (1.2 + 1.0 - sum);
-        assert!((s - (0.3 + 0.1 * (target - 0.3))).abs() < 1e-9, "{s}");
-        // No timing, or summing as slow as the forward: no move.
-        assert_eq!(
-            rebalance_forward(0.3, 1000, 300, Duration::ZERO, us(7), &none),
-            0.3
-        );
-        let slow = Chase {
-            done: 10,
-            work: us(20),
-        };
-        assert_eq!(
-            rebalance_forward(0.3, 1000, 300, us(360), us(700), &slow),
-            0.3
-        );
+    fn relayout_to_panels_and_back_is_the_identity_and_panels_hold_each_part_in_order() {
+        let (j, d, c) = (5, 7, 3);
+        let rows: Vec<u32> = (0..(j * d) as u32).collect();
+        let mut buf = rows.clone();
+        relayout(&mut buf, d, c, true);
+        for jj in 0..j {
+            assert_eq!(&buf[jj * c..(jj + 1) * c], &rows[jj * d..jj * d + c]);
+            let right = &buf[j * c + jj * (d - c)..j * c + (jj + 1) * (d - c)];
+            assert_eq!(right, &rows[jj * d + c..(jj + 1) * d]);
+        }
+        relayout(&mut buf, d, c, false);
+        assert_eq!(buf, rows);
     }
 
     #[test]
-    fn the_cut_moves_a_fifth_of_the_way_to_balance() {
-        let ms = Duration::from_millis;
-        // Balanced already: stays.
-        assert!((rebalance(0.4, ms(4), ms(4)) - 0.4).abs() < 1e-12);
-        // Equal speeds but the first side took all its time on 60% of the work: the balanced
-        // share is 0.5, a fifth of the way from 0.6 is 0.58.
-        assert!((rebalance(0.6, ms(6), ms(4)) - 0.58).abs() < 1e-12);
-        // The second side twice as slow per unit: balance at 2/3, approached by a fifth.
-        let s = rebalance(0.5, ms(5), ms(10));
-        assert!((s - (0.5 + 0.2 * (2.0 / 3.0 - 0.5))).abs() < 1e-12);
-        // Never beyond [0.1, 0.9], and no timing leaves it as it was.
-        assert_eq!(rebalance(0.12, ms(100), ms(1)), 0.1);
-        assert_eq!(rebalance(0.3, Duration::ZERO, ms(1)), 0.3);
+    fn the_left_panel_takes_half_the_rows_and_at_least_one_cell_row() {
+        assert_eq!(row_cut(&Layout::new(32, 12, 1)), 17);
+        assert_eq!(row_cut(&Layout::new(16, 12, 1)), 9);
+        assert_eq!(row_cut(&Layout::new(8, 3, 3)), 6);
+        assert_eq!(row_cut(&Layout::new(1, 3, 4)), 1);
+        assert_eq!(row_cut(&Layout::new(2, 3, 1)), 2);
     }
 }

@@ -217,7 +217,7 @@ fn flow_step_matches_hand_computed_d() {
         for p in 0..d {
             let du: f64 = (0..j).map(|b| dm[a][b] * u[b][p]).sum();
             let want = u[a][p] - h_n * du;
-            let got = e.particle(a)[p];
+            let got = e.particles()[a * d + p];
             assert!(
                 (got - want).abs() < 1e-12,
                 "particle {a} param {p}: {got} vs {want}"
@@ -335,6 +335,11 @@ fn parallel_matches_serial<T: Real>(o: &Options, steps: usize, poison: Option<us
         assert_eq!(rs.repaired, rp.repaired, "repairs at step {t}");
         assert_eq!(rs.step_size.to_bits(), rp.step_size.to_bits());
     }
+    // The split ensemble stores its particles as panels; as rows they must be the serial ones.
+    assert!(parallel.cut.is_some());
+    assert_eq!(serial.state(), parallel.state());
+    parallel.set_threads(1);
+    assert!(parallel.cut.is_none());
     assert_eq!(tbits(serial.particles()), tbits(parallel.particles()));
     assert_eq!(tbits(serial.mean()), tbits(parallel.mean()));
     assert_eq!(tbits(&serial.hidden), tbits(&parallel.hidden));
@@ -431,8 +436,8 @@ fn touching_ahead_changes_no_result_issue_6() {
 
 /// Two split ensembles stepping at once share the pool's two workers: each step's second half
 /// may then never be stolen and run only after the first half on the same thread. The first
-/// half's chase must not wait for it (it would wait forever), and the results stay the serial
-/// ones.
+/// half must not wait for its predictions (it would wait forever), and the results stay the
+/// serial ones.
 #[test]
 fn concurrent_split_steps_on_the_shared_pool_neither_hang_nor_change_results_issue_6() {
     let run = |seed: u64, threads: usize| {
