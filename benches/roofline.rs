@@ -219,24 +219,22 @@ fn cores(samples: usize) {
 
 fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precision) {
     {
-        // One stream, its samples alternating between one thread and two (the results are
-        // the same bits either way, so it is one stream's evolution), then the two floors
-        // interleaved: two ensembles of this size at once would evict each other from L3.
-        let s = std::sync::Mutex::new(Stream::with(j, hidden, 1, precision));
-        let d = s.lock().expect("one user").e.dim();
-        let observe_on = |threads: usize| {
-            let mut s = s.lock().expect("one user");
-            s.e.set_threads(threads);
-            s.observe();
-        };
+        // Two streams of the same seed (the same evolution, to the bit), one stepping on one
+        // thread and one on two, samples alternating. (One stream switching threads per
+        // sample would re-lay its particles out each time: a split ensemble stores them as
+        // two panels.) Each sample's first observation finds the other's ensemble in L3,
+        // both sides alike. Then the two floors, interleaved.
+        let mut one = Stream::with(j, hidden, 1, precision);
+        let mut two = Stream::with(j, hidden, 2, precision);
+        let d = one.e.dim();
         let r = ekid::ensemble::on_pool(true, || {
             rounds(
-                &mut [&mut || observe_on(1), &mut || observe_on(2)],
+                &mut [&mut || one.observe(), &mut || two.observe()],
                 samples,
                 Duration::from_millis(60),
             )
         });
-        drop(s);
+        drop((one, two));
         // The speed-up of each round (adjacent samples), then the median: the machine's speed
         // drifts over seconds when its host is busy, and adjacent samples share the drift.
         let speedup = median(r[0].iter().zip(&r[1]).map(|(a, b)| a / b).collect());
