@@ -11,6 +11,8 @@
 //! 2. `cores`: observations/s of one big stream on one thread and split over two.
 //! 3. `growth`: observations/s and ensemble bytes for J ∈ {32, 100, 500, 2000, 8000} ×
 //!    hidden ∈ {8, 16, 32, 64}.
+//! 4. `layout`: one read of half-rows of particle-major rows against panels, on one thread and
+//!    on two (why a split ensemble stores its particles as two panels).
 //!
 //! Pass table names to run only some (`cargo bench --bench roofline -- ratio cores`), and
 //! `quick` for fewer samples. `profile J HIDDEN [THREADS [SECONDS]]` runs only observations (10 s
@@ -219,22 +221,28 @@ fn cores(samples: usize) {
 
 fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precision) {
     {
-        // Two streams of the same seed (the same evolution, to the bit), one stepping on one
-        // thread and one on two, samples alternating. (One stream switching threads per
-        // sample would re-lay its particles out each time: a split ensemble stores them as
-        // two panels.) Each sample's first observation finds the other's ensemble in L3,
-        // both sides alike. Then the two floors, interleaved.
-        let mut one = Stream::with(j, hidden, 1, precision);
-        let mut two = Stream::with(j, hidden, 2, precision);
-        let d = one.e.dim();
-        let r = ekid::ensemble::on_pool(true, || {
-            rounds(
-                &mut [&mut || one.observe(), &mut || two.observe()],
-                samples,
-                Duration::from_millis(60),
-            )
+        // One stream whose samples alternate between one thread and two (the results are the
+        // same bits either way, so it is one stream's evolution). Switching re-lays the
+        // particles out (a split ensemble stores them as two panels): neither that nor the
+        // first observation after it is timed. Then the two floors, interleaved: two
+        // ensembles of this size at once would evict each other from L3.
+        let mut s = Stream::with(j, hidden, 1, precision);
+        let d = s.e.dim();
+        let mut r = [Vec::new(), Vec::new()];
+        ekid::ensemble::on_pool(true, || {
+            // Round 0 warms up.
+            for round in 0..=samples {
+                for (times, threads) in r.iter_mut().zip([1, 2]) {
+                    s.e.set_threads(threads);
+                    s.observe();
+                    let t = sample(&mut || s.observe(), Duration::from_millis(60));
+                    if round > 0 {
+                        times.push(t);
+                    }
+                }
+            }
         });
-        drop((one, two));
+        drop(s);
         // The speed-up of each round (adjacent samples), then the median: the machine's speed
         // drifts over seconds when its host is busy, and adjacent samples share the drift.
         let speedup = median(r[0].iter().zip(&r[1]).map(|(a, b)| a / b).collect());
@@ -310,6 +318,96 @@ fn growth(samples: usize) {
     println!();
 }
 
+/// `layout`: why a split ensemble stores its particles as two panels. One read of half of an
+/// ensemble-sized buffer (J=2000, hidden 32, `f64`: the left panel is 17 of the 33 rows of 45)
+/// and of all of it, laid out as particle-major rows or as two panels, on one thread and on
+/// two (on the step pool).
+fn layout(samples: usize) {
+    println!("## layout: reading half-rows against panels (J=2000, hidden 32, f64)\n");
+    println!("| read | threads | time | GB/s |");
+    println!("|---|---|---|---|");
+    let (j, d, c) = (2000, 1485, 17 * 45);
+    let values: Vec<f64> = (0..j * d).map(|i| (i % 97) as f64 * 1e-3).collect();
+    let buf = ParticleBuf::from_slice(&values);
+    drop(values);
+    let (left, right) = buf.split_at(j * c);
+    let rows = || buf.chunks_exact(d);
+    let pool = |a: &(dyn Fn() + Sync), b: &(dyn Fn() + Sync)| {
+        ekid::ensemble::on_pool(true, || rayon::join(a, b));
+    };
+    let mut cases: Vec<Case> = vec![
+        ("all of every row", 1, j * d, Box::new(|| read(rows()))),
+        (
+            "the left part of every row",
+            1,
+            j * c,
+            Box::new(|| read(rows().map(|r| &r[..c]))),
+        ),
+        (
+            "the left panel",
+            1,
+            j * c,
+            Box::new(|| read(left.chunks_exact(c))),
+        ),
+        (
+            "each thread its part of every row",
+            2,
+            j * d,
+            Box::new(|| {
+                pool(&|| read(rows().map(|r| &r[..c])), &|| {
+                    read(rows().map(|r| &r[c..]))
+                })
+            }),
+        ),
+        (
+            "each thread its panel",
+            2,
+            j * d,
+            Box::new(|| {
+                pool(&|| read(left.chunks_exact(c)), &|| {
+                    read(right.chunks_exact(d - c))
+                })
+            }),
+        ),
+        (
+            "each thread half the rows",
+            2,
+            j * d,
+            Box::new(|| {
+                let (a, b) = buf.split_at(j / 2 * d);
+                pool(&|| read(a.chunks_exact(d)), &|| read(b.chunks_exact(d)))
+            }),
+        ),
+    ];
+    let mut fs: Vec<&mut dyn FnMut()> = cases.iter_mut().map(|c| &mut *c.3 as _).collect();
+    let t = interleaved(&mut fs, samples, Duration::from_millis(40));
+    for ((name, threads, n, _), t) in cases.iter().zip(t) {
+        let gbs = (*n * 8) as f64 / t / 1e9;
+        println!("| {name} | {threads} | {} | {gbs:.1} |", fmt_time(t));
+    }
+    println!();
+}
+
+/// A `layout` case: what is read, on how many threads, how many values, and the read.
+type Case<'a> = (&'static str, usize, usize, Box<dyn FnMut() + 'a>);
+
+/// Sums every value of the slices, sixteen independent sums (as the floor's read pass).
+fn read<'a>(parts: impl Iterator<Item = &'a [f64]>) {
+    let mut acc = [0.0; 16];
+    for part in parts {
+        let mut chunks = part.chunks_exact(16);
+        for ch in &mut chunks {
+            for k in 0..16 {
+                acc[k] += ch[k];
+            }
+        }
+        for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+            *a += v;
+        }
+    }
+    black_box(acc.iter().sum::<f64>());
+}
+
 /// `profile J HIDDEN [THREADS [SECONDS [f32]]]`: only observations (10 s by default), to run under
 /// `perf record` or to time one configuration in a process of its own.
 fn profile(args: &[String]) {
@@ -365,5 +463,8 @@ fn main() {
     }
     if want("growth") {
         growth(if quick { 3 } else { 7 });
+    }
+    if want("layout") {
+        layout(samples);
     }
 }
