@@ -470,3 +470,44 @@ fn concurrent_split_steps_on_the_shared_pool_neither_hang_nor_change_results_iss
         assert_eq!(split, run(seed, 1), "seed {seed}");
     }
 }
+
+/// On a pool of one thread rayon runs each join's second half after the first, on the same
+/// thread: the left half then finds no predictions to sum (it never waits for a half that has
+/// not started) and leaves every left sum to the finish. The results stay the serial ones.
+#[test]
+fn a_split_step_whose_halves_run_one_after_the_other_gives_the_serial_bits_issue_6() {
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a pool of one thread");
+    for (j, hidden, outputs, momentum) in [(37, 6, 1, false), (40, 5, 2, true)] {
+        let o = Options {
+            momentum,
+            method: if momentum {
+                Method::Flow
+            } else {
+                Method::Kalman
+            },
+            ..options(j, hidden, 3, outputs, Method::Kalman, 5)
+        };
+        let mut serial = Ensemble::<f64>::new(&o);
+        let mut split = serial.clone();
+        split.set_threads(2);
+        split.set_parallel_min_work(0);
+        assert!(split.cut.is_some());
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (mut ps, mut pp) = (vec![0.0; outputs], vec![0.0; outputs]);
+        for t in 0..20 {
+            let z = random_vec(&mut rng, split.layout().n_in);
+            let y = random_vec(&mut rng, outputs);
+            serial.step(&z, &y, &mut ps);
+            one_thread.install(|| split.step_here(&z, &y, &mut pp));
+            assert_eq!(
+                ps.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                pp.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "step {t}"
+            );
+        }
+        assert_eq!(serial.state(), split.state());
+    }
+}
