@@ -3,15 +3,16 @@
 //! Every function keeps the floating-point operations of the original one-particle-at-a-time
 //! loops, element by element and in the same order: for each parameter p, sums over particles
 //! run j = 0, 1, …, J−1, one addition at a time. What changes is only how many particles one
-//! pass over a row touches: blocks of [`BLOCK`] particles load and store the d-long
-//! accumulator (C^{uw} row, mean sum) once per block instead of once per particle, and every
+//! pass over a row touches: blocks of [`BLOCK`] particles (C^{uw}) or [`UPDATE_BLOCK`] (the
+//! update) load and store the d-long accumulator (C^{uw} row, mean sum) once per block instead
+//! of once per particle, and every
 //! loop runs over slices of one length, so the compiler vectorises across parameters without
 //! bounds checks. Vectorising across p never reorders a sum over j, so results stay bit-identical.
 
 use crate::real::Real;
 
-/// Particles per block: four particle rows plus the accumulator and the mean stay in L1/L2
-/// (4 × 12 kB at hidden 32).
+/// Particles per block of the forward and the C^{uw} sums: four particle rows plus the
+/// accumulator and the mean stay in L1/L2 (4 × 12 kB at hidden 32).
 pub const BLOCK: usize = 4;
 
 /// `acc[p] += (u[p] − mean[p])·e`: one particle's term of the (unscaled) cross-covariance.
@@ -96,38 +97,39 @@ pub fn scale_and_next_mean<'r, T: Real>(
     }
 }
 
-/// The plain update of a block of four (one output, no inflation, no momentum):
-/// `u_b[p] += c[p]·q_b`, then `sum[p] += u_b[p]` in particle order when a sum is kept.
+/// Particles per block of the plain update pass: eight rows share each load and store of the
+/// new mean's running sum. Against blocks of four: 3.84 → 3.56 ms (`f64`) and 1.25 → 1.12 ms
+/// (`f32`) per observation at J=2000, hidden 32 (BENCHMARKS.md, fourth session).
+pub const UPDATE_BLOCK: usize = 8;
+
+/// The plain update of a block (one output, no inflation, no momentum): `u_b[p] += c[p]·q_b`,
+/// then `sum[p] += u_b[p]` in particle order.
 #[inline]
-pub fn update4<T: Real>(u: [&mut [T]; BLOCK], c: &[T], q: [T; BLOCK], sum: Option<&mut [T]>) {
+pub fn update8<T: Real>(u: [&mut [T]; UPDATE_BLOCK], c: &[T], q: [T; UPDATE_BLOCK], sum: &mut [T]) {
     let n = c.len();
-    let [u0, u1, u2, u3] = u;
+    let [u0, u1, u2, u3, u4, u5, u6, u7] = u;
     let (u0, u1, u2, u3) = (&mut u0[..n], &mut u1[..n], &mut u2[..n], &mut u3[..n]);
-    match sum {
-        Some(sum) => {
-            let sum = &mut sum[..n];
-            for p in 0..n {
-                let cp = c[p];
-                let a0 = u0[p] + cp * q[0];
-                let a1 = u1[p] + cp * q[1];
-                let a2 = u2[p] + cp * q[2];
-                let a3 = u3[p] + cp * q[3];
-                u0[p] = a0;
-                u1[p] = a1;
-                u2[p] = a2;
-                u3[p] = a3;
-                sum[p] = (((sum[p] + a0) + a1) + a2) + a3;
-            }
-        }
-        None => {
-            for p in 0..n {
-                let cp = c[p];
-                u0[p] += cp * q[0];
-                u1[p] += cp * q[1];
-                u2[p] += cp * q[2];
-                u3[p] += cp * q[3];
-            }
-        }
+    let (u4, u5, u6, u7) = (&mut u4[..n], &mut u5[..n], &mut u6[..n], &mut u7[..n]);
+    let sum = &mut sum[..n];
+    for p in 0..n {
+        let cp = c[p];
+        let a0 = u0[p] + cp * q[0];
+        let a1 = u1[p] + cp * q[1];
+        let a2 = u2[p] + cp * q[2];
+        let a3 = u3[p] + cp * q[3];
+        let a4 = u4[p] + cp * q[4];
+        let a5 = u5[p] + cp * q[5];
+        let a6 = u6[p] + cp * q[6];
+        let a7 = u7[p] + cp * q[7];
+        u0[p] = a0;
+        u1[p] = a1;
+        u2[p] = a2;
+        u3[p] = a3;
+        u4[p] = a4;
+        u5[p] = a5;
+        u6[p] = a6;
+        u7[p] = a7;
+        sum[p] = (((((((sum[p] + a0) + a1) + a2) + a3) + a4) + a5) + a6) + a7;
     }
 }
 
@@ -152,7 +154,7 @@ impl<T: Real> UpdateRule<'_, T> {
 
     /// One particle's columns, in the original order of passes: `u += C^{uw} q` output by
     /// output, then inflation around ū', then the Nesterov extrapolation, then `sum += u`.
-    fn one(&self, u: &mut [T], q: &[f64], prev: Option<&mut [T]>, sum: Option<&mut [T]>) {
+    fn one(&self, u: &mut [T], q: &[f64], prev: Option<&mut [T]>, sum: &mut [T]) {
         for (o, row) in self.cuw.chunks_exact(self.d).enumerate() {
             let qv = T::from_f64(q[o]);
             for (up, &cp) in u.iter_mut().zip(row) {
@@ -172,24 +174,22 @@ impl<T: Real> UpdateRule<'_, T> {
                 *pp = new;
             }
         }
-        if let Some(sum) = sum {
-            for (s, &up) in sum.iter_mut().zip(u.iter()) {
-                *s += up;
-            }
+        for (s, &up) in sum.iter_mut().zip(u.iter()) {
+            *s += up;
         }
     }
 
     /// Updates consecutive particles: `rows` yields each one's columns (those this rule's
-    /// C^{uw} rows and next mean cover: a particle-major buffer's `chunks_exact_mut(d)`, or one
-    /// thread's parts of the rows), `q` their coefficients (`m` apart) and, with momentum,
-    /// `prev` their previous iterates alike; adds each new particle to `sum` in order when a
-    /// sum is kept. Four particles at a time on the plain rule ([`update4`]).
+    /// C^{uw} rows and next mean cover: a particle-major buffer's `chunks_exact_mut(d)`, or a
+    /// panel's rows), `q` their coefficients (`m` apart) and, with momentum, `prev` their
+    /// previous iterates alike; adds each new particle to `sum` in order. Blocks of
+    /// [`UPDATE_BLOCK`] particles on the plain rule ([`update8`]).
     pub fn update<'r, 'p>(
         &self,
         rows: impl Iterator<Item = &'r mut [T]>,
         q: &[f64],
         prev: impl Iterator<Item = &'p mut [T]>,
-        mut sum: Option<&mut [T]>,
+        sum: &mut [T],
     ) where
         T: 'r + 'p,
     {
@@ -198,24 +198,24 @@ impl<T: Real> UpdateRule<'_, T> {
             let c = &self.cuw[..self.d];
             let mut each = rows.zip(q);
             loop {
-                match [each.next(), each.next(), each.next(), each.next()] {
+                let block: [_; UPDATE_BLOCK] = std::array::from_fn(|_| each.next());
+                match block {
                     [
                         Some((u0, q0)),
                         Some((u1, q1)),
                         Some((u2, q2)),
                         Some((u3, q3)),
+                        Some((u4, q4)),
+                        Some((u5, q5)),
+                        Some((u6, q6)),
+                        Some((u7, q7)),
                     ] => {
-                        let qs = [
-                            T::from_f64(*q0),
-                            T::from_f64(*q1),
-                            T::from_f64(*q2),
-                            T::from_f64(*q3),
-                        ];
-                        update4([u0, u1, u2, u3], c, qs, sum.as_deref_mut());
+                        let qs = [q0, q1, q2, q3, q4, q5, q6, q7].map(|qj| T::from_f64(*qj));
+                        update8([u0, u1, u2, u3, u4, u5, u6, u7], c, qs, sum);
                     }
                     rest => {
                         for (u, qj) in rest.into_iter().flatten() {
-                            self.one(u, std::slice::from_ref(qj), None, sum.as_deref_mut());
+                            self.one(u, std::slice::from_ref(qj), None, sum);
                         }
                         return;
                     }
@@ -223,11 +223,11 @@ impl<T: Real> UpdateRule<'_, T> {
             }
         } else if self.nesterov.is_some() {
             for ((u, qj), pv) in rows.zip(q.chunks_exact(m)).zip(prev) {
-                self.one(u, qj, Some(pv), sum.as_deref_mut());
+                self.one(u, qj, Some(pv), sum);
             }
         } else {
             for (u, qj) in rows.zip(q.chunks_exact(m)) {
-                self.one(u, qj, None, sum.as_deref_mut());
+                self.one(u, qj, None, sum);
             }
         }
     }

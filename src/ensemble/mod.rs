@@ -634,7 +634,7 @@ impl<T: Real> Ensemble<T> {
                 self.particles.chunks_exact_mut(d),
                 q,
                 self.previous.chunks_exact_mut(d),
-                Some(&mut self.mean),
+                &mut self.mean,
             );
         }
         let inv = T::from_f64(inv_j);

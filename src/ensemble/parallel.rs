@@ -446,7 +446,7 @@ impl<T: Real> Finish<'_, T> {
             nesterov: self.nesterov,
         };
         let rows = p.rows.chunks_exact_mut(n);
-        rule.update(rows, self.q, p.prev.chunks_exact_mut(n), Some(p.mean));
+        rule.update(rows, self.q, p.prev.chunks_exact_mut(n), p.mean);
     }
 }
 
