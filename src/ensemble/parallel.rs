@@ -86,7 +86,7 @@ pub fn on_pool<R: Send>(split: bool, f: impl FnOnce() -> R + Send) -> R {
 
 /// Blocks of particles the left thread may run ahead of its C^{uw} sums (beyond that it waits
 /// for the right thread's predictions): its part of 8 blocks of 4 particles stays in L2
-/// (8 × 4 × 5.5 kB at hidden 32 in `f64`).
+/// (8 × 4 × 6.1 kB at hidden 32 in `f64`: 17 rows of 45).
 const LAG: usize = 8;
 
 /// What the two-thread step keeps from one step to the next so that, once warm, it allocates
