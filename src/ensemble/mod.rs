@@ -656,12 +656,19 @@ impl<T: Real> Ensemble<T> {
 
     fn respread(&mut self, gamma: f64) {
         let d = self.d;
-        let row = &mut self.ws.row;
-        row.resize(d, T::ZERO);
-        for jj in 0..self.j {
-            self.prior
-                .draw_around(&self.mean, gamma, &mut self.rng, row);
-            scatter(&mut self.particles, d, self.cut, jj, row);
+        if self.cut.is_none() {
+            for u in self.particles.chunks_exact_mut(d) {
+                self.prior.draw_around(&self.mean, gamma, &mut self.rng, u);
+            }
+        } else {
+            // Panels: each particle drawn as a row (the prior's scales are per parameter).
+            let row = &mut self.ws.row;
+            row.resize(d, T::ZERO);
+            for jj in 0..self.j {
+                self.prior
+                    .draw_around(&self.mean, gamma, &mut self.rng, row);
+                scatter(&mut self.particles, d, self.cut, jj, row);
+            }
         }
         if self.momentum {
             self.previous.copy_from_slice(&self.particles);
