@@ -415,11 +415,13 @@ fn concurrent_streams_learn_as_if_alone() {
     assert_eq!(b, alone);
 }
 
-/// One stream big enough to split its steps over two threads (J·d ≥ 2^20) learns the same
-/// bits as with `[engine] step_threads = 1`: predictions of every batch, then a forecast.
+/// One stream big enough to split its steps over two threads (J·d ≥ 2^20; its particles are
+/// then stored as two panels) learns the same bits as with `[engine] step_threads = 1`:
+/// predictions of every batch, a forecast, and after a restart (snapshot and log written from
+/// the panels, read back into rows and re-laid out) the next batch's predictions and forecast.
 #[test]
 fn split_steps_give_the_serial_predictions_issue_6() {
-    let v = series(60);
+    let v = series(80);
     let run = |threads: usize| {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("ekid.toml");
@@ -429,13 +431,13 @@ fn split_steps_give_the_serial_predictions_issue_6() {
         )
         .expect("config");
         let cfg = cfg.to_str().expect("utf-8 path").to_owned();
-        let d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
+        let mut d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
         let c = client();
         let big =
             serde_json::json!({"ensemble": 720, "hidden": 32, "scale": {"min": 0, "max": 20}});
         assert_eq!(put(&c, &d, "big", big).status(), 201);
         let mut preds = Vec::new();
-        for (k, chunk) in v.chunks(20).enumerate() {
+        for (k, chunk) in v[..60].chunks(20).enumerate() {
             let r = post(
                 &c,
                 &d,
@@ -452,10 +454,24 @@ fn split_steps_give_the_serial_predictions_issue_6() {
         let pool = d.thread_names().iter().any(|n| n.starts_with("ekid-step"));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(pool, threads == 2 && cores >= 2, "{:?}", d.thread_names());
-        (preds, f["steps"].clone())
+        assert!(d.terminate(std::time::Duration::from_secs(30)).success());
+        let d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
+        let r = post(
+            &c,
+            &d,
+            "big",
+            "application/x-ndjson",
+            ndjson(&v[60..], Some(61)),
+        );
+        assert_eq!(r.status(), 200);
+        let r: Value = r.json().expect("json");
+        preds.extend(r["predictions"].as_array().expect("predictions").clone());
+        let after = get(&c, &d, "/v1/streams/big/forecast?horizon=5");
+        (preds, f["steps"].clone(), after["steps"].clone())
     };
     let (serial, split) = (run(1), run(2));
-    assert_eq!(serial.0.len(), 60);
+    assert_eq!(serial.0.len(), 80);
+    assert_ne!(serial.1, serial.2, "the last batch moved the forecast");
     assert!(
         serial.0[20..]
             .iter()
