@@ -224,10 +224,11 @@ fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
         // One stream whose samples alternate between one thread and two (the results are the
         // same bits either way, so it is one stream's evolution). Switching re-lays the
         // particles out (a split ensemble stores them as two panels): neither that nor the
-        // 60 ms of observations after it are timed (the first ten or so steps after a switch
-        // measured up to 10% slow: the copy's trace in L3, the idle core's clock). Then the two
-        // floors, interleaved: two ensembles of this size at once would evict each other from
-        // L3.
+        // 300 ms of observations after it are timed. (Two-thread steps right after one-thread
+        // ones measured 10–40% slow for 100–300 ms on this VM, with no re-layout at all as
+        // well: the host gives an idle second vCPU back slowly. A stream that keeps both
+        // cores busy never sees that.) Then the two floors, interleaved: two ensembles of this
+        // size at once would evict each other from L3.
         let mut s = Stream::with(j, hidden, 1, precision);
         let d = s.e.dim();
         let mut r = [Vec::new(), Vec::new()];
@@ -236,7 +237,7 @@ fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
             for round in 0..=samples {
                 for (times, threads) in r.iter_mut().zip([1, 2]) {
                     s.e.set_threads(threads);
-                    sample(&mut || s.observe(), Duration::from_millis(60));
+                    sample(&mut || s.observe(), Duration::from_millis(300));
                     let t = sample(&mut || s.observe(), Duration::from_millis(60));
                     if round > 0 {
                         times.push(t);
