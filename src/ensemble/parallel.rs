@@ -451,8 +451,9 @@ impl<T: Real> Finish<'_, T> {
 }
 
 /// Particle-major rows of `d` (`buf`) to two panels cut at column `c` (`to_panels`), or back:
-/// what a split ensemble stores (module doc). Copies the buffer once; runs when an ensemble
-/// starts or stops splitting its steps, never per step.
+/// what a split ensemble stores (module doc). Copies the buffer once (a second copy of the
+/// particles exists for that moment); runs when an ensemble starts or stops splitting its
+/// steps, never per step.
 pub(super) fn relayout<T: Copy>(buf: &mut [T], d: usize, c: usize, to_panels: bool) {
     if buf.is_empty() {
         return;
