@@ -451,28 +451,34 @@ impl<T: Real> Finish<'_, T> {
 }
 
 /// Particle-major rows of `d` (`buf`) to two panels cut at column `c` (`to_panels`), or back:
-/// what a split ensemble stores (module doc). Copies the buffer once (a second copy of the
-/// particles exists for that moment); runs when an ensemble starts or stops splitting its
-/// steps, never per step.
+/// what a split ensemble stores (module doc). Runs when an ensemble starts or stops splitting
+/// its steps, never per step. In place but for the right parts, which wait in a copy (the
+/// smaller part unless the read-out has more rows than the cell), while the left parts slide:
+/// towards the front, first particle first, on the way to panels; towards the back, last
+/// particle first, on the way back, so that no part is overwritten before it has moved.
 pub(super) fn relayout<T: Copy>(buf: &mut [T], d: usize, c: usize, to_panels: bool) {
     if buf.is_empty() {
         return;
     }
-    let copy = buf.to_vec();
     let j = buf.len() / d;
+    let (cr, panel) = (d - c, j * c);
     if to_panels {
-        let (left, right) = buf.split_at_mut(j * c);
-        let parts = left.chunks_exact_mut(c).zip(right.chunks_exact_mut(d - c));
-        for (row, (a, b)) in copy.chunks_exact(d).zip(parts) {
-            a.copy_from_slice(&row[..c]);
-            b.copy_from_slice(&row[c..]);
+        let right: Vec<T> = buf
+            .chunks_exact(d)
+            .flat_map(|row| &row[c..])
+            .copied()
+            .collect();
+        for jj in 1..j {
+            buf.copy_within(jj * d..jj * d + c, jj * c);
         }
+        buf[panel..].copy_from_slice(&right);
     } else {
-        let (left, right) = copy.split_at(j * c);
-        let parts = left.chunks_exact(c).zip(right.chunks_exact(d - c));
-        for (row, (a, b)) in buf.chunks_exact_mut(d).zip(parts) {
-            row[..c].copy_from_slice(a);
-            row[c..].copy_from_slice(b);
+        let right = buf[panel..].to_vec();
+        for jj in (1..j).rev() {
+            buf.copy_within(jj * c..(jj + 1) * c, jj * d);
+        }
+        for (row, part) in buf.chunks_exact_mut(d).zip(right.chunks_exact(cr)) {
+            row[c..].copy_from_slice(part);
         }
     }
 }
