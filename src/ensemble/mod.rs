@@ -536,7 +536,6 @@ impl<T: Real> Ensemble<T> {
                     pred,
                 }),
                 touch_ahead::<T>(self.particles.len()),
-                &mut |_, _| {},
             );
         }
         let mut report = StepReport {
@@ -852,7 +851,7 @@ struct Accumulate<'a, T> {
 /// recomputes C^{uw} from scratch). Returns whether every prediction was finite.
 #[allow(
     clippy::too_many_arguments,
-    reason = "the aligned per-particle slices of one range, as the two-thread step cuts them"
+    reason = "the aligned per-particle slices, the fused sums and the touch switch"
 )]
 fn forward_rows<T: Real>(
     layout: &Layout,
@@ -863,17 +862,9 @@ fn forward_rows<T: Real>(
     scratch: &mut [T],
     mut acc: Option<Accumulate<T>>,
     touch: bool,
-    after_block: &mut dyn FnMut(usize, &[f64]),
 ) -> bool {
     let (d, m, nh) = (layout.dim(), layout.outputs, layout.hidden);
     let mut all = true;
-    let mut done = 0;
-    // Out of cache the forward is where each particle is first read, and the arithmetic in
-    // between (tanh above all) keeps the hardware prefetcher from running far enough ahead:
-    // loading one value per cache line of the block TOUCH_AHEAD blocks on starts those reads
-    // early. When the ensemble fits in cache it only costs loads: callers pass `touch` from the
-    // whole ensemble's size (`touch_ahead`).
-    let mut touched = 0u64;
     for (bi, (((blk, hb), wb), okb)) in params
         .chunks(BLOCK * d)
         .zip(hidden.chunks_mut(BLOCK * nh))
@@ -881,16 +872,8 @@ fn forward_rows<T: Real>(
         .zip(healthy.chunks_mut(BLOCK))
         .enumerate()
     {
-        if let Some(ahead) = params
-            .get((bi + TOUCH_AHEAD) * BLOCK * d..)
-            .filter(|_| touch)
-        {
-            for v in ahead[..ahead.len().min(BLOCK * d)]
-                .iter()
-                .step_by(T::PER_LINE)
-            {
-                touched |= v.bits();
-            }
+        if touch {
+            touch_block(params, bi + TOUCH_AHEAD, BLOCK * d);
         }
         for (((u, h), wj), ok) in blk
             .chunks_exact(d)
@@ -904,8 +887,6 @@ fn forward_rows<T: Real>(
             *ok = wj.iter().all(|v| v.is_finite());
             all &= *ok;
         }
-        done += okb.len();
-        after_block(done, wb);
         if !all {
             acc = None;
         }
@@ -915,8 +896,23 @@ fn forward_rows<T: Real>(
             }
         }
     }
-    std::hint::black_box(touched);
     all
+}
+
+/// Loads one value per cache line of block `b` (blocks of `len` values) of `buf`, what is
+/// there of it. Out of cache the forward is where each particle is first read, and the
+/// arithmetic in between (tanh above all) keeps the hardware prefetcher from running far
+/// enough ahead: touching the block TOUCH_AHEAD blocks on starts those reads early. When the
+/// ensemble fits in cache it only costs loads: callers touch by the whole ensemble's size
+/// ([`touch_ahead`]).
+fn touch_block<T: Real>(buf: &[T], b: usize, len: usize) {
+    if let Some(ahead) = buf.get(b * len..) {
+        let mut touched = 0u64;
+        for v in ahead[..ahead.len().min(len)].iter().step_by(T::PER_LINE) {
+            touched |= v.bits();
+        }
+        std::hint::black_box(touched);
+    }
 }
 
 /// Whether the forward of an ensemble of `work` particle-parameters of `T` touches ahead.

@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::kernels::{self, BLOCK, UpdateRule};
-use super::{TOUCH_AHEAD, split_scratch, widen_into};
+use super::{TOUCH_AHEAD, split_scratch, touch_block, widen_into};
 use crate::network::{self, Layout};
 use crate::real::Real;
 
@@ -190,7 +190,7 @@ pub(super) fn forward<T: Real>(
             };
             for (b, blk) in panels.left.chunks(BLOCK * c).enumerate() {
                 let j0 = b * BLOCK;
-                touch(panels.left, (b + TOUCH_AHEAD) * BLOCK * c, BLOCK * c);
+                touch_block(panels.left, b + TOUCH_AHEAD, BLOCK * c);
                 for (i, u) in blk.chunks_exact(c).enumerate() {
                     let jj = j0 + i;
                     x[..nh].copy_from_slice(&hidden[jj * nh..(jj + 1) * nh]);
@@ -222,7 +222,7 @@ pub(super) fn forward<T: Real>(
             {
                 let j0 = b * BLOCK;
                 let j1 = j0 + okb.len();
-                touch(panels.right, (b + TOUCH_AHEAD) * BLOCK * cr, BLOCK * cr);
+                touch_block(panels.right, b + TOUCH_AHEAD, BLOCK * cr);
                 // Wait for the left half's states of this block (it always runs, first).
                 while hand_over.left.load(Ordering::Acquire) < j1 {
                     if hand_over.left_finished.load(Ordering::Acquire)
@@ -314,19 +314,6 @@ impl<T: Real> Sums<'_, T> {
             }
             std::hint::spin_loop();
         }
-    }
-}
-
-/// Loads one value per cache line of `panel[from..from + len]` (what is there of it), so that
-/// the reads of a block a few blocks ahead start early ([`super::forward_rows`] does the same
-/// for rows).
-fn touch<T: Real>(panel: &[T], from: usize, len: usize) {
-    if let Some(ahead) = panel.get(from..) {
-        let mut touched = 0u64;
-        for v in ahead[..ahead.len().min(len)].iter().step_by(T::PER_LINE) {
-            touched |= v.bits();
-        }
-        std::hint::black_box(touched);
     }
 }
 

@@ -426,7 +426,6 @@ fn touching_ahead_changes_no_result_issue_6() {
             &mut scratch,
             Some(acc),
             touch,
-            &mut |_, _| {},
         );
         assert!(all);
         [hidden, w, cuw].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
