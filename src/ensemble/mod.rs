@@ -29,7 +29,7 @@ mod kernels;
 mod parallel;
 pub use any::AnyEnsemble;
 pub use buffer::ParticleBuf;
-use kernels::{BLOCK, UpdateRule};
+use kernels::BLOCK;
 pub use parallel::{on_pool, parallel_min_work};
 
 /// One EKI ensemble, storing and computing its particles in `T` ([`Real`]: `f64` by default,
@@ -477,7 +477,7 @@ impl<T: Real> Ensemble<T> {
 
     /// [`Ensemble::step`] on the calling thread (on the step pool when the step splits).
     fn step_here(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
-        let (d, m) = (self.d, self.layout.outputs);
+        let m = self.layout.outputs;
         debug_assert!(z.iter().chain(y).all(|v| v.is_finite()));
 
         // 1. Predict with the mean particle.
@@ -588,54 +588,26 @@ impl<T: Real> Ensemble<T> {
             let n = (self.steps % self.momentum_restart) as f64;
             T::from_f64(n / (n + 3.0))
         });
-        if let Some(c) = self.cut {
-            // 5'. The rest of C^{uw}, its scaling, ū' and the update pass, a panel per thread.
-            let due = left_done.filter(|&s| all_healthy && s < self.j);
-            parallel::Finish {
-                m,
-                inv_j,
-                lambda: T::from_f64(self.inflation),
-                nesterov,
-                q,
-                qbar,
-                continuation: due.map(|s| (s, &w[..], &pred[..])),
-            }
-            .run(
-                &mut self.particles,
-                &mut self.previous,
-                cuw,
-                next_mean,
-                &mut self.mean,
-                c,
-            );
-        } else {
-            // C^{uw} = Σ/J, and ū' = ū + C^{uw} q̄ (needed before the pass for inflation around
-            // the new mean).
-            kernels::scale_and_next_mean(
-                cuw.chunks_exact_mut(d),
-                T::from_f64(inv_j),
-                qbar,
-                &self.mean,
-                next_mean,
-            );
-
-            // 5. The update pass: read and write every particle once, summing the new mean.
-            self.mean.fill(T::ZERO);
-            let rule = UpdateRule {
-                cuw,
-                d,
-                m,
-                lambda: T::from_f64(self.inflation),
-                next_mean,
-                nesterov,
-            };
-            rule.update(
-                self.particles.chunks_exact_mut(d),
-                q,
-                self.previous.chunks_exact_mut(d),
-                &mut self.mean,
-            );
+        // 5. The rest of C^{uw} (two threads), its scaling, ū' and the update pass: read and
+        // write every particle once, summing the new mean.
+        let due = left_done.filter(|&s| all_healthy && s < self.j);
+        parallel::Finish {
+            m,
+            inv_j,
+            lambda: T::from_f64(self.inflation),
+            nesterov,
+            q,
+            qbar,
+            continuation: due.map(|s| (s, &w[..], &pred[..])),
         }
+        .run(
+            &mut self.particles,
+            &mut self.previous,
+            cuw,
+            next_mean,
+            &mut self.mean,
+            self.cut,
+        );
         let inv = T::from_f64(inv_j);
         for v in self.mean.iter_mut() {
             *v *= inv;

@@ -340,10 +340,11 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
-/// The rest of a two-thread step once the coefficients are known, a panel per thread: each
-/// finishes its C^{uw} sums when some are due, scales its columns of C^{uw} by 1/J, forms its
-/// columns of the next mean ū' = ū + C^{uw} q̄, then updates its panel and sums it into the
-/// new mean: the serial step's operations per element, in its order, in one fork-join.
+/// The rest of a step once the coefficients are known: finish C^{uw}'s sums when some are
+/// due, scale C^{uw} by 1/J, form the next mean ū' = ū + C^{uw} q̄ (the centre of inflation,
+/// needed before the pass), then one read-write pass updates every particle and sums the new
+/// mean. On the calling thread over rows, or a panel per thread in one fork-join: the same
+/// operations per element, in the same order.
 pub(super) struct Finish<'a, T> {
     pub m: usize,
     pub inv_j: f64,
@@ -370,8 +371,8 @@ struct Panel<'a, T> {
 }
 
 impl<T: Real> Finish<'_, T> {
-    /// `particles` and `previous` (empty without momentum) are stored as panels cut at column
-    /// `c`, and `cuw` too (`m×c`, then `m×(d − c)`).
+    /// `particles` and `previous` (empty without momentum) are stored as rows (`cut` `None`),
+    /// or as panels cut at column `c`, and `cuw` then too (`m×c`, then `m×(d − c)`).
     pub(super) fn run(
         &self,
         particles: &mut [T],
@@ -379,8 +380,18 @@ impl<T: Real> Finish<'_, T> {
         cuw: &mut [T],
         next_mean: &mut [T],
         mean: &mut [T],
-        c: usize,
+        cut: Option<usize>,
     ) {
+        let Some(c) = cut else {
+            let whole = Panel {
+                rows: particles,
+                prev: previous,
+                cuw,
+                next_mean,
+                mean,
+            };
+            return self.panel(whole, self.continuation);
+        };
         let j = particles.len() / mean.len();
         let (rows_l, rows_r) = particles.split_at_mut(j * c);
         let (prev_l, prev_r) = previous.split_at_mut((j * c).min(previous.len()));
