@@ -5,9 +5,8 @@
 //! run j = 0, 1, …, J−1, one addition at a time. What changes is only how many particles one
 //! pass over a row touches: blocks of [`BLOCK`] particles (C^{uw}) or [`UPDATE_BLOCK`] (the
 //! update) load and store the d-long accumulator (C^{uw} row, mean sum) once per block instead
-//! of once per particle, and every
-//! loop runs over slices of one length, so the compiler vectorises across parameters without
-//! bounds checks. Vectorising across p never reorders a sum over j, so results stay bit-identical.
+//! of once per particle, and every loop runs over slices of one length, so the compiler
+//! vectorises across parameters without bounds checks. Vectorising across p never reorders a sum over j, so results stay bit-identical.
 
 use crate::real::Real;
 
@@ -44,8 +43,8 @@ pub fn accumulate4<T: Real>(acc: &mut [T], mean: &[T], u: [&[T]; BLOCK], e: [T; 
 }
 
 /// Accumulates output `o`'s row over consecutive particles: `rows` yields each particle's
-/// columns (a particle-major buffer's `chunks_exact(d)`, or one thread's parts of the rows), `w`
-/// holds their predictions (`m` apart), `acc` and `mean` the same columns. Four particles at a
+/// columns (a particle-major buffer's `chunks_exact(d)`, or a panel's rows), `w` holds their
+/// predictions (`m` apart), `acc` and `mean` the same columns. Four particles at a
 /// time ([`accumulate4`]), the rest one by one.
 pub fn accumulate_rows<'r, T: Real>(
     acc: &mut [T],
@@ -98,7 +97,7 @@ pub fn scale_and_next_mean<'r, T: Real>(
 }
 
 /// Particles per block of the plain update pass: eight rows share each load and store of the
-/// new mean's running sum. Against blocks of four: 3.84 → 3.56 ms (`f64`) and 1.25 → 1.12 ms
+/// new mean's running sum. Against blocks of four: 3.97 → 3.47 ms (`f64`) and 1.24 → 1.13 ms
 /// (`f32`) per observation at J=2000, hidden 32 (BENCHMARKS.md, fourth session).
 pub const UPDATE_BLOCK: usize = 8;
 

@@ -100,14 +100,9 @@ pub struct Spare<T> {
     state: Vec<T>,
 }
 
-impl<T> Clone for Spare<T> {
+impl<T: Default> Clone for Spare<T> {
     fn clone(&self) -> Self {
-        Spare {
-            states: Vec::new(),
-            predictions: Vec::new(),
-            w_left: Vec::new(),
-            state: Vec::new(),
-        }
+        Self::default()
     }
 }
 

@@ -382,24 +382,25 @@ fn two_threads_give_the_serial_bits_issue_6() {
     }
 }
 
+/// Whether an ensemble of `j` particles at `hidden` splits its steps when allowed two threads.
+fn splits<T: Real>(j: usize, hidden: usize) -> bool {
+    let mut e = Ensemble::<T>::new(&options(j, hidden, 12, 1, Method::Kalman, 1));
+    e.set_threads(2);
+    e.is_parallel()
+}
+
 #[test]
 fn big_ensembles_split_and_small_ones_do_not() {
-    let mut small = Ensemble::<f64>::new(&options(100, 16, 12, 1, Method::Kalman, 1));
-    small.set_threads(2);
-    assert!(!small.is_parallel());
+    assert!(!splits::<f64>(100, 16));
+    assert!(splits::<f64>(2000, 32));
     let mut big = Ensemble::<f64>::new(&options(2000, 32, 12, 1, Method::Kalman, 1));
     big.set_threads(2);
-    assert!(big.is_parallel());
     big.set_threads(1);
     assert!(!big.is_parallel());
     // f32 needs four times the particle-parameters: J=2000/h32 (2.97 M) stays serial, J=1000
     // at hidden 64 (5.0 M) splits.
-    let mut f32_mid = Ensemble::<f32>::new(&options(2000, 32, 12, 1, Method::Kalman, 1));
-    f32_mid.set_threads(2);
-    assert!(!f32_mid.is_parallel());
-    let mut f32_big = Ensemble::<f32>::new(&options(1000, 64, 12, 1, Method::Kalman, 1));
-    f32_big.set_threads(2);
-    assert!(f32_big.is_parallel());
+    assert!(!splits::<f32>(2000, 32));
+    assert!(splits::<f32>(1000, 64));
 }
 
 #[test]
