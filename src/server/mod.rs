@@ -185,16 +185,23 @@ impl AppState {
                 )));
             }
         }
-        let (store, n, o) = (self.inner.store.clone(), name.to_owned(), options.clone());
-        let files = tokio::task::spawn_blocking(move || store.create_stream(&n, &o))
-            .await
-            .map_err(|e| ApiError::Internal(format!("creating the stream's files: {e}")))?
-            .map_err(|e| ApiError::Storage(e.to_string()))?;
-        let view = self.insert(
-            name,
-            Start::Live(Box::new(Stream::new(options)), Box::new(files)),
-            bytes,
+        let (store, n, threads) = (
+            self.inner.store.clone(),
+            name.to_owned(),
+            self.inner.step_threads,
         );
+        // Drawing the ensemble (and, for a split one, laying it out as panels) is CPU work of
+        // the size of the ensemble: on the blocking pool with the files.
+        let (stream, files) = tokio::task::spawn_blocking(move || {
+            let files = store.create_stream(&n, &options)?;
+            let mut stream = Stream::new(options);
+            stream.set_step_threads(threads);
+            Ok::<_, crate::store::StoreError>((stream, files))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("creating the stream's files: {e}")))?
+        .map_err(|e| ApiError::Storage(e.to_string()))?;
+        let view = self.insert(name, Start::Live(Box::new(stream), Box::new(files)), bytes);
         Ok((true, view))
     }
 
@@ -206,7 +213,6 @@ impl AppState {
             self.inner.config.limits.queue_depth,
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
-            self.inner.step_threads,
             self.inner.failpoints.panic_in_update.as_deref() == Some(name),
         );
         let view = handle.view();
@@ -264,12 +270,15 @@ impl AppState {
     /// Recovers every stream in the data directory and starts its owner.
     pub async fn recover(&self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let store = self.inner.store.clone();
+        let (store, threads) = (self.inner.store.clone(), self.inner.step_threads);
         let recovered =
             tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, Recovered)>> {
                 let mut out = Vec::new();
                 for name in store.stream_names()? {
-                    if let Some(r) = store.recover_stream(&name) {
+                    if let Some(mut r) = store.recover_stream(&name) {
+                        if let Recovered::Ok(stream, ..) = &mut r {
+                            stream.set_step_threads(threads);
+                        }
                         out.push((name, r));
                     }
                 }

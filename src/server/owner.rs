@@ -113,13 +113,11 @@ pub fn spawn(
     queue_depth: usize,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
-    step_threads: usize,
     panic_in_update: bool,
 ) -> (StreamHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_depth.max(1));
     let (stream, store, view) = match start {
-        Start::Live(mut stream, store) => {
-            stream.set_step_threads(step_threads);
+        Start::Live(stream, store) => {
             let view = StreamView {
                 name: name.clone(),
                 options: stream.options().clone(),

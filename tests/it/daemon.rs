@@ -467,6 +467,9 @@ fn split_steps_give_the_serial_predictions_issue_6() {
         let r: Value = r.json().expect("json");
         preds.extend(r["predictions"].as_array().expect("predictions").clone());
         let after = get(&c, &d, "/v1/streams/big/forecast?horizon=5");
+        // The recovered stream splits too.
+        let pool = d.thread_names().iter().any(|n| n.starts_with("ekid-step"));
+        assert_eq!(pool, threads == 2 && cores >= 2, "{:?}", d.thread_names());
         (preds, f["steps"].clone(), after["steps"].clone())
     };
     let (serial, split) = (run(1), run(2));
