@@ -347,8 +347,10 @@ impl<T: Real> Ensemble<T> {
         self.d
     }
     /// The particles as stored: particle-major rows (`J×d`), or two panels while the steps
-    /// split over two threads (see [`Ensemble::particle_parts`]).
-    pub fn particles(&self) -> &[T] {
+    /// split over two threads. Tests only: everything else reads a particle through
+    /// [`Ensemble::particle_parts`] or the rows of [`Ensemble::state`], whatever the storage.
+    #[cfg(test)]
+    pub(crate) fn stored_particles(&self) -> &[T] {
         &self.particles
     }
     /// Particle `j`'s parameters in two parts, in parameter order (the second empty when the
@@ -504,10 +506,11 @@ impl<T: Real> Ensemble<T> {
         if let Some(c) = self.cut {
             network::load_inputs(&self.layout, scratch_b, z);
             hidden_next.resize(self.hidden.len(), T::ZERO);
+            let touch = touch_ahead::<T>(self.particles.len());
             let (left, right) = self.particles.split_at(self.j * c);
             let (ok, done) = parallel::forward(
                 &self.layout,
-                parallel::Panels { left, right },
+                parallel::Panels { left, right, touch },
                 &self.hidden,
                 hidden_next,
                 w,
@@ -896,7 +899,8 @@ fn touch_ahead<T>(work: usize) -> bool {
 const TOUCH_AHEAD: usize = 4;
 /// Ensemble bytes from which it does: 16 MiB of particles, half the (shared) L3. Measured on
 /// the development machine (BENCHMARKS.md, issue 6): about 7% faster at J=2000, hidden 32
-/// (24 MB), 5% slower at J=2000, hidden 16 (8 MB, which the L3 holds).
+/// (24 MB), 5% slower at J=2000, hidden 16 (8 MB, which the L3 holds); the two-thread forward
+/// alike (0–8% slower split at 9.5–14 MB, 10% faster at 24 MB; fifth session).
 const TOUCH_MIN_BYTES: usize = 16 << 20;
 
 #[cfg(test)]

@@ -112,10 +112,14 @@ impl<T> std::fmt::Debug for Spare<T> {
     }
 }
 
-/// The two panels of a split ensemble's particles (`J×c` and `J×(d − c)`).
+/// The two panels of a split ensemble's particles (`J×c` and `J×(d − c)`), and whether the
+/// forward touches each ahead ([`super::touch_ahead`], by the whole ensemble's bytes as in the
+/// serial forward: split `f64` ensembles of 9.5–14 MB ran 0–8% slower with the touch, 24 MB
+/// 10% faster; BENCHMARKS.md, fifth session).
 pub(super) struct Panels<'a, T> {
     pub left: &'a [T],
     pub right: &'a [T],
+    pub touch: bool,
 }
 
 /// The forward of every particle on two threads (module doc), with C^{uw} accumulated
@@ -185,7 +189,9 @@ pub(super) fn forward<T: Real>(
             };
             for (b, blk) in panels.left.chunks(BLOCK * c).enumerate() {
                 let j0 = b * BLOCK;
-                touch_block(panels.left, b + TOUCH_AHEAD, BLOCK * c);
+                if panels.touch {
+                    touch_block(panels.left, b + TOUCH_AHEAD, BLOCK * c);
+                }
                 for (i, u) in blk.chunks_exact(c).enumerate() {
                     let jj = j0 + i;
                     x[..nh].copy_from_slice(&hidden[jj * nh..(jj + 1) * nh]);
@@ -217,7 +223,9 @@ pub(super) fn forward<T: Real>(
             {
                 let j0 = b * BLOCK;
                 let j1 = j0 + okb.len();
-                touch_block(panels.right, b + TOUCH_AHEAD, BLOCK * cr);
+                if panels.touch {
+                    touch_block(panels.right, b + TOUCH_AHEAD, BLOCK * cr);
+                }
                 // Wait for the left half's states of this block (it always runs, first).
                 while hand_over.left.load(Ordering::Acquire) < j1 {
                     if hand_over.left_finished.load(Ordering::Acquire)

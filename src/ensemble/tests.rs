@@ -32,7 +32,7 @@ fn options(
 fn linearise(e: &mut Ensemble) {
     let l = *e.layout();
     let (d, k, ro) = (l.dim(), l.row(), l.readout_offset());
-    let mut p = e.particles().to_vec();
+    let mut p = e.stored_particles().to_vec();
     for u in p.chunks_exact_mut(d) {
         for o in 0..l.outputs {
             u[ro + o * k..ro + o * k + l.hidden].fill(0.0);
@@ -86,7 +86,7 @@ proptest! {
         o.momentum = momentum && flow;
         let mut e = Ensemble::<f64>::new(&o);
         linearise(&mut e);
-        let initial = e.particles().to_vec();
+        let initial = e.stored_particles().to_vec();
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
         let mut pred = vec![0.0; outputs];
         for _ in 0..steps {
@@ -94,7 +94,7 @@ proptest! {
             let y = random_vec(&mut rng, outputs);
             e.step(&z, &y, &mut pred);
         }
-        let r = span_residual(&initial, e.particles(), j, e.dim());
+        let r = span_residual(&initial, e.stored_particles(), j, e.dim());
         prop_assert!(r < 1e-9, "residual {r}");
     }
 
@@ -136,7 +136,7 @@ fn forward_all(e: &Ensemble, z: &[f64]) -> Vec<f64> {
     let mut w = vec![0.0; e.size() * l.outputs];
     let mut scratch = vec![0.0; l.row()];
     for (u, wj) in e
-        .particles()
+        .stored_particles()
         .chunks_exact(e.dim())
         .zip(w.chunks_exact_mut(l.outputs))
     {
@@ -155,7 +155,7 @@ fn kalman_update_matches_dense_computation() {
     let d = e.dim();
     let z = [0.3, 0.7, 0.1, 0.9];
     let y = [0.4, 0.6];
-    let u = DMatrix::from_row_slice(j, d, e.particles());
+    let u = DMatrix::from_row_slice(j, d, e.stored_particles());
     let w = DMatrix::from_row_slice(j, m, &forward_all(&e, &z));
     let ubar = u.row_mean();
     let wbar = w.row_mean();
@@ -180,7 +180,7 @@ fn kalman_update_matches_dense_computation() {
     let mut pred = [0.0; 2];
     e.step(&z, &y, &mut pred);
     assert_eq!(pred, mean_pred);
-    let got = DMatrix::from_row_slice(j, d, e.particles());
+    let got = DMatrix::from_row_slice(j, d, e.stored_particles());
     let err = (&got - &expected).abs().max();
     assert!(err < 1e-12, "max deviation {err}");
     let mean_err = (DMatrix::from_row_slice(1, d, e.mean()) - expected.row_mean())
@@ -198,7 +198,11 @@ fn flow_step_matches_hand_computed_d() {
     let d = e.dim();
     let z = [0.8];
     let y = [0.25];
-    let u: Vec<Vec<f64>> = e.particles().chunks_exact(d).map(<[f64]>::to_vec).collect();
+    let u: Vec<Vec<f64>> = e
+        .stored_particles()
+        .chunks_exact(d)
+        .map(<[f64]>::to_vec)
+        .collect();
     let w = forward_all(&e, &z);
     let wbar = w.iter().sum::<f64>() / j as f64;
     // D^{jk} = (1/J) (w_k − w̄)·(w_j − y), Ψ = ½‖z − y‖².
@@ -217,7 +221,7 @@ fn flow_step_matches_hand_computed_d() {
         for p in 0..d {
             let du: f64 = (0..j).map(|b| dm[a][b] * u[b][p]).sum();
             let want = u[a][p] - h_n * du;
-            let got = e.particles()[a * d + p];
+            let got = e.stored_particles()[a * d + p];
             assert!(
                 (got - want).abs() < 1e-12,
                 "particle {a} param {p}: {got} vs {want}"
@@ -231,7 +235,7 @@ fn a_particle_with_non_finite_prediction_is_redrawn() {
     let o = options(10, 4, 3, 1, Method::Kalman, 3);
     let mut e = Ensemble::<f64>::new(&o);
     let d = e.dim();
-    let mut p = e.particles().to_vec();
+    let mut p = e.stored_particles().to_vec();
     // Particle 4's read-out bias overflows to infinity.
     p[4 * d + d - 1] = f64::INFINITY;
     e.set_particles(&p);
@@ -240,7 +244,7 @@ fn a_particle_with_non_finite_prediction_is_redrawn() {
     assert_eq!(report.repaired, 1);
     assert_eq!(e.repaired(), 1);
     assert!(pred[0].is_finite());
-    assert!(e.particles().iter().all(|v| v.is_finite()));
+    assert!(e.stored_particles().iter().all(|v| v.is_finite()));
     assert!(e.mean().iter().all(|v| v.is_finite()));
     // It keeps learning afterwards.
     let report = e.step(&[0.2, 0.1, 0.3], &[0.4], &mut pred);
@@ -252,13 +256,13 @@ fn a_particle_with_non_finite_prediction_is_redrawn() {
 fn every_particle_unhealthy_falls_back_to_the_prior() {
     let o = options(4, 2, 1, 1, Method::Kalman, 9);
     let mut e = Ensemble::<f64>::new(&o);
-    let p = vec![f64::NAN; e.particles().len()];
+    let p = vec![f64::NAN; e.stored_particles().len()];
     e.set_particles(&p);
     let mut pred = [0.0];
     let report = e.step(&[0.5], &[0.5], &mut pred);
     assert_eq!(report.repaired, 4);
     assert!(pred[0].is_finite());
-    assert!(e.particles().iter().all(|v| v.is_finite()));
+    assert!(e.stored_particles().iter().all(|v| v.is_finite()));
 }
 
 #[test]
@@ -297,8 +301,8 @@ fn same_seed_same_ensemble_different_seed_different() {
     let a = Ensemble::<f64>::new(&options(5, 2, 2, 1, Method::Kalman, 42));
     let b = Ensemble::<f64>::new(&options(5, 2, 2, 1, Method::Kalman, 42));
     let c = Ensemble::<f64>::new(&options(5, 2, 2, 1, Method::Kalman, 43));
-    assert_eq!(a.particles(), b.particles());
-    assert_ne!(a.particles(), c.particles());
+    assert_eq!(a.stored_particles(), b.stored_particles());
+    assert_ne!(a.stored_particles(), c.stored_particles());
 }
 
 /// Pushes one stream through the serial step and the two-thread step and asserts that every
@@ -316,7 +320,7 @@ fn parallel_matches_serial<T: Real>(o: &Options, steps: usize, poison: Option<us
     parallel.set_parallel_min_work(0);
     assert!(parallel.is_parallel() && !serial.is_parallel());
     if let Some(jj) = poison {
-        let mut p = serial.particles().to_vec();
+        let mut p = serial.stored_particles().to_vec();
         p[jj * serial.dim() + 1] = T::from_f64(f64::NAN);
         serial.set_particles(&p);
         parallel.set_particles(&p);
@@ -340,7 +344,10 @@ fn parallel_matches_serial<T: Real>(o: &Options, steps: usize, poison: Option<us
     assert_eq!(serial.state(), parallel.state());
     parallel.set_threads(1);
     assert!(parallel.cut.is_none());
-    assert_eq!(tbits(serial.particles()), tbits(parallel.particles()));
+    assert_eq!(
+        tbits(serial.stored_particles()),
+        tbits(parallel.stored_particles())
+    );
     assert_eq!(tbits(serial.mean()), tbits(parallel.mean()));
     assert_eq!(tbits(&serial.hidden), tbits(&parallel.hidden));
     assert_eq!(tbits(&serial.previous), tbits(&parallel.previous));
@@ -420,7 +427,7 @@ fn touching_ahead_changes_no_result_issue_6() {
         };
         let all = forward_rows(
             &l,
-            e.particles(),
+            e.stored_particles(),
             &mut hidden,
             &mut w,
             &mut ok,
@@ -523,7 +530,11 @@ fn particles_read_the_same_from_panels_as_from_rows_issue_6() {
     panels.set_threads(2);
     panels.set_parallel_min_work(0);
     assert!(panels.cut.is_some() && rows.cut.is_none());
-    assert_ne!(rows.particles(), panels.particles(), "stored differently");
+    assert_ne!(
+        rows.stored_particles(),
+        panels.stored_particles(),
+        "stored differently"
+    );
     let d = rows.dim();
     for j in 0..rows.size() {
         let (a, b) = rows.particle_parts(j);
@@ -531,7 +542,7 @@ fn particles_read_the_same_from_panels_as_from_rows_issue_6() {
         let (l, r) = panels.particle_parts(j);
         assert!(!l.is_empty() && !r.is_empty());
         assert_eq!([l, r].concat(), a);
-        assert_eq!(a, &rows.particles()[j * d..(j + 1) * d]);
+        assert_eq!(a, &rows.stored_particles()[j * d..(j + 1) * d]);
     }
     assert_eq!(
         rows.parameter_spread().to_bits(),
@@ -545,5 +556,5 @@ fn particles_read_the_same_from_panels_as_from_rows_issue_6() {
     assert_eq!(a.map(f64::to_bits), b.map(f64::to_bits));
     // Back to rows: the very same buffer.
     panels.set_threads(1);
-    assert_eq!(rows.particles(), panels.particles());
+    assert_eq!(rows.stored_particles(), panels.stored_particles());
 }
