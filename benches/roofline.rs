@@ -7,7 +7,9 @@
 //!    doubles and then reads and writes it (the forward reads every weight once, the update
 //!    reads and writes each once). Both are timed in the same run, samples interleaved, and the
 //!    ratio of the medians is reported. Small ensembles sit in cache, and so does the floor's
-//!    buffer of the same size: the comparison is always like for like.
+//!    buffer of the same size: the comparison is always like for like. Timed with them: the
+//!    fixed operations (`OpFloor`), the arithmetic the engine's bits pin, in plain loops over a
+//!    buffer of the same size, over the floor.
 //! 2. `cores`: observations/s of one big stream on one thread and split over two.
 //! 3. `growth`: observations/s and ensemble bytes for J ∈ {32, 100, 500, 2000, 8000} ×
 //!    hidden ∈ {8, 16, 32, 64}.
@@ -103,6 +105,109 @@ impl<T: Real> Floor<T> {
     }
 }
 
+/// The fixed operation order alone, in tight loops over a buffer like the floor's: per
+/// particle-parameter the forward's multiply and add (sixteen independent sums per row), C^{uw}'s
+/// subtract, multiply and add (four particles per pass over the accumulator), the update's
+/// multiply and add and the add into the new mean's sum (eight particles per pass), and
+/// `hidden` calls of the type's `tanh` per particle; no network structure, mean particle or
+/// solve. Any implementation that keeps the engine's bits does at least this arithmetic, so
+/// its time over the memory floor bounds the roofline ratio the rule allows on this machine.
+struct OpFloor<T> {
+    buf: ParticleBuf<T>,
+    /// The forward's input (one row's worth), C^{uw}'s row, the mean, the new mean's sum.
+    x: Vec<T>,
+    cuw: Vec<T>,
+    mean: Vec<T>,
+    sum: Vec<T>,
+    /// One particle's new hidden state.
+    state: Vec<T>,
+    d: usize,
+}
+
+impl<T: Real> OpFloor<T> {
+    fn new(j: usize, d: usize, hidden: usize) -> Self {
+        OpFloor {
+            buf: ParticleBuf::from_slice(&vec![T::ONE; j * d]),
+            x: vec![T::from_f64(1e-3); d],
+            cuw: vec![T::ZERO; d],
+            mean: vec![T::from_f64(0.5); d],
+            sum: vec![T::ZERO; d],
+            state: vec![T::ZERO; hidden],
+            d,
+        }
+    }
+
+    fn pass(&mut self) {
+        let (d, small) = (self.d, T::from_f64(1e-12));
+        // The forward of four particles, then their terms of C^{uw} while they are in cache.
+        let mut acts = T::ZERO;
+        let e: [T; 4] = black_box([small; 4]);
+        for blk in self.buf.chunks(4 * d) {
+            for row in blk.chunks_exact(d) {
+                let mut s = [T::ZERO; 16];
+                let (body, tail) = row.split_at(d - d % 16);
+                for (c, x) in body.chunks_exact(16).zip(self.x.chunks_exact(16)) {
+                    for k in 0..16 {
+                        s[k] += c[k] * x[k];
+                    }
+                }
+                for (c, x) in tail.iter().zip(&self.x[d - d % 16..]) {
+                    s[0] += *c * *x;
+                }
+                // The engine's order: the row's sums first, then tanh over the new state at once.
+                for (i, h) in self.state.iter_mut().enumerate() {
+                    *h = s[i % 16];
+                }
+                for h in self.state.iter_mut() {
+                    *h = h.tanh();
+                }
+                acts += self.state[0];
+            }
+            if blk.len() == 4 * d {
+                let (u01, u23) = blk.split_at(2 * d);
+                let ((u0, u1), (u2, u3)) = (u01.split_at(d), u23.split_at(d));
+                let (cuw, mean) = (&mut self.cuw[..d], &self.mean[..d]);
+                for p in 0..d {
+                    let m = mean[p];
+                    let mut a = cuw[p];
+                    a += (u0[p] - m) * e[0];
+                    a += (u1[p] - m) * e[1];
+                    a += (u2[p] - m) * e[2];
+                    a += (u3[p] - m) * e[3];
+                    cuw[p] = a;
+                }
+            }
+        }
+        black_box(acts);
+        // The update of eight particles per pass over the new mean's sum.
+        self.sum.fill(T::ZERO);
+        let (c, sum) = (&self.cuw[..d], &mut self.sum[..d]);
+        let q: [T; 8] = black_box([small; 8]);
+        for blk in self.buf.chunks_exact_mut(8 * d) {
+            let (a, b) = blk.split_at_mut(4 * d);
+            let ((u0, u1), (u2, u3)) = pair(a, d);
+            let ((u4, u5), (u6, u7)) = pair(b, d);
+            for p in 0..d {
+                let cp = c[p];
+                let u = [u0[p], u1[p], u2[p], u3[p], u4[p], u5[p], u6[p], u7[p]];
+                let a: [T; 8] = std::array::from_fn(|k| u[k] + cp * q[k]);
+                (u0[p], u1[p], u2[p], u3[p]) = (a[0], a[1], a[2], a[3]);
+                (u4[p], u5[p], u6[p], u7[p]) = (a[4], a[5], a[6], a[7]);
+                sum[p] = a.iter().fold(sum[p], |s, &v| s + v);
+            }
+        }
+        black_box(self.sum[0]);
+    }
+}
+
+/// Four rows of `d` values from a buffer of four.
+#[allow(clippy::type_complexity, reason = "two pairs of rows")]
+fn pair<T>(buf: &mut [T], d: usize) -> ((&mut [T], &mut [T]), (&mut [T], &mut [T])) {
+    let (a, b) = buf.split_at_mut(2 * d);
+    let ((u0, u1), (u2, u3)) = (a.split_at_mut(d), b.split_at_mut(d));
+    ((&mut u0[..d], &mut u1[..d]), (&mut u2[..d], &mut u3[..d]))
+}
+
 /// Seconds per call of `f`, one sample: enough calls to fill `target`.
 fn sample(f: &mut dyn FnMut(), target: Duration) -> f64 {
     let start = Instant::now();
@@ -158,9 +263,9 @@ fn fmt_time(s: f64) -> String {
 fn ratio(samples: usize) {
     println!("## ratio: one observation vs the memory floor (single thread)\n");
     println!(
-        "| precision | J | hidden | d | ensemble bytes | time / obs | obs/s | ns per particle-parameter | floor | time / floor |"
+        "| precision | J | hidden | d | ensemble bytes | time / obs | obs/s | ns per particle-parameter | floor | time / floor | fixed operations | operations / floor | time / operations |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for precision in [Precision::F64, Precision::F32] {
         for &(j, hidden) in &[
             (100, 16),
@@ -185,20 +290,26 @@ fn ratio_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
         let mut s = Stream::with(j, hidden, 1, precision);
         let d = s.e.dim();
         let mut floor = Floor::<T>::new(j, d);
+        let mut ops = OpFloor::<T>::new(j, d, hidden);
         let t = interleaved(
-            &mut [&mut || s.observe(), &mut || floor.pass()],
+            &mut [&mut || s.observe(), &mut || floor.pass(), &mut || {
+                ops.pass()
+            }],
             samples,
             Duration::from_millis(40),
         );
         let name = precision.name();
         println!(
-            "| {name} | {j} | {hidden} | {d} | {:.2} MB | {} | {:.0} | {:.2} | {} | {:.2} |",
+            "| {name} | {j} | {hidden} | {d} | {:.2} MB | {} | {:.0} | {:.2} | {} | {:.2} | {} | {:.2} | {:.2} |",
             (j * d * std::mem::size_of::<T>()) as f64 / 1e6,
             fmt_time(t[0]),
             1.0 / t[0],
             t[0] * 1e9 / (j * d) as f64,
             fmt_time(t[1]),
-            t[0] / t[1]
+            t[0] / t[1],
+            fmt_time(t[2]),
+            t[2] / t[1],
+            t[0] / t[2]
         );
     }
 }
