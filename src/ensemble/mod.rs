@@ -91,7 +91,9 @@ struct Workspace<T> {
     /// Two threads: the new hidden states (`J×hidden`, swapped with the old after the
     /// forward); empty until the first split step.
     hidden_next: Vec<T>,
-    /// Panels only: one particle gathered into a row (repairs, re-draws, frozen predictions).
+    /// One particle as a row: a repair's re-draw; with panels also a particle gathered for a
+    /// frozen prediction or drawn by a re-spread. Empty until first needed: most streams never repair (a d-long row per
+    /// stream would cost the many-streams budget 1.5 KiB at J=32, hidden 8).
     row: Vec<T>,
     mean_hidden_before: Vec<T>,
     healthy: Vec<bool>,
