@@ -26,10 +26,11 @@ pub fn accumulate1<T: Real>(acc: &mut [T], mean: &[T], u: &[T], e: T) {
 
 /// [`accumulate1`] for four consecutive particles, in their order, per element.
 #[inline]
-pub fn accumulate4<T: Real>(acc: &mut [T], mean: &[T], u: [&[T]; BLOCK], e: [T; BLOCK]) {
+pub fn accumulate4<T: Real>(acc: &mut [T], mean: &[T], terms: [(&[T], T); BLOCK]) {
     let n = acc.len();
     let mean = &mean[..n];
-    let [u0, u1, u2, u3] = u;
+    let [(u0, e0), (u1, e1), (u2, e2), (u3, e3)] = terms;
+    let e = [e0, e1, e2, e3];
     let (u0, u1, u2, u3) = (&u0[..n], &u1[..n], &u2[..n], &u3[..n]);
     for p in 0..n {
         let mp = mean[p];
@@ -55,23 +56,36 @@ pub fn accumulate_rows<'r, T: Real>(
     o: usize,
     pred_o: f64,
 ) {
-    let mut terms = rows.zip(w.chunks_exact(m).map(|wj| T::from_f64(wj[o] - pred_o)));
+    let terms = rows.zip(w.chunks_exact(m).map(|wj| T::from_f64(wj[o] - pred_o)));
+    for_blocks(
+        terms,
+        acc,
+        |acc, block: [_; BLOCK]| accumulate4(acc, mean, block),
+        |acc, (u, e)| accumulate1(acc, mean, u, e),
+    );
+}
+
+/// Feeds `items` in order to `block`, `N` at a time, and the last `len % N` to `one`, each
+/// with `acc` (what both write).
+#[inline]
+fn for_blocks<I: Iterator, A: ?Sized, const N: usize>(
+    mut items: I,
+    acc: &mut A,
+    block: impl Fn(&mut A, [I::Item; N]),
+    one: impl Fn(&mut A, I::Item),
+) {
     loop {
-        match [terms.next(), terms.next(), terms.next(), terms.next()] {
-            [
-                Some((u0, e0)),
-                Some((u1, e1)),
-                Some((u2, e2)),
-                Some((u3, e3)),
-            ] => {
-                accumulate4(acc, mean, [u0, u1, u2, u3], [e0, e1, e2, e3]);
+        let next: [Option<I::Item>; N] = std::array::from_fn(|_| items.next());
+        if next.iter().all(Option::is_some) {
+            block(
+                acc,
+                next.map(|item| item.expect("checked: every item is there")),
+            );
+        } else {
+            for item in next.into_iter().flatten() {
+                one(acc, item);
             }
-            rest => {
-                for (u, e) in rest.into_iter().flatten() {
-                    accumulate1(acc, mean, u, e);
-                }
-                return;
-            }
+            return;
         }
     }
 }
@@ -104,9 +118,19 @@ pub const UPDATE_BLOCK: usize = 8;
 /// The plain update of a block (one output, no inflation, no momentum): `u_b[p] += c[p]·q_b`,
 /// then `sum[p] += u_b[p]` in particle order.
 #[inline]
-pub fn update8<T: Real>(u: [&mut [T]; UPDATE_BLOCK], c: &[T], q: [T; UPDATE_BLOCK], sum: &mut [T]) {
+pub fn update8<T: Real>(rows: [(&mut [T], T); UPDATE_BLOCK], c: &[T], sum: &mut [T]) {
     let n = c.len();
-    let [u0, u1, u2, u3, u4, u5, u6, u7] = u;
+    let [
+        (u0, q0),
+        (u1, q1),
+        (u2, q2),
+        (u3, q3),
+        (u4, q4),
+        (u5, q5),
+        (u6, q6),
+        (u7, q7),
+    ] = rows;
+    let q = [q0, q1, q2, q3, q4, q5, q6, q7];
     let (u0, u1, u2, u3) = (&mut u0[..n], &mut u1[..n], &mut u2[..n], &mut u3[..n]);
     let (u4, u5, u6, u7) = (&mut u4[..n], &mut u5[..n], &mut u6[..n], &mut u7[..n]);
     let sum = &mut sum[..n];
@@ -195,31 +219,14 @@ impl<T: Real> UpdateRule<'_, T> {
         let m = self.m;
         if self.plain() {
             let c = &self.cuw[..self.d];
-            let mut each = rows.zip(q);
-            loop {
-                let block: [_; UPDATE_BLOCK] = std::array::from_fn(|_| each.next());
-                match block {
-                    [
-                        Some((u0, q0)),
-                        Some((u1, q1)),
-                        Some((u2, q2)),
-                        Some((u3, q3)),
-                        Some((u4, q4)),
-                        Some((u5, q5)),
-                        Some((u6, q6)),
-                        Some((u7, q7)),
-                    ] => {
-                        let qs = [q0, q1, q2, q3, q4, q5, q6, q7].map(|qj| T::from_f64(*qj));
-                        update8([u0, u1, u2, u3, u4, u5, u6, u7], c, qs, sum);
-                    }
-                    rest => {
-                        for (u, qj) in rest.into_iter().flatten() {
-                            self.one(u, std::slice::from_ref(qj), None, sum);
-                        }
-                        return;
-                    }
-                }
-            }
+            for_blocks(
+                rows.zip(q),
+                sum,
+                |sum, block: [_; UPDATE_BLOCK]| {
+                    update8(block.map(|(u, qj)| (u, T::from_f64(*qj))), c, sum);
+                },
+                |sum, (u, qj)| self.one(u, std::slice::from_ref(qj), None, sum),
+            );
         } else if self.nesterov.is_some() {
             for ((u, qj), pv) in rows.zip(q.chunks_exact(m)).zip(prev) {
                 self.one(u, qj, Some(pv), sum);
