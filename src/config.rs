@@ -50,7 +50,9 @@ pub struct Limits {
     pub batch_observations: usize,
     /// Most streams at once.
     pub streams: usize,
-    /// Budget for all ensembles together (J·d values of 8 bytes each, 4 for `f32`), bytes.
+    /// Budget for all streams together, bytes: each is charged what it holds
+    /// ([`crate::stream::Stream::memory_bytes`]: its ensemble of J·d values of 8 bytes, 4 for
+    /// `f32`, the parameter-sized work buffers, and a snapshot's `f64` copy of its state).
     pub memory_bytes: u64,
     /// Longest forecast horizon.
     pub horizon: usize,

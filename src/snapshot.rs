@@ -13,7 +13,7 @@
 //! one, plus perhaps a stray `.tmp` that recovery removes.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::stream::StreamState;
@@ -50,30 +50,57 @@ pub fn write(dir: &Path, seq: u64, state: &StreamState) -> Result<PathBuf, Snaps
         let path = path.to_owned();
         move |source| SnapshotError::Io { path, source }
     };
-    let payload = postcard::to_stdvec(state).map_err(|e| SnapshotError::Invalid {
-        path: final_path.clone(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&VERSION.to_le_bytes());
-    bytes.extend_from_slice(&seq.to_le_bytes());
-    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
-    let result = File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })
-        .map_err(io(&tmp));
+    // The payload is encoded straight into the file (no copy of it in memory: a big stream's
+    // state is already a copy of its ensemble), then the header, whose length and checksum
+    // are known only then, is written over the placeholder at the start.
+    let result = File::create(&tmp).and_then(|mut file| {
+        file.write_all(&[0; HEADER_LEN])?;
+        let payload = BufWriter::new(Checksummed {
+            out: file,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        });
+        let payload = postcard::to_io(state, payload)
+            .map_err(|e| io::Error::other(format!("cannot encode the state: {e}")))?;
+        let Checksummed { mut out, crc, len } = payload
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)?;
+        out.seek(SeekFrom::Start(0))?;
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&seq.to_le_bytes());
+        header.extend_from_slice(&len.to_le_bytes());
+        header.extend_from_slice(&crc.finalize().to_le_bytes());
+        out.write_all(&header)?;
+        out.sync_all()
+    });
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(io(&tmp)(e));
     }
     std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
     sync_dir(dir).map_err(io(dir))?;
     Ok(final_path)
+}
+
+/// A writer that checksums and counts what passes through it.
+struct Checksummed<W> {
+    out: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Reads and checks a snapshot; returns its seq and state.

@@ -191,6 +191,21 @@ fn auto_scaler(values: impl Iterator<Item = f64>) -> Scaler {
 }
 
 impl Stream {
+    /// The memory a stream of these options may hold, in bytes: its ensemble
+    /// ([`AnyEnsemble::footprint`]: the particles and every parameter-sized work buffer), a
+    /// snapshot's copy of the ensemble's state while one is written (encoded straight into the
+    /// file), and the stream's own buffers (the lag buffer and its copy, the model's input).
+    /// What the daemon's memory budget charges a stream; a batch's observations are its
+    /// request's, bounded by the body limit.
+    pub fn memory_bytes(options: &Options) -> u64 {
+        let ensemble = AnyEnsemble::footprint(options);
+        let n_in = options.lags * options.outputs + options.inputs;
+        let own =
+            (2 * options.lags * options.outputs + n_in + 2 * options.inputs + 8 * options.outputs)
+                * std::mem::size_of::<f64>();
+        (ensemble.resident + ensemble.snapshot + own) as u64
+    }
+
     pub fn new(options: Options) -> Self {
         let y_scale = match options.scale {
             ScaleOption::Fixed(r) => Some(vec![Scaler::new(r.min, r.max); options.outputs]),

@@ -1,7 +1,7 @@
 //! A stream's ensemble in the precision its options name: one type for the stream, `ekid eval`
 //! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
 
-use super::{Ensemble, EnsembleState, StepReport, widen};
+use super::{Ensemble, EnsembleState, Footprint, StepReport, widen};
 use crate::network::Layout;
 use crate::options::Options;
 use crate::real::{Precision, Real};
@@ -32,6 +32,14 @@ impl AnyEnsemble {
         match options.precision {
             Precision::F64 => AnyEnsemble::F64(Ensemble::new(options)),
             Precision::F32 => AnyEnsemble::F32(Ensemble::new(options)),
+        }
+    }
+
+    /// [`Ensemble::footprint`] for the precision the options name.
+    pub fn footprint(options: &Options) -> Footprint {
+        match options.precision {
+            Precision::F64 => Ensemble::<f64>::footprint(options),
+            Precision::F32 => Ensemble::<f32>::footprint(options),
         }
     }
 

@@ -37,6 +37,17 @@ enum Storage<T> {
 }
 
 impl<T: Real> ParticleBuf<T> {
+    /// The memory a buffer of `len` values may hold: its bytes, and for a mapped one the huge
+    /// page its last bytes round up to.
+    pub fn resident_bytes(len: usize) -> usize {
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes >= HUGE_MIN_BYTES {
+            bytes.next_multiple_of(HUGE_PAGE) + HUGE_PAGE
+        } else {
+            bytes
+        }
+    }
+
     pub fn zeroed(len: usize) -> Self {
         #[cfg(target_os = "linux")]
         if len * std::mem::size_of::<T>() >= HUGE_MIN_BYTES

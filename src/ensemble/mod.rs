@@ -153,7 +153,44 @@ fn split_scratch<'s, T>(scratch: &'s mut [T], layout: &Layout) -> (&'s mut [T], 
     scratch.split_at_mut(layout.row())
 }
 
+/// The memory of an ensemble, in bytes (see [`Ensemble::footprint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Everything the ensemble holds while it runs.
+    pub resident: usize,
+    /// A snapshot's copy of its state ([`EnsembleState`], `f64`), made while the stream runs on.
+    pub snapshot: usize,
+}
+
 impl<T: Real> Ensemble<T> {
+    /// What an ensemble of these options holds: every buffer [`Ensemble::new`] allocates, the
+    /// ones a split step adds and a repair's row; and the size of its snapshot state. Computed
+    /// from the shapes alone, before anything is allocated (the daemon's memory budget); keep it
+    /// next to `new`, whose buffers it lists. Parameter-sized work buffers (C^{uw} is m×d) can
+    /// outgrow the particles when outputs exceed J.
+    pub fn footprint(options: &Options) -> Footprint {
+        let layout = options.layout();
+        let (j, d, m, nh) = (
+            options.ensemble,
+            layout.dim(),
+            layout.outputs,
+            layout.hidden,
+        );
+        let (v, f) = (std::mem::size_of::<T>(), std::mem::size_of::<f64>());
+        let copies = if options.momentum { 2 } else { 1 };
+        let particles = copies * ParticleBuf::<T>::resident_bytes(j * d);
+        // hidden and hidden_next; mean, next_mean, the row, C^{uw}; mean_hidden twice; two
+        // scratch rows.
+        let values = 2 * j * nh + (3 + m) * d + 2 * nh + 2 * (layout.row() + m);
+        // Per particle: w, q, the split step's hand-over (predictions, its copy of w, the
+        // left rows' states) and the squared error; then C^{ww}, w̄, q̄ and the prior's centre
+        // and scales.
+        let doubles = j * (4 * m + parallel::row_cut(&layout) + 1) + m * m + 2 * m + 2 * d;
+        let resident = particles + values * v + doubles * f + j;
+        let snapshot = (copies * j * d + j * nh + d + nh + j + 2 * d) * f;
+        Footprint { resident, snapshot }
+    }
+
     /// Draws the initial ensemble from the prior, reproducibly from `options.seed`.
     pub fn new(options: &Options) -> Self {
         let layout = options.layout();

@@ -84,7 +84,9 @@ pub struct Shared {
 #[derive(Default)]
 struct Registry {
     handles: HashMap<String, StreamHandle>,
-    /// Ensemble bytes of every open stream, for the memory budget.
+    /// The memory each open stream was charged ([`Stream::memory_bytes`]; 0 for one that could
+    /// not be recovered), given back when it is deleted, and their sum: the memory budget.
+    charged: HashMap<String, u64>,
     bytes: u64,
 }
 
@@ -156,7 +158,7 @@ impl AppState {
             return Err(ApiError::ShuttingDown);
         }
         let limits = &self.inner.config.limits;
-        let bytes = options.ensemble_bytes() as u64;
+        let bytes = Stream::memory_bytes(&options);
         {
             let reg = read(&self.inner.streams);
             if let Some(h) = reg.handles.get(name) {
@@ -176,11 +178,12 @@ impl AppState {
             let left = limits.memory_bytes.saturating_sub(reg.bytes);
             if bytes > left {
                 return Err(ApiError::Limit(format!(
-                    "the ensemble needs {bytes} bytes (J·d·{} = {}·{}·{}) but only {left} of the {}-byte budget are left",
+                    "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers and a snapshot's copy) but only {left} of the {}-byte budget are left",
                     options.precision.bytes(),
                     options.ensemble,
                     options.layout().dim(),
                     options.precision.bytes(),
+                    options.ensemble_bytes(),
                     limits.memory_bytes
                 )));
             }
@@ -219,6 +222,7 @@ impl AppState {
         {
             let mut reg = write(&self.inner.streams);
             reg.handles.insert(name.to_owned(), handle);
+            reg.charged.insert(name.to_owned(), bytes);
             reg.bytes += bytes;
             self.inner.metrics.streams.set(reg.handles.len() as i64);
         }
@@ -238,11 +242,8 @@ impl AppState {
                 .handles
                 .remove(name)
                 .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))?;
-            if h.view().failed.is_none() {
-                reg.bytes = reg
-                    .bytes
-                    .saturating_sub(h.view().options.ensemble_bytes() as u64);
-            }
+            let charged = reg.charged.remove(name).unwrap_or(0);
+            reg.bytes = reg.bytes.saturating_sub(charged);
             self.inner.metrics.streams.set(reg.handles.len() as i64);
             h
         };
@@ -300,7 +301,7 @@ impl AppState {
                     );
                     ok += 1;
                     replayed += report.replayed;
-                    let bytes = stream.options().ensemble_bytes() as u64;
+                    let bytes = Stream::memory_bytes(stream.options());
                     self.insert(&name, Start::Live(stream, files), bytes);
                 }
                 Recovered::Failed(options, reason) => {
@@ -325,6 +326,7 @@ impl AppState {
         let handles: Vec<StreamHandle> = {
             let mut reg = write(&self.inner.streams);
             reg.bytes = 0;
+            reg.charged.clear();
             reg.handles.drain().map(|(_, h)| h).collect()
         };
         for h in handles {

@@ -528,7 +528,7 @@ fn limits_refuse_clearly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cfg = write_config(
         tmp.path(),
-        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 1000000\nhorizon = 50\nheader_timeout_ms = 300\n",
+        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2200000\nhorizon = 50\nheader_timeout_ms = 300\n",
     );
     let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
@@ -540,15 +540,17 @@ fn limits_refuse_clearly() {
         )
     };
     assert_eq!(put("a", S).0, 201);
-    // Memory: J·d·8 over what is left.
+    // Memory: what the stream holds (its ensemble, work buffers, a snapshot's f64 copy) over
+    // what is left.
     let (st, p, _) = put("big", r#"{"ensemble": 2000, "hidden": 16}"#);
     assert_eq!(st, 422, "{p}");
     assert!(
         p["detail"].as_str().expect("detail").contains("only"),
         "{p}"
     );
-    // f32 ensembles count 4 bytes a value: J=300 at hidden 16 (d = 493) needs 1 183 200 bytes
-    // as f64, over the budget, and half that as f32.
+    // f32 ensembles count 4 bytes a value: J=300 at hidden 16 (d = 493) holds 1 183 200 bytes
+    // of particles as f64 and half that as f32, plus about 1.3 MB of work buffers and snapshot
+    // copy either way: 2.6 MB as f64, over the budget, and 1.9 MB as f32, within it.
     let (st, p, _) = put("half", r#"{"ensemble": 300, "hidden": 16}"#);
     assert_eq!(st, 422, "{p}");
     assert!(
@@ -560,6 +562,13 @@ fn limits_refuse_clearly() {
         r#"{"ensemble": 300, "hidden": 16, "precision": "f32"}"#,
     );
     assert_eq!(st, 201, "{p}");
+    // A tiny ensemble with many outputs: J·d·8 = 87 680 bytes fits what is left (~290 kB), but
+    // its m×d cross-covariance alone is 1.4 MB.
+    let (st, p, _) = put(
+        "wide",
+        r#"{"ensemble": 2, "hidden": 8, "lags": 4, "outputs": 32}"#,
+    );
+    assert_eq!(st, 422, "{p}");
     let (st, _, _) = send(c.delete(d.url("/v1/streams/half")));
     assert_eq!(st, 204);
     assert_eq!(put("b", S).0, 201);
@@ -765,9 +774,20 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
     let data = tmp.path().join("data");
     let log = data.with_extension("log");
     let _ = std::fs::remove_file(&log);
+    // A memory budget for two streams like S and half a third: a deleted failed stream must
+    // give its share back.
+    let raw: ekid::options::RawOptions = serde_json::from_str(S).expect("S parses");
+    let charge = ekid::stream::Stream::memory_bytes(
+        &raw.resolve(&ekid::options::Options::default())
+            .expect("S is valid"),
+    );
+    let cfg = write_config(
+        tmp.path(),
+        &format!("[limits]\nmemory_bytes = {}\n", 2 * charge + charge / 2),
+    );
     let mut cmd = crate::util::ekid();
     cmd.env("EKID_FAILPOINTS", "panic-in-update:boom");
-    let d = Daemon::start_with(cmd, &data, &[]);
+    let d = Daemon::start_with(cmd, &data, &["--config", &cfg]);
     let c = client();
     for n in ["boom", "fine"] {
         let r = c
@@ -832,7 +852,7 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
             .status(),
         200
     );
-    // A failed stream can be deleted and created anew.
+    // A failed stream can be deleted, and its memory goes back to the budget.
     assert_eq!(
         c.delete(d.url("/v1/streams/boom"))
             .send()
@@ -840,4 +860,11 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
             .status(),
         204
     );
+    let r = c
+        .put(d.url("/v1/streams/again"))
+        .header("content-type", "application/json")
+        .body(S)
+        .send()
+        .expect("put");
+    assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
 }
