@@ -246,6 +246,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid option value or over a limit", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage failed, busy, timed out or shutting down; retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn put_stream(
     State(app): State<AppState>,
@@ -260,8 +261,12 @@ pub async fn put_stream(
     } else {
         match content_type(&headers) {
             Some(ct) if is_json(&ct) => {}
-            Some(ct) => return Err(ApiError::UnsupportedMediaType(ct)),
-            None => return Err(ApiError::UnsupportedMediaType(String::new())),
+            other => {
+                return Err(ApiError::UnsupportedMediaType {
+                    got: other.unwrap_or_default(),
+                    accepted: "application/json",
+                });
+            }
         }
         body::from_json(&bytes).map_err(ApiError::MalformedOptions)?
     };
@@ -309,6 +314,7 @@ pub async fn get_stream(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage failed, busy, timed out or shutting down; retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn delete_stream(
     State(app): State<AppState>,
@@ -352,7 +358,12 @@ pub async fn post_observations(
         _ if is_json(&ct) => body::decode_json(&bytes)?,
         "application/x-ndjson" | "application/jsonl" => body::decode_ndjson(&bytes)?,
         "text/csv" => body::decode_csv(&bytes)?,
-        _ => return Err(ApiError::UnsupportedMediaType(ct)),
+        _ => {
+            return Err(ApiError::UnsupportedMediaType {
+                got: ct,
+                accepted: "application/json, application/x-ndjson or text/csv",
+            });
+        }
     };
     if batch.len() > limits.batch_observations {
         return Err(ApiError::TooLarge(format!(
@@ -390,8 +401,17 @@ pub async fn post_observations(
     }))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
+fn bad_query(field: &str, detail: impl Into<String>) -> ApiError {
+    ApiError::BadQuery {
+        field: field.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// The forecast's query parameters, parsed by hand (not by serde) so that every refusal names
+/// its parameter: an unknown one, one given twice, a value that is not a number.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ForecastQuery {
     /// Steps ahead (1 ..= the configured limit).
     #[param(minimum = 1)]
@@ -399,6 +419,36 @@ pub struct ForecastQuery {
     /// Coverage of the interval, in (0, 1); default 0.9.
     #[param(exclusive_minimum = 0, exclusive_maximum = 1)]
     pub level: Option<f64>,
+}
+
+impl ForecastQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let (mut horizon, mut level) = (None, None);
+        for (key, value) in pairs {
+            let slot = match key.as_str() {
+                "horizon" => &mut horizon,
+                "level" => &mut level,
+                _ => {
+                    return Err(bad_query(
+                        &key,
+                        format!("unknown query parameter `{key}`: use `horizon` and `level`"),
+                    ));
+                }
+            };
+            if slot.replace(value).is_some() {
+                return Err(bad_query(&key, format!("`{key}` is given twice")));
+            }
+        }
+        let horizon = horizon
+            .ok_or_else(|| bad_query("horizon", "`horizon` is required"))?
+            .parse()
+            .map_err(|_| bad_query("horizon", "`horizon` must be a whole number of steps"))?;
+        let level = level
+            .map(|v| v.parse::<f64>())
+            .transpose()
+            .map_err(|_| bad_query("level", "`level` must be a number in (0, 1)"))?;
+        Ok(ForecastQuery { horizon, level })
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -420,21 +470,26 @@ pub struct ForecastRequest {
         (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not enough observations yet", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Over the forecast work limit (horizon times the work of one step)", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_forecast(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    query: Result<Query<ForecastQuery>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<ForecastOut>, ApiError> {
     check_name(&name)?;
-    let Query(q) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let Query(pairs) = query.map_err(|e| bad_query("query", e.body_text()))?;
+    let q = ForecastQuery::parse(pairs)?;
     let view = app.handle(&name)?.view();
     if view.options.inputs > 0 {
-        return Err(ApiError::BadQuery(format!(
-            "stream `{name}` has {} exogenous inputs: POST the future inputs to this URL",
-            view.options.inputs
-        )));
+        return Err(bad_query(
+            "x",
+            format!(
+                "stream `{name}` has {} exogenous inputs: POST the future inputs to this URL",
+                view.options.inputs
+            ),
+        ));
     }
     forecast(&app, view, q.horizon, q.level, Vec::new()).await
 }
@@ -447,6 +502,7 @@ pub async fn get_forecast(
         (status = 400, description = "Malformed request or wrong future inputs", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not enough observations yet", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Over the forecast work limit (horizon times the work of one step)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
@@ -462,29 +518,41 @@ pub async fn post_forecast(
     let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
     match content_type(&headers) {
         Some(ct) if is_json(&ct) => {}
-        other => return Err(ApiError::UnsupportedMediaType(other.unwrap_or_default())),
+        other => {
+            return Err(ApiError::UnsupportedMediaType {
+                got: other.unwrap_or_default(),
+                accepted: "application/json",
+            });
+        }
     }
     let req: ForecastRequest = body::from_json(&bytes)?;
     let inputs = view.options.inputs;
     if req.x.len() != if inputs == 0 { 0 } else { req.horizon } {
-        return Err(ApiError::BadQuery(format!(
-            "`x` must hold {} rows (one per step) of {inputs} inputs, got {} rows",
-            if inputs == 0 { 0 } else { req.horizon },
-            req.x.len()
-        )));
+        return Err(bad_query(
+            "x",
+            format!(
+                "`x` must hold {} rows (one per step) of {inputs} inputs, got {} rows",
+                if inputs == 0 { 0 } else { req.horizon },
+                req.x.len()
+            ),
+        ));
     }
     let mut flat = Vec::with_capacity(req.horizon * inputs);
     for (i, row) in req.x.iter().enumerate() {
         if row.len() != inputs {
-            return Err(ApiError::BadQuery(format!(
-                "`x[{i}]` has {} values, the stream has {inputs} inputs",
-                row.len()
-            )));
+            return Err(bad_query(
+                &format!("x[{i}]"),
+                format!(
+                    "`x[{i}]` has {} values, the stream has {inputs} inputs",
+                    row.len()
+                ),
+            ));
         }
         if row.iter().any(|v| !v.is_finite()) {
-            return Err(ApiError::BadQuery(format!(
-                "`x[{i}]` holds a non-finite number"
-            )));
+            return Err(bad_query(
+                &format!("x[{i}]"),
+                format!("`x[{i}]` holds a non-finite number"),
+            ));
         }
         flat.extend_from_slice(row);
     }
@@ -500,23 +568,28 @@ async fn forecast(
 ) -> Result<Json<ForecastOut>, ApiError> {
     let max = app.inner.config.limits.horizon;
     if !(1..=max).contains(&horizon) {
-        return Err(ApiError::BadQuery(format!(
-            "`horizon` must be between 1 and {max}, got {horizon}"
-        )));
+        return Err(bad_query(
+            "horizon",
+            format!("`horizon` must be between 1 and {max}, got {horizon}"),
+        ));
     }
     let particles = crate::forecast::interval_particles(view.options.ensemble) as u64 + 1;
     let work = horizon as u64 * particles * view.options.layout().dim() as u64;
     let budget = app.inner.config.limits.forecast_work;
     if work > budget {
-        return Err(ApiError::Limit(format!(
-            "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
-        )));
+        return Err(ApiError::Limit {
+            field: Some("horizon"),
+            detail: format!(
+                "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
+            ),
+        });
     }
     let level = level.unwrap_or(0.9);
     if !(level > 0.0 && level < 1.0) {
-        return Err(ApiError::BadQuery(format!(
-            "`level` must be in (0, 1), got {level}"
-        )));
+        return Err(bad_query(
+            "level",
+            format!("`level` must be in (0, 1), got {level}"),
+        ));
     }
     if let Some(f) = &view.failed {
         return Err(ApiError::StreamFailed(view.name.clone(), f.clone()));

@@ -46,16 +46,19 @@ pub enum ApiError {
     Decode(DecodeError),
     #[error(transparent)]
     Batch(#[from] BatchError),
-    #[error("{0}")]
-    BadQuery(String),
-    #[error(
-        "unsupported content type `{0}`: use application/json, application/x-ndjson or text/csv"
-    )]
-    UnsupportedMediaType(String),
+    /// A query parameter or forecast request field (`field`) is wrong.
+    #[error("{detail}")]
+    BadQuery { field: String, detail: String },
+    #[error("unsupported content type `{got}`: use {accepted}")]
+    UnsupportedMediaType { got: String, accepted: &'static str },
     #[error("{0}")]
     TooLarge(String),
-    #[error("{0}")]
-    Limit(String),
+    /// Over a configured limit; `field` is the request's knob to turn, when there is one.
+    #[error("{detail}")]
+    Limit {
+        field: Option<&'static str>,
+        detail: String,
+    },
     #[error("stream `{0}` is busy: its queue is full, retry shortly")]
     QueueFull(String),
     #[error("{0}")]
@@ -111,8 +114,8 @@ impl ApiError {
                 "invalid-observation",
                 "Invalid observation",
             ),
-            BadQuery(_) => (StatusCode::BAD_REQUEST, "bad-query", "Invalid query"),
-            UnsupportedMediaType(_) => (
+            BadQuery { .. } => (StatusCode::BAD_REQUEST, "bad-query", "Invalid query"),
+            UnsupportedMediaType { .. } => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "Unsupported content type",
@@ -122,7 +125,7 @@ impl ApiError {
                 "too-large",
                 "Request too large",
             ),
-            Limit(_) => (StatusCode::UNPROCESSABLE_ENTITY, "limit", "Limit exceeded"),
+            Limit { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "limit", "Limit exceeded"),
             QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue-full", "Stream busy"),
             NotReady(_) => (
                 StatusCode::CONFLICT,
@@ -172,6 +175,10 @@ impl ApiError {
             ApiError::MalformedOptions(d) => (d.field.clone(), None, None),
             ApiError::Decode(d) => (d.field.clone(), d.line, None),
             ApiError::Batch(b) => (Some(b.field().to_owned()), None, b.index()),
+            ApiError::BadQuery { field, .. } => (Some(field.clone()), None, None),
+            ApiError::Limit {
+                field: Some(field), ..
+            } => (Some((*field).to_owned()), None, None),
             _ => (None, None, None),
         };
         Problem {

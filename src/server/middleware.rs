@@ -23,7 +23,9 @@ pub fn authorized(tokens: &[String], headers: &axum::http::HeaderMap) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim_start().split_once(' '))
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then_some(token))
     else {
         return false;
     };
@@ -33,13 +35,14 @@ pub fn authorized(tokens: &[String], headers: &axum::http::HeaderMap) -> bool {
 }
 
 /// Writes need a token when tokens are configured; reads too with `protect_reads`; `/healthz`
-/// never does.
+/// never does. `POST …/forecast` is a read (it carries the future inputs in a body).
 pub async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let auth = &app.inner.config.auth;
     if auth.tokens.is_empty() || req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
-    let write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let write = !(matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || (req.method() == Method::POST && req.uri().path().ends_with("/forecast")));
     if (write || auth.protect_reads) && !authorized(&auth.tokens, req.headers()) {
         return ApiError::Unauthorized.into_response();
     }
@@ -113,7 +116,11 @@ mod tests {
         assert!(!authorized(&tokens, &h));
         for (value, ok) in [
             ("Bearer s3cret", true),
+            ("bearer s3cret", true),
+            ("BEARER other", true),
             ("Bearer other", true),
+            ("Bearers3cret", false),
+            ("Bear s3cret", false),
             ("Bearer s3cre", false),
             ("Bearer s3cret2", false),
             ("Basic s3cret", false),

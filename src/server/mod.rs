@@ -170,22 +170,25 @@ impl AppState {
                 };
             }
             if reg.handles.len() >= limits.streams {
-                return Err(ApiError::Limit(format!(
-                    "the server holds its limit of {} streams",
-                    limits.streams
-                )));
+                return Err(ApiError::Limit {
+                    field: None,
+                    detail: format!("the server holds its limit of {} streams", limits.streams),
+                });
             }
             let left = limits.memory_bytes.saturating_sub(reg.bytes);
             if bytes > left {
-                return Err(ApiError::Limit(format!(
-                    "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers and a snapshot's copy) but only {left} of the {}-byte budget are left",
-                    options.precision.bytes(),
-                    options.ensemble,
-                    options.layout().dim(),
-                    options.precision.bytes(),
-                    options.ensemble_bytes(),
-                    limits.memory_bytes
-                )));
+                return Err(ApiError::Limit {
+                    field: None,
+                    detail: format!(
+                        "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers and a snapshot's copy) but only {left} of the {}-byte budget are left",
+                        options.precision.bytes(),
+                        options.ensemble,
+                        options.layout().dim(),
+                        options.precision.bytes(),
+                        options.ensemble_bytes(),
+                        limits.memory_bytes
+                    ),
+                });
             }
         }
         let (store, n, threads) = (

@@ -2,7 +2,11 @@
 //! same types they serialise, plus schema-only types for bodies decoded by hand.
 
 use axum::Json;
-use utoipa::OpenApi;
+use utoipa::openapi::Ref;
+use utoipa::openapi::content::ContentBuilder;
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 use super::api;
 use super::error::Problem;
@@ -89,9 +93,64 @@ pub enum ObservationsBody {
         api::ForecastOut,
         api::ForecastRequest,
         api::Health,
-    ))
+    )),
+    modifiers(&EveryOperation)
 )]
 pub struct ApiDoc;
+
+/// What every operation can answer whatever its handler does, added to each once here: 503
+/// from the request limits (too many requests in flight, the request timeout, shutting down),
+/// and, except `/healthz`, 401 from the optional bearer-token auth (writes when tokens are
+/// configured, reads too with `protect_reads`), whose scheme is declared as optional.
+struct EveryOperation;
+
+impl Modify for EveryOperation {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let problem = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build()
+        };
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                let responses = &mut op.responses.responses;
+                responses.entry("503".into()).or_insert_with(|| {
+                    problem("Busy (too many requests in flight), timed out or shutting down; retry after `Retry-After`").into()
+                });
+                if path != "/healthz" {
+                    responses.entry("401".into()).or_insert_with(|| {
+                        problem(
+                            "A bearer token is configured and this request has none or a wrong one",
+                        )
+                        .into()
+                    });
+                    op.security = Some(vec![
+                        SecurityRequirement::default(),
+                        SecurityRequirement::new("bearer", Vec::<String>::new()),
+                    ]);
+                }
+            }
+        }
+    }
+}
 
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())

@@ -197,6 +197,32 @@ fn every_endpoint_and_content_type() {
     ] {
         assert!(o["paths"][p].is_object(), "openapi lacks {p}");
     }
+    // What a schema-driven client needs: the forecast's parameters where they go, and the
+    // answers every operation may give.
+    let params = o["paths"]["/v1/streams/{name}/forecast"]["get"]["parameters"]
+        .as_array()
+        .expect("forecast parameters");
+    let param = |n: &str| {
+        params
+            .iter()
+            .find(|p| p["name"] == n)
+            .unwrap_or_else(|| panic!("no parameter {n}: {params:?}"))
+    };
+    assert_eq!(param("horizon")["in"], "query");
+    assert_eq!(param("horizon")["required"], true);
+    assert_eq!(param("level")["in"], "query");
+    assert_ne!(param("level")["required"], true);
+    assert_eq!(param("name")["in"], "path");
+    let put = &o["paths"]["/v1/streams/{name}"]["put"];
+    for status in ["401", "422", "503"] {
+        assert!(put["responses"][status].is_object(), "PUT lacks {status}");
+    }
+    assert!(o["paths"]["/v1/streams/{name}/forecast"]["get"]["responses"]["422"].is_object());
+    assert!(o["paths"]["/healthz"]["get"]["responses"]["401"].is_null());
+    assert_eq!(
+        o["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
 
     // Delete.
     let r = c.delete(d.url("/v1/streams/s")).send().expect("DELETE");

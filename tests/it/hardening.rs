@@ -279,14 +279,29 @@ fn cases() -> Vec<Case> {
             Some("x"),
         ),
         // Forecasts.
-        case("GET", "/v1/streams/s/forecast", None, "", 400, None),
+        case(
+            "GET",
+            "/v1/streams/s/forecast",
+            None,
+            "",
+            400,
+            Some("horizon"),
+        ),
+        case(
+            "GET",
+            "/v1/streams/s/forecast?horizon=1&horizon=2",
+            None,
+            "",
+            400,
+            Some("horizon"),
+        ),
         case(
             "GET",
             "/v1/streams/s/forecast?horizon=0",
             None,
             "",
             400,
-            None,
+            Some("horizon"),
         ),
         case(
             "GET",
@@ -294,7 +309,7 @@ fn cases() -> Vec<Case> {
             None,
             "",
             400,
-            None,
+            Some("horizon"),
         ),
         case(
             "GET",
@@ -302,7 +317,7 @@ fn cases() -> Vec<Case> {
             None,
             "",
             400,
-            None,
+            Some("level"),
         ),
         case(
             "GET",
@@ -310,7 +325,7 @@ fn cases() -> Vec<Case> {
             None,
             "",
             400,
-            None,
+            Some("level"),
         ),
         case(
             "GET",
@@ -318,7 +333,7 @@ fn cases() -> Vec<Case> {
             None,
             "",
             400,
-            None,
+            Some("bogus"),
         ),
         case(
             "GET",
@@ -326,7 +341,7 @@ fn cases() -> Vec<Case> {
             None,
             "",
             400,
-            None,
+            Some("horizon"),
         ),
         case(
             "GET",
@@ -334,7 +349,7 @@ fn cases() -> Vec<Case> {
             None,
             "",
             400,
-            None,
+            Some("x"),
         ),
         case(
             "POST",
@@ -342,7 +357,7 @@ fn cases() -> Vec<Case> {
             J,
             r#"{"horizon": 2, "x": [[1]]}"#,
             400,
-            None,
+            Some("x"),
         ),
         case(
             "POST",
@@ -350,7 +365,7 @@ fn cases() -> Vec<Case> {
             J,
             r#"{"horizon": 1, "x": [[1e400]]}"#,
             400,
-            None,
+            Some("x[0][0]"),
         ),
         case(
             "POST",
@@ -732,6 +747,11 @@ fn bearer_tokens_guard_writes_and_optionally_reads() {
     );
     assert_eq!(put(Some("Bearer t0k3n")).0, 201);
     assert_eq!(put(Some("Bearer second")).0, 200);
+    assert_eq!(
+        put(Some("bearer t0k3n")).0,
+        200,
+        "the scheme is case-insensitive"
+    );
     // Reads stay open by default; /healthz always.
     assert_eq!(
         c.get(d.url("/v1/streams/a")).send().expect("get").status(),
@@ -744,6 +764,14 @@ fn bearer_tokens_guard_writes_and_optionally_reads() {
         .send()
         .expect("post");
     assert_eq!(post.status(), 401);
+    // A forecast with future inputs in a body is a read: not enough observations yet, no 401.
+    let forecast = c
+        .post(d.url("/v1/streams/a/forecast"))
+        .header("content-type", "application/json")
+        .body(r#"{"horizon": 1}"#)
+        .send()
+        .expect("post forecast");
+    assert_eq!(forecast.status(), 409);
     drop(d);
 
     let tmp = tempfile::tempdir().expect("tempdir");
