@@ -102,6 +102,11 @@ pub fn normal_quantile(p: f64) -> f64 {
     }
 }
 
+/// How far a roll-out may stray, in the model's scaled units (the training range is [0, 1]):
+/// a trillion ranges, beyond any forecast worth reading, and far enough below `f64::MAX` that
+/// squares of a thousand steps' differences stay finite in user units of any sane scale.
+pub const ROLL_OUT_BOUND: f64 = 1e12;
+
 /// One network rolled forward `horizon` steps feeding back its own outputs (plus optional
 /// noise), writing the scaled outputs of each step into `out` (`horizon × m`).
 #[allow(clippy::too_many_arguments)]
@@ -131,6 +136,17 @@ fn roll_out(
                 let e: f64 = StandardNormal.sample(rng);
                 *v += noise_sd * e;
             }
+        }
+        // An explosive model (its skip from the lags has a root beyond the unit circle) grows
+        // geometrically over long horizons; held within ±ROLL_OUT_BOUND it stays finite, and so
+        // do the interval's sums, where it would overflow to infinity and then NaN.
+        // (NaN cannot come from finite parameters and inputs; stay total anyway.)
+        for v in o.iter_mut() {
+            *v = if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
+            };
         }
         if lags > 0 {
             lag_values.copy_within(0..(lags - 1) * m, m);
@@ -205,9 +221,12 @@ impl ForecastState {
                     };
                     let half = zq * var.max(self.noise_var).sqrt();
                     let sc = &self.y_scale[o];
-                    step.mean.push(sc.to_user(centre));
-                    step.lower.push(sc.to_user(centre - half));
-                    step.upper.push(sc.to_user(centre + half));
+                    // A scale wider than ~1e296 could still overflow here: JSON has no
+                    // infinity, so the bound is the largest number.
+                    let user = |v: f64| sc.to_user(v).clamp(-f64::MAX, f64::MAX);
+                    step.mean.push(user(centre));
+                    step.lower.push(user(centre - half));
+                    step.upper.push(user(centre + half));
                 }
                 step
             })
@@ -232,6 +251,45 @@ mod tests {
             let z = interval_quantile(level);
             assert!(z.is_finite() && z >= 0.0, "{level}: {z}");
         }
+    }
+
+    #[test]
+    fn an_explosive_model_forecasts_finite_numbers() {
+        // Every weight 2: the output feeds back through the lag with weight 2 and doubles each
+        // step, past f64::MAX by step ~1030.
+        let layout = Layout::new(1, 1, 1);
+        let d = layout.dim();
+        let state = ForecastState {
+            layout,
+            lags: 1,
+            inputs: 0,
+            mean: vec![2.0; d],
+            mean_hidden: vec![0.0],
+            particles: vec![2.0; 4 * d],
+            hidden: vec![0.0; 4],
+            lag_values: vec![0.5],
+            y_scale: vec![Scaler::new(0.0, 1e6)],
+            x_scale: vec![],
+            noise_var: 0.01,
+            seed: 1,
+            seq: 1,
+        };
+        let steps = state.forecast(2000, 0.9, &[]);
+        let last = &steps[1999];
+        for v in steps
+            .iter()
+            .flat_map(|s| s.mean.iter().chain(&s.lower).chain(&s.upper))
+        {
+            assert!(v.is_finite(), "{v} in {last:?}");
+        }
+        assert!(
+            last.mean[0] > 1e17,
+            "it still says the forecast exploded: {last:?}"
+        );
+        assert!(
+            last.lower[0] < last.mean[0] && last.mean[0] < last.upper[0],
+            "an interval, not three copies of the largest number: {last:?}"
+        );
     }
 
     #[test]

@@ -442,21 +442,30 @@ impl Stream {
             .zip(ysc)
             .map(|(&p, sc)| sc.to_user(p))
             .collect();
-        let e_user: f64 = user.iter().zip(&o.y).map(|(p, y)| (p - y) * (p - y)).sum();
+        let e_user: f64 = user
+            .iter()
+            .zip(&o.y)
+            .map(|(p, y)| (p - y) * (p - y))
+            .sum::<f64>()
+            .min(f64::MAX);
         let e_scaled: f64 = self
             .pred
             .iter()
             .zip(&self.ys)
             .map(|(p, y)| (p - y) * (p - y))
             .sum();
+        // Finite but extreme values (1e300 against a scale of 0..1) square to infinity; the
+        // sums saturate at the largest number instead, so that the statistics stay numbers
+        // (JSON has no infinity) and the noise estimate recovers once values are sane again.
+        let capped = |v: f64| v.min(f64::MAX);
         let s = &mut self.stats;
         s.predicted += 1;
-        s.sse_user += e_user;
-        s.sse_scaled += e_scaled;
-        let per_output = e_scaled / self.options.outputs as f64;
+        s.sse_user = capped(s.sse_user + e_user);
+        s.sse_scaled = capped(s.sse_scaled + e_scaled);
+        let per_output = capped(e_scaled / self.options.outputs as f64);
         let w = 1.0 / (s.predicted as f64).min(NOISE_WINDOW);
         s.noise_var += w * (per_output - s.noise_var);
-        s.prediction_spread = self.model.learner.prediction_variance().max(0.0).sqrt();
+        s.prediction_spread = capped(self.model.learner.prediction_variance().max(0.0).sqrt());
         done(Some(user), Some(e_user));
     }
 

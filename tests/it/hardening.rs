@@ -896,3 +896,49 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
         .expect("put");
     assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
 }
+
+#[test]
+fn extreme_finite_values_leave_every_number_a_number() {
+    // 1e308 against a scale of 0..1 squares to infinity; JSON has no infinity, so a
+    // statistic or forecast that overflowed would come back as null.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_in(&tmp.path().join("data"), &[]);
+    let c = client();
+    let r = c
+        .put(d.url("/v1/streams/wild"))
+        .header("content-type", "application/json")
+        .body(r#"{"ensemble": 16, "hidden": 4, "lags": 2, "scale": {"min": 0, "max": 1}}"#)
+        .send()
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let body: String = [0.1, 0.2, 0.3, 1e308, -1e308, 1e308, 0.5, 0.4, 0.3, 0.2]
+        .iter()
+        .map(|y| format!("{{\"y\": {y:e}}}\n"))
+        .collect();
+    let (s, p, _) = send(
+        c.post(d.url("/v1/streams/wild/observations"))
+            .header("content-type", "application/x-ndjson")
+            .body(body),
+    );
+    assert_eq!(s, 200, "{p}");
+    let info: Value = c
+        .get(d.url("/v1/streams/wild"))
+        .send()
+        .expect("get")
+        .json()
+        .expect("json");
+    for k in ["mse", "mse_scaled", "spread", "noise"] {
+        assert!(info["stats"][k].is_f64(), "stats.{k}: {info}");
+    }
+    let f: Value = c
+        .get(d.url("/v1/streams/wild/forecast?horizon=50"))
+        .send()
+        .expect("forecast")
+        .json()
+        .expect("json");
+    for step in f["steps"].as_array().expect("steps") {
+        for k in ["mean", "lower", "upper"] {
+            assert!(step[k][0].is_f64(), "{k}: {step}");
+        }
+    }
+}
