@@ -353,12 +353,15 @@ impl Store {
             )?,
         };
         report.last_seq = stream.last_seq();
-        let store = StreamStore::new(
+        let mut store = StreamStore::new(
             dir.to_owned(),
             wal,
             report.snapshot_seq,
             self.config.clone(),
         );
+        // What was replayed is in the log only: the next snapshot (due, or at shutdown) takes
+        // it in, so that the next start does not replay it again.
+        store.since_snapshot = report.replayed;
         Ok((stream, Box::new(store), report))
     }
 }

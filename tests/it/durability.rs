@@ -108,9 +108,22 @@ fn a_restart_after_sigterm_or_kill9_is_bit_identical() {
     post(&c, &d, "b", ndjson(1, 5, 3)).expect("post");
     let before = (fingerprint(&c, &d, "a"), fingerprint(&c, &d, "b"));
     d.kill9();
-    let d = Daemon::start_in(&data, &["--config", &cfg]);
+    let mut d = Daemon::start_in(&data, &["--config", &cfg]);
     assert_eq!(before, (fingerprint(&c, &d, "a"), fingerprint(&c, &d, "b")));
     assert!(d.log().contains("recovery done"), "{}", d.log());
+    // `b` was recovered by replaying seq 5..=7 from its log; a graceful stop now snapshots
+    // them, so the next start does not replay them again.
+    assert!(d.terminate(Duration::from_secs(10)).success());
+    let snapshot_7 = std::fs::read_dir(data.join("streams").join("b"))
+        .expect("b's directory")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name() == "snapshot-00000000000000000007.bin");
+    assert!(
+        snapshot_7,
+        "no snapshot at seq 7 after the replayed stream stopped"
+    );
+    let d = Daemon::start_in(&data, &["--config", &cfg]);
+    assert_eq!(before, (fingerprint(&c, &d, "a"), fingerprint(&c, &d, "b")));
     // `ekid inspect` sees both streams, a snapshot of `a`, and nothing wrong.
     let listing = crate::util::run_ok(&["inspect", data.to_str().expect("utf-8")]);
     assert!(
