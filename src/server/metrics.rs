@@ -83,12 +83,12 @@ impl Default for Metrics {
         );
         registry.register(
             "ekid_update_seconds",
-            "Time to learn one observation (predict + EKI update), averaged over each batch",
+            "Time to learn one observation (predict + EKI update), averaged over each group of batches applied together; the log and snapshots are in ekid_batch_seconds",
             m.update_seconds.clone(),
         );
         registry.register(
             "ekid_batch_seconds",
-            "Time to apply one batch of observations",
+            "Time to apply one group of queued batches: log append (and fsync by policy), learning, and a snapshot when due",
             m.batch_seconds.clone(),
         );
         registry.register(

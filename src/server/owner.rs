@@ -374,9 +374,10 @@ impl Owner {
                 })
                 .collect();
             if let Err(e) = store.append(&records) {
-                return (stream, store, Err(e.to_string()), None);
+                return (stream, store, Err(e.to_string()), None, 0.0);
             }
             // 2. Learn.
+            let learning = Instant::now();
             let mut outcomes = Vec::with_capacity(work.len());
             for (batch, plan) in &work {
                 let mut applied = Vec::with_capacity(plan.accepted.len());
@@ -386,6 +387,7 @@ impl Owner {
                     applied,
                 });
             }
+            let learn_seconds = learning.elapsed().as_secs_f64();
             // 3. A snapshot when due; a failure here loses nothing (the log has it all).
             if store.snapshot_due()
                 && let Err(e) = store.snapshot(&stream)
@@ -393,11 +395,11 @@ impl Owner {
                 tracing::error!(error = %e, "snapshot failed; the log still holds everything");
             }
             let forecast = stream.forecast_state().map(Arc::new);
-            (stream, store, Ok(outcomes), forecast)
+            (stream, store, Ok(outcomes), forecast, learn_seconds)
         })
         .await;
         match result {
-            Ok((stream, store, Ok(outcomes), forecast)) => {
+            Ok((stream, store, Ok(outcomes), forecast, learn_seconds)) => {
                 let elapsed = started.elapsed().as_secs_f64();
                 let n = outcomes
                     .iter()
@@ -405,7 +407,7 @@ impl Owner {
                     .sum::<usize>()
                     .max(1) as f64;
                 self.metrics.batch_seconds.observe(elapsed);
-                self.metrics.update_seconds.observe(elapsed / n);
+                self.metrics.update_seconds.observe(learn_seconds / n);
                 self.publish(&stream, forecast);
                 for o in &outcomes {
                     for a in &o.applied {
@@ -418,7 +420,7 @@ impl Owner {
                 self.stream = Some(stream);
                 self.store = Some(store);
             }
-            Ok((stream, store, Err(e), _)) => {
+            Ok((stream, store, Err(e), _, _)) => {
                 tracing::error!(stream = %self.name, error = %e, "could not log a batch; nothing applied");
                 self.metrics.storage_errors.inc();
                 for reply in replies {
