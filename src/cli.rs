@@ -223,8 +223,9 @@ pub struct EvalArgs {
     /// eki-inflation (default: all).
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
-    /// Passes over the training part (`final` is after the last).
-    #[arg(long, default_value_t = DEFAULT_PASSES)]
+    /// Passes over the training part (`final` is after the last), at least 1.
+    #[arg(long, default_value_t = DEFAULT_PASSES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub passes: usize,
     #[command(flatten)]
     pub options: OptionFlags,
@@ -378,7 +379,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     let config = EvalConfig {
         options: options.clone(),
-        passes: args.passes.max(1),
+        passes: args.passes,
         methods,
         ogd: OgdSettings {
             lr: args.ogd_lr,

@@ -151,6 +151,7 @@ fn unknown_method_and_bad_option_are_refused() {
         ),
         (vec!["eval", p, "--noise", "-1"], "option `noise`"),
         (vec!["eval", p, "--ensemble", "1"], "option `ensemble`"),
+        (vec!["eval", p, "--passes", "0"], "--passes"),
     ] {
         let out = ekid().args(&args).output().expect("spawn");
         assert!(!out.status.success(), "{args:?}");
