@@ -124,7 +124,8 @@ pub struct StatsOut {
     pub noise: f64,
     /// Particles re-drawn because their prediction was not finite.
     pub repaired: u64,
-    /// Time of the last applied batch (RFC 3339).
+    /// Time of the last applied batch (RFC 3339); null before the first batch since this
+    /// daemon started (it is not persisted).
     pub last_update: Option<String>,
 }
 
