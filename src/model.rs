@@ -194,6 +194,11 @@ impl Scaler {
         }
         Self { min, max }
     }
+    /// One model unit in the user's units.
+    #[inline]
+    pub fn width(&self) -> f64 {
+        self.max - self.min
+    }
     #[inline]
     pub fn to_model(&self, v: f64) -> f64 {
         (v - self.min) / (self.max - self.min)

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! snapshot-<seq:020>.bin
-//!   magic "EKIDSNP1" (8) | version u32 = 1 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
+//!   magic "EKIDSNP1" (8) | version u32 = 2 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
 //! ```
 //!
 //! The payload is the postcard encoding of [`StreamState`] (floats bit-exact, the RNG state
@@ -16,11 +16,13 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::stream::StreamState;
+use crate::stream::{StreamState, StreamStateV1};
 use crate::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
-const VERSION: u32 = 1;
+/// 2: `Stats` holds the user-unit noise and spread. Version 1 snapshots are read and migrated
+/// ([`crate::stream::StreamStateV1`]).
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,10 +123,10 @@ pub fn read(path: &Path) -> Result<(u64, StreamState), SnapshotError> {
     }
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or_default());
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or_default());
-    if u32_at(8) != VERSION {
+    let version = u32_at(8);
+    if !(1..=VERSION).contains(&version) {
         return Err(invalid(format!(
-            "version {}, expected {VERSION}",
-            u32_at(8)
+            "version {version}, expected 1 to {VERSION}"
         )));
     }
     let seq = u64_at(12);
@@ -140,8 +142,12 @@ pub fn read(path: &Path) -> Result<(u64, StreamState), SnapshotError> {
     if crc32fast::hash(payload) != crc {
         return Err(invalid("checksum mismatch".into()));
     }
-    let state: StreamState =
-        postcard::from_bytes(payload).map_err(|e| invalid(format!("undecodable: {e}")))?;
+    let state: StreamState = if version == 1 {
+        postcard::from_bytes::<StreamStateV1>(payload).map(StreamState::from)
+    } else {
+        postcard::from_bytes(payload)
+    }
+    .map_err(|e| invalid(format!("undecodable: {e}")))?;
     if state.stats.last_seq != seq {
         return Err(invalid(format!(
             "header says seq {seq}, the state {}",
@@ -162,4 +168,64 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     }
     v.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::{Options, Range, ScaleOption};
+    use crate::stream::{Observation, Stream};
+
+    #[test]
+    fn a_version_1_snapshot_is_read_and_migrated() {
+        let options = Options {
+            ensemble: 16,
+            hidden: 4,
+            lags: 2,
+            scale: ScaleOption::Fixed(Range {
+                min: 0.0,
+                max: 50.0,
+            }),
+            ..Options::default()
+        }
+        .check()
+        .expect("valid options");
+        let mut stream = Stream::new(options);
+        let batch: Vec<Observation> = (0..30)
+            .map(|t| Observation {
+                seq: None,
+                x: vec![],
+                y: vec![25.0 + 20.0 * (f64::from(t) / 4.0).sin()],
+            })
+            .collect();
+        let plan = stream.plan(&batch).expect("valid batch");
+        stream.apply(&batch, &plan, |_| {});
+        let now = stream.state();
+        // The file a version-1 daemon wrote: the same header, the old payload.
+        let payload = postcard::to_stdvec(&StreamStateV1::of(&now)).expect("encode");
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&30u64.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(snapshot_name(30));
+        std::fs::write(&path, bytes).expect("write");
+        let (seq, old) = read(&path).expect("a version-1 snapshot reads");
+        assert_eq!(seq, 30);
+        // Everything but the new statistics as saved; those as version 1 reported them.
+        let (mut want, mut got) = (now.clone(), old.clone());
+        let width = 50.0;
+        assert_eq!(got.stats.noise_user, now.stats.noise_var * (width * width));
+        assert_eq!(got.stats.spread_user, now.stats.prediction_spread * width);
+        for s in [&mut want.stats, &mut got.stats] {
+            (s.noise_user, s.spread_user) = (0.0, 0.0);
+        }
+        assert_eq!(got, want);
+        // And today's format round-trips whole.
+        let path = write(dir.path(), 30, &now).expect("write");
+        assert_eq!(read(&path).expect("read").1, now);
+    }
 }

@@ -120,12 +120,19 @@ pub struct Stats {
     pub last_seq: u64,
     pub sse_user: f64,
     pub sse_scaled: f64,
-    /// Estimated one-step noise variance (scaled units): running mean of squared prequential
-    /// errors, exponentially weighted after the first `NOISE_WINDOW` predictions.
+    /// Estimated one-step noise variance (scaled units, averaged over outputs; the forecasts'
+    /// noise): running mean of squared prequential errors, exponentially weighted after the
+    /// first `NOISE_WINDOW` predictions.
     pub noise_var: f64,
     /// Standard deviation of the particles' last predictions (scaled, averaged over outputs).
     pub prediction_spread: f64,
     pub repaired: u64,
+    /// The same noise estimate in the user's units, summed over outputs (like `sse_user`):
+    /// each output's squared error in its own units.
+    pub noise_user: f64,
+    /// The particles' spread in the user's units: the root of the outputs' variances, each in
+    /// its own units, summed.
+    pub spread_user: f64,
 }
 
 const NOISE_WINDOW: f64 = 500.0;
@@ -150,6 +157,91 @@ pub struct StreamState {
     pub lags: LagBuffer,
     pub ensemble: EnsembleState,
     pub stats: Stats,
+}
+
+/// A snapshot's state in format version 1 (before `Stats` had the user-unit noise and
+/// spread), read so that an upgraded daemon recovers older snapshots.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub struct StreamStateV1 {
+    #[serde(with = "options_as_json")]
+    options: Options,
+    y_scale: Option<Vec<Scaler>>,
+    x_scale: Option<Vec<Scaler>>,
+    pending: Vec<Observation>,
+    lags: LagBuffer,
+    ensemble: EnsembleState,
+    stats: StatsV1,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StatsV1 {
+    observations: u64,
+    predicted: u64,
+    last_seq: u64,
+    sse_user: f64,
+    sse_scaled: f64,
+    noise_var: f64,
+    prediction_spread: f64,
+    repaired: u64,
+}
+
+#[cfg(test)]
+impl StreamStateV1 {
+    /// What a version-1 daemon would have saved of `s`.
+    pub fn of(s: &StreamState) -> Self {
+        let st = &s.stats;
+        StreamStateV1 {
+            options: s.options.clone(),
+            y_scale: s.y_scale.clone(),
+            x_scale: s.x_scale.clone(),
+            pending: s.pending.clone(),
+            lags: s.lags.clone(),
+            ensemble: s.ensemble.clone(),
+            stats: StatsV1 {
+                observations: st.observations,
+                predicted: st.predicted,
+                last_seq: st.last_seq,
+                sse_user: st.sse_user,
+                sse_scaled: st.sse_scaled,
+                noise_var: st.noise_var,
+                prediction_spread: st.prediction_spread,
+                repaired: st.repaired,
+            },
+        }
+    }
+}
+
+impl From<StreamStateV1> for StreamState {
+    /// The user-unit noise and spread from the scaled ones, as version 1's API reported them
+    /// for one output; for several, as if every output had the average scaled value.
+    fn from(v: StreamStateV1) -> Self {
+        let widths2: f64 = v.y_scale.as_ref().map_or(v.options.outputs as f64, |s| {
+            s.iter().map(|sc| sc.width() * sc.width()).sum()
+        });
+        let s = v.stats;
+        StreamState {
+            options: v.options,
+            y_scale: v.y_scale,
+            x_scale: v.x_scale,
+            pending: v.pending,
+            lags: v.lags,
+            ensemble: v.ensemble,
+            stats: Stats {
+                observations: s.observations,
+                predicted: s.predicted,
+                last_seq: s.last_seq,
+                sse_user: s.sse_user,
+                sse_scaled: s.sse_scaled,
+                noise_var: s.noise_var,
+                prediction_spread: s.prediction_spread,
+                repaired: s.repaired,
+                noise_user: s.noise_var * widths2,
+                spread_user: s.prediction_spread * widths2.sqrt(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -465,7 +557,15 @@ impl Stream {
         let per_output = capped(e_scaled / self.options.outputs as f64);
         let w = 1.0 / (s.predicted as f64).min(NOISE_WINDOW);
         s.noise_var += w * (per_output - s.noise_var);
-        s.prediction_spread = capped(self.model.learner.prediction_variance().max(0.0).sqrt());
+        s.noise_user += w * (e_user - s.noise_user);
+        let learner = &self.model.learner;
+        s.prediction_spread = capped(learner.prediction_variance().max(0.0).sqrt());
+        let var_user: f64 = ysc
+            .iter()
+            .enumerate()
+            .map(|(o, sc)| learner.prediction_variance_of(o).max(0.0) * sc.width() * sc.width())
+            .sum();
+        s.spread_user = capped(var_user.sqrt());
         done(Some(user), Some(e_user));
     }
 

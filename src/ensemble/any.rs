@@ -83,6 +83,9 @@ impl AnyEnsemble {
     pub fn prediction_variance(&self) -> f64 {
         each!(self, e => e.prediction_variance())
     }
+    pub fn prediction_variance_of(&self, o: usize) -> f64 {
+        each!(self, e => e.prediction_variance_of(o))
+    }
     pub fn size(&self) -> usize {
         each!(self, e => e.size())
     }

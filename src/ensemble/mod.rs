@@ -423,6 +423,13 @@ impl<T: Real> Ensemble<T> {
         self.last_prediction_var
     }
 
+    /// Variance of the particles' last predictions of output `o` (scaled units; 0 before the
+    /// first step of this process: the workspace is not part of a snapshot).
+    pub fn prediction_variance_of(&self, o: usize) -> f64 {
+        let m = self.layout.outputs;
+        self.ws.cww[o * m + o]
+    }
+
     /// Root mean variance of the parameters across particles.
     pub fn parameter_spread(&self) -> f64 {
         let mut s = 0.0;

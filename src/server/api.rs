@@ -118,9 +118,11 @@ pub struct StatsOut {
     pub mse: Option<f64>,
     /// Prequential mean squared error, model units.
     pub mse_scaled: Option<f64>,
-    /// Standard deviation of the particles' last predictions, original units.
+    /// Standard deviation of the particles' last predictions, original units (with several
+    /// outputs: the root of their variances summed, each in its own units).
     pub spread: f64,
-    /// Estimated one-step noise variance, original units.
+    /// Estimated one-step noise variance, original units (with several outputs: summed, like
+    /// `mse`).
     pub noise: f64,
     /// Particles re-drawn because their prediction was not finite.
     pub repaired: u64,
@@ -142,11 +144,6 @@ pub struct StreamOut {
 
 impl From<&StreamView> for StreamOut {
     fn from(v: &StreamView) -> Self {
-        let width = v
-            .scale
-            .as_ref()
-            .and_then(|s| s.first())
-            .map_or(1.0, |s| s.max - s.min);
         StreamOut {
             name: v.name.clone(),
             options: v.options.clone(),
@@ -155,8 +152,8 @@ impl From<&StreamView> for StreamOut {
                 last_seq: v.stats.last_seq,
                 mse: v.stats.mse_user(),
                 mse_scaled: v.stats.mse_scaled(),
-                spread: v.stats.prediction_spread * width,
-                noise: v.stats.noise_var * width * width,
+                spread: v.stats.spread_user,
+                noise: v.stats.noise_user,
                 repaired: v.stats.repaired,
                 last_update: v.last_update.map(rfc3339),
             },

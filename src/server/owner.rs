@@ -446,10 +446,6 @@ impl Owner {
     fn publish(&self, stream: &Stream, forecast: Option<Arc<ForecastState>>) {
         let stats = stream.stats().clone();
         let scale = stream.y_scale().map(<[Scaler]>::to_vec);
-        let width = scale
-            .as_ref()
-            .and_then(|s| s.first())
-            .map_or(1.0, |s| s.max - s.min);
         let l = self.label();
         let before = self.view.borrow().stats.observations;
         self.metrics
@@ -462,10 +458,7 @@ impl Owner {
         if let Some(m) = stats.mse_scaled() {
             self.metrics.mse_scaled.get_or_create(&l).set(m);
         }
-        self.metrics
-            .spread
-            .get_or_create(&l)
-            .set(stats.prediction_spread * width);
+        self.metrics.spread.get_or_create(&l).set(stats.spread_user);
         self.metrics
             .last_seq
             .get_or_create(&l)

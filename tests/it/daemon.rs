@@ -509,3 +509,45 @@ fn split_steps_give_the_serial_predictions_issue_6() {
     assert_eq!(serial.1.as_array().map(Vec::len), Some(5));
     assert_eq!(serial, split);
 }
+
+#[test]
+fn spread_and_noise_of_several_outputs_are_in_each_outputs_units() {
+    // Two streams see the same series in model units: `b`'s second output is `a`'s times
+    // 1000 (auto scales: that output's width is 1000 times `a`'s).
+    let d = Daemon::start();
+    let c = client();
+    let options = json!({"ensemble": 32, "hidden": 4, "lags": 3, "outputs": 2, "seed": 5});
+    for name in ["a", "b"] {
+        assert_eq!(put(&c, &d, name, options.clone()).status(), 201);
+    }
+    let rows = |k: f64| -> String {
+        series(60)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{{\"y\": [{v}, {}]}}\n", k * (20.0 - v + 0.05 * i as f64)))
+            .collect()
+    };
+    for (name, k) in [("a", 1.0), ("b", 1000.0)] {
+        assert_eq!(
+            post(&c, &d, name, "application/x-ndjson", rows(k)).status(),
+            200
+        );
+    }
+    let stats = |name: &str| get(&c, &d, &format!("/v1/streams/{name}"))["stats"].clone();
+    let (a, b) = (stats("a"), stats("b"));
+    let num = |s: &Value, k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k}: {s}"));
+    // Before 500 predictions the noise estimate is the running mean of the squared errors,
+    // summed over outputs in their own units: the prequential MSE.
+    for s in [&a, &b] {
+        let (noise, mse) = (num(s, "noise"), num(s, "mse"));
+        assert!(
+            (noise - mse).abs() <= 1e-9 * mse,
+            "noise {noise} vs mse {mse}: {s}"
+        );
+    }
+    // The particles' spread carries the second output's units too.
+    assert!(
+        num(&b, "spread") > 10.0 * num(&a, "spread"),
+        "a: {a}\nb: {b}"
+    );
+}
