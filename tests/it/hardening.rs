@@ -543,7 +543,7 @@ fn limits_refuse_clearly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cfg = write_config(
         tmp.path(),
-        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2200000\nhorizon = 50\nheader_timeout_ms = 300\n",
+        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2200000\nhorizon = 50\nforecast_work = 5000\nheader_timeout_ms = 300\n",
     );
     let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
@@ -627,12 +627,19 @@ fn limits_refuse_clearly() {
         200
     );
     assert_eq!(
-        send(c.get(d.url("/v1/streams/a/forecast?horizon=50"))).0,
+        send(c.get(d.url("/v1/streams/a/forecast?horizon=20"))).0,
         200
     );
     assert_eq!(
         send(c.get(d.url("/v1/streams/a/forecast?horizon=51"))).0,
         400
+    );
+    // Forecast work: horizon × (9 particles) × d = 24 parameters, over 5000 from horizon 24.
+    let (st, p, _) = send(c.get(d.url("/v1/streams/a/forecast?horizon=30")));
+    assert_eq!(
+        (st, p["type"].as_str(), p["field"].as_str()),
+        (422, Some("/problems/limit"), Some("horizon")),
+        "{p}"
     );
     // A client that never finishes its request head is cut off.
     let mut sock = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
@@ -941,4 +948,60 @@ fn extreme_finite_values_leave_every_number_a_number() {
             assert!(step[k][0].is_f64(), "{k}: {step}");
         }
     }
+}
+
+#[test]
+fn requests_beyond_the_concurrency_limit_are_503_with_retry_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(tmp.path(), "[limits]\nconcurrent_requests = 1\n");
+    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let c = client();
+    let r = c
+        .put(d.url("/v1/streams/a"))
+        .header("content-type", "application/json")
+        .body(S)
+        .send()
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    // One request in flight: its head is sent, its body never finishes.
+    let mut slow = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
+    slow.write_all(
+        b"POST /v1/streams/a/observations HTTP/1.1\r\nHost: x\r\ncontent-type: application/x-ndjson\r\ncontent-length: 100\r\n\r\n{\"y\"",
+    )
+    .expect("write");
+    // Give the daemon a moment to take the head and hold the permit.
+    let mut refused = None;
+    for _ in 0..50 {
+        let r = client().get(d.url("/v1/streams")).send().expect("get");
+        if r.status() == 503 {
+            refused = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = refused.expect("a second request while one is in flight is refused");
+    assert!(
+        r.headers().get("retry-after").is_some(),
+        "{:?}",
+        r.headers()
+    );
+    let p: Value = r.json().expect("problem");
+    assert_eq!(p["type"], "/problems/busy", "{p}");
+    // Once the first is gone, the next one is served.
+    drop(slow);
+    let mut served = false;
+    for _ in 0..50 {
+        if client()
+            .get(d.url("/v1/streams"))
+            .send()
+            .expect("get")
+            .status()
+            == 200
+        {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served, "the permit came back");
 }
