@@ -61,7 +61,7 @@ fn engine_obs_per_sec(j: usize, h: usize) -> f64 {
 
 /// Two seconds of the first measurement's work, untimed: the first second of a process measured
 /// up to 50% slow on the development machine (the guest's clock ramping up; the engine benches
-/// do the same), and this bench's first row is the `never` policy's.
+/// do the same).
 fn warm_up(v: &[f64]) {
     let server = start("fsync = \"never\"");
     let c = Client::new();
