@@ -2,12 +2,14 @@
 //! same types they serialise, plus schema-only types for bodies decoded by hand.
 
 use axum::Json;
-use utoipa::openapi::Ref;
+use axum::extract::State;
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use utoipa::openapi::{Ref, RefOr, Schema};
+use utoipa::{Modify, Number, OpenApi};
 
+use super::AppState;
 use super::api;
 use super::error::Problem;
 use super::owner::ScaleOut;
@@ -152,6 +154,34 @@ impl Modify for EveryOperation {
     }
 }
 
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// The document, with this daemon's configured forecast horizon limit as `horizon`'s maximum
+/// (a schema-driven client then stays inside it).
+pub async fn openapi_json(State(app): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    let max = app.inner.config.limits.horizon;
+    let cap = |schema: Option<&mut RefOr<Schema>>| {
+        if let Some(RefOr::T(Schema::Object(o))) = schema {
+            o.maximum = Some(Number::UInt(max));
+        }
+    };
+    if let Some(get) = doc
+        .paths
+        .paths
+        .get_mut("/v1/streams/{name}/forecast")
+        .and_then(|item| item.get.as_mut())
+    {
+        for p in get.parameters.iter_mut().flatten() {
+            if p.name == "horizon" {
+                cap(p.schema.as_mut());
+            }
+        }
+    }
+    if let Some(RefOr::T(Schema::Object(request))) = doc
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("ForecastRequest"))
+    {
+        cap(request.properties.get_mut("horizon"));
+    }
+    Json(doc)
 }

@@ -634,6 +634,22 @@ fn limits_refuse_clearly() {
         send(c.get(d.url("/v1/streams/a/forecast?horizon=51"))).0,
         400
     );
+    // The document tells a schema-driven client this daemon's horizon limit.
+    let doc: Value = c
+        .get(d.url("/openapi.json"))
+        .send()
+        .expect("openapi")
+        .json()
+        .expect("json");
+    let horizon = doc["paths"]["/v1/streams/{name}/forecast"]["get"]["parameters"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "horizon"))
+        .expect("horizon parameter");
+    assert_eq!(horizon["schema"]["maximum"], 50, "{horizon}");
+    assert_eq!(
+        doc["components"]["schemas"]["ForecastRequest"]["properties"]["horizon"]["maximum"],
+        50
+    );
     // Forecast work: horizon × (9 particles) × d = 24 parameters, over 5000 from horizon 24.
     let (st, p, _) = send(c.get(d.url("/v1/streams/a/forecast?horizon=30")));
     assert_eq!(
