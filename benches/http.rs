@@ -69,18 +69,23 @@ fn warm_up(v: &[f64]) {
     let started = Instant::now();
     let mut b = 0;
     while started.elapsed() < Duration::from_secs(2) {
-        let body: String = (0..1000)
-            .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
-            .collect();
-        let r = c
-            .post(format!("{}/v1/streams/warm/observations", server.base))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .expect("post batch");
-        assert!(r.status().is_success());
+        post_batch(&c, &server.base, "warm", v, b);
         b += 1;
     }
+}
+
+/// POSTs the `b`-th batch of 1000 values of `v` (cycling) to `stream` as NDJSON.
+fn post_batch(c: &Client, base: &str, stream: &str, v: &[f64], b: usize) {
+    let body: String = (0..1000)
+        .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
+        .collect();
+    let r = c
+        .post(format!("{base}/v1/streams/{stream}/observations"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .expect("post batch");
+    assert!(r.status().is_success());
 }
 
 fn main() {
@@ -131,16 +136,7 @@ fn main() {
             let mut batch_acks = Vec::new();
             for b in 0..batches {
                 let t = Instant::now();
-                let body: String = (0..1000)
-                    .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
-                    .collect();
-                let r = c
-                    .post(format!("{}/v1/streams/bulk/observations", server.base))
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .expect("post batch");
-                assert!(r.status().is_success());
+                post_batch(&c, &server.base, "bulk", &v, b);
                 batch_acks.push(t.elapsed().as_secs_f64());
                 n += 1000;
             }

@@ -153,6 +153,18 @@ fn split_scratch<'s, T>(scratch: &'s mut [T], layout: &Layout) -> (&'s mut [T], 
     scratch.split_at_mut(layout.row())
 }
 
+/// The layout of these options and J, d, outputs and hidden units.
+fn shape(options: &Options) -> (Layout, [usize; 4]) {
+    let layout = options.layout();
+    let dims = [
+        options.ensemble,
+        layout.dim(),
+        layout.outputs,
+        layout.hidden,
+    ];
+    (layout, dims)
+}
+
 /// The memory of an ensemble, in bytes (see [`Ensemble::footprint`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Footprint {
@@ -169,13 +181,7 @@ impl<T: Real> Ensemble<T> {
     /// next to `new`, whose buffers it lists. Parameter-sized work buffers (C^{uw} is m×d) can
     /// outgrow the particles when outputs exceed J.
     pub fn footprint(options: &Options) -> Footprint {
-        let layout = options.layout();
-        let (j, d, m, nh) = (
-            options.ensemble,
-            layout.dim(),
-            layout.outputs,
-            layout.hidden,
-        );
+        let (layout, [j, d, m, nh]) = shape(options);
         let (v, f) = (std::mem::size_of::<T>(), std::mem::size_of::<f64>());
         let copies = if options.momentum { 2 } else { 1 };
         let particles = copies * ParticleBuf::<T>::resident_bytes(j * d);
@@ -193,13 +199,7 @@ impl<T: Real> Ensemble<T> {
 
     /// Draws the initial ensemble from the prior, reproducibly from `options.seed`.
     pub fn new(options: &Options) -> Self {
-        let layout = options.layout();
-        let (j, d, m, nh) = (
-            options.ensemble,
-            layout.dim(),
-            layout.outputs,
-            layout.hidden,
-        );
+        let (layout, [j, d, m, nh]) = shape(options);
         let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
         let prior = Prior::new(
             &layout,

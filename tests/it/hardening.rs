@@ -635,12 +635,7 @@ fn limits_refuse_clearly() {
         400
     );
     // The document tells a schema-driven client this daemon's horizon limit.
-    let doc: Value = c
-        .get(d.url("/openapi.json"))
-        .send()
-        .expect("openapi")
-        .json()
-        .expect("json");
+    let (_, doc, _) = send(c.get(d.url("/openapi.json")));
     let horizon = doc["paths"]["/v1/streams/{name}/forecast"]["get"]["parameters"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == "horizon"))
@@ -780,21 +775,20 @@ fn bearer_tokens_guard_writes_and_optionally_reads() {
         c.get(d.url("/v1/streams/a")).send().expect("get").status(),
         200
     );
-    let post = c
-        .post(d.url("/v1/streams/a/observations"))
-        .header("content-type", "application/json")
-        .body(r#"{"y": 1}"#)
-        .send()
-        .expect("post");
-    assert_eq!(post.status(), 401);
-    // A forecast with future inputs in a body is a read: not enough observations yet, no 401.
-    let forecast = c
-        .post(d.url("/v1/streams/a/forecast"))
-        .header("content-type", "application/json")
-        .body(r#"{"horizon": 1}"#)
-        .send()
-        .expect("post forecast");
-    assert_eq!(forecast.status(), 409);
+    // Observations are a write; a forecast with future inputs in a body is a read (not
+    // enough observations yet: 409, not 401).
+    for (path, body, status) in [
+        ("/v1/streams/a/observations", r#"{"y": 1}"#, 401),
+        ("/v1/streams/a/forecast", r#"{"horizon": 1}"#, 409),
+    ] {
+        let r = c
+            .post(d.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .expect("post");
+        assert_eq!(r.status(), status, "{path}");
+    }
     drop(d);
 
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -944,21 +938,11 @@ fn extreme_finite_values_leave_every_number_a_number() {
             .body(body),
     );
     assert_eq!(s, 200, "{p}");
-    let info: Value = c
-        .get(d.url("/v1/streams/wild"))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
+    let (_, info, _) = send(c.get(d.url("/v1/streams/wild")));
     for k in ["mse", "mse_scaled", "spread", "noise"] {
         assert!(info["stats"][k].is_f64(), "stats.{k}: {info}");
     }
-    let f: Value = c
-        .get(d.url("/v1/streams/wild/forecast?horizon=50"))
-        .send()
-        .expect("forecast")
-        .json()
-        .expect("json");
+    let (_, f, _) = send(c.get(d.url("/v1/streams/wild/forecast?horizon=50")));
     for step in f["steps"].as_array().expect("steps") {
         for k in ["mean", "lower", "upper"] {
             assert!(step[k][0].is_f64(), "{k}: {step}");
