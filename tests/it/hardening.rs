@@ -1005,3 +1005,46 @@ fn requests_beyond_the_concurrency_limit_are_503_with_retry_after() {
     }
     assert!(served, "the permit came back");
 }
+
+#[test]
+fn connections_beyond_the_limit_are_closed_and_the_slot_comes_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(tmp.path(), "[limits]\nconnections = 1\n");
+    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    let healthz = |sock: &mut TcpStream| -> String {
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = sock.read_to_string(&mut out);
+        out
+    };
+    // The one connection the daemon allows, kept open (a request on it keeps it alive).
+    let mut first = TcpStream::connect(&addr).expect("connect");
+    first
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut head = [0u8; 12];
+    first.read_exact(&mut head).expect("first is served");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // A second one is accepted and closed at once, unanswered.
+    let mut second = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(
+        healthz(&mut second),
+        "",
+        "the second connection got an answer"
+    );
+    // Once the first is gone, a new connection is served.
+    drop(first);
+    let mut served = false;
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        if healthz(&mut s).starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served, "the connection slot came back");
+}
