@@ -52,7 +52,8 @@ pub struct Limits {
     pub streams: usize,
     /// Budget for all streams together, bytes: each is charged what it holds
     /// ([`crate::stream::Stream::memory_bytes`]: its ensemble of J·d values of 8 bytes, 4 for
-    /// `f32`, the parameter-sized work buffers, and a snapshot's `f64` copy of its state).
+    /// `f32`, the parameter-sized work buffers, a snapshot's `f64` copy of its state and its
+    /// published forecast states).
     pub memory_bytes: u64,
     /// Longest forecast horizon.
     pub horizon: usize,

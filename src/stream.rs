@@ -286,16 +286,24 @@ impl Stream {
     /// The memory a stream of these options may hold, in bytes: its ensemble
     /// ([`AnyEnsemble::footprint`]: the particles and every parameter-sized work buffer), a
     /// snapshot's copy of the ensemble's state while one is written (encoded straight into the
-    /// file), and the stream's own buffers (the lag buffer and its copy, the model's input).
+    /// file), the published forecast state, and the stream's own buffers (the lag buffer and
+    /// its copy, the model's input).
     /// What the daemon's memory budget charges a stream; a batch's observations are its
     /// request's, bounded by the body limit.
     pub fn memory_bytes(options: &Options) -> u64 {
         let ensemble = AnyEnsemble::footprint(options);
+        let layout = options.layout();
         let n_in = options.lags * options.outputs + options.inputs;
         let own =
             (2 * options.lags * options.outputs + n_in + 2 * options.inputs + 8 * options.outputs)
                 * std::mem::size_of::<f64>();
-        (ensemble.resident + ensemble.snapshot + own) as u64
+        // The published forecast state (the mean particle and a subset of the particles, with
+        // their hidden states, as f64), twice: a new one is built while readers hold the last.
+        let forecast = 2
+            * ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
+                + options.lags * options.outputs)
+            * std::mem::size_of::<f64>();
+        (ensemble.resident + ensemble.snapshot + own + forecast) as u64
     }
 
     pub fn new(options: Options) -> Self {

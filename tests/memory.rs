@@ -1,6 +1,6 @@
 //! What the daemon's memory budget charges a stream (`Stream::memory_bytes`) covers what the
-//! stream really holds: its heap at its peak while it learns, takes a snapshot copy of its
-//! state and writes the snapshot. dhat's allocator sees every allocation of this test binary;
+//! stream really holds: its heap at its peak while it learns, publishes forecast states and
+//! takes a snapshot copy of its state and writes the snapshot. dhat's allocator sees every allocation of this test binary;
 //! the file holds one test so that nothing else runs while it measures. Ensembles stay below
 //! the 4 MiB from which particles are mapped (outside the heap).
 
@@ -12,7 +12,7 @@ use ekid::stream::{Observation, Stream};
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
 /// The peak heap bytes of one stream over its life: created, 30 observations in batches of
-/// 10, a snapshot written to `dir`, dropped.
+/// 10, two forecast states held, a snapshot written to `dir`, dropped.
 fn peak_bytes(o: &Options, dir: &std::path::Path) -> u64 {
     let profiler = dhat::Profiler::builder().testing().build();
     let before = dhat::HeapStats::get().curr_bytes as u64;
@@ -32,8 +32,13 @@ fn peak_bytes(o: &Options, dir: &std::path::Path) -> u64 {
             let plan = s.plan(&batch).expect("a valid batch");
             s.apply(&batch, &plan, |_| {});
         }
+        // The owner publishes a forecast state after each batch while readers may still hold
+        // the last one, and snapshots now and then.
+        let published = s.forecast_state().expect("lags are full");
+        let next = s.forecast_state().expect("lags are full");
         let state = s.state();
         ekid::snapshot::write(dir, s.last_seq(), &state).expect("snapshot");
+        drop((published, next));
     }
     let peak = dhat::HeapStats::get().max_bytes as u64;
     drop(profiler);

@@ -180,7 +180,7 @@ impl AppState {
                 return Err(ApiError::Limit {
                     field: None,
                     detail: format!(
-                        "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers and a snapshot's copy) but only {left} of the {}-byte budget are left",
+                        "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers, a snapshot's copy and forecast states) but only {left} of the {}-byte budget are left",
                         options.precision.bytes(),
                         options.ensemble,
                         options.layout().dim(),

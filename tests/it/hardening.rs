@@ -543,7 +543,7 @@ fn limits_refuse_clearly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cfg = write_config(
         tmp.path(),
-        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2200000\nhorizon = 50\nforecast_work = 5000\nheader_timeout_ms = 300\n",
+        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2700000\nhorizon = 50\nforecast_work = 5000\nheader_timeout_ms = 300\n",
     );
     let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
@@ -564,8 +564,9 @@ fn limits_refuse_clearly() {
         "{p}"
     );
     // f32 ensembles count 4 bytes a value: J=300 at hidden 16 (d = 493) holds 1 183 200 bytes
-    // of particles as f64 and half that as f32, plus about 1.3 MB of work buffers and snapshot
-    // copy either way: 2.6 MB as f64, over the budget, and 1.9 MB as f32, within it.
+    // of particles as f64 and half that as f32, plus about 1.9 MB of work buffers, snapshot
+    // copy and forecast states either way: 3.1 MB as f64, over the budget, and 2.4 MB as f32,
+    // within it.
     let (st, p, _) = put("half", r#"{"ensemble": 300, "hidden": 16}"#);
     assert_eq!(st, 422, "{p}");
     assert!(
@@ -577,7 +578,7 @@ fn limits_refuse_clearly() {
         r#"{"ensemble": 300, "hidden": 16, "precision": "f32"}"#,
     );
     assert_eq!(st, 201, "{p}");
-    // A tiny ensemble with many outputs: J·d·8 = 87 680 bytes fits what is left (~290 kB), but
+    // A tiny ensemble with many outputs: J·d·8 = 87 680 bytes fits what is left (~250 kB), but
     // its m×d cross-covariance alone is 1.4 MB.
     let (st, p, _) = put(
         "wide",
