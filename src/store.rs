@@ -242,12 +242,18 @@ impl Store {
         dir: &Path,
         options: &Options,
     ) -> Result<(Box<Stream>, Box<StreamStore>, RecoveryReport), StoreError> {
-        // Stray temporary files never block a restart.
+        // Stray temporary files never block a restart. The newest log or snapshot write is when
+        // the stream last learned (before recovery writes anything).
+        let mut last_write = None;
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-            let p = entry.map_err(io_err(dir))?.path();
+            let entry = entry.map_err(io_err(dir))?;
+            let p = entry.path();
             if p.extension().is_some_and(|e| e == "tmp") {
                 tracing::warn!(path = %p.display(), "removing stray temporary file");
                 let _ = fs::remove_file(&p);
+            } else if p.extension().is_some_and(|e| e == "log" || e == "bin") {
+                let modified = entry.metadata().and_then(|m| m.modified()).ok();
+                last_write = last_write.max(modified);
             }
         }
         let mut report = RecoveryReport {
@@ -362,6 +368,7 @@ impl Store {
         // What was replayed is in the log only: the next snapshot (due, or at shutdown) takes
         // it in, so that the next start does not replay it again.
         store.since_snapshot = report.replayed;
+        store.last_write = last_write.filter(|_| report.last_seq > 0);
         Ok((stream, Box::new(store), report))
     }
 }
@@ -375,6 +382,8 @@ pub struct StreamStore {
     last_snapshot: Option<u64>,
     since_snapshot: u64,
     snapshot_time: Instant,
+    /// For a recovered stream that had learned: when its files were last written.
+    last_write: Option<SystemTime>,
 }
 
 impl StreamStore {
@@ -386,7 +395,14 @@ impl StreamStore {
             last_snapshot,
             since_snapshot: 0,
             snapshot_time: Instant::now(),
+            last_write: None,
         }
+    }
+
+    /// When a recovered stream last learned before this start (its newest log or snapshot
+    /// write); `None` for a new stream or one that had no observations.
+    pub fn last_write(&self) -> Option<SystemTime> {
+        self.last_write
     }
 
     pub fn dir(&self) -> &Path {

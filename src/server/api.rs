@@ -126,8 +126,8 @@ pub struct StatsOut {
     pub noise: f64,
     /// Particles re-drawn because their prediction was not finite.
     pub repaired: u64,
-    /// Time of the last applied batch (RFC 3339); null before the first batch since this
-    /// daemon started (it is not persisted).
+    /// Time of the last applied batch (RFC 3339); after a restart, until the next batch, when
+    /// the stream's log or snapshot was last written; null before the first observation.
     pub last_update: Option<String>,
 }
 

@@ -123,7 +123,7 @@ pub fn spawn(
                 options: stream.options().clone(),
                 stats: stream.stats().clone(),
                 scale: stream.y_scale().map(<[Scaler]>::to_vec),
-                last_update: None,
+                last_update: store.last_write(),
                 forecast: stream.forecast_state().map(Arc::new),
                 failed: None,
             };

@@ -102,6 +102,9 @@ fn a_restart_after_sigterm_or_kill9_is_bit_identical() {
         get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
     );
     assert_eq!(before, after);
+    // When it last learned survives too (from its files), not null until the next batch.
+    let stats = get(&c, &d, "/v1/streams/a")["stats"].clone();
+    assert!(stats["last_update"].is_string(), "{stats}");
 
     // Crash: more data, then kill -9 with no chance to flush or snapshot.
     post(&c, &d, "a", ndjson(0, seq, 11)).expect("post");
