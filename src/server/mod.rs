@@ -85,9 +85,15 @@ pub struct Shared {
 struct Registry {
     handles: HashMap<String, StreamHandle>,
     /// The memory each open stream was charged ([`Stream::memory_bytes`]; 0 for one that could
-    /// not be recovered), given back when it is deleted, and their sum: the memory budget.
+    /// not be recovered), given back when it is deleted.
     charged: HashMap<String, u64>,
-    bytes: u64,
+}
+
+impl Registry {
+    /// What the open streams hold of the memory budget.
+    fn charged_bytes(&self) -> u64 {
+        self.charged.values().sum()
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -175,7 +181,7 @@ impl AppState {
                     detail: format!("the server holds its limit of {} streams", limits.streams),
                 });
             }
-            let left = limits.memory_bytes.saturating_sub(reg.bytes);
+            let left = limits.memory_bytes.saturating_sub(reg.charged_bytes());
             if bytes > left {
                 return Err(ApiError::Limit {
                     field: None,
@@ -226,7 +232,6 @@ impl AppState {
             let mut reg = write(&self.inner.streams);
             reg.handles.insert(name.to_owned(), handle);
             reg.charged.insert(name.to_owned(), bytes);
-            reg.bytes += bytes;
             self.inner.metrics.streams.set(reg.handles.len() as i64);
         }
         let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,8 +250,7 @@ impl AppState {
                 .handles
                 .remove(name)
                 .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))?;
-            let charged = reg.charged.remove(name).unwrap_or(0);
-            reg.bytes = reg.bytes.saturating_sub(charged);
+            reg.charged.remove(name);
             self.inner.metrics.streams.set(reg.handles.len() as i64);
             h
         };
@@ -328,7 +332,6 @@ impl AppState {
     pub async fn close_all(&self) {
         let handles: Vec<StreamHandle> = {
             let mut reg = write(&self.inner.streams);
-            reg.bytes = 0;
             reg.charged.clear();
             reg.handles.drain().map(|(_, h)| h).collect()
         };
