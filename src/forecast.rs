@@ -42,6 +42,18 @@ pub struct ForecastState {
     pub seq: u64,
 }
 
+impl ForecastState {
+    /// The bytes of the state [`crate::stream::Stream::forecast_state`] builds for these options
+    /// (the mean and [`interval_particles`] particles with their hidden states, the lag values),
+    /// for the memory budget. Keep it next to the fields it counts.
+    pub fn bytes(options: &crate::options::Options) -> usize {
+        let layout = options.layout();
+        ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
+            + options.lags * options.outputs)
+            * std::mem::size_of::<f64>()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ForecastStep {
     pub step: usize,

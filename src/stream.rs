@@ -292,17 +292,12 @@ impl Stream {
     /// request's, bounded by the body limit.
     pub fn memory_bytes(options: &Options) -> u64 {
         let ensemble = AnyEnsemble::footprint(options);
-        let layout = options.layout();
         let n_in = options.lags * options.outputs + options.inputs;
         let own =
             (2 * options.lags * options.outputs + n_in + 2 * options.inputs + 8 * options.outputs)
                 * std::mem::size_of::<f64>();
-        // The published forecast state (the mean particle and a subset of the particles, with
-        // their hidden states, as f64), twice: a new one is built while readers hold the last.
-        let forecast = 2
-            * ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
-                + options.lags * options.outputs)
-            * std::mem::size_of::<f64>();
+        // The published forecast state twice: a new one is built while readers hold the last.
+        let forecast = 2 * ForecastState::bytes(options);
         (ensemble.resident + ensemble.snapshot + own + forecast) as u64
     }
 
