@@ -79,6 +79,8 @@ pub struct Shared {
     pub failpoints: Failpoints,
     /// Flips to true when shutdown starts (ends SSE streams).
     pub shutdown: watch::Receiver<bool>,
+    /// `/openapi.json`, built for this config at start.
+    pub openapi: axum::body::Bytes,
 }
 
 #[derive(Default)]
@@ -127,6 +129,7 @@ impl AppState {
                 requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
                 failpoints: Failpoints::from_env(),
                 shutdown,
+                openapi: openapi::document(&config),
                 config,
             }),
         })
