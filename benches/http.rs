@@ -24,7 +24,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{EXE, percentile, start, start_in};
+use common::{EXE, percentile, post_ndjson, start, start_in};
 const DATA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/datasets/daily-min-temperatures.csv"
@@ -76,16 +76,12 @@ fn warm_up(v: &[f64]) {
 
 /// POSTs the `b`-th batch of 1000 values of `v` (cycling) to `stream` as NDJSON.
 fn post_batch(c: &Client, base: &str, stream: &str, v: &[f64], b: usize) {
-    let body: String = (0..1000)
-        .map(|i| format!("{{\"y\": {}}}\n", v[(b * 1000 + i) % v.len()]))
-        .collect();
-    let r = c
-        .post(format!("{base}/v1/streams/{stream}/observations"))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .expect("post batch");
-    assert!(r.status().is_success());
+    post_ndjson(
+        c,
+        base,
+        stream,
+        (0..1000).map(|i| v[(b * 1000 + i) % v.len()]),
+    );
 }
 
 fn main() {

@@ -15,7 +15,7 @@ use reqwest::blocking::Client;
 
 mod common;
 
-use common::{percentile, rss_bytes, start};
+use common::{percentile, post_ndjson, rss_bytes, start};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
@@ -87,19 +87,9 @@ fn main() {
                     let mut sent = 0usize;
                     for round in 0..rounds {
                         for i in (w..n).step_by(8) {
-                            let body: String = (0..per_batch)
-                                .map(|t| {
-                                    let x = ((round * per_batch + t) as f64 / 5.0 + i as f64).sin();
-                                    format!("{{\"y\": {x}}}\n")
-                                })
-                                .collect();
-                            let r = c
-                                .post(format!("{base}/v1/streams/s{i}/observations"))
-                                .header("content-type", "application/x-ndjson")
-                                .body(body)
-                                .send()
-                                .expect("post");
-                            assert!(r.status().is_success(), "post: {}", r.status());
+                            let ys = (0..per_batch)
+                                .map(|t| ((round * per_batch + t) as f64 / 5.0 + i as f64).sin());
+                            post_ndjson(&c, &base, &format!("s{i}"), ys);
                             sent += per_batch;
                         }
                     }

@@ -51,6 +51,23 @@ pub fn start_in(dir: tempfile::TempDir, storage: &str) -> Server {
     }
 }
 
+/// POSTs `values` to `stream` as one NDJSON batch of `{"y": v}` lines; panics unless accepted.
+pub fn post_ndjson(
+    c: &reqwest::blocking::Client,
+    base: &str,
+    stream: &str,
+    values: impl Iterator<Item = f64>,
+) {
+    let body: String = values.map(|y| format!("{{\"y\": {y}}}\n")).collect();
+    let r = c
+        .post(format!("{base}/v1/streams/{stream}/observations"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .expect("post");
+    assert!(r.status().is_success(), "post to {stream}: {}", r.status());
+}
+
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
