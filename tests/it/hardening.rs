@@ -26,6 +26,15 @@ fn send(r: RequestBuilder) -> (u16, Value, String) {
     (status, body, ct)
 }
 
+/// PUTs stream options (JSON) and returns what [`send`] does.
+fn put(c: &Client, d: &Daemon, name: &str, options: &str) -> (u16, Value, String) {
+    send(
+        c.put(d.url(&format!("/v1/streams/{name}")))
+            .header("content-type", "application/json")
+            .body(options.to_owned()),
+    )
+}
+
 /// Everything a client can see of a stream, minus the wall clock.
 fn fingerprint(c: &Client, d: &Daemon, name: &str) -> Value {
     let mut s: Value = c
@@ -424,13 +433,7 @@ fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5(
         ),
         ("fresh", S.to_owned()),
     ] {
-        let r = c
-            .put(d.url(&format!("/v1/streams/{name}")))
-            .header("content-type", "application/json")
-            .body(opts)
-            .send()
-            .expect("put");
-        assert_eq!(r.status(), 201);
+        assert_eq!(put(&c, &d, name, &opts).0, 201);
     }
     let feed: String = (0..10)
         .map(|i| format!("{{\"y\": {}}}\n", 5.0 + (i as f64).sin()))
@@ -547,13 +550,7 @@ fn limits_refuse_clearly() {
     );
     let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
-    let put = |name: &str, body: &str| {
-        send(
-            c.put(d.url(&format!("/v1/streams/{name}")))
-                .header("content-type", "application/json")
-                .body(body.to_owned()),
-        )
-    };
+    let put = |name: &str, body: &str| put(&c, &d, name, body);
     assert_eq!(put("a", S).0, 201);
     // Memory: what the stream holds (its ensemble, work buffers, a snapshot's f64 copy) over
     // what is left.
@@ -682,13 +679,10 @@ fn a_full_queue_is_503_with_retry_after_and_a_timeout_is_503() {
     let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
     // A slow stream: each observation costs milliseconds.
-    let r = c
-        .put(d.url("/v1/streams/slow"))
-        .header("content-type", "application/json")
-        .body(r#"{"ensemble": 2000, "hidden": 32}"#)
-        .send()
-        .expect("put");
-    assert_eq!(r.status(), 201);
+    assert_eq!(
+        put(&c, &d, "slow", r#"{"ensemble": 2000, "hidden": 32}"#).0,
+        201
+    );
     let body: String = (0..300)
         .map(|i| format!("{{\"y\": {}}}\n", (i as f64).sin()))
         .collect();
@@ -836,13 +830,7 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
     let d = Daemon::start_with(cmd, &data, &["--config", &cfg]);
     let c = client();
     for n in ["boom", "fine"] {
-        let r = c
-            .put(d.url(&format!("/v1/streams/{n}")))
-            .header("content-type", "application/json")
-            .body(S)
-            .send()
-            .expect("put");
-        assert_eq!(r.status(), 201);
+        assert_eq!(put(&c, &d, n, S).0, 201);
     }
     let post = |n: &str| {
         send(
@@ -906,13 +894,8 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
             .status(),
         204
     );
-    let r = c
-        .put(d.url("/v1/streams/again"))
-        .header("content-type", "application/json")
-        .body(S)
-        .send()
-        .expect("put");
-    assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
+    let (st, p, _) = put(&c, &d, "again", S);
+    assert_eq!(st, 201, "{p}");
 }
 
 #[test]
@@ -922,13 +905,8 @@ fn extreme_finite_values_leave_every_number_a_number() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start_in(&tmp.path().join("data"), &[]);
     let c = client();
-    let r = c
-        .put(d.url("/v1/streams/wild"))
-        .header("content-type", "application/json")
-        .body(r#"{"ensemble": 16, "hidden": 4, "lags": 2, "scale": {"min": 0, "max": 1}}"#)
-        .send()
-        .expect("put");
-    assert_eq!(r.status(), 201);
+    let wild = r#"{"ensemble": 16, "hidden": 4, "lags": 2, "scale": {"min": 0, "max": 1}}"#;
+    assert_eq!(put(&c, &d, "wild", wild).0, 201);
     let body: String = [0.1, 0.2, 0.3, 1e308, -1e308, 1e308, 0.5, 0.4, 0.3, 0.2]
         .iter()
         .map(|y| format!("{{\"y\": {y:e}}}\n"))
@@ -957,13 +935,7 @@ fn requests_beyond_the_concurrency_limit_are_503_with_retry_after() {
     let cfg = write_config(tmp.path(), "[limits]\nconcurrent_requests = 1\n");
     let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
-    let r = c
-        .put(d.url("/v1/streams/a"))
-        .header("content-type", "application/json")
-        .body(S)
-        .send()
-        .expect("put");
-    assert_eq!(r.status(), 201);
+    assert_eq!(put(&c, &d, "a", S).0, 201);
     // One request in flight: its head is sent, its body never finishes.
     let mut slow = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
     slow.write_all(
