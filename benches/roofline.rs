@@ -23,9 +23,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ekid::ensemble::{AnyEnsemble, ParticleBuf};
-use ekid::options::Options;
-use ekid::real::{Precision, Real};
+use ekid::engine::Options;
+use ekid::engine::{AnyEnsemble, ParticleBuf};
+use ekid::engine::{Precision, Real};
 
 mod common;
 
@@ -98,7 +98,7 @@ impl<T: Real> Floor<T> {
         let (a, b) = self.buf.split_at_mut(rows * self.d);
         let (coef, d) = (&self.coef, self.d);
         // On the engine's step pool, as the two-thread step runs.
-        ekid::ensemble::on_pool(true, || {
+        ekid::engine::on_pool(true, || {
             rayon::join(|| floor_pass(a, coef, d), || floor_pass(b, coef, d))
         });
         black_box(self.buf[0]);
@@ -343,7 +343,7 @@ fn cores_row<T: Real>(samples: usize, j: usize, hidden: usize, precision: Precis
         let mut s = Stream::with(j, hidden, 1, precision);
         let d = s.e.dim();
         let mut r = [Vec::new(), Vec::new()];
-        ekid::ensemble::on_pool(true, || {
+        ekid::engine::on_pool(true, || {
             // Round 0 warms up.
             for round in 0..=samples {
                 for (times, threads) in r.iter_mut().zip([1, 2]) {
@@ -447,7 +447,7 @@ fn layout(samples: usize) {
     let (left, right) = buf.split_at(j * c);
     let rows = || buf.chunks_exact(d);
     let pool = |a: &(dyn Fn() + Sync), b: &(dyn Fn() + Sync)| {
-        ekid::ensemble::on_pool(true, || rayon::join(a, b));
+        ekid::engine::on_pool(true, || rayon::join(a, b));
     };
     let mut cases: Vec<Case> = vec![
         ("all of every row", 1, j * d, Box::new(|| read(rows()))),
@@ -536,7 +536,7 @@ fn profile(args: &[String]) {
     let start = Instant::now();
     let mut n = 0u64;
     // Enter the step pool once, as `ekid eval` and the daemon's batches do.
-    ekid::ensemble::on_pool(true, || {
+    ekid::engine::on_pool(true, || {
         while start.elapsed() < Duration::from_secs(seconds) {
             s.observe();
             n += 1;

@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ekid::ensemble::Ensemble;
+use ekid::engine::Ensemble;
 
 mod common;
 
@@ -49,7 +49,7 @@ fn memory_floor(c: &mut Criterion) {
     for &hidden in &[16usize, 32] {
         for &j in &[100usize, 500, 2000] {
             let d = options(j, hidden).layout().dim();
-            let mut buf = ekid::ensemble::ParticleBuf::from_slice(&vec![1.0f64; j * d]);
+            let mut buf = ekid::engine::ParticleBuf::from_slice(&vec![1.0f64; j * d]);
             let coef = vec![1e-12f64; d];
             g.throughput(Throughput::Elements((j * d) as u64));
             g.bench_function(BenchmarkId::new(format!("h{hidden}"), j), |b| {

@@ -3,9 +3,9 @@
 //! of this test binary, the step pool's workers included; this file holds one test so that
 //! nothing else runs while it counts.
 
-use ekid::ensemble::{AnyEnsemble, on_pool};
-use ekid::options::Options;
-use ekid::real::Precision;
+use ekid::engine::Options;
+use ekid::engine::Precision;
+use ekid::engine::{AnyEnsemble, on_pool};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;

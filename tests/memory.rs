@@ -4,9 +4,9 @@
 //! the file holds one test so that nothing else runs while it measures. Ensembles stay below
 //! the 4 MiB from which particles are mapped (outside the heap).
 
-use ekid::options::{Options, ScaleOption};
-use ekid::real::Precision;
-use ekid::stream::{Observation, Stream};
+use ekid::engine::Precision;
+use ekid::engine::{Observation, Stream};
+use ekid::engine::{Options, ScaleOption};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -37,7 +37,7 @@ fn peak_bytes(o: &Options, dir: &std::path::Path) -> u64 {
         let published = s.forecast_state().expect("lags are full");
         let next = s.forecast_state().expect("lags are full");
         let state = s.state();
-        ekid::snapshot::write(dir, s.last_seq(), &state).expect("snapshot");
+        ekid::storage::write_snapshot(dir, s.last_seq(), &state).expect("snapshot");
         drop((published, next));
     }
     let peak = dhat::HeapStats::get().max_bytes as u64;
@@ -50,7 +50,7 @@ fn the_memory_budget_covers_what_a_stream_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let scaled = |o: Options| {
         Options {
-            scale: ScaleOption::Fixed(ekid::options::Range {
+            scale: ScaleOption::Fixed(ekid::engine::Range {
                 min: -1.0,
                 max: 1.0,
             }),

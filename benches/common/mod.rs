@@ -88,11 +88,11 @@ pub fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Default stream options with `j` particles and `hidden` units.
-pub fn engine_options(j: usize, hidden: usize) -> ekid::options::Options {
-    ekid::options::Options {
+pub fn engine_options(j: usize, hidden: usize) -> ekid::engine::Options {
+    ekid::engine::Options {
         ensemble: j,
         hidden,
-        ..ekid::options::Options::default()
+        ..ekid::engine::Options::default()
     }
     .check()
     .expect("valid bench options")
@@ -101,7 +101,7 @@ pub fn engine_options(j: usize, hidden: usize) -> ekid::options::Options {
 /// The memory floor's two passes over `buf` (the least traffic one observation needs: the
 /// forward reads every weight, the update reads and writes it): sixteen independent sums (a cache line of `f32`, two of
 /// `f64`, per iteration), then the element-wise read-write.
-pub fn floor_pass<T: ekid::real::Real>(buf: &mut [T], coef: &[T], d: usize) {
+pub fn floor_pass<T: ekid::engine::Real>(buf: &mut [T], coef: &[T], d: usize) {
     let mut acc = [T::ZERO; 16];
     for c in buf.chunks_exact(16) {
         for k in 0..16 {

@@ -5,9 +5,9 @@
 
 use std::sync::OnceLock;
 
-use ekid::options::Options;
+use ekid::engine::Options;
 use ekid::server::body::{decode_csv, decode_json, decode_ndjson};
-use ekid::stream::Stream;
+use ekid::engine::Stream;
 use libfuzzer_sys::fuzz_target;
 
 fn stream() -> &'static Stream {

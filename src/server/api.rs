@@ -19,10 +19,9 @@ use tokio::sync::{broadcast, oneshot};
 use super::AppState;
 use super::body::{self, DecodeError};
 use super::error::{ApiError, Problem};
-use super::openapi::ObservationsBody;
 use super::owner::{Command, ScaleOut, StreamView};
-use crate::forecast::ForecastStep;
-use crate::options::{Options, RawOptions};
+use crate::engine::ForecastStep;
+use crate::engine::{Options, RawOptions};
 
 /// `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..` (names become directory names on disk).
 pub fn check_name(name: &str) -> Result<(), ApiError> {
@@ -571,7 +570,7 @@ async fn forecast(
             format!("`horizon` must be between 1 and {max}, got {horizon}"),
         ));
     }
-    let particles = crate::forecast::interval_particles(view.options.ensemble) as u64 + 1;
+    let particles = crate::engine::interval_particles(view.options.ensemble) as u64 + 1;
     let work = horizon as u64 * particles * view.options.layout().dim() as u64;
     let budget = app.inner.config.limits.forecast_work;
     if work > budget {
@@ -651,4 +650,40 @@ pub async fn events(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+// Schema-only types: the observation body as the OpenAPI document describes it (the body itself
+// is decoded by `body`, which reports errors with line and field).
+
+/// A number, or an array of numbers (one per output or input).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum NumberOrArray {
+    One(f64),
+    Many(Vec<f64>),
+}
+
+/// One observation as JSON.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationJson {
+    /// The next expected sequence number (1-based); an already applied one is skipped as a
+    /// duplicate, a gap is 409.
+    #[schema(minimum = 1)]
+    seq: Option<u64>,
+    /// Exogenous inputs (as many as the stream's `inputs`).
+    x: Option<NumberOrArray>,
+    /// The observed value(s) (as many as the stream's `outputs`).
+    y: NumberOrArray,
+}
+
+/// One observation object or an array of them.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum ObservationsBody {
+    One(ObservationJson),
+    Many(Vec<ObservationJson>),
 }

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
-use crate::stream::Observation;
+use crate::engine::Observation;
 
 /// Why a body did not decode; `line` is 1-based for NDJSON and CSV.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,8 +5,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::body::DecodeError;
-use crate::options::OptionsError;
-use crate::stream::BatchError;
+use crate::engine::BatchError;
+use crate::engine::OptionsError;
 
 /// `application/problem+json` body.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]

@@ -12,47 +12,14 @@ use utoipa::openapi::{Ref, RefOr, Schema};
 use utoipa::{Modify, Number, OpenApi};
 
 use super::AppState;
+use super::Config;
 use super::api;
 use super::error::Problem;
 use super::owner::ScaleOut;
-use crate::config::Config;
-use crate::forecast::ForecastStep;
-use crate::options::{
+use crate::engine::ForecastStep;
+use crate::engine::{
     Auto, Cell, Loss, Method, Off, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
-
-/// A number, or an array of numbers (one per output or input).
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-#[serde(untagged)]
-pub enum NumberOrArray {
-    One(f64),
-    Many(Vec<f64>),
-}
-
-/// One observation as JSON.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-#[serde(deny_unknown_fields)]
-pub struct ObservationJson {
-    /// The next expected sequence number (1-based); an already applied one is skipped as a
-    /// duplicate, a gap is 409.
-    #[schema(minimum = 1)]
-    seq: Option<u64>,
-    /// Exogenous inputs (as many as the stream's `inputs`).
-    x: Option<NumberOrArray>,
-    /// The observed value(s) (as many as the stream's `outputs`).
-    y: NumberOrArray,
-}
-
-/// One observation object or an array of them.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-#[serde(untagged)]
-pub enum ObservationsBody {
-    One(ObservationJson),
-    Many(Vec<ObservationJson>),
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -87,9 +54,9 @@ pub enum ObservationsBody {
         ScaleOption,
         ScaleOut,
         ForecastStep,
-        ObservationJson,
-        ObservationsBody,
-        NumberOrArray,
+        api::ObservationJson,
+        api::ObservationsBody,
+        api::NumberOrArray,
         api::StreamOut,
         api::StatsOut,
         api::StreamList,

@@ -16,11 +16,11 @@ use tokio::task::JoinHandle;
 
 use super::error::ApiError;
 use super::metrics::{Metrics, StreamLabel};
-use crate::forecast::ForecastState;
-use crate::model::Scaler;
-use crate::options::Options;
-use crate::store::StreamStore;
-use crate::stream::{Applied, Observation, Plan, Stats, Stream};
+use crate::engine::ForecastState;
+use crate::engine::Options;
+use crate::engine::Scaler;
+use crate::engine::{Applied, Observation, Plan, Stats, Stream};
+use crate::storage::StreamStore;
 
 /// What handlers may ask of an owner.
 #[derive(Debug)]

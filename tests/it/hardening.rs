@@ -816,9 +816,9 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
     let _ = std::fs::remove_file(&log);
     // A memory budget for two streams like S and half a third: a deleted failed stream must
     // give its share back.
-    let raw: ekid::options::RawOptions = serde_json::from_str(S).expect("S parses");
-    let charge = ekid::stream::Stream::memory_bytes(
-        &raw.resolve(&ekid::options::Options::default())
+    let raw: ekid::engine::RawOptions = serde_json::from_str(S).expect("S parses");
+    let charge = ekid::engine::Stream::memory_bytes(
+        &raw.resolve(&ekid::engine::Options::default())
             .expect("S is valid"),
     );
     let cfg = write_config(

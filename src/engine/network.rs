@@ -55,7 +55,7 @@ impl Layout {
     }
 }
 
-use crate::real::Real;
+use crate::engine::real::Real;
 
 /// Writes `z` and the constant 1 into the tail of a scratch vector of length `layout.row()`.
 #[inline]

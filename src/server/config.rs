@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::options::{Options, RawOptions};
-use crate::store::StorageConfig;
+use crate::engine::{Options, RawOptions};
+use crate::storage::StorageConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,7 +51,7 @@ pub struct Limits {
     /// Most streams at once.
     pub streams: usize,
     /// Budget for all streams together, bytes: each is charged what it holds
-    /// ([`crate::stream::Stream::memory_bytes`]: its ensemble of J·d values of 8 bytes, 4 for
+    /// ([`crate::engine::Stream::memory_bytes`]: its ensemble of J·d values of 8 bytes, 4 for
     /// `f32`, the parameter-sized work buffers, a snapshot's `f64` copy of its state and its
     /// published forecast states).
     pub memory_bytes: u64,

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::stream::Observation;
+use crate::engine::Observation;
 
 const MAGIC: &[u8; 8] = b"EKIDWAL1";
 const VERSION: u32 = 1;
@@ -326,16 +326,8 @@ impl Wal {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn is_dirty(&self) -> bool {
         self.dirty
-    }
-
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
     }
 
     /// Appends one record per batch (each `(first_seq, observations)`, contiguous), then
@@ -455,7 +447,7 @@ mod tests {
             w.append(&[(first, &o)]).unwrap();
             ends.push(w.len);
         }
-        (w.path().to_owned(), ends)
+        (w.path.clone(), ends)
     }
 
     #[test]
@@ -489,7 +481,7 @@ mod tests {
         std::fs::write(&path, &full[..full.len() - 3]).unwrap();
         let scan = scan_segment(&path).unwrap();
         let mut w = Wal::reopen(dir.path(), &scan, FsyncPolicy::Always, Duration::ZERO).unwrap();
-        assert_eq!(w.next_seq(), 4);
+        assert_eq!(w.next_seq, 4);
         let o = obs(&[9.0]);
         w.append(&[(4, &o)]).unwrap();
         let scan = scan_segment(&path).unwrap();
@@ -546,7 +538,7 @@ mod tests {
         w.file = File::open(&path).unwrap();
         let o = obs(&[1.0]);
         assert!(w.append(&[(7, &o)]).is_err());
-        assert_eq!(w.next_seq(), 7);
+        assert_eq!(w.next_seq, 7);
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             *ends.last().unwrap()

@@ -11,7 +11,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use crate::real::Real;
+use crate::engine::real::Real;
 
 /// Buffers of at least this many bytes are mapped with huge pages. Smaller ensembles span
 /// few enough small pages for the TLB to hold (and a daemon may hold thousands of them, where

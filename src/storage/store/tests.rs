@@ -1,7 +1,7 @@
 //! Recovery outcomes, one per kind of damage.
 
 use super::*;
-use crate::stream::{Observation, StreamState};
+use crate::engine::{Observation, StreamState};
 
 fn options() -> Options {
     Options {
@@ -247,7 +247,7 @@ fn delete_is_durable_and_a_new_stream_of_the_same_name_starts_fresh() {
 #[test]
 fn f32_streams_recover_bit_for_bit_from_a_snapshot_and_the_log_issue_6() {
     let o = Options {
-        precision: crate::real::Precision::F32,
+        precision: crate::engine::Precision::F32,
         ..options()
     };
     let dir = tempfile::tempdir().unwrap();
@@ -260,7 +260,7 @@ fn f32_streams_recover_bit_for_bit_from_a_snapshot_and_the_log_issue_6() {
     drop(ss);
     let (mut r, report) = recovered(&store, "f");
     assert_eq!(report.replayed, 9);
-    assert_eq!(r.options().precision, crate::real::Precision::F32);
+    assert_eq!(r.options().precision, crate::engine::Precision::F32);
     assert_eq!(state(&r), state(&s));
     // And it goes on learning the same bits.
     let next = batch(24, 5);

@@ -11,11 +11,11 @@
 
 use std::path::PathBuf;
 
-use super::*;
-use crate::data::read_series;
-use crate::eval::{EvalConfig, EvalMethod, OgdSettings, run_method};
-use crate::model::Scaler;
-use crate::options::{Method, Off, Options, SpreadOption};
+use super::series::read_series;
+use super::{EvalConfig, EvalMethod, OgdSettings, run_method};
+use crate::engine::Scaler;
+use crate::engine::*;
+use crate::engine::{Method, Off, Options, SpreadOption};
 
 /// FNV-1a over 64-bit words.
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +109,7 @@ fn eki_variants_are_pinned_issue_6() {
         (
             "eki",
             Options {
-                spread: SpreadOption::On(crate::options::Spread {
+                spread: SpreadOption::On(crate::engine::Spread {
                     every: 60,
                     gamma: 0.3,
                     decay: 0.8,
@@ -189,7 +189,7 @@ fn multi_output_ensembles_are_pinned_issue_6() {
             ..base.clone()
         },
         Options {
-            spread: SpreadOption::On(crate::options::Spread {
+            spread: SpreadOption::On(crate::engine::Spread {
                 every: 25,
                 gamma: 0.5,
                 decay: 0.9,
@@ -247,12 +247,12 @@ fn repaired_particles_are_pinned_issue_6() {
 
 /// `f32` ensembles have results of their own (not those of `f64`): pinned the same way, so
 /// that later work on the `f32` path keeps them. They use no libm (their tanh is
-/// [`crate::real::tanh_f32`]), so unlike the `f64` constants these hold on any IEEE machine. Default options on both datasets, the flow
+/// [`crate::engine::tanh_f32`]), so unlike the `f64` constants these hold on any IEEE machine. Default options on both datasets, the flow
 /// form with momentum, and a multi-output stream with inflation.
 #[test]
 fn f32_results_are_pinned_issue_6() {
     let f32 = |o: Options| Options {
-        precision: crate::real::Precision::F32,
+        precision: crate::engine::Precision::F32,
         ..o
     };
     let mut got = Vec::new();

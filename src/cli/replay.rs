@@ -6,11 +6,10 @@
 //! retried batch is idempotent (the daemon skips sequence numbers it has already applied).
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
@@ -18,41 +17,10 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cli::OptionFlags;
-use crate::data;
-use crate::model::Scaler;
-use crate::options::{Options, Range, RawOptions, ScaleOption};
-
-#[derive(Debug, Args)]
-pub struct ReplayArgs {
-    /// CSV file: a header row, a date column and numeric columns.
-    pub file: PathBuf,
-    /// Base URL of the daemon.
-    #[arg(long, default_value = "http://127.0.0.1:7878")]
-    pub server: String,
-    /// Stream name (default: the file stem, other characters than A-Z a-z 0-9 _ . - as `_`).
-    #[arg(long)]
-    pub stream: Option<String>,
-    /// Value column (default: the last numeric column).
-    #[arg(long)]
-    pub column: Option<String>,
-    /// Observations per request.
-    #[arg(long, default_value_t = 1000)]
-    pub batch: usize,
-    /// At most this many observations per second (default: as fast as the daemon takes them).
-    #[arg(long, value_name = "OBS_PER_S")]
-    pub rate: Option<f64>,
-    /// Bearer token sent with every request (default: the EKID_TOKEN environment variable).
-    #[arg(long)]
-    pub token: Option<String>,
-    /// Write seq,y,prediction for every row replayed in this run (as `ekid eval --predictions`).
-    #[arg(long, value_name = "OUT.csv")]
-    pub predictions: Option<PathBuf>,
-    /// Stream options, used when the stream is created (unset: the daemon's defaults; the scale
-    /// defaults to the file's min:max).
-    #[command(flatten)]
-    pub options: OptionFlags,
-}
+use super::flags::ReplayArgs;
+use crate::engine::Scaler;
+use crate::engine::{Options, Range, RawOptions, ScaleOption};
+use crate::eval;
 
 /// Attempts per request before giving up on connection errors, timeouts and 5xx.
 const TRIES: u32 = 8;
@@ -81,7 +49,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     if flags.inputs.is_some_and(|i| i != 0) || flags.outputs.is_some_and(|o| o != 1) {
         bail!("replay reads one column: --inputs must be 0 and --outputs 1");
     }
-    let series = data::read_series(&args.file, args.column.as_deref())
+    let series = eval::read_series(&args.file, args.column.as_deref())
         .with_context(|| format!("reading {}", args.file.display()))?;
     let token = args
         .token

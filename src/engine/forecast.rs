@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use crate::model::Scaler;
-use crate::network::{self, Layout};
+use crate::engine::model::Scaler;
+use crate::engine::network::{self, Layout};
 
 /// Particles used for the interval (evenly spaced through the ensemble): a quarter of the
 /// ensemble, at least 8 (or all of a smaller one) and at most 64. The forecast state is copied
@@ -43,10 +43,10 @@ pub struct ForecastState {
 }
 
 impl ForecastState {
-    /// The bytes of the state [`crate::stream::Stream::forecast_state`] builds for these options
+    /// The bytes of the state [`crate::engine::stream::Stream::forecast_state`] builds for these options
     /// (the mean and [`interval_particles`] particles with their hidden states, the lag values),
     /// for the memory budget. Keep it next to the fields it counts.
-    pub fn bytes(options: &crate::options::Options) -> usize {
+    pub fn bytes(options: &crate::engine::options::Options) -> usize {
         let layout = options.layout();
         ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
             + options.lags * options.outputs)

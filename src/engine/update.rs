@@ -10,7 +10,7 @@
 //!
 //! Everything here is O(J·m²) and works in caller-provided buffers: no allocation.
 
-use crate::options::{Loss, Method};
+use crate::engine::options::{Loss, Method};
 
 /// Settings of the output-space step, copied from validated options.
 #[derive(Debug, Clone, Copy, PartialEq)]

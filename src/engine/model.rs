@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ensemble::AnyEnsemble;
+use crate::engine::ensemble::AnyEnsemble;
 
 /// A one-step-ahead learner working in scaled units.
 pub trait Learner {

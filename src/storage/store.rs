@@ -24,10 +24,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::options::Options;
-use crate::snapshot::{self, SnapshotError};
-use crate::stream::{Observation, Plan, Stream};
-use crate::wal::{self, FsyncPolicy, Wal, WalError};
+use crate::engine::Options;
+use crate::engine::{Observation, Plan, Stream};
+use crate::storage::snapshot::{self, SnapshotError};
+use crate::storage::wal::{self, FsyncPolicy, Wal, WalError};
 
 /// Durability settings (the `[storage]` section of the config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,11 +16,11 @@
 //!   prequential nMSE 9.5e-3 centred at zero with spread 1 against 1.28e-2 with a Glorot centre
 //!   and spread 0.1, see BENCHMARKS.md).
 
-use crate::real::Real;
+use crate::engine::real::Real;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
-use crate::network::Layout;
+use crate::engine::network::Layout;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prior {

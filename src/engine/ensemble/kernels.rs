@@ -8,7 +8,7 @@
 //! of once per particle, and every loop runs over slices of one length, so the compiler
 //! vectorises across parameters without bounds checks. Vectorising across p never reorders a sum over j, so results stay bit-identical.
 
-use crate::real::Real;
+use crate::engine::real::Real;
 
 /// Particles per block of the forward and the C^{uw} sums: four particle rows plus the
 /// accumulator and the mean stay in L1/L2 (4 × 12 kB at hidden 32).

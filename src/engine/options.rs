@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::network::Layout;
-use crate::real::Precision;
+use crate::engine::network::Layout;
+use crate::engine::real::Precision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]

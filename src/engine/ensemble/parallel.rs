@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::kernels::{self, BLOCK, UpdateRule};
 use super::{TOUCH_AHEAD, split_scratch, touch_block, widen_into};
-use crate::network::{self, Layout};
-use crate::real::Real;
+use crate::engine::network::{self, Layout};
+use crate::engine::real::Real;
 
 /// Particle-parameters (J·d) from which a step of `T` with two threads splits: 2^20 (8 MiB)
 /// for `f64`, 2^22 (16 MiB) for `f32` ([`Real::SPLIT_FACTOR`]). Below that the fork-joins and

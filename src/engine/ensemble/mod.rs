@@ -17,11 +17,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::network::{self, Layout};
-use crate::options::{Options, Spread};
-use crate::prior::Prior;
-use crate::real::Real;
-use crate::update::KalmanUpdate;
+use crate::engine::network::{self, Layout};
+use crate::engine::options::{Options, Spread};
+use crate::engine::prior::Prior;
+use crate::engine::real::Real;
+use crate::engine::update::KalmanUpdate;
 
 mod any;
 mod buffer;
@@ -951,6 +951,3 @@ const TOUCH_MIN_BYTES: usize = 16 << 20;
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod golden;

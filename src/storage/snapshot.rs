@@ -16,12 +16,12 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::stream::{StreamState, StreamStateV1};
-use crate::wal::sync_dir;
+use crate::engine::{StreamState, StreamStateV1};
+use crate::storage::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
 /// 2: `Stats` holds the user-unit noise and spread. Version 1 snapshots are read and migrated
-/// ([`crate::stream::StreamStateV1`]).
+/// ([`crate::engine::StreamStateV1`]).
 const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
@@ -173,8 +173,8 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::options::{Options, Range, ScaleOption};
-    use crate::stream::{Observation, Stream};
+    use crate::engine::{Observation, Stream};
+    use crate::engine::{Options, Range, ScaleOption};
 
     #[test]
     fn a_version_1_snapshot_is_read_and_migrated() {

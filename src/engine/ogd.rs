@@ -5,8 +5,8 @@
 //! re-run forward from the stored hidden state `h_{t−K}` with the current θ, so the gradient is
 //! the exact gradient of that objective (checked against finite differences in the tests).
 
-use crate::model::Learner;
-use crate::network::{self, Layout};
+use crate::engine::model::Learner;
+use crate::engine::network::{self, Layout};
 
 #[derive(Debug, Clone)]
 pub struct Ogd {
@@ -52,12 +52,14 @@ impl BpttWorkspace {
             scratch: vec![0.0; k],
         }
     }
+    #[cfg(test)]
     pub fn grad(&self) -> &[f64] {
         &self.grad
     }
 }
 
 /// Loss `½‖ŷ − y‖²` of the last step after running `zs` (`steps × n_in`) from `h0`.
+#[cfg(test)]
 pub fn window_loss(layout: &Layout, params: &[f64], h0: &[f64], zs: &[f64], y: &[f64]) -> f64 {
     let mut h = h0.to_vec();
     let mut scratch = vec![0.0; layout.row()];

@@ -2,9 +2,9 @@
 //! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
 
 use super::{Ensemble, EnsembleState, Footprint, StepReport, widen};
-use crate::network::Layout;
-use crate::options::Options;
-use crate::real::{Precision, Real};
+use crate::engine::network::Layout;
+use crate::engine::options::Options;
+use crate::engine::real::{Precision, Real};
 
 #[derive(Debug, Clone)]
 pub enum AnyEnsemble {

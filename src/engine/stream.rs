@@ -1,6 +1,6 @@
 //! One stream's whole learning state, with no IO: options, scaling, the online model, sequence
 //! numbers and statistics. The daemon's owner task holds exactly one `Stream` per name; `eval`
-//! uses the same [`crate::model::OnlineModel`] underneath, so both predict identically.
+//! uses the same [`crate::engine::model::OnlineModel`] underneath, so both predict identically.
 //!
 //! A batch is handled in two steps so that it is all-or-nothing: [`Stream::plan`] validates
 //! every observation (dimensions, finiteness, sequence numbers) without changing anything, and
@@ -8,17 +8,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ensemble::{AnyEnsemble, EnsembleState};
-use crate::forecast::{ForecastState, interval_particles};
-use crate::model::{LagBuffer, OnlineModel, Scaler};
-use crate::options::{Options, ScaleOption};
+use crate::engine::ensemble::{AnyEnsemble, EnsembleState};
+use crate::engine::forecast::{ForecastState, interval_particles};
+use crate::engine::model::{LagBuffer, OnlineModel, Scaler};
+use crate::engine::options::{Options, ScaleOption};
 
 /// Options use untagged enums (`"off"` or a schedule), which compact binary formats cannot
 /// decode; inside a snapshot they travel as their JSON text.
 mod options_as_json {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    use crate::options::Options;
+    use crate::engine::options::Options;
 
     pub fn serialize<S: Serializer>(o: &Options, s: S) -> Result<S::Ok, S::Error> {
         let text = serde_json::to_string(o).map_err(serde::ser::Error::custom)?;
@@ -333,7 +333,7 @@ impl Stream {
         &self.options
     }
 
-    /// Lets this stream's steps use up to `threads` threads ([`crate::ensemble::Ensemble::set_threads`]: only
+    /// Lets this stream's steps use up to `threads` threads ([`crate::engine::ensemble::Ensemble::set_threads`]: only
     /// big ensembles split, and the results are the same bits either way).
     pub fn set_step_threads(&mut self, threads: usize) {
         self.model.learner.set_threads(threads);
@@ -451,7 +451,7 @@ impl Stream {
     /// When the steps split over two threads, the whole batch runs on the step pool, so each
     /// step's fork-joins start from a pool worker instead of waking one per observation.
     pub fn apply(&mut self, batch: &[Observation], plan: &Plan, sink: impl FnMut(Applied) + Send) {
-        crate::ensemble::on_pool(self.step_threads() > 1, || {
+        crate::engine::ensemble::on_pool(self.step_threads() > 1, || {
             self.apply_here(batch, plan, sink)
         });
     }
@@ -679,7 +679,7 @@ mod tests {
     #[test]
     fn batch_and_one_by_one_give_identical_predictions_with_a_fixed_scale() {
         let mut o = stream().options().clone();
-        o.scale = ScaleOption::Fixed(crate::options::Range {
+        o.scale = ScaleOption::Fixed(crate::engine::options::Range {
             min: 0.0,
             max: 10.0,
         });
@@ -722,7 +722,7 @@ mod tests {
         assert_eq!((sc.min, sc.max), (lo - 0.25 * w, hi + 0.25 * w));
         // The same stream with that scale given explicitly predicts the same, bit for bit.
         let mut o = stream().options().clone();
-        o.scale = ScaleOption::Fixed(crate::options::Range {
+        o.scale = ScaleOption::Fixed(crate::engine::options::Range {
             min: sc.min,
             max: sc.max,
         });

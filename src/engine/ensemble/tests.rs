@@ -4,7 +4,7 @@ use nalgebra::{DMatrix, DVector};
 use proptest::prelude::*;
 
 use super::*;
-use crate::options::{Method, Options};
+use crate::engine::options::{Method, Options};
 
 fn options(
     j: usize,
@@ -193,7 +193,7 @@ fn kalman_update_matches_dense_computation() {
 fn flow_step_matches_hand_computed_d() {
     let j = 3;
     let mut o = options(j, 1, 1, 1, Method::Flow, 5);
-    o.step = crate::options::Step { h: 0.5, eps: 1e-3 };
+    o.step = crate::engine::options::Step { h: 0.5, eps: 1e-3 };
     let mut e = Ensemble::<f64>::new(&o);
     let d = e.dim();
     let z = [0.8];
@@ -283,7 +283,7 @@ fn spread_and_inflation_keep_the_ensemble_alive() {
     let plain = run(&|_| {});
     let inflated = run(&|o| o.inflation = 1.01);
     let spread = run(&|o| {
-        o.spread = crate::options::SpreadOption::On(crate::options::Spread {
+        o.spread = crate::engine::options::SpreadOption::On(crate::engine::options::Spread {
             every: 100,
             gamma: 1.0,
             decay: 1.0,
@@ -375,7 +375,7 @@ fn two_threads_give_the_serial_bits_issue_6() {
         };
         assert_parallel_matches_serial(&flow, 30, None);
         let spread = Options {
-            spread: crate::options::SpreadOption::On(crate::options::Spread {
+            spread: crate::engine::options::SpreadOption::On(crate::engine::options::Spread {
                 every: 7,
                 gamma: 0.5,
                 decay: 0.9,

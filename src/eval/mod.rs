@@ -8,15 +8,24 @@
 //!   true past values. The best particle is the one with the least squared error over the
 //!   training pass just finished; the test segment is never looked at to choose anything.
 
+mod plot;
+mod series;
+
+#[cfg(test)]
+mod golden;
+
+pub use plot::write_svg;
+pub use series::{DataError, Series, parse_series, read_series};
+
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::ensemble::AnyEnsemble;
-use crate::model::{Learner, OnlineModel, Persistence, Scaler};
-use crate::ogd::Ogd;
-use crate::options::{Method, Off, Options, Spread, SpreadOption};
-use crate::prior::Prior;
+use crate::engine::AnyEnsemble;
+use crate::engine::Ogd;
+use crate::engine::Prior;
+use crate::engine::{Learner, OnlineModel, Persistence, Scaler};
+use crate::engine::{Method, Off, Options, Spread, SpreadOption};
 
 /// One row of the table.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -113,7 +122,7 @@ pub struct EvalConfig {
     pub methods: Vec<EvalMethod>,
     pub ogd: OgdSettings,
     pub train_fraction: f64,
-    /// Threads one EKI step may use ([`crate::ensemble::Ensemble::set_threads`]; same results).
+    /// Threads one EKI step may use ([`crate::engine::Ensemble::set_threads`]; same results).
     pub step_threads: usize,
 }
 
@@ -308,7 +317,7 @@ pub fn run_method(
             let mut m = eki_model(eo, config.step_threads);
             // Steps that split run their fork-joins from the step pool's workers.
             let on_two = m.learner.is_parallel();
-            let (preq, ops) = crate::ensemble::on_pool(on_two, || {
+            let (preq, ops) = crate::engine::on_pool(on_two, || {
                 timed(&mut || prequential(&mut m, scaled, &mut predictions))
             });
             let best = |model: &OnlineModel<AnyEnsemble>, test: &[f64]| {
@@ -318,7 +327,7 @@ pub fn run_method(
                     .map_learner(|ensemble| Particle { ensemble, index });
                 Some(test_segment(&mut pm, test))
             };
-            let (first, final_, best_first, best_final) = crate::ensemble::on_pool(on_two, || {
+            let (first, final_, best_first, best_final) = crate::engine::on_pool(on_two, || {
                 passes(
                     eki_model(eo, config.step_threads),
                     &split,

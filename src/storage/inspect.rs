@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::options::Options;
-use crate::{snapshot, wal};
+use super::{snapshot, wal};
+use crate::engine::Options;
 
 #[derive(Debug, Serialize)]
 pub struct FileReport {
@@ -191,8 +191,8 @@ pub fn render(reports: &[StreamReport]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StorageConfig, Store};
-    use crate::stream::{Observation, Stream};
+    use crate::engine::{Observation, Stream};
+    use crate::storage::store::{StorageConfig, Store};
 
     #[test]
     fn lists_files_and_flags_damage() {

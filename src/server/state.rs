@@ -1,0 +1,347 @@
+//! What every handler shares ([`AppState`]): the registry of stream handles, the memory
+//! budget, the core permits, metrics and limits; creation, deletion and recovery of streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::Config;
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::openapi;
+use super::owner::{self, Command, Start, StreamHandle, StreamView};
+use crate::engine::{Options, Stream};
+use crate::storage::{Recovered, Store};
+
+/// Faults a test can ask the daemon to produce, from the `EKID_FAILPOINTS` environment
+/// variable (comma-separated): `panic-in-update:<stream>` makes every update of that stream
+/// panic, to test that a panic fails one stream and nothing else. Empty in production.
+#[derive(Debug, Clone, Default)]
+pub struct Failpoints {
+    pub panic_in_update: Option<String>,
+}
+
+impl Failpoints {
+    fn from_env() -> Self {
+        let mut f = Failpoints::default();
+        for item in std::env::var("EKID_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+        {
+            if let Some(stream) = item.trim().strip_prefix("panic-in-update:") {
+                tracing::warn!(stream, "failpoint set: updates of this stream will panic");
+                f.panic_in_update = Some(stream.to_owned());
+            }
+        }
+        f
+    }
+}
+
+/// Everything handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub inner: Arc<Shared>,
+}
+
+pub struct Shared {
+    pub config: Config,
+    /// Validated stream defaults from the config.
+    pub defaults: Options,
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    streams: RwLock<Registry>,
+    /// Serialises creations and deletions (they do file IO between registry checks).
+    lifecycle: tokio::sync::Mutex<()>,
+    owners: Mutex<Vec<JoinHandle<()>>>,
+    /// One permit per core: a batch update holds as many as its steps use threads.
+    cores: Arc<Semaphore>,
+    /// Threads a stream's step may use (`engine.step_threads`, at most the cores).
+    step_threads: usize,
+    /// Requests in flight (`limits.concurrent_requests`).
+    pub requests: Arc<Semaphore>,
+    /// Fault injection for tests (`EKID_FAILPOINTS`), read once at start.
+    pub failpoints: Failpoints,
+    /// Flips to true when shutdown starts (ends SSE streams).
+    pub shutdown: watch::Receiver<bool>,
+    /// `/openapi.json`, built for this config at start.
+    pub openapi: axum::body::Bytes,
+}
+
+#[derive(Default)]
+struct Registry {
+    handles: HashMap<String, StreamHandle>,
+    /// The memory each open stream was charged ([`Stream::memory_bytes`]; 0 for one that could
+    /// not be recovered), given back when it is deleted.
+    charged: HashMap<String, u64>,
+}
+
+impl Registry {
+    /// What the open streams hold of the memory budget.
+    fn charged_bytes(&self) -> u64 {
+        self.charged.values().sum()
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map half-updated (single inserts and
+    // removes), so a poisoned lock is still consistent.
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        store: Store,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
+        let defaults = config.stream_defaults()?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(AppState {
+            inner: Arc::new(Shared {
+                defaults,
+                metrics: Arc::new(Metrics::default()),
+                store,
+                streams: RwLock::new(Registry::default()),
+                lifecycle: tokio::sync::Mutex::new(()),
+                owners: Mutex::new(Vec::new()),
+                cores: Arc::new(Semaphore::new(cores)),
+                step_threads: config.engine.step_threads.clamp(1, cores),
+                requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
+                failpoints: Failpoints::from_env(),
+                shutdown,
+                openapi: openapi::document(&config),
+                config,
+            }),
+        })
+    }
+
+    pub fn stream_count(&self) -> usize {
+        read(&self.inner.streams).handles.len()
+    }
+
+    pub fn handles(&self) -> Vec<(String, StreamHandle)> {
+        read(&self.inner.streams)
+            .handles
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn handle(&self, name: &str) -> Result<StreamHandle, ApiError> {
+        read(&self.inner.streams)
+            .handles
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))
+    }
+
+    /// Creates a stream (durably: its folder and options are on disk before this returns), or
+    /// finds the same one. Returns whether it was created.
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        options: Options,
+    ) -> Result<(bool, Arc<StreamView>), ApiError> {
+        let _guard = self.inner.lifecycle.lock().await;
+        if *self.inner.shutdown.borrow() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let limits = &self.inner.config.limits;
+        let bytes = Stream::memory_bytes(&options);
+        {
+            let reg = read(&self.inner.streams);
+            if let Some(h) = reg.handles.get(name) {
+                let view = h.view();
+                return if view.options == options {
+                    Ok((false, view))
+                } else {
+                    Err(ApiError::OptionsConflict(name.to_owned()))
+                };
+            }
+            if reg.handles.len() >= limits.streams {
+                return Err(ApiError::Limit {
+                    field: None,
+                    detail: format!("the server holds its limit of {} streams", limits.streams),
+                });
+            }
+            let left = limits.memory_bytes.saturating_sub(reg.charged_bytes());
+            if bytes > left {
+                return Err(ApiError::Limit {
+                    field: None,
+                    detail: format!(
+                        "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers, a snapshot's copy and forecast states) but only {left} of the {}-byte budget are left",
+                        options.precision.bytes(),
+                        options.ensemble,
+                        options.layout().dim(),
+                        options.precision.bytes(),
+                        options.ensemble_bytes(),
+                        limits.memory_bytes
+                    ),
+                });
+            }
+        }
+        let (store, n, threads) = (
+            self.inner.store.clone(),
+            name.to_owned(),
+            self.inner.step_threads,
+        );
+        // Drawing the ensemble (and, for a split one, laying it out as panels) is CPU work of
+        // the size of the ensemble: on the blocking pool with the files.
+        let (stream, files) = tokio::task::spawn_blocking(move || {
+            let files = store.create_stream(&n, &options)?;
+            let mut stream = Stream::new(options);
+            stream.set_step_threads(threads);
+            Ok::<_, crate::storage::StoreError>((stream, files))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("creating the stream's files: {e}")))?
+        .map_err(|e| ApiError::Storage(e.to_string()))?;
+        let view = self.insert(name, Start::Live(Box::new(stream), Box::new(files)), bytes);
+        Ok((true, view))
+    }
+
+    /// Starts an owner and registers its handle.
+    fn insert(&self, name: &str, start: Start, bytes: u64) -> Arc<StreamView> {
+        let (handle, task) = owner::spawn(
+            name.to_owned(),
+            start,
+            self.inner.config.limits.queue_depth,
+            self.inner.metrics.clone(),
+            self.inner.cores.clone(),
+            self.inner.failpoints.panic_in_update.as_deref() == Some(name),
+        );
+        let view = handle.view();
+        {
+            let mut reg = write(&self.inner.streams);
+            reg.handles.insert(name.to_owned(), handle);
+            reg.charged.insert(name.to_owned(), bytes);
+            self.inner.metrics.streams.set(reg.handles.len() as i64);
+        }
+        let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners.retain(|t| !t.is_finished());
+        owners.push(task);
+        view
+    }
+
+    /// Removes a stream: later requests see 404; the owner finishes what was queued first; then
+    /// its files go (durably).
+    pub async fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.inner.lifecycle.lock().await;
+        let handle = {
+            let mut reg = write(&self.inner.streams);
+            let h = reg
+                .handles
+                .remove(name)
+                .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))?;
+            reg.charged.remove(name);
+            self.inner.metrics.streams.set(reg.handles.len() as i64);
+            h
+        };
+        let (reply, rx) = oneshot::channel();
+        if handle
+            .tx
+            .send(Command::Close {
+                snapshot: false,
+                reply,
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        self.inner.metrics.forget(name);
+        let (store, n) = (self.inner.store.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || store.delete_stream(&n))
+            .await
+            .map_err(|e| ApiError::Internal(format!("deleting the stream's files: {e}")))?
+            .map_err(|e| ApiError::Storage(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Recovers every stream in the data directory and starts its owner.
+    pub async fn recover(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (store, threads) = (self.inner.store.clone(), self.inner.step_threads);
+        let recovered =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, Recovered)>> {
+                let mut out = Vec::new();
+                for name in store.stream_names()? {
+                    if let Some(mut r) = store.recover_stream(&name) {
+                        if let Recovered::Ok(stream, ..) = &mut r {
+                            stream.set_step_threads(threads);
+                        }
+                        out.push((name, r));
+                    }
+                }
+                Ok(out)
+            })
+            .await??;
+        let (mut ok, mut failed, mut replayed) = (0usize, 0usize, 0u64);
+        for (name, r) in recovered {
+            match r {
+                Recovered::Ok(stream, files, report) => {
+                    tracing::info!(
+                        stream = %name,
+                        last_seq = report.last_seq,
+                        snapshot = ?report.snapshot_seq,
+                        replayed = report.replayed,
+                        torn_bytes = report.torn_bytes,
+                        bad_snapshots = report.bad_snapshots,
+                        "recovered stream"
+                    );
+                    ok += 1;
+                    replayed += report.replayed;
+                    let bytes = Stream::memory_bytes(stream.options());
+                    self.insert(&name, Start::Live(stream, files), bytes);
+                }
+                Recovered::Failed(options, reason) => {
+                    tracing::error!(stream = %name, %reason, "stream could not be recovered; it answers with the reason until deleted");
+                    failed += 1;
+                    self.insert(&name, Start::Failed(options, reason), 0);
+                }
+            }
+        }
+        tracing::info!(
+            streams = ok,
+            failed,
+            replayed,
+            seconds = started.elapsed().as_secs_f64(),
+            "recovery done"
+        );
+        Ok(())
+    }
+
+    /// Closes every stream after the HTTP server has drained, and waits for the owners.
+    pub async fn close_all(&self) {
+        let handles: Vec<StreamHandle> = {
+            let mut reg = write(&self.inner.streams);
+            reg.charged.clear();
+            reg.handles.drain().map(|(_, h)| h).collect()
+        };
+        for h in handles {
+            let (reply, rx) = oneshot::channel();
+            if h.tx
+                .send(Command::Close {
+                    snapshot: true,
+                    reply,
+                })
+                .await
+                .is_ok()
+            {
+                let _ = rx.await;
+            }
+        }
+        let owners =
+            std::mem::take(&mut *self.inner.owners.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in owners {
+            let _ = t.await;
+        }
+    }
+}
