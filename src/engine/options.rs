@@ -440,3 +440,21 @@ mod tests {
         }
     }
 }
+
+/// Options use untagged enums (`"off"` or a schedule), which compact binary formats cannot
+/// decode; inside a snapshot they travel as their JSON text.
+pub mod json_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::Options;
+
+    pub fn serialize<S: Serializer>(o: &Options, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(o).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Options, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
+    }
+}

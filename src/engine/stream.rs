@@ -13,24 +13,6 @@ use crate::engine::forecast::{ForecastState, interval_particles};
 use crate::engine::model::{LagBuffer, OnlineModel, Scaler};
 use crate::engine::options::{Options, ScaleOption};
 
-/// Options use untagged enums (`"off"` or a schedule), which compact binary formats cannot
-/// decode; inside a snapshot they travel as their JSON text.
-mod options_as_json {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    use crate::engine::options::Options;
-
-    pub fn serialize<S: Serializer>(o: &Options, s: S) -> Result<S::Ok, S::Error> {
-        let text = serde_json::to_string(o).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&text)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Options, D::Error> {
-        let text = String::deserialize(d)?;
-        serde_json::from_str(&text).map_err(D::Error::custom)
-    }
-}
-
 /// One observation as it arrives, in the user's units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Observation {
@@ -149,7 +131,7 @@ impl Stats {
 /// Everything a snapshot holds: a `Stream` is rebuilt from it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamState {
-    #[serde(with = "options_as_json")]
+    #[serde(with = "crate::engine::options::json_text")]
     pub options: Options,
     pub y_scale: Option<Vec<Scaler>>,
     pub x_scale: Option<Vec<Scaler>>,
@@ -157,91 +139,6 @@ pub struct StreamState {
     pub lags: LagBuffer,
     pub ensemble: EnsembleState,
     pub stats: Stats,
-}
-
-/// A snapshot's state in format version 1 (before `Stats` had the user-unit noise and
-/// spread), read so that an upgraded daemon recovers older snapshots.
-#[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-pub struct StreamStateV1 {
-    #[serde(with = "options_as_json")]
-    options: Options,
-    y_scale: Option<Vec<Scaler>>,
-    x_scale: Option<Vec<Scaler>>,
-    pending: Vec<Observation>,
-    lags: LagBuffer,
-    ensemble: EnsembleState,
-    stats: StatsV1,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-struct StatsV1 {
-    observations: u64,
-    predicted: u64,
-    last_seq: u64,
-    sse_user: f64,
-    sse_scaled: f64,
-    noise_var: f64,
-    prediction_spread: f64,
-    repaired: u64,
-}
-
-#[cfg(test)]
-impl StreamStateV1 {
-    /// What a version-1 daemon would have saved of `s`.
-    pub fn of(s: &StreamState) -> Self {
-        let st = &s.stats;
-        StreamStateV1 {
-            options: s.options.clone(),
-            y_scale: s.y_scale.clone(),
-            x_scale: s.x_scale.clone(),
-            pending: s.pending.clone(),
-            lags: s.lags.clone(),
-            ensemble: s.ensemble.clone(),
-            stats: StatsV1 {
-                observations: st.observations,
-                predicted: st.predicted,
-                last_seq: st.last_seq,
-                sse_user: st.sse_user,
-                sse_scaled: st.sse_scaled,
-                noise_var: st.noise_var,
-                prediction_spread: st.prediction_spread,
-                repaired: st.repaired,
-            },
-        }
-    }
-}
-
-impl From<StreamStateV1> for StreamState {
-    /// The user-unit noise and spread from the scaled ones, as version 1's API reported them
-    /// for one output; for several, as if every output had the average scaled value.
-    fn from(v: StreamStateV1) -> Self {
-        let widths2: f64 = v.y_scale.as_ref().map_or(v.options.outputs as f64, |s| {
-            s.iter().map(|sc| sc.width() * sc.width()).sum()
-        });
-        let s = v.stats;
-        StreamState {
-            options: v.options,
-            y_scale: v.y_scale,
-            x_scale: v.x_scale,
-            pending: v.pending,
-            lags: v.lags,
-            ensemble: v.ensemble,
-            stats: Stats {
-                observations: s.observations,
-                predicted: s.predicted,
-                last_seq: s.last_seq,
-                sse_user: s.sse_user,
-                sse_scaled: s.sse_scaled,
-                noise_var: s.noise_var,
-                prediction_spread: s.prediction_spread,
-                repaired: s.repaired,
-                noise_user: s.noise_var * widths2,
-                spread_user: s.prediction_spread * widths2.sqrt(),
-            },
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
