@@ -28,7 +28,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (HTTP API on --listen, state under --data-dir).
     Serve(ServeArgs),
-    /// Offline evaluation (SPEC §6) of EKI variants and baselines on a CSV series.
+    /// Offline evaluation (the protocol of docs/EVALUATION.md) of EKI variants and baselines on a CSV series.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Stream a CSV series into a running daemon over HTTP (resumes where the stream stands).

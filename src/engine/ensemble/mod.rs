@@ -944,9 +944,9 @@ fn touch_ahead<T>(work: usize) -> bool {
 /// Blocks ahead whose cache lines the forward touches (see [`forward_rows`]).
 const TOUCH_AHEAD: usize = 4;
 /// Ensemble bytes from which it does: 16 MiB of particles, half the (shared) L3. Measured on
-/// the development machine (BENCHMARKS.md, issue 6): about 7% faster at J=2000, hidden 32
+/// the development machine (BENCHMARKS.md, decisions): about 7% faster at J=2000, hidden 32
 /// (24 MB), 5% slower at J=2000, hidden 16 (8 MB, which the L3 holds); the two-thread forward
-/// alike (0–8% slower split at 9.5–14 MB, 10% faster at 24 MB; fifth session).
+/// alike (0–8% slower split at 9.5–14 MB, 10% faster at 24 MB).
 const TOUCH_MIN_BYTES: usize = 16 << 20;
 
 #[cfg(test)]

@@ -115,7 +115,7 @@ impl<T> std::fmt::Debug for Spare<T> {
 /// The two panels of a split ensemble's particles (`J×c` and `J×(d − c)`), and whether the
 /// forward touches each ahead ([`super::touch_ahead`], by the whole ensemble's bytes as in the
 /// serial forward: split `f64` ensembles of 9.5–14 MB ran 0–8% slower with the touch, 24 MB
-/// 10% faster; BENCHMARKS.md, fifth session).
+/// 10% faster; BENCHMARKS.md, decisions).
 pub(super) struct Panels<'a, T> {
     pub left: &'a [T],
     pub right: &'a [T],
