@@ -311,23 +311,7 @@ impl Owner {
             }
             return;
         };
-        let mut last = stream.last_seq();
-        let mut work: Vec<(Vec<Observation>, Plan)> = Vec::with_capacity(group.len());
-        let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
-        for (batch, reply) in group {
-            match stream.plan_after(&batch, last) {
-                Ok(plan) => {
-                    if !plan.accepted.is_empty() {
-                        last = plan.last_seq();
-                    }
-                    work.push((batch, plan));
-                    replies.push(reply);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            }
-        }
+        let (work, replies) = plan_group(&stream, group);
         let duplicates: u64 = work.iter().map(|(_, p)| p.duplicates as u64).sum();
         self.metrics
             .duplicates
@@ -349,78 +333,36 @@ impl Owner {
         let permit = self.cores.clone().acquire_many_owned(threads).await;
         let started = Instant::now();
         let panic_in_update = self.panic_in_update;
-        let result = tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             assert!(!panic_in_update, "failpoint panic-in-update");
-            let (mut stream, mut store) = (stream, store);
-            // 1. The log, before anything is applied.
-            let accepted: Vec<Vec<Observation>> = work
-                .iter()
-                .map(|(b, p)| {
-                    if p.accepted.len() == b.len() {
-                        Vec::new() // the whole batch: borrowed below, not copied
-                    } else {
-                        p.accepted.iter().map(|&i| b[i].clone()).collect()
-                    }
-                })
-                .collect();
-            let records: Vec<(u64, &[Observation])> = work
-                .iter()
-                .zip(&accepted)
-                .filter(|((_, p), _)| !p.accepted.is_empty())
-                .map(|((b, p), a)| {
-                    let obs: &[Observation] = if p.accepted.len() == b.len() { b } else { a };
-                    (p.first_seq, obs)
-                })
-                .collect();
-            if let Err(e) = store.append(&records) {
-                return (stream, store, Err(e.to_string()), None, 0.0);
-            }
-            // 2. Learn.
-            let learning = Instant::now();
-            let mut outcomes = Vec::with_capacity(work.len());
-            for (batch, plan) in &work {
-                let mut applied = Vec::with_capacity(plan.accepted.len());
-                stream.apply(batch, plan, |a| applied.push(a));
-                outcomes.push(Outcome {
-                    duplicates: plan.duplicates,
-                    applied,
-                });
-            }
-            let learn_seconds = learning.elapsed().as_secs_f64();
-            // 3. A snapshot when due; a failure here loses nothing (the log has it all).
-            if store.snapshot_due()
-                && let Err(e) = store.snapshot(&stream)
-            {
-                tracing::error!(error = %e, "snapshot failed; the log still holds everything");
-            }
-            let forecast = stream.forecast_state().map(Arc::new);
-            (stream, store, Ok(outcomes), forecast, learn_seconds)
+            apply_group(stream, store, &work)
         })
         .await;
-        match result {
-            Ok((stream, store, Ok(outcomes), forecast, learn_seconds)) => {
-                let elapsed = started.elapsed().as_secs_f64();
-                let n = outcomes
-                    .iter()
-                    .map(|o| o.applied.len())
-                    .sum::<usize>()
-                    .max(1) as f64;
-                self.metrics.batch_seconds.observe(elapsed);
-                self.metrics.update_seconds.observe(learn_seconds / n);
-                self.publish(&stream, forecast);
-                for o in &outcomes {
+        match done {
+            Ok(GroupWork {
+                stream,
+                store,
+                result: Ok(learned),
+            }) => {
+                self.record_timing(&learned, started);
+                self.publish(&stream, learned.forecast);
+                for o in &learned.outcomes {
                     for a in &o.applied {
                         self.events.send(a);
                     }
                 }
-                for (o, reply) in outcomes.into_iter().zip(replies) {
+                for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));
                 }
                 self.stream = Some(stream);
                 self.store = Some(store);
             }
-            Ok((stream, store, Err(e), _, _)) => {
+            Ok(GroupWork {
+                stream,
+                store,
+                result: Err(e),
+            }) => {
                 tracing::error!(stream = %self.name, error = %e, "could not log a batch; nothing applied");
                 self.metrics.storage_errors.inc();
                 for reply in replies {
@@ -441,6 +383,21 @@ impl Owner {
                 }
             }
         }
+    }
+
+    fn record_timing(&self, learned: &Learned, started: Instant) {
+        let n = learned
+            .outcomes
+            .iter()
+            .map(|o| o.applied.len())
+            .sum::<usize>()
+            .max(1) as f64;
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .update_seconds
+            .observe(learned.learn_seconds / n);
     }
 
     fn publish(&self, stream: &Stream, forecast: Option<Arc<ForecastState>>) {
@@ -481,4 +438,118 @@ impl Owner {
 pub struct ScaleOut {
     pub min: f64,
     pub max: f64,
+}
+
+/// A batch of a group with its plan, made against the stream as it will stand once the batches
+/// before it are applied.
+type Planned = (Vec<Observation>, Plan);
+
+/// Plans each batch of the group after the ones before it; a batch that is refused is answered
+/// here and leaves the group.
+fn plan_group(
+    stream: &Stream,
+    group: Vec<(Vec<Observation>, Reply)>,
+) -> (Vec<Planned>, Vec<Reply>) {
+    let mut last = stream.last_seq();
+    let mut work = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    for (batch, reply) in group {
+        match stream.plan_after(&batch, last) {
+            Ok(plan) => {
+                if !plan.accepted.is_empty() {
+                    last = plan.last_seq();
+                }
+                work.push((batch, plan));
+                replies.push(reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+    (work, replies)
+}
+
+/// What a group's blocking work hands back: the stream and its store, always, and what was
+/// learned, or why the log refused the group (then nothing was applied).
+struct GroupWork {
+    stream: Box<Stream>,
+    store: Box<StreamStore>,
+    result: Result<Learned, String>,
+}
+
+struct Learned {
+    outcomes: Vec<Outcome>,
+    forecast: Option<Arc<ForecastState>>,
+    learn_seconds: f64,
+}
+
+/// Logs the group's accepted observations (one append, one fsync), then learns them in order,
+/// then snapshots when due. Blocking: runs on the blocking pool under the core permits.
+fn apply_group(
+    mut stream: Box<Stream>,
+    mut store: Box<StreamStore>,
+    work: &[Planned],
+) -> GroupWork {
+    if let Err(e) = log_group(&mut store, work) {
+        return GroupWork {
+            stream,
+            store,
+            result: Err(e),
+        };
+    }
+    let learning = Instant::now();
+    let outcomes = work
+        .iter()
+        .map(|(batch, plan)| {
+            let mut applied = Vec::with_capacity(plan.accepted.len());
+            stream.apply(batch, plan, |a| applied.push(a));
+            Outcome {
+                duplicates: plan.duplicates,
+                applied,
+            }
+        })
+        .collect();
+    let learn_seconds = learning.elapsed().as_secs_f64();
+    // A failed snapshot loses nothing: the log has it all.
+    if store.snapshot_due()
+        && let Err(e) = store.snapshot(&stream)
+    {
+        tracing::error!(error = %e, "snapshot failed; the log still holds everything");
+    }
+    let forecast = stream.forecast_state().map(Arc::new);
+    GroupWork {
+        stream,
+        store,
+        result: Ok(Learned {
+            outcomes,
+            forecast,
+            learn_seconds,
+        }),
+    }
+}
+
+/// One log record per batch with accepted observations: the batch itself when all of it was
+/// accepted (borrowed, not copied), else a copy of the accepted ones.
+fn log_group(store: &mut StreamStore, work: &[Planned]) -> Result<(), String> {
+    let partial: Vec<Vec<Observation>> = work
+        .iter()
+        .map(|(b, p)| {
+            if p.accepted.len() == b.len() {
+                Vec::new()
+            } else {
+                p.accepted.iter().map(|&i| b[i].clone()).collect()
+            }
+        })
+        .collect();
+    let records: Vec<(u64, &[Observation])> = work
+        .iter()
+        .zip(&partial)
+        .filter(|((_, p), _)| !p.accepted.is_empty())
+        .map(|((b, p), copy)| {
+            let obs: &[Observation] = if p.accepted.len() == b.len() { b } else { copy };
+            (p.first_seq, obs)
+        })
+        .collect();
+    store.append(&records).map_err(|e| e.to_string())
 }
