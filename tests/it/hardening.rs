@@ -3,75 +3,19 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use reqwest::blocking::{Client, RequestBuilder};
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, client};
+use crate::util::{
+    Daemon, client, fingerprint, get_json, parts, post, post_ndjson, put, raw_request, send,
+    write_config,
+};
 
-const S: &str = r#"{"ensemble": 12, "hidden": 3, "lags": 2, "scale": {"min": 0, "max": 10}}"#;
-
-fn send(r: RequestBuilder) -> (u16, Value, String) {
-    let r = r.send().expect("request");
-    let status = r.status().as_u16();
-    let ct = r
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap_or("").to_owned())
-        .unwrap_or_default();
-    let body: Value = r.json().unwrap_or(Value::Null);
-    (status, body, ct)
-}
-
-/// PUTs stream options (JSON) and returns what [`send`] does.
-fn put(c: &Client, d: &Daemon, name: &str, options: &str) -> (u16, Value, String) {
-    send(
-        c.put(d.url(&format!("/v1/streams/{name}")))
-            .header("content-type", "application/json")
-            .body(options.to_owned()),
-    )
-}
-
-/// Everything a client can see of a stream, minus the wall clock.
-fn fingerprint(c: &Client, d: &Daemon, name: &str) -> Value {
-    let mut s: Value = c
-        .get(d.url(&format!("/v1/streams/{name}")))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
-    s["stats"]["last_update"] = Value::Null;
-    let f: Value = c
-        .get(d.url(&format!("/v1/streams/{name}/forecast?horizon=3")))
-        .send()
-        .expect("forecast")
-        .json()
-        .expect("json");
-    json!({"stream": s, "forecast": f})
-}
-
-/// Sends raw bytes, returns the status code and the body text.
-fn raw(d: &Daemon, request: &str) -> (u16, String) {
-    let mut sock = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
-    sock.write_all(request.as_bytes()).expect("write");
-    let mut out = String::new();
-    let _ = sock.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
-fn write_config(dir: &Path, text: &str) -> String {
-    let p = dir.join("ekid.toml");
-    std::fs::write(&p, text).expect("config");
-    p.to_str().expect("utf-8").to_owned()
+/// The options of a small stream.
+fn small() -> Value {
+    json!({"ensemble": 12, "hidden": 3, "lags": 2, "scale": {"min": 0, "max": 10}})
 }
 
 struct Case {
@@ -425,35 +369,17 @@ fn cases() -> Vec<Case> {
 fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5() {
     let d = Daemon::start();
     let c = client();
-    for (name, opts) in [
-        ("s", S.to_owned()),
-        (
-            "x",
-            r#"{"ensemble": 8, "hidden": 2, "lags": 1, "inputs": 1}"#.to_owned(),
-        ),
-        ("fresh", S.to_owned()),
-    ] {
-        assert_eq!(put(&c, &d, name, &opts).0, 201);
+    let x = json!({"ensemble": 8, "hidden": 2, "lags": 1, "inputs": 1});
+    for (name, opts) in [("s", small()), ("x", x), ("fresh", small())] {
+        assert_eq!(put(&c, &d, name, &opts).status(), 201);
     }
     let feed: String = (0..10)
         .map(|i| format!("{{\"y\": {}}}\n", 5.0 + (i as f64).sin()))
         .collect();
-    assert_eq!(
-        c.post(d.url(OBS))
-            .header("content-type", "application/x-ndjson")
-            .body(feed)
-            .send()
-            .expect("feed")
-            .status(),
-        200
-    );
+    assert_eq!(post_ndjson(&c, &d, "s", feed).status(), 200);
     let before = (
         fingerprint(&c, &d, "s"),
-        c.get(d.url("/v1/streams"))
-            .send()
-            .expect("list")
-            .json::<Value>()
-            .expect("json")["streams"]
+        get_json(&c, &d, "/v1/streams")["streams"]
             .as_array()
             .map(Vec::len),
     );
@@ -504,11 +430,7 @@ fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5(
     }
     let after = (
         fingerprint(&c, &d, "s"),
-        c.get(d.url("/v1/streams"))
-            .send()
-            .expect("list")
-            .json::<Value>()
-            .expect("json")["streams"]
+        get_json(&c, &d, "/v1/streams")["streams"]
             .as_array()
             .map(Vec::len),
     );
@@ -519,7 +441,7 @@ fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5(
         ("PUT", "/v1/streams/%2e"),
         ("POST", "/v1/streams/%2E%2E/observations"),
     ] {
-        let (status, body) = raw(
+        let (status, body) = raw_request(
             &d,
             &format!(
                 "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -529,11 +451,8 @@ fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5(
         assert!(body.contains("\"field\":\"name\""), "{path}: {body}");
     }
     // The memory refusal says how much was asked and how much is left.
-    let (_, p, _) = send(
-        c.put(d.url("/v1/streams/n1"))
-            .header("content-type", "application/json")
-            .body(r#"{"ensemble": 1000000, "hidden": 1024}"#),
-    );
+    let big = json!({"ensemble": 1000000, "hidden": 1024});
+    let (_, p, _) = parts(put(&c, &d, "n1", &big));
     let detail = p["detail"].as_str().expect("detail");
     assert!(
         detail.contains("bytes") && detail.contains("left"),
@@ -543,18 +462,15 @@ fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5(
 
 #[test]
 fn limits_refuse_clearly() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(
-        tmp.path(),
+    let d = Daemon::start_config(
         "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2700000\nhorizon = 50\nforecast_work = 5000\nheader_timeout_ms = 300\n",
     );
-    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
-    let put = |name: &str, body: &str| put(&c, &d, name, body);
-    assert_eq!(put("a", S).0, 201);
+    let put = |name: &str, options: Value| parts(put(&c, &d, name, &options));
+    assert_eq!(put("a", small()).0, 201);
     // Memory: what the stream holds (its ensemble, work buffers, a snapshot's f64 copy) over
     // what is left.
-    let (st, p, _) = put("big", r#"{"ensemble": 2000, "hidden": 16}"#);
+    let (st, p, _) = put("big", json!({"ensemble": 2000, "hidden": 16}));
     assert_eq!(st, 422, "{p}");
     assert!(
         p["detail"].as_str().expect("detail").contains("only"),
@@ -564,7 +480,7 @@ fn limits_refuse_clearly() {
     // of particles as f64 and half that as f32, plus about 1.9 MB of work buffers, snapshot
     // copy and forecast states either way: 3.1 MB as f64, over the budget, and 2.4 MB as f32,
     // within it.
-    let (st, p, _) = put("half", r#"{"ensemble": 300, "hidden": 16}"#);
+    let (st, p, _) = put("half", json!({"ensemble": 300, "hidden": 16}));
     assert_eq!(st, 422, "{p}");
     assert!(
         p["detail"].as_str().expect("detail").contains("300·493·8"),
@@ -572,21 +488,21 @@ fn limits_refuse_clearly() {
     );
     let (st, p, _) = put(
         "half",
-        r#"{"ensemble": 300, "hidden": 16, "precision": "f32"}"#,
+        json!({"ensemble": 300, "hidden": 16, "precision": "f32"}),
     );
     assert_eq!(st, 201, "{p}");
     // A tiny ensemble with many outputs: J·d·8 = 87 680 bytes fits what is left (~250 kB), but
     // its m×d cross-covariance alone is 1.4 MB.
     let (st, p, _) = put(
         "wide",
-        r#"{"ensemble": 2, "hidden": 8, "lags": 4, "outputs": 32}"#,
+        json!({"ensemble": 2, "hidden": 8, "lags": 4, "outputs": 32}),
     );
     assert_eq!(st, 422, "{p}");
     let (st, _, _) = send(c.delete(d.url("/v1/streams/half")));
     assert_eq!(st, 204);
-    assert_eq!(put("b", S).0, 201);
+    assert_eq!(put("b", small()).0, 201);
     // Number of streams.
-    let (st, p, _) = put("c", S);
+    let (st, p, _) = put("c", small());
     assert_eq!(
         (st, p["type"].as_str()),
         (422, Some("/problems/limit")),
@@ -594,11 +510,7 @@ fn limits_refuse_clearly() {
     );
     // Body size and batch size.
     let big: String = (0..400).map(|i| format!("{{\"y\": {i}}}\n")).collect();
-    let (st, p, _) = send(
-        c.post(d.url("/v1/streams/a/observations"))
-            .header("content-type", "application/x-ndjson")
-            .body(big),
-    );
+    let (st, p, _) = parts(post_ndjson(&c, &d, "a", big));
     assert_eq!(
         (st, p["type"].as_str()),
         (413, Some("/problems/too-large")),
@@ -607,23 +519,10 @@ fn limits_refuse_clearly() {
     let many: String = (0..21)
         .map(|i| format!("{{\"y\": {}}}\n", i % 10))
         .collect();
-    let (st, _, _) = send(
-        c.post(d.url("/v1/streams/a/observations"))
-            .header("content-type", "application/x-ndjson")
-            .body(many),
-    );
-    assert_eq!(st, 413);
+    assert_eq!(post_ndjson(&c, &d, "a", many).status(), 413);
     // Horizon.
     let ok: String = (0..5).map(|i| format!("{{\"y\": {i}}}\n")).collect();
-    assert_eq!(
-        send(
-            c.post(d.url("/v1/streams/a/observations"))
-                .header("content-type", "application/x-ndjson")
-                .body(ok)
-        )
-        .0,
-        200
-    );
+    assert_eq!(post_ndjson(&c, &d, "a", ok).status(), 200);
     assert_eq!(
         send(c.get(d.url("/v1/streams/a/forecast?horizon=20"))).0,
         200
@@ -671,18 +570,13 @@ fn limits_refuse_clearly() {
 
 #[test]
 fn a_full_queue_is_503_with_retry_after_and_a_timeout_is_503() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(
-        tmp.path(),
+    let d = Daemon::start_config(
         "[limits]\nqueue_depth = 1\nrequest_timeout_ms = 300\n[storage]\nfsync = \"never\"\n",
     );
-    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
     let c = client();
     // A slow stream: each observation costs milliseconds.
-    assert_eq!(
-        put(&c, &d, "slow", r#"{"ensemble": 2000, "hidden": 32}"#).0,
-        201
-    );
+    let slow = json!({"ensemble": 2000, "hidden": 32});
+    assert_eq!(put(&c, &d, "slow", &slow).status(), 201);
     let body: String = (0..300)
         .map(|i| format!("{{\"y\": {}}}\n", (i as f64).sin()))
         .collect();
@@ -728,15 +622,10 @@ fn a_full_queue_is_503_with_retry_after_and_a_timeout_is_503() {
 
 #[test]
 fn bearer_tokens_guard_writes_and_optionally_reads() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(tmp.path(), "[auth]\ntokens = [\"t0k3n\", \"second\"]\n");
-    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let d = Daemon::start_config("[auth]\ntokens = [\"t0k3n\", \"second\"]\n");
     let c = client();
     let put = |auth: Option<&str>| {
-        let mut r = c
-            .put(d.url("/v1/streams/a"))
-            .header("content-type", "application/json")
-            .body(S);
+        let mut r = c.put(d.url("/v1/streams/a")).json(&small());
         if let Some(a) = auth {
             r = r.header("authorization", a);
         }
@@ -786,12 +675,7 @@ fn bearer_tokens_guard_writes_and_optionally_reads() {
     }
     drop(d);
 
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(
-        tmp.path(),
-        "[auth]\ntokens = [\"t0k3n\"]\nprotect_reads = true\n",
-    );
-    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let d = Daemon::start_config("[auth]\ntokens = [\"t0k3n\"]\nprotect_reads = true\n");
     assert_eq!(
         c.get(d.url("/v1/streams")).send().expect("get").status(),
         401
@@ -814,12 +698,12 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
     let data = tmp.path().join("data");
     let log = data.with_extension("log");
     let _ = std::fs::remove_file(&log);
-    // A memory budget for two streams like S and half a third: a deleted failed stream must
+    // A memory budget for two small streams and half a third: a deleted failed stream must
     // give its share back.
-    let raw: ekid::engine::RawOptions = serde_json::from_str(S).expect("S parses");
+    let raw: ekid::engine::RawOptions = serde_json::from_value(small()).expect("small parses");
     let charge = ekid::engine::Stream::memory_bytes(
         &raw.resolve(&ekid::engine::Options::default())
-            .expect("S is valid"),
+            .expect("small is valid"),
     );
     let cfg = write_config(
         tmp.path(),
@@ -830,16 +714,18 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
     let d = Daemon::start_with(cmd, &data, &["--config", &cfg]);
     let c = client();
     for n in ["boom", "fine"] {
-        assert_eq!(put(&c, &d, n, S).0, 201);
+        assert_eq!(put(&c, &d, n, &small()).status(), 201);
     }
-    let post = |n: &str| {
-        send(
-            c.post(d.url(&format!("/v1/streams/{n}/observations")))
-                .header("content-type", "application/json")
-                .body(r#"[{"y": 1}, {"y": 2}, {"y": 3}]"#),
-        )
+    let feed = |n: &str| {
+        parts(post(
+            &c,
+            &d,
+            n,
+            "application/json",
+            r#"[{"y": 1}, {"y": 2}, {"y": 3}]"#,
+        ))
     };
-    let (s, p, ct) = post("boom");
+    let (s, p, ct) = feed("boom");
     assert_eq!(
         (s, p["type"].as_str(), ct.as_str()),
         (
@@ -849,7 +735,7 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
         ),
         "{p}"
     );
-    let (s, _, _) = post("boom");
+    let (s, _, _) = feed("boom");
     assert_eq!(s, 500, "a failed stream stays failed");
     let info: Value = c
         .get(d.url("/v1/streams/boom"))
@@ -874,7 +760,7 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
         "{metrics}"
     );
     // Everything else carries on.
-    assert_eq!(post("fine").0, 200);
+    assert_eq!(feed("fine").0, 200);
     assert_eq!(
         c.get(d.url("/healthz")).send().expect("health").status(),
         200
@@ -894,7 +780,7 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
             .status(),
         204
     );
-    let (st, p, _) = put(&c, &d, "again", S);
+    let (st, p, _) = parts(put(&c, &d, "again", &small()));
     assert_eq!(st, 201, "{p}");
 }
 
@@ -902,20 +788,15 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
 fn extreme_finite_values_leave_every_number_a_number() {
     // 1e308 against a scale of 0..1 squares to infinity; JSON has no infinity, so a
     // statistic or forecast that overflowed would come back as null.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start_in(&tmp.path().join("data"), &[]);
+    let d = Daemon::start();
     let c = client();
-    let wild = r#"{"ensemble": 16, "hidden": 4, "lags": 2, "scale": {"min": 0, "max": 1}}"#;
-    assert_eq!(put(&c, &d, "wild", wild).0, 201);
+    let wild = json!({"ensemble": 16, "hidden": 4, "lags": 2, "scale": {"min": 0, "max": 1}});
+    assert_eq!(put(&c, &d, "wild", &wild).status(), 201);
     let body: String = [0.1, 0.2, 0.3, 1e308, -1e308, 1e308, 0.5, 0.4, 0.3, 0.2]
         .iter()
         .map(|y| format!("{{\"y\": {y:e}}}\n"))
         .collect();
-    let (s, p, _) = send(
-        c.post(d.url("/v1/streams/wild/observations"))
-            .header("content-type", "application/x-ndjson")
-            .body(body),
-    );
+    let (s, p, _) = parts(post_ndjson(&c, &d, "wild", body));
     assert_eq!(s, 200, "{p}");
     let (_, info, _) = send(c.get(d.url("/v1/streams/wild")));
     for k in ["mse", "mse_scaled", "spread", "noise"] {
@@ -931,11 +812,9 @@ fn extreme_finite_values_leave_every_number_a_number() {
 
 #[test]
 fn requests_beyond_the_concurrency_limit_are_503_with_retry_after() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(tmp.path(), "[limits]\nconcurrent_requests = 1\n");
-    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let d = Daemon::start_config("[limits]\nconcurrent_requests = 1\n");
     let c = client();
-    assert_eq!(put(&c, &d, "a", S).0, 201);
+    assert_eq!(put(&c, &d, "a", &small()).status(), 201);
     // One request in flight: its head is sent, its body never finishes.
     let mut slow = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
     slow.write_all(
@@ -981,9 +860,7 @@ fn requests_beyond_the_concurrency_limit_are_503_with_retry_after() {
 
 #[test]
 fn connections_beyond_the_limit_are_closed_and_the_slot_comes_back() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(tmp.path(), "[limits]\nconnections = 1\n");
-    let d = Daemon::start_in(&tmp.path().join("data"), &["--config", &cfg]);
+    let d = Daemon::start_config("[limits]\nconnections = 1\n");
     let addr = d.base.trim_start_matches("http://").to_owned();
     let healthz = |sock: &mut TcpStream| -> String {
         sock.set_read_timeout(Some(Duration::from_secs(5)))
