@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
+use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
 use crate::util::{
@@ -214,55 +215,86 @@ fn forty_and_more_bad_requests_get_problem_documents_and_change_nothing_issue_5(
     assert_eq!(before, everything(), "a rejected request changed something");
 }
 
-#[test]
-fn limits_refuse_clearly() {
-    let d = Daemon::start_config(
-        "[limits]\nbody_bytes = 2000\nbatch_observations = 20\nstreams = 2\nmemory_bytes = 2700000\nhorizon = 50\nforecast_work = 5000\nheader_timeout_ms = 300\n",
-    );
+/// A daemon with `[limits] LIMITS` and the small stream `a`.
+fn limited(limits: &str) -> (Daemon, Client) {
+    let d = Daemon::start_config(&format!("[limits]\n{limits}\n"));
     let c = client();
-    let put = |name: &str, options: Value| parts(put(&c, &d, name, &options));
-    assert_eq!(put("a", small()).0, 201);
-    // Memory: what the stream holds (its ensemble, work buffers, a snapshot's f64 copy) over
-    // what is left.
-    let (st, p, _) = put("big", json!({"ensemble": 2000, "hidden": 16}));
+    assert_eq!(put(&c, &d, "a", &small()).status(), 201);
+    (d, c)
+}
+
+/// PUTs stream options and returns the status and the body.
+fn put_parts(c: &Client, d: &Daemon, name: &str, options: Value) -> (u16, Value) {
+    let (status, body, _) = parts(put(c, d, name, &options));
+    (status, body)
+}
+
+// The memory budget charges a stream what it holds: its ensemble, work buffers, a snapshot's
+// f64 copy and its forecast states, against what is left.
+const MEMORY: &str = "memory_bytes = 2700000";
+
+#[test]
+fn a_stream_over_the_memory_budget_is_422_and_says_what_is_left() {
+    let (d, c) = limited(MEMORY);
+    let (st, p) = put_parts(&c, &d, "big", json!({"ensemble": 2000, "hidden": 16}));
     assert_eq!(st, 422, "{p}");
     assert!(
         p["detail"].as_str().expect("detail").contains("only"),
         "{p}"
     );
-    // f32 ensembles count 4 bytes a value: J=300 at hidden 16 (d = 493) holds 1 183 200 bytes
-    // of particles as f64 and half that as f32, plus about 1.9 MB of work buffers, snapshot
-    // copy and forecast states either way: 3.1 MB as f64, over the budget, and 2.4 MB as f32,
-    // within it.
-    let (st, p, _) = put("half", json!({"ensemble": 300, "hidden": 16}));
+}
+
+/// f32 ensembles count 4 bytes a value: J=300 at hidden 16 (d = 493) holds 1 183 200 bytes of
+/// particles as f64 and half that as f32, plus about 1.9 MB of work buffers, snapshot copy and
+/// forecast states either way: 3.1 MB as f64, over the budget, and 2.4 MB as f32, within it.
+#[test]
+fn an_f32_ensemble_counts_four_bytes_a_value_against_the_memory_budget() {
+    let (d, c) = limited(MEMORY);
+    let (st, p) = put_parts(&c, &d, "half", json!({"ensemble": 300, "hidden": 16}));
     assert_eq!(st, 422, "{p}");
     assert!(
         p["detail"].as_str().expect("detail").contains("300·493·8"),
         "{p}"
     );
-    let (st, p, _) = put(
+    let (st, p) = put_parts(
+        &c,
+        &d,
         "half",
         json!({"ensemble": 300, "hidden": 16, "precision": "f32"}),
     );
     assert_eq!(st, 201, "{p}");
-    // A tiny ensemble with many outputs: J·d·8 = 87 680 bytes fits what is left (~250 kB), but
-    // its m×d cross-covariance alone is 1.4 MB.
-    let (st, p, _) = put(
-        "wide",
-        json!({"ensemble": 2, "hidden": 8, "lags": 4, "outputs": 32}),
-    );
+}
+
+/// A tiny ensemble with many outputs: J·d·8 = 87 680 bytes fits what is left beside an f32
+/// stream of 2.4 MB (~250 kB), but its m×d cross-covariance alone is 1.4 MB.
+#[test]
+fn a_wide_streams_cross_covariance_counts_against_the_memory_budget() {
+    let (d, c) = limited(MEMORY);
+    let half = json!({"ensemble": 300, "hidden": 16, "precision": "f32"});
+    assert_eq!(put_parts(&c, &d, "half", half).0, 201);
+    let wide = json!({"ensemble": 2, "hidden": 8, "lags": 4, "outputs": 32});
+    let (st, p) = put_parts(&c, &d, "wide", wide);
     assert_eq!(st, 422, "{p}");
-    let (st, _, _) = send(c.delete(d.url("/v1/streams/half")));
+}
+
+#[test]
+fn a_stream_over_the_streams_limit_is_422_and_a_deleted_one_frees_its_place() {
+    let (d, c) = limited("streams = 2");
+    assert_eq!(put_parts(&c, &d, "gone", small()).0, 201);
+    let (st, _, _) = send(c.delete(d.url("/v1/streams/gone")));
     assert_eq!(st, 204);
-    assert_eq!(put("b", small()).0, 201);
-    // Number of streams.
-    let (st, p, _) = put("c", small());
+    assert_eq!(put_parts(&c, &d, "b", small()).0, 201);
+    let (st, p) = put_parts(&c, &d, "c", small());
     assert_eq!(
         (st, p["type"].as_str()),
         (422, Some("/problems/limit")),
         "{p}"
     );
-    // Body size and batch size.
+}
+
+#[test]
+fn a_body_over_body_bytes_is_413() {
+    let (d, c) = limited("body_bytes = 2000");
     let big: String = (0..400).map(|i| format!("{{\"y\": {i}}}\n")).collect();
     let (st, p, _) = parts(post_ndjson(&c, &d, "a", big));
     assert_eq!(
@@ -270,13 +302,27 @@ fn limits_refuse_clearly() {
         (413, Some("/problems/too-large")),
         "{p}"
     );
+}
+
+#[test]
+fn a_batch_over_batch_observations_is_413() {
+    let (d, c) = limited("batch_observations = 20");
     let many: String = (0..21)
         .map(|i| format!("{{\"y\": {}}}\n", i % 10))
         .collect();
     assert_eq!(post_ndjson(&c, &d, "a", many).status(), 413);
-    // Horizon.
+}
+
+/// Five observations for `a`: enough to forecast from.
+fn observe_five(c: &Client, d: &Daemon) {
     let ok: String = (0..5).map(|i| format!("{{\"y\": {i}}}\n")).collect();
-    assert_eq!(post_ndjson(&c, &d, "a", ok).status(), 200);
+    assert_eq!(post_ndjson(c, d, "a", ok).status(), 200);
+}
+
+#[test]
+fn a_horizon_over_the_limit_is_400_and_the_openapi_document_says_so() {
+    let (d, c) = limited("horizon = 50");
+    observe_five(&c, &d);
     assert_eq!(
         send(c.get(d.url("/v1/streams/a/forecast?horizon=20"))).0,
         200
@@ -296,14 +342,28 @@ fn limits_refuse_clearly() {
         doc["components"]["schemas"]["ForecastRequest"]["properties"]["horizon"]["maximum"],
         50
     );
-    // Forecast work: horizon × (9 particles) × d = 24 parameters, over 5000 from horizon 24.
+}
+
+#[test]
+fn a_forecast_over_forecast_work_is_422() {
+    let (d, c) = limited("forecast_work = 5000");
+    observe_five(&c, &d);
+    // horizon × (9 particles) × d = 24 parameters: over 5000 from horizon 24.
+    assert_eq!(
+        send(c.get(d.url("/v1/streams/a/forecast?horizon=20"))).0,
+        200
+    );
     let (st, p, _) = send(c.get(d.url("/v1/streams/a/forecast?horizon=30")));
     assert_eq!(
         (st, p["type"].as_str(), p["field"].as_str()),
         (422, Some("/problems/limit"), Some("horizon")),
         "{p}"
     );
-    // A client that never finishes its request head is cut off.
+}
+
+#[test]
+fn a_client_that_never_finishes_its_request_head_is_cut_off_after_header_timeout_ms() {
+    let d = Daemon::start_config("[limits]\nheader_timeout_ms = 300\n");
     let mut sock = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
     sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .expect("write");
@@ -317,8 +377,7 @@ fn limits_refuse_clearly() {
         "slow client held the connection {:?}",
         started.elapsed()
     );
-    // The daemon still serves (on a new connection: the client's pooled one sat idle through
-    // the header timeout above, and the daemon may be closing it just as it is reused).
+    // The daemon still serves.
     assert_eq!(send(client().get(d.url("/healthz"))).0, 200);
 }
 
@@ -375,7 +434,7 @@ fn a_full_queue_is_503_with_retry_after_and_a_timeout_is_503() {
 }
 
 #[test]
-fn bearer_tokens_guard_writes_and_optionally_reads() {
+fn bearer_tokens_guard_writes_and_leave_reads_open() {
     let d = Daemon::start_config("[auth]\ntokens = [\"t0k3n\", \"second\"]\n");
     let c = client();
     let put = |auth: Option<&str>| {
@@ -427,9 +486,12 @@ fn bearer_tokens_guard_writes_and_optionally_reads() {
             .expect("post");
         assert_eq!(r.status(), status, "{path}");
     }
-    drop(d);
+}
 
+#[test]
+fn with_protect_reads_bearer_tokens_guard_reads_but_not_healthz() {
     let d = Daemon::start_config("[auth]\ntokens = [\"t0k3n\"]\nprotect_reads = true\n");
+    let c = client();
     assert_eq!(
         c.get(d.url("/v1/streams")).send().expect("get").status(),
         401
