@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::AppState;
 use super::body::{self, DecodeError};
 use super::error::{ApiError, Problem};
-use super::owner::{Command, ScaleOut, StreamView};
+use super::owner::{Command, StreamView};
 use crate::engine::ForecastStep;
 use crate::engine::{Options, RawOptions};
 
@@ -85,6 +85,13 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // Response types.
+
+/// Serialisable form of a scale for the API.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ScaleOut {
+    pub min: f64,
+    pub max: f64,
+}
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StatsOut {

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -431,13 +430,6 @@ impl Owner {
         };
         self.view.send_replace(Arc::new(view));
     }
-}
-
-/// Serialisable form of a scale for the API.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ScaleOut {
-    pub min: f64,
-    pub max: f64,
 }
 
 /// A batch of a group with its plan, made against the stream as it will stand once the batches
