@@ -38,5 +38,5 @@ pub use options::{
 pub use prior::Prior;
 pub use real::{Precision, Real};
 pub use stream::{
-    Applied, BatchError, Observation, Plan, Stats, Stream, StreamState, StreamStateV1,
+    Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState, StreamStateV1,
 };

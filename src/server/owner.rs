@@ -311,15 +311,12 @@ impl Owner {
             }
             return;
         };
-        let mut last = stream.last_seq();
+        let mut cursor = stream.cursor();
         let mut work: Vec<(Vec<Observation>, Plan)> = Vec::with_capacity(group.len());
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
         for (batch, reply) in group {
-            match stream.plan_after(&batch, last) {
+            match stream.plan_next(&batch, &mut cursor) {
                 Ok(plan) => {
-                    if !plan.accepted.is_empty() {
-                        last = plan.last_seq();
-                    }
                     work.push((batch, plan));
                     replies.push(reply);
                 }
