@@ -326,16 +326,10 @@ pub fn stream_name_from(file: &Path) -> anyhow::Result<String> {
 
 /// The daemon's rule for names; checked here too because the name goes into URLs.
 fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && name != "."
-        && name != "..";
-    if !ok {
+    if !crate::storage::is_valid_stream_name(name) {
         bail!(
-            "stream names are 1 to 64 characters of A-Z a-z 0-9 _ . - (and not `.` or `..`), \
-             got `{name}`: pass --stream"
+            "{}, got `{name}`: pass --stream",
+            crate::storage::STREAM_NAME_RULE
         );
     }
     Ok(())

@@ -38,4 +38,4 @@ pub use options::{
 };
 pub use prior::Prior;
 pub use real::{Precision, Real};
-pub use stream::{Applied, BatchError, Observation, Plan, Stats, Stream, StreamState};
+pub use stream::{Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState};

@@ -46,6 +46,19 @@ pub enum BatchError {
         expected: u64,
         got: u64,
     },
+    /// The `auto` scale this observation would fix (from the stream's opening values) is not a
+    /// finite range: every later prediction would be infinite.
+    #[error(
+        "observation {index} (seq {seq}) completes the opening values that fix the `auto` scale, and those of `{field}[{position}]` run from {min:e} to {max:e}: widened by a quarter that is not a finite range. Send values of a smaller magnitude, or give the stream an explicit `scale`"
+    )]
+    Scale {
+        index: usize,
+        seq: u64,
+        field: &'static str,
+        position: usize,
+        min: f64,
+        max: f64,
+    },
 }
 
 impl BatchError {
@@ -56,14 +69,17 @@ impl BatchError {
             BatchError::Dimension { index, .. }
             | BatchError::NotFinite { index, .. }
             | BatchError::SeqZero { index }
-            | BatchError::SeqGap { index, .. } => Some(*index),
+            | BatchError::SeqGap { index, .. }
+            | BatchError::Scale { index, .. } => Some(*index),
         }
     }
     /// The field at fault.
     pub fn field(&self) -> &'static str {
         match self {
             BatchError::Empty => "body",
-            BatchError::Dimension { field, .. } | BatchError::NotFinite { field, .. } => field,
+            BatchError::Dimension { field, .. }
+            | BatchError::NotFinite { field, .. }
+            | BatchError::Scale { field, .. } => field,
             BatchError::SeqZero { .. } | BatchError::SeqGap { .. } => "seq",
         }
     }
@@ -163,20 +179,64 @@ pub struct Stream {
 /// that a series drifting a little past its opening range stays near `[0, 1]`. A constant
 /// opening gets a width of its magnitude (or 1 around 0).
 fn auto_scaler(values: impl Iterator<Item = f64>) -> Scaler {
-    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-    for v in values {
-        lo = lo.min(v);
-        hi = hi.max(v);
+    let mut span = Span::EMPTY;
+    values.for_each(|v| span.add(v));
+    span.auto_scaler()
+}
+
+/// The lowest and highest of some values.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    lo: f64,
+    hi: f64,
+}
+
+impl Span {
+    const EMPTY: Span = Span {
+        lo: f64::INFINITY,
+        hi: f64::NEG_INFINITY,
+    };
+
+    fn add(&mut self, v: f64) {
+        self.lo = self.lo.min(v);
+        self.hi = self.hi.max(v);
     }
-    if !(lo.is_finite() && hi.is_finite()) {
-        return Scaler::new(0.0, 1.0);
+
+    fn auto_scaler(self) -> Scaler {
+        let (lo, hi) = (self.lo, self.hi);
+        if !(lo.is_finite() && hi.is_finite()) {
+            return Scaler::new(0.0, 1.0);
+        }
+        let width = hi - lo;
+        if width <= 1e-9 * hi.abs().max(lo.abs()).max(1.0) {
+            let half = 0.5 * lo.abs().max(1.0);
+            return Scaler::new(lo - half, lo + half);
+        }
+        Scaler::new(lo - 0.25 * width, hi + 0.25 * width)
     }
-    let width = hi - lo;
-    if width <= 1e-9 * hi.abs().max(lo.abs()).max(1.0) {
-        let half = 0.5 * lo.abs().max(1.0);
-        return Scaler::new(lo - half, lo + half);
-    }
-    Scaler::new(lo - 0.25 * width, hi + 0.25 * width)
+}
+
+/// Whether a scale maps values to model units and back: finite ends and a finite, positive
+/// width (an infinite one turns every prediction into infinity, or NaN).
+fn usable(s: &Scaler) -> bool {
+    s.min.is_finite() && s.max.is_finite() && s.width().is_finite() && s.width() > 0.0
+}
+
+/// Where planning a group of batches has got to, so that each batch is planned as if the ones
+/// before it had been applied ([`Stream::cursor`], [`Stream::plan_next`]).
+#[derive(Debug, Clone)]
+pub struct PlanCursor {
+    last_seq: u64,
+    /// While an `auto` scale is not fixed: how many opening observations are held, and the
+    /// range of each output (`y`) and input (`x`) over them.
+    opening: Option<Opening>,
+}
+
+#[derive(Debug, Clone)]
+struct Opening {
+    held: usize,
+    y: Vec<Span>,
+    x: Vec<Span>,
 }
 
 impl Stream {
@@ -288,16 +348,41 @@ impl Stream {
 
     /// Validates a whole batch against this stream without changing anything.
     pub fn plan(&self, batch: &[Observation]) -> Result<Plan, BatchError> {
-        self.plan_after(batch, self.stats.last_seq)
+        self.plan_next(batch, &mut self.cursor())
     }
 
-    /// Like [`Stream::plan`], as if `last_seq` had already been applied (the owner plans a
-    /// group of queued batches before applying any of them).
-    pub fn plan_after(&self, batch: &[Observation], last_seq: u64) -> Result<Plan, BatchError> {
+    /// Where planning starts: this stream as it is.
+    pub fn cursor(&self) -> PlanCursor {
+        let opening = (self.y_scale.is_none() || self.x_scale.is_none()).then(|| {
+            let mut o = Opening {
+                held: self.pending.len(),
+                y: vec![Span::EMPTY; self.options.outputs],
+                x: vec![Span::EMPTY; self.options.inputs],
+            };
+            for p in &self.pending {
+                o.y.iter_mut().zip(&p.y).for_each(|(r, &v)| r.add(v));
+                o.x.iter_mut().zip(&p.x).for_each(|(r, &v)| r.add(v));
+            }
+            o
+        });
+        PlanCursor {
+            last_seq: self.stats.last_seq,
+            opening,
+        }
+    }
+
+    /// Like [`Stream::plan`], as if the batches `cursor` has seen had already been applied (the
+    /// owner plans a group of queued batches before applying any of them). On success the
+    /// cursor moves past this batch; on an error it is unchanged.
+    pub fn plan_next(
+        &self,
+        batch: &[Observation],
+        cursor: &mut PlanCursor,
+    ) -> Result<Plan, BatchError> {
         if batch.is_empty() {
             return Err(BatchError::Empty);
         }
-        let mut expected = last_seq + 1;
+        let mut expected = cursor.last_seq + 1;
         let mut plan = Plan {
             accepted: Vec::with_capacity(batch.len()),
             duplicates: 0,
@@ -340,7 +425,60 @@ impl Stream {
                 }
             }
         }
+        let opening = match cursor.opening.clone() {
+            Some(o) => self.plan_opening(batch, &plan, o)?,
+            None => None,
+        };
+        if !plan.accepted.is_empty() {
+            cursor.last_seq = plan.last_seq();
+        }
+        cursor.opening = opening;
         Ok(plan)
+    }
+
+    /// Follows the opening observations through an accepted batch: once they are as many as
+    /// the `auto` scales are fixed from, the scales they give must be usable, or the batch is
+    /// refused. Returns the opening still to fill (None once the scales are fixed).
+    fn plan_opening(
+        &self,
+        batch: &[Observation],
+        plan: &Plan,
+        mut o: Opening,
+    ) -> Result<Option<Opening>, BatchError> {
+        let need = self.options.lags.max(1);
+        for (k, &index) in plan.accepted.iter().enumerate() {
+            let obs = &batch[index];
+            o.y.iter_mut().zip(&obs.y).for_each(|(r, &v)| r.add(v));
+            o.x.iter_mut().zip(&obs.x).for_each(|(r, &v)| r.add(v));
+            o.held += 1;
+            if o.held < need {
+                continue;
+            }
+            for (field, ranges, fixed) in [
+                ("y", &o.y, self.y_scale.is_some()),
+                ("x", &o.x, self.x_scale.is_some()),
+            ] {
+                if fixed {
+                    continue;
+                }
+                if let Some((position, r)) = ranges
+                    .iter()
+                    .enumerate()
+                    .find(|(_, r)| !usable(&r.auto_scaler()))
+                {
+                    return Err(BatchError::Scale {
+                        index,
+                        seq: plan.first_seq + k as u64,
+                        field,
+                        position,
+                        min: r.lo,
+                        max: r.hi,
+                    });
+                }
+            }
+            return Ok(None);
+        }
+        Ok(Some(o))
     }
 
     /// Learns from the observations a [`Plan`] of this same state accepted, in order, calling
@@ -630,5 +768,82 @@ mod tests {
         assert_eq!(pa, pf);
         assert_eq!(auto.stats(), fixed.stats());
         assert_eq!(pa.iter().filter(|a| a.prediction.is_none()).count(), 2);
+    }
+
+    #[test]
+    fn an_auto_scale_that_would_not_be_finite_refuses_the_batch_that_fixes_it() {
+        // lags 2: the scale is fixed from the first two observations.
+        for values in [[1e308, -1e308], [1.7e308, 1.7e308], [-1.7e308, -1.7e308]] {
+            let mut s = stream();
+            let b = vec![obs(None, values[0]), obs(None, values[1])];
+            let e = s.plan(&b).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    BatchError::Scale {
+                        index: 1,
+                        seq: 2,
+                        field: "y",
+                        position: 0,
+                        ..
+                    }
+                ),
+                "{values:?}: {e:?}"
+            );
+            assert!(e.to_string().contains("`y[0]`"), "{e}");
+            // Split over two batches planned as a group, the second is refused; applied one
+            // after the other, the same.
+            let mut c = s.cursor();
+            let first = s.plan_next(&b[..1], &mut c).unwrap();
+            let e = s.plan_next(&b[1..], &mut c).unwrap_err();
+            assert_eq!((e.index(), e.field()), (Some(0), "y"));
+            s.apply(&b[..1], &first, |_| {});
+            assert!(s.plan(&b[1..]).is_err());
+            assert!(s.y_scale().is_none(), "nothing fixed");
+            // A value that leaves a finite range goes through, and predictions are numbers.
+            let ok = vec![obs(None, values[0] * 0.95), obs(None, values[0] * 0.9)];
+            let p = s.plan(&ok).unwrap();
+            let mut preds = Vec::new();
+            s.apply(&ok, &p, |a| preds.push(a));
+            let sc = s.y_scale().unwrap()[0];
+            assert!(usable(&sc), "{sc:?}");
+            assert!(preds[1].prediction.as_ref().unwrap()[0].is_finite());
+        }
+        // Large but representable: fine.
+        let s = stream();
+        assert!(s.plan(&[obs(None, 1e307), obs(None, -1e307)]).is_ok());
+    }
+
+    #[test]
+    fn an_exogenous_auto_scale_is_checked_too() {
+        let s = Stream::new(
+            Options {
+                ensemble: 4,
+                hidden: 2,
+                lags: 1,
+                inputs: 2,
+                scale: ScaleOption::Fixed(crate::engine::options::Range { min: 0.0, max: 1.0 }),
+                ..Options::default()
+            }
+            .check()
+            .unwrap(),
+        );
+        let b = vec![Observation {
+            seq: None,
+            x: vec![0.0, 1.7e308],
+            y: vec![0.5],
+        }];
+        let e = s.plan(&b).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BatchError::Scale {
+                    field: "x",
+                    position: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 }

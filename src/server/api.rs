@@ -23,19 +23,14 @@ use super::owner::{Command, StreamView};
 use crate::engine::ForecastStep;
 use crate::engine::{Options, RawOptions};
 
-/// `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..` (names become directory names on disk).
+/// [`crate::storage::is_valid_stream_name`] (names become directory names on disk).
 pub fn check_name(name: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
-        && name != "."
-        && name != "..";
-    if ok {
+    if crate::storage::is_valid_stream_name(name) {
         Ok(())
     } else {
         Err(ApiError::BadName(format!(
-            "stream names are 1 to 64 characters of A-Z a-z 0-9 _ . - (and not `.` or `..`), got `{}`",
+            "{}, got `{}`",
+            crate::storage::STREAM_NAME_RULE,
             name.chars().take(80).collect::<String>()
         )))
     }

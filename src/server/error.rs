@@ -71,7 +71,8 @@ pub enum ApiError {
     Busy(String),
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
-    #[error("could not write to the log, nothing was applied: {0}")]
+    /// A file operation failed; the detail says which and what is unchanged.
+    #[error("{0}")]
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,

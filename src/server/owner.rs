@@ -19,7 +19,7 @@ use crate::engine::ForecastState;
 use crate::engine::Options;
 use crate::engine::Scaler;
 use crate::engine::{Applied, Observation, Plan, Stats, Stream};
-use crate::storage::StreamStore;
+use crate::storage::{Store, StoreError, StreamStore};
 
 /// What handlers may ask of an owner.
 #[derive(Debug)]
@@ -33,6 +33,12 @@ pub enum Command {
     Close {
         snapshot: bool,
         reply: oneshot::Sender<()>,
+    },
+    /// Finish what is queued before this, then move the stream's files to the trash (`store`'s
+    /// [`Store::delete_stream`]) and stop; if that fails, answer why and carry on unchanged.
+    Delete {
+        store: Store,
+        reply: oneshot::Sender<Result<(), ApiError>>,
     },
 }
 
@@ -198,7 +204,7 @@ impl Owner {
                 Some(t) => tokio::select! {
                     c = rx.recv() => c,
                     _ = tokio::time::sleep(t) => {
-                        self.with_store(|store, _| store.sync().map_err(|e| e.to_string())).await;
+                        self.with_store(|store, _| store.sync()).await;
                         continue;
                     }
                 },
@@ -209,32 +215,42 @@ impl Owner {
                 self.close(true).await;
                 break;
             };
-            match cmd {
+            let next = match cmd {
                 Command::Observe { batch, reply } => {
                     let mut group = vec![(batch, reply)];
-                    let mut close = None;
+                    let mut next = None;
                     while group.len() < MAX_GROUP {
                         match rx.try_recv() {
                             Ok(Command::Observe { batch, reply }) => group.push((batch, reply)),
-                            Ok(Command::Close { snapshot, reply }) => {
-                                close = Some((snapshot, reply));
+                            Ok(other) => {
+                                next = Some(other);
                                 break;
                             }
                             Err(_) => break,
                         }
                     }
                     self.observe(group).await;
-                    if let Some((snapshot, reply)) = close {
-                        self.close(snapshot).await;
-                        let _ = reply.send(());
-                        break;
-                    }
+                    next
                 }
-                Command::Close { snapshot, reply } => {
+                other => Some(other),
+            };
+            match next {
+                Some(Command::Close { snapshot, reply }) => {
                     self.close(snapshot).await;
                     let _ = reply.send(());
                     break;
                 }
+                Some(Command::Delete { store, reply }) => {
+                    let deleted = self.delete(store).await;
+                    let done = deleted.is_ok();
+                    let _ = reply.send(deleted);
+                    if done {
+                        // Whatever was queued behind the delete is dropped with the queue: its
+                        // senders see the stream gone (404).
+                        break;
+                    }
+                }
+                Some(Command::Observe { .. }) | None => {}
             }
         }
         tracing::debug!(stream = %self.name, "owner stopped");
@@ -254,7 +270,7 @@ impl Owner {
     /// Runs blocking file work on the store (and stream) off the async workers.
     async fn with_store(
         &mut self,
-        f: impl FnOnce(&mut StreamStore, &Stream) -> Result<(), String> + Send + 'static,
+        f: impl FnOnce(&mut StreamStore, &Stream) -> Result<(), StoreError> + Send + 'static,
     ) {
         let (Some(mut store), Some(stream)) = (self.store.take(), self.stream.take()) else {
             return;
@@ -266,12 +282,15 @@ impl Owner {
         .await;
         match r {
             Ok((store, stream, r)) => {
+                self.store = Some(store);
+                self.stream = Some(stream);
                 if let Err(e) = r {
                     tracing::error!(stream = %self.name, error = %e, "storage");
                     self.metrics.storage_errors.inc();
+                    if e.is_removed() {
+                        self.fail(e.public());
+                    }
                 }
-                self.store = Some(store);
-                self.stream = Some(stream);
             }
             Err(e) => self.fail(format!("storage task failed: {e}")),
         }
@@ -280,12 +299,38 @@ impl Owner {
     async fn close(&mut self, snapshot: bool) {
         self.with_store(move |store, stream| {
             if snapshot && store.has_unsnapshotted() {
-                store.snapshot(stream).map_err(|e| e.to_string())
+                store.snapshot(stream)
             } else {
-                store.sync().map_err(|e| e.to_string())
+                store.sync()
             }
         })
         .await;
+    }
+
+    /// Moves the stream's files to the trash. On success the stream is gone (its files
+    /// closed); on failure it is as it was and keeps serving.
+    async fn delete(&mut self, store: Store) -> Result<(), ApiError> {
+        let name = self.name.clone();
+        match tokio::task::spawn_blocking(move || store.delete_stream(&name)).await {
+            Ok(Ok(())) => {
+                self.stream = None;
+                self.store = None;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(stream = %self.name, error = %e, "could not delete the stream; it is unchanged");
+                self.metrics.storage_errors.inc();
+                Err(ApiError::Storage(format!(
+                    "could not delete stream `{}`, it is unchanged: {}",
+                    self.name,
+                    e.public()
+                )))
+            }
+            Err(e) => Err(ApiError::Internal(format!(
+                "deleting stream `{}` failed: {e}",
+                self.name
+            ))),
+        }
     }
 
     fn fail(&mut self, reason: String) {
@@ -364,11 +409,25 @@ impl Owner {
             }) => {
                 tracing::error!(stream = %self.name, error = %e, "could not log a batch; nothing applied");
                 self.metrics.storage_errors.inc();
-                for reply in replies {
-                    let _ = reply.send(Err(ApiError::Storage(e.clone())));
-                }
                 self.stream = Some(stream);
                 self.store = Some(store);
+                if e.is_removed() {
+                    // No write of this stream can be made durable any more: fail it loudly
+                    // rather than answer 503s that a retry can never get past.
+                    self.fail(e.public());
+                    for reply in replies {
+                        let _ = reply.send(Err(self.failed()));
+                    }
+                    return;
+                }
+                let detail = format!(
+                    "could not write to the log of stream `{}`, nothing was applied: {}",
+                    self.name,
+                    e.public()
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(ApiError::Storage(detail.clone())));
+                }
             }
             Err(e) => {
                 let reason = if e.is_panic() {
@@ -442,15 +501,12 @@ fn plan_group(
     stream: &Stream,
     group: Vec<(Vec<Observation>, Reply)>,
 ) -> (Vec<Planned>, Vec<Reply>) {
-    let mut last = stream.last_seq();
+    let mut cursor = stream.cursor();
     let mut work = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     for (batch, reply) in group {
-        match stream.plan_after(&batch, last) {
+        match stream.plan_next(&batch, &mut cursor) {
             Ok(plan) => {
-                if !plan.accepted.is_empty() {
-                    last = plan.last_seq();
-                }
                 work.push((batch, plan));
                 replies.push(reply);
             }
@@ -467,7 +523,7 @@ fn plan_group(
 struct GroupWork {
     stream: Box<Stream>,
     store: Box<StreamStore>,
-    result: Result<Learned, String>,
+    result: Result<Learned, StoreError>,
 }
 
 struct Learned {
@@ -523,7 +579,7 @@ fn apply_group(
 
 /// One log record per batch with accepted observations: the batch itself when all of it was
 /// accepted (borrowed, not copied), else a copy of the accepted ones.
-fn log_group(store: &mut StreamStore, work: &[Planned]) -> Result<(), String> {
+fn log_group(store: &mut StreamStore, work: &[Planned]) -> Result<(), StoreError> {
     let partial: Vec<Vec<Observation>> = work
         .iter()
         .map(|(b, p)| {
@@ -543,5 +599,5 @@ fn log_group(store: &mut StreamStore, work: &[Planned]) -> Result<(), String> {
             (p.first_seq, obs)
         })
         .collect();
-    store.append(&records).map_err(|e| e.to_string())
+    store.append(&records)
 }

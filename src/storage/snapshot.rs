@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::{EnsembleState, LagBuffer, Observation, Options, Scaler, Stats, StreamState};
+use crate::storage::name::describe_file;
 use crate::storage::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
@@ -33,6 +34,18 @@ pub enum SnapshotError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: invalid snapshot: {reason}")]
     Invalid { path: PathBuf, reason: String },
+}
+
+impl SnapshotError {
+    /// The error without the host's paths, for API clients.
+    pub fn public(&self) -> String {
+        match self {
+            SnapshotError::Io { path, source } => format!("{}: {source}", describe_file(path)),
+            SnapshotError::Invalid { path, reason } => {
+                format!("{}: invalid snapshot: {reason}", describe_file(path))
+            }
+        }
+    }
 }
 
 pub fn snapshot_name(seq: u64) -> String {

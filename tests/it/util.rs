@@ -303,3 +303,32 @@ pub fn client() -> reqwest::blocking::Client {
         .build()
         .expect("http client")
 }
+
+/// Runs `ekid serve` on `data_dir` expecting it to refuse to start: returns its exit status and
+/// what it printed on stderr. Panics if it starts listening instead.
+pub fn serve_refused(data_dir: &Path, extra: &[&str]) -> (ExitStatus, String) {
+    let mut child = ekid()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ekid serve");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    if line.starts_with("listening on") {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        panic!(
+            "the daemon started on {}: {line}{}",
+            data_dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
