@@ -21,6 +21,35 @@ pub struct Observation {
     pub y: Vec<f64>,
 }
 
+impl Observation {
+    /// Whether this observation, at `index` in its batch, fits a stream of `inputs` and
+    /// `outputs`: as many finite values as that in `y` then `x`, and no `seq` 0. (Sequence gaps
+    /// depend on the stream's state: [`Stream::plan`].)
+    pub fn check(&self, index: usize, inputs: usize, outputs: usize) -> Result<(), BatchError> {
+        for (field, values, want) in [("y", &self.y, outputs), ("x", &self.x, inputs)] {
+            if values.len() != want {
+                return Err(BatchError::Dimension {
+                    index,
+                    field,
+                    expected: want,
+                    got: values.len(),
+                });
+            }
+            if let Some(position) = values.iter().position(|v| !v.is_finite()) {
+                return Err(BatchError::NotFinite {
+                    index,
+                    field,
+                    position,
+                });
+            }
+        }
+        if self.seq == Some(0) {
+            return Err(BatchError::SeqZero { index });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BatchError {
     #[error("the batch is empty")]
@@ -389,28 +418,8 @@ impl Stream {
             first_seq: expected,
         };
         for (index, o) in batch.iter().enumerate() {
-            for (field, values, want) in [
-                ("y", &o.y, self.options.outputs),
-                ("x", &o.x, self.options.inputs),
-            ] {
-                if values.len() != want {
-                    return Err(BatchError::Dimension {
-                        index,
-                        field,
-                        expected: want,
-                        got: values.len(),
-                    });
-                }
-                if let Some(position) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(BatchError::NotFinite {
-                        index,
-                        field,
-                        position,
-                    });
-                }
-            }
+            o.check(index, self.options.inputs, self.options.outputs)?;
             match o.seq {
-                Some(0) => return Err(BatchError::SeqZero { index }),
                 Some(s) if s < expected => plan.duplicates += 1,
                 Some(s) if s > expected => {
                     return Err(BatchError::SeqGap {

@@ -6,20 +6,21 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream as FuturesStream;
-use serde::{Deserialize, Serialize};
+use futures_util::{Stream as FuturesStream, StreamExt};
+use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 
 use super::AppState;
-use super::body::{self, DecodeError};
+use super::body::{self, DecodeError, Expect, Format};
 use super::error::{ApiError, Problem};
 use super::owner::{Command, StreamView};
+use super::state::Charge;
 use crate::engine::ForecastStep;
 use crate::engine::{Options, RawOptions};
 
@@ -36,21 +37,59 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Reads a whole body up to `limit` bytes.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // The only error besides an I/O failure is the length limit.
-        let text = e.to_string();
-        if text.contains("length limit") {
-            ApiError::TooLarge(format!("the body is larger than the {limit}-byte limit"))
-        } else {
+/// The length a request declares (`Content-Length`), if any.
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads a whole body up to `limit` bytes into one buffer sized for the `expected` length (the
+/// declared one), never holding more than one buffer of at most `limit` bytes.
+pub async fn read_body(body: Body, limit: usize, expected: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large =
+        || ApiError::TooLarge(format!("the body is larger than the {limit}-byte limit"));
+    let mut buf = Vec::with_capacity(expected.min(limit));
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
             ApiError::Decode(DecodeError {
-                detail: format!("could not read the body: {text}"),
+                detail: format!("could not read the body: {e}"),
                 line: None,
                 field: None,
             })
+        })?;
+        let len = buf.len() + chunk.len();
+        if len > limit {
+            return Err(too_large());
         }
-    })
+        if len > buf.capacity() {
+            // Doubling, but never past the limit.
+            let want = (2 * buf.capacity()).clamp(len, limit);
+            buf.reserve_exact(want - buf.len());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// Charges to the memory budget what reading a body and decoding it may hold (its declared
+/// length, or the body limit, plus `decoded` of that), then reads it. The charge is given back
+/// when the returned [`Charge`] drops.
+async fn read_charged(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    decoded: impl Fn(usize) -> u64,
+) -> Result<(Vec<u8>, Charge), ApiError> {
+    let limit = app.inner.config.limits.body_bytes;
+    let raw = declared_length(headers).map_or(limit, |n| n.min(limit));
+    let charge = app.charge(raw as u64 + decoded(raw))?;
+    let bytes = read_body(body, limit, raw).await?;
+    Ok((bytes, charge))
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -233,7 +272,8 @@ pub async fn put_stream(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
+    let limit = app.inner.config.limits.body_bytes;
+    let bytes = read_body(body, limit, declared_length(&headers).unwrap_or(0)).await?;
     let raw: RawOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
         RawOptions::default()
     } else {
@@ -319,7 +359,7 @@ pub async fn delete_stream(
         (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid observation (dimension, non-finite value, seq 0)", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Stream queue full or shutting down; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Stream queue full, the memory budget held by requests in flight, or shutting down; retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_observations(
     State(app): State<AppState>,
@@ -330,12 +370,11 @@ pub async fn post_observations(
     check_name(&name)?;
     let handle = app.handle(&name)?;
     let limits = &app.inner.config.limits;
-    let bytes = read_body(body, limits.body_bytes).await?;
     let ct = content_type(&headers).unwrap_or_default();
-    let batch = match media_type(&ct).as_str() {
-        _ if is_json(&ct) => body::decode_json(&bytes)?,
-        "application/x-ndjson" | "application/jsonl" => body::decode_ndjson(&bytes)?,
-        "text/csv" => body::decode_csv(&bytes)?,
+    let format = match media_type(&ct).as_str() {
+        _ if is_json(&ct) => Format::Json,
+        "application/x-ndjson" | "application/jsonl" => Format::Ndjson,
+        "text/csv" => Format::Csv,
         _ => {
             return Err(ApiError::UnsupportedMediaType {
                 got: ct,
@@ -343,13 +382,23 @@ pub async fn post_observations(
             });
         }
     };
-    if batch.len() > limits.batch_observations {
-        return Err(ApiError::TooLarge(format!(
-            "{} observations in one request; the limit is {}",
-            batch.len(),
-            limits.batch_observations
-        )));
-    }
+    let options = &handle.view().options;
+    let expect = Expect {
+        shape: Some((options.inputs, options.outputs)),
+        max_observations: limits.batch_observations,
+    };
+    let width = options.inputs + options.outputs;
+    let (bytes, charge) = read_charged(&app, &headers, body, |raw| {
+        body::observations_bound(raw, expect.max_observations, width)
+    })
+    .await?;
+    // Decoding is CPU work of the size of the body: on the blocking pool, which keeps the
+    // charge until it is done even if this request is abandoned meanwhile.
+    let (batch, _charge) =
+        tokio::task::spawn_blocking(move || (body::decode(format, &bytes, &expect), charge))
+            .await
+            .map_err(|e| ApiError::Internal(format!("decoding the body failed: {e}")))?;
+    let batch = batch?;
     let (reply, rx) = oneshot::channel();
     handle
         .tx
@@ -429,7 +478,10 @@ impl ForecastQuery {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// The forecast request as the OpenAPI document describes it (the body itself is decoded by
+/// `body::decode_forecast`, which refuses rows of `x` as they come).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
 #[serde(deny_unknown_fields)]
 pub struct ForecastRequest {
     #[schema(minimum = 1)]
@@ -484,6 +536,7 @@ pub async fn get_forecast(
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The memory budget held by requests in flight; retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_forecast(
     State(app): State<AppState>,
@@ -493,7 +546,6 @@ pub async fn post_forecast(
 ) -> Result<Json<ForecastOut>, ApiError> {
     check_name(&name)?;
     let view = app.handle(&name)?.view();
-    let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
     match content_type(&headers) {
         Some(ct) if is_json(&ct) => {}
         other => {
@@ -503,38 +555,18 @@ pub async fn post_forecast(
             });
         }
     }
-    let req: ForecastRequest = body::from_json(&bytes)?;
-    let inputs = view.options.inputs;
-    if req.x.len() != if inputs == 0 { 0 } else { req.horizon } {
-        return Err(bad_query(
-            "x",
-            format!(
-                "`x` must hold {} rows (one per step) of {inputs} inputs, got {} rows",
-                if inputs == 0 { 0 } else { req.horizon },
-                req.x.len()
-            ),
-        ));
-    }
-    let mut flat = Vec::with_capacity(req.horizon * inputs);
-    for (i, row) in req.x.iter().enumerate() {
-        if row.len() != inputs {
-            return Err(bad_query(
-                &format!("x[{i}]"),
-                format!(
-                    "`x[{i}]` has {} values, the stream has {inputs} inputs",
-                    row.len()
-                ),
-            ));
-        }
-        if row.iter().any(|v| !v.is_finite()) {
-            return Err(bad_query(
-                &format!("x[{i}]"),
-                format!("`x[{i}]` holds a non-finite number"),
-            ));
-        }
-        flat.extend_from_slice(row);
-    }
-    forecast(&app, view, req.horizon, req.level, flat).await
+    let (inputs, max_horizon) = (view.options.inputs, app.inner.config.limits.horizon);
+    let (bytes, charge) = read_charged(&app, &headers, body, |raw| {
+        body::forecast_bound(raw, max_horizon, inputs)
+    })
+    .await?;
+    let (req, _charge) = tokio::task::spawn_blocking(move || {
+        (body::decode_forecast(&bytes, inputs, max_horizon), charge)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decoding the body failed: {e}")))?;
+    let req = req?;
+    forecast(&app, view, req.horizon, req.level, req.x).await
 }
 
 async fn forecast(

@@ -87,12 +87,42 @@ struct Registry {
     /// The memory each open stream was charged ([`Stream::memory_bytes`]; 0 for one that could
     /// not be recovered), given back when it is deleted.
     charged: HashMap<String, u64>,
+    /// What the open streams hold of the memory budget: the sum of `charged`.
+    streams_bytes: u64,
+    /// What requests hold of it while they read and decode their bodies ([`Charge`]).
+    transient_bytes: u64,
 }
 
 impl Registry {
-    /// What the open streams hold of the memory budget.
-    fn charged_bytes(&self) -> u64 {
-        self.charged.values().sum()
+    fn charge_stream(&mut self, name: &str, bytes: u64) {
+        if let Some(old) = self.charged.insert(name.to_owned(), bytes) {
+            self.streams_bytes -= old;
+        }
+        self.streams_bytes += bytes;
+    }
+
+    fn release_stream(&mut self, name: &str) {
+        if let Some(old) = self.charged.remove(name) {
+            self.streams_bytes -= old;
+        }
+    }
+}
+
+/// Memory a request holds of the budget while it reads and decodes its body and waits for its
+/// batch to be applied: taken by [`AppState::charge`], given back on drop, when the request
+/// ends (a decode on the blocking pool carries the charge along, so a request abandoned
+/// meanwhile keeps it until the decode is done).
+pub struct Charge {
+    app: AppState,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut reg = write(&self.app.inner.streams);
+        reg.transient_bytes -= self.bytes;
+        let metric = &self.app.inner.metrics.request_memory;
+        metric.set(reg.transient_bytes as i64);
     }
 }
 
@@ -157,6 +187,28 @@ impl AppState {
             .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))
     }
 
+    /// Charges `bytes` a request is about to hold to the memory budget, or refuses (503 +
+    /// Retry-After) when the streams and the other requests in flight leave too little. A
+    /// request is taken when no other holds a charge, so streams that fill the budget never
+    /// shut writes out: at most one request's charge goes over it.
+    pub fn charge(&self, bytes: u64) -> Result<Charge, ApiError> {
+        let budget = self.inner.config.limits.memory_bytes;
+        let mut reg = write(&self.inner.streams);
+        let used = reg.streams_bytes + reg.transient_bytes;
+        if reg.transient_bytes > 0 && used.saturating_add(bytes) > budget {
+            return Err(ApiError::Busy(format!(
+                "this request may hold {bytes} bytes while it is decoded; streams and requests in flight hold {used} of the {budget}-byte memory budget"
+            )));
+        }
+        reg.transient_bytes += bytes;
+        let metric = &self.inner.metrics.request_memory;
+        metric.set(reg.transient_bytes as i64);
+        Ok(Charge {
+            app: self.clone(),
+            bytes,
+        })
+    }
+
     /// Creates a stream (durably: its folder and options are on disk before this returns), or
     /// finds the same one. Returns whether it was created. All or nothing, even if the request
     /// is dropped on the way: a stream whose files were made is registered too.
@@ -201,7 +253,13 @@ impl AppState {
                     detail: format!("the server holds its limit of {} streams", limits.streams),
                 });
             }
-            let left = limits.memory_bytes.saturating_sub(reg.charged_bytes());
+            let left = limits.memory_bytes.saturating_sub(reg.streams_bytes);
+            if bytes <= left && bytes > left.saturating_sub(reg.transient_bytes) {
+                return Err(ApiError::Busy(format!(
+                    "request bodies being decoded hold {} bytes of the memory budget the stream needs",
+                    reg.transient_bytes
+                )));
+            }
             if bytes > left {
                 return Err(ApiError::Limit {
                     field: None,
@@ -259,7 +317,7 @@ impl AppState {
         {
             let mut reg = write(&self.inner.streams);
             reg.handles.insert(name.to_owned(), handle);
-            reg.charged.insert(name.to_owned(), bytes);
+            reg.charge_stream(name, bytes);
             self.inner.metrics.streams.set(reg.handles.len() as i64);
         }
         let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
@@ -296,7 +354,7 @@ impl AppState {
             {
                 let mut reg = write(&app.inner.streams);
                 reg.handles.remove(&name);
-                reg.charged.remove(&name);
+                reg.release_stream(&name);
                 app.inner.metrics.streams.set(reg.handles.len() as i64);
             }
             app.inner.metrics.forget(&name);
@@ -365,6 +423,7 @@ impl AppState {
         let handles: Vec<StreamHandle> = {
             let mut reg = write(&self.inner.streams);
             reg.charged.clear();
+            reg.streams_bytes = 0;
             reg.handles.drain().map(|(_, h)| h).collect()
         };
         for h in handles {

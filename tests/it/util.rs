@@ -135,7 +135,7 @@ impl Daemon {
         read(&self.log)
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
@@ -331,4 +331,14 @@ pub fn serve_refused(data_dir: &Path, extra: &[&str]) -> (ExitStatus, String) {
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A `kB` field of `/proc/PID/status` (Linux), such as `VmHWM` (peak resident memory).
+pub fn proc_status_kb(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
