@@ -253,7 +253,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 #[utoipa::path(put, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     request_body(content((RawOptions = "application/json")), description = "Stream options; every field optional, defaults from the server config"),
     responses(
         (status = 201, description = "Created", body = StreamOut),
@@ -311,7 +311,7 @@ pub async fn list_streams(State(app): State<AppState>) -> Json<StreamList> {
 }
 
 #[utoipa::path(get, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     responses(
         (status = 200, description = "Options and statistics", body = StreamOut),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -327,7 +327,7 @@ pub async fn get_stream(
 }
 
 #[utoipa::path(delete, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -344,7 +344,7 @@ pub async fn delete_stream(
 }
 
 #[utoipa::path(post, path = "/v1/streams/{name}/observations", tag = "observations",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     request_body(content(
         (ObservationsBody = "application/json"),
         (String = "application/x-ndjson"),
@@ -435,6 +435,17 @@ fn bad_query(field: &str, detail: impl Into<String>) -> ApiError {
     }
 }
 
+/// The stream's name in a path, as the OpenAPI document declares it (the rule itself is
+/// `storage::is_valid_stream_name`, which the handlers apply).
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code, reason = "a schema only: handlers read the name from the path")]
+pub struct StreamPath {
+    /// Stream name: 1 to 64 of A-Z a-z 0-9 _ . -
+    #[param(pattern = r"^[A-Za-z0-9_.\-]{1,64}$")]
+    name: String,
+}
+
 /// The forecast's query parameters, parsed by hand (not by serde) so that every refusal names
 /// its parameter: an unknown one, one given twice, a value that is not a number.
 #[derive(Debug, utoipa::IntoParams)]
@@ -494,7 +505,7 @@ pub struct ForecastRequest {
 }
 
 #[utoipa::path(get, path = "/v1/streams/{name}/forecast", tag = "forecasts",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$"), ForecastQuery),
+    params(StreamPath, ForecastQuery),
     responses(
         (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
         (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
@@ -525,7 +536,7 @@ pub async fn get_forecast(
 }
 
 #[utoipa::path(post, path = "/v1/streams/{name}/forecast", tag = "forecasts",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     request_body(content((ForecastRequest = "application/json"))),
     responses(
         (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
@@ -625,7 +636,7 @@ async fn forecast(
 
 /// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.
 #[utoipa::path(get, path = "/v1/streams/{name}/events", tag = "observations",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     responses(
         (status = 200, description = "Server-Sent Events: one `observation` event per applied observation (data: seq, y, prediction, error)", body = String, content_type = "text/event-stream"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
