@@ -204,7 +204,7 @@ pub struct EvalArgs {
     /// Value column (default: the last numeric column).
     #[arg(long)]
     pub column: Option<String>,
-    /// Comma-separated methods: persistence, ogd, eki, eki-flow, eki-momentum, eki-spread,
+    /// Comma-separated methods: persistence, ar, ogd, eki, eki-flow, eki-momentum, eki-spread,
     /// eki-inflation (default: all).
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,

@@ -5,11 +5,12 @@
 //! - [`Ensemble`] / [`AnyEnsemble`]: the EKI ensemble of recurrent networks and its step
 //!   (`network` is one particle's forward, `prior` the initial draw, `update` the output-space
 //!   Kalman/flow algebra, `real` the storage precision);
-//! - [`OnlineModel`] and the [`Learner`]s (the ensemble, [`Ogd`], [`Persistence`]): the
+//! - [`OnlineModel`] and the [`Learner`]s (the ensemble, [`Ogd`], [`RlsAr`], [`Persistence`]): the
 //!   test-then-train loop with its lag buffer and [`Scaler`];
 //! - [`Stream`]: a stream's whole state (plan a batch, then apply it) and its statistics;
 //! - [`ForecastState`]: the immutable copy a forecast rolls out.
 
+mod ar;
 mod ensemble;
 mod forecast;
 mod model;
@@ -21,6 +22,7 @@ mod real;
 mod stream;
 mod update;
 
+pub use ar::RlsAr;
 pub use ensemble::{
     AnyEnsemble, Ensemble, EnsembleState, Footprint, ParticleBuf, StepReport, on_pool,
     parallel_min_work,

@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::engine::AnyEnsemble;
 use crate::engine::Ogd;
 use crate::engine::Prior;
-use crate::engine::{Learner, OnlineModel, Persistence, Scaler};
+use crate::engine::{Learner, OnlineModel, Persistence, RlsAr, Scaler};
 use crate::engine::{Method, Off, Options, Spread, SpreadOption};
 
 /// One row of the table.
@@ -51,6 +51,8 @@ pub struct EvalResult {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EvalMethod {
     Persistence,
+    /// The online autoregression on the same lags, fitted by recursive least squares.
+    Ar,
     Ogd,
     /// An EKI variant: its table name and its options.
     Eki(String, Options),
@@ -58,6 +60,7 @@ pub enum EvalMethod {
 
 pub const METHOD_NAMES: &[&str] = &[
     "persistence",
+    "ar",
     "ogd",
     "eki",
     "eki-flow",
@@ -72,6 +75,7 @@ impl EvalMethod {
         let mut o = base.clone();
         match name {
             "persistence" => return Some(EvalMethod::Persistence),
+            "ar" => return Some(EvalMethod::Ar),
             "ogd" => return Some(EvalMethod::Ogd),
             "eki" => {}
             "eki-flow" => o.method = Method::Flow,
@@ -287,6 +291,25 @@ pub fn run_method(
                 hidden: None,
                 first,
                 final_: first,
+                nmse_prequential: preq,
+                obs_per_sec: ops,
+                best_first: None,
+                best_final: None,
+                options: None,
+            }
+        }
+        EvalMethod::Ar => {
+            let ar = || OnlineModel::new(RlsAr::new(o.lags, 1), o.lags, 0, 1);
+            let mut m = ar();
+            let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
+            let (first, final_, ..) = passes(ar(), &split, p, |_, _| None, |_| {});
+            EvalResult {
+                method: "ar".into(),
+                passes: p,
+                ensemble: None,
+                hidden: None,
+                first,
+                final_,
                 nmse_prequential: preq,
                 obs_per_sec: ops,
                 best_first: None,

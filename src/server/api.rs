@@ -439,7 +439,10 @@ fn bad_query(field: &str, detail: impl Into<String>) -> ApiError {
 /// `storage::is_valid_stream_name`, which the handlers apply).
 #[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code, reason = "a schema only: handlers read the name from the path")]
+#[allow(
+    dead_code,
+    reason = "a schema only: handlers read the name from the path"
+)]
 pub struct StreamPath {
     /// Stream name: 1 to 64 of A-Z a-z 0-9 _ . -
     #[param(pattern = r"^[A-Za-z0-9_.\-]{1,64}$")]
