@@ -254,6 +254,36 @@ fn ogd_model(o: &Options, s: OgdSettings) -> OnlineModel<Ogd> {
     OnlineModel::new(Ogd::new(layout, prior.centre, s.lr, s.window), o.lags, 0, 1)
 }
 
+/// A baseline's row: the prequential pass of one model, then `passes` passes of a fresh one.
+fn baseline<L: Learner + Clone>(
+    method: &str,
+    passes_: usize,
+    hidden: Option<usize>,
+    split: &Split,
+    scaled: &[f64],
+    mut predictions: impl FnMut(usize, Option<f64>),
+    model: impl Fn() -> OnlineModel<L>,
+) -> EvalResult {
+    let mut online = model();
+    let t = Instant::now();
+    let preq = prequential(&mut online, scaled, &mut predictions);
+    let secs = t.elapsed().as_secs_f64();
+    let (first, final_, ..) = passes(model(), split, passes_, |_, _| None, |_| {});
+    EvalResult {
+        method: method.into(),
+        passes: passes_,
+        ensemble: None,
+        hidden,
+        first,
+        final_,
+        nmse_prequential: preq,
+        obs_per_sec: scaled.len() as f64 / secs.max(1e-12),
+        best_first: None,
+        best_final: None,
+        options: None,
+    }
+}
+
 /// Runs one method on a scaled series. `predictions` receives the prequential predictions.
 pub fn run_method(
     method: &EvalMethod,
@@ -276,66 +306,25 @@ pub fn run_method(
     };
     let mut predictions = predictions;
     match method {
+        // Persistence learns nothing: one pass, and `final` is `first`. One lag: it needs only
+        // y_{t-1}, and predicts from the second value on.
         EvalMethod::Persistence => {
-            // One lag: persistence needs only y_{t-1}, and predicts from the second value on.
-            let persistence_lags = 1;
-            let mut m = OnlineModel::new(Persistence, persistence_lags, 0, 1);
-            let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
-            let m = OnlineModel::new(Persistence, persistence_lags, 0, 1);
-            // Persistence learns nothing: one pass, and `final` is `first`.
-            let (first, ..) = passes(m, &split, 1, |_, _| None, |_| {});
-            EvalResult {
-                method: "persistence".into(),
-                passes: 1,
-                ensemble: None,
-                hidden: None,
-                first,
-                final_: first,
-                nmse_prequential: preq,
-                obs_per_sec: ops,
-                best_first: None,
-                best_final: None,
-                options: None,
-            }
+            baseline("persistence", 1, None, &split, scaled, predictions, || {
+                OnlineModel::new(Persistence, 1, 0, 1)
+            })
         }
-        EvalMethod::Ar => {
-            let ar = || OnlineModel::new(RlsAr::new(o.lags, 1), o.lags, 0, 1);
-            let mut m = ar();
-            let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
-            let (first, final_, ..) = passes(ar(), &split, p, |_, _| None, |_| {});
-            EvalResult {
-                method: "ar".into(),
-                passes: p,
-                ensemble: None,
-                hidden: None,
-                first,
-                final_,
-                nmse_prequential: preq,
-                obs_per_sec: ops,
-                best_first: None,
-                best_final: None,
-                options: None,
-            }
-        }
-        EvalMethod::Ogd => {
-            let mut m = ogd_model(o, config.ogd);
-            let (preq, ops) = timed(&mut || prequential(&mut m, scaled, &mut predictions));
-            let (first, final_, ..) =
-                passes(ogd_model(o, config.ogd), &split, p, |_, _| None, |_| {});
-            EvalResult {
-                method: "ogd".into(),
-                passes: p,
-                ensemble: None,
-                hidden: Some(o.hidden),
-                first,
-                final_,
-                nmse_prequential: preq,
-                obs_per_sec: ops,
-                best_first: None,
-                best_final: None,
-                options: None,
-            }
-        }
+        EvalMethod::Ar => baseline("ar", p, None, &split, scaled, predictions, || {
+            OnlineModel::new(RlsAr::new(o.lags, 1), o.lags, 0, 1)
+        }),
+        EvalMethod::Ogd => baseline(
+            "ogd",
+            p,
+            Some(o.hidden),
+            &split,
+            scaled,
+            predictions,
+            || ogd_model(o, config.ogd),
+        ),
         EvalMethod::Eki(name, eo) => {
             let mut m = eki_model(eo, config.step_threads);
             // Steps that split run their fork-joins from the step pool's workers.
