@@ -71,13 +71,32 @@ pub async fn limits(State(app): State<AppState>, req: Request, next: Next) -> Re
     }
 }
 
-/// Counts requests by route, method and status, and times them.
+/// The method as a metrics label: one of the standard methods, else `other`. Clients choose
+/// the method (any token is one), and every label value is a series kept for the daemon's life.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Counts requests by route, method and status, and times them. Every label comes from a
+/// closed set: the route is the matched template (never the path the client sent), or
+/// `unmatched`.
 pub async fn track(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let started = Instant::now();
     let res = next.run(req).await;
     let m = &app.inner.metrics;
