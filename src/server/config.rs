@@ -61,8 +61,13 @@ pub struct Limits {
     pub queue_depth: usize,
     /// Whole-request timeout, milliseconds (SSE streams excepted).
     pub request_timeout_ms: u64,
-    /// Time a client has to send its request head, milliseconds.
+    /// Time a client has to send a request head, milliseconds: its first from when the
+    /// connection is accepted (whatever it sends meanwhile), and on HTTP/1 each next one from
+    /// the end of the previous response.
     pub header_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed, milliseconds (HTTP/2,
+    /// and HTTP/1 keep-alive, which also closes at `header_timeout_ms` if that comes first).
+    pub idle_timeout_ms: u64,
     /// Requests in flight at once; more get 503 + Retry-After.
     pub concurrent_requests: usize,
     /// Open connections at once; more are closed on accept.
@@ -105,6 +110,7 @@ impl Default for Limits {
             queue_depth: 64,
             request_timeout_ms: 30_000,
             header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
             concurrent_requests: 1024,
             connections: 4096,
             forecast_work: 2_000_000_000,

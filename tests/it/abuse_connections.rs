@@ -86,6 +86,23 @@ fn read_until_closed(sock: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duratio
     }
 }
 
+/// `GET /healthz` on a fresh connection, retried until it is answered 200 or `limit` passes;
+/// returns how long it took to be served.
+fn served_within(d: &Daemon, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(mut s) = TcpStream::connect(addr(d)) {
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let (out, _, _) = read_until_closed(&mut s, Duration::from_secs(5));
+            if out.starts_with(b"HTTP/1.1 200") {
+                return Some(started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
 #[test]
 fn made_up_methods_and_paths_leave_the_metrics_bounded() {
     let (_tmp, d) = start("[storage]\nfsync = \"never\"\n");
@@ -149,6 +166,144 @@ fn made_up_methods_and_paths_leave_the_metrics_bounded() {
     let last = metrics(&c, &d);
     assert!(!last.contains("stream=\"gone\""), "{last}");
     assert!(last.contains("stream=\"kept\""), "{last}");
+}
+
+/// Opens `n` connections that each send `bytes` (maybe nothing) and then wait; a normal client
+/// must be served within a bounded time after the first-request deadline, and the waiting
+/// connections must be closed.
+fn waiting_connections_are_closed(bytes: &[u8]) {
+    let (_tmp, d) = start("[limits]\nconnections = 4\nheader_timeout_ms = 1000\n");
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr(&d)).expect("connect");
+            s.write_all(bytes).expect("write");
+            s
+        })
+        .collect();
+    // Let the daemon accept all four (they hold every connection slot).
+    std::thread::sleep(Duration::from_millis(300));
+    let waited = served_within(&d, Duration::from_secs(20));
+    assert!(
+        waited.is_some(),
+        "connections that sent {bytes:?} kept every slot for 20 s"
+    );
+    for s in &mut idle {
+        let (_, took, closed) = read_until_closed(s, Duration::from_secs(10));
+        assert!(closed, "a connection that sent {bytes:?} is still open");
+        assert!(took < Duration::from_secs(10));
+    }
+}
+
+#[test]
+fn connections_that_send_nothing_are_closed_after_the_header_deadline() {
+    waiting_connections_are_closed(b"");
+}
+
+#[test]
+fn connections_that_send_a_partial_http2_preface_are_closed_after_the_header_deadline() {
+    waiting_connections_are_closed(b"PRI * HTTP/2.0\r\n");
+}
+
+#[test]
+fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    // The head deadline is long: only the idle timeout can close it this soon.
+    let (_tmp, d) = start("[limits]\nheader_timeout_ms = 30000\nidle_timeout_ms = 1000\n");
+    let mut s = TcpStream::connect(addr(&d)).expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let (out, took, closed) = read_until_closed(&mut s, Duration::from_secs(15));
+    assert!(out.starts_with(b"HTTP/1.1 200"), "{out:?}");
+    assert!(
+        closed && took < Duration::from_secs(15),
+        "open after {took:?}"
+    );
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small frame");
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HTTP/2 frames read until the peer closes or `limit` passes: (type, flags, stream), and
+/// whether it closed.
+fn h2_frames_until_closed(sock: &mut TcpStream, limit: Duration) -> (Vec<(u8, u8, u32)>, bool) {
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    loop {
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if kind == 4 && flags & 1 == 0 {
+                // Acknowledge the server's settings, as a client must.
+                let _ = sock.write_all(&h2_frame(4, 1, 0, &[]));
+            }
+            frames.push((kind, flags, stream));
+            buf.drain(..9 + len);
+        }
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return (frames, false);
+        }
+        sock.set_read_timeout(Some(left)).expect("read timeout");
+        let mut chunk = [0u8; 4096];
+        match sock.read(&mut chunk) {
+            Ok(0) => return (frames, true),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return (frames, false);
+            }
+            Err(_) => return (frames, true),
+        }
+    }
+}
+
+#[test]
+fn http2_connections_are_closed_when_idle_before_and_after_a_request() {
+    let (_tmp, d) = start("[limits]\nheader_timeout_ms = 1000\nidle_timeout_ms = 1000\n");
+    // A whole preface and settings, then nothing: no first request within the deadline.
+    let mut s = TcpStream::connect(addr(&d)).expect("connect");
+    s.write_all(H2_PREFACE).expect("write");
+    s.write_all(&h2_frame(4, 0, 0, &[])).expect("write");
+    let (frames, closed) = h2_frames_until_closed(&mut s, Duration::from_secs(10));
+    assert!(
+        closed,
+        "an HTTP/2 connection without requests stayed open: {frames:?}"
+    );
+    // One request, answered, then idle.
+    let mut s = TcpStream::connect(addr(&d)).expect("connect");
+    s.write_all(H2_PREFACE).expect("write");
+    s.write_all(&h2_frame(4, 0, 0, &[])).expect("write");
+    // HPACK: :method GET, :scheme http, :path /healthz, :authority x.
+    let mut head = vec![0x82, 0x86, 0x44, 8];
+    head.extend_from_slice(b"/healthz");
+    head.extend_from_slice(&[0x41, 1, b'x']);
+    s.write_all(&h2_frame(1, 0x5, 1, &head)).expect("write");
+    let (frames, closed) = h2_frames_until_closed(&mut s, Duration::from_secs(10));
+    assert!(
+        frames
+            .iter()
+            .any(|&(kind, _, stream)| kind == 1 && stream == 1),
+        "the request was answered: {frames:?}"
+    );
+    assert!(closed, "an idle HTTP/2 connection stayed open: {frames:?}");
+    // Nothing was refused that should not be: a normal client is served.
+    assert!(served_within(&d, Duration::from_secs(5)).is_some());
 }
 
 /// Sends a request head and part of its body, and returns the status line the daemon answers
