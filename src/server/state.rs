@@ -56,8 +56,12 @@ pub struct Shared {
     /// Serialises creations and deletions (they do file IO between registry checks).
     lifecycle: tokio::sync::Mutex<()>,
     owners: Mutex<Vec<JoinHandle<()>>>,
-    /// One permit per core: a batch update holds as many as its steps use threads.
+    /// One permit per core: a batch update holds as many as its steps use threads, a forecast
+    /// roll-out one (handing it on between slices, see `api::roll_out`).
     cores: Arc<Semaphore>,
+    /// As many as `cores`: a forecast takes a turn here before it queues for a core, so at
+    /// most this many forecasts stand in the core queue ahead of an update.
+    forecast_turns: Arc<Semaphore>,
     /// Threads a stream's step may use (`engine.step_threads`, at most the cores).
     step_threads: usize,
     /// Requests in flight (`limits.concurrent_requests`).
@@ -112,6 +116,7 @@ impl AppState {
                 lifecycle: tokio::sync::Mutex::new(()),
                 owners: Mutex::new(Vec::new()),
                 cores: Arc::new(Semaphore::new(cores)),
+                forecast_turns: Arc::new(Semaphore::new(cores)),
                 step_threads: config.engine.step_threads.clamp(1, cores),
                 requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
                 failpoints: Failpoints::from_env(),
@@ -120,6 +125,12 @@ impl AppState {
                 config,
             }),
         })
+    }
+
+    /// The core permits (batch updates and forecast roll-outs hold one per thread they run),
+    /// and the forecasts' turns at them.
+    pub fn cores(&self) -> (Arc<Semaphore>, Arc<Semaphore>) {
+        (self.inner.cores.clone(), self.inner.forecast_turns.clone())
     }
 
     pub fn stream_count(&self) -> usize {

@@ -409,3 +409,146 @@ fn a_stream_named_events_or_forecast_gets_no_exemption() {
         .expect("post");
     assert_eq!(r.status(), 409);
 }
+
+/// A stream whose 10 000-step forecast takes seconds: (64 + 1) × 10 000 steps of 18 189
+/// parameters.
+const BIG: &str = r#"{"ensemble": 256, "hidden": 128, "lags": 12}"#;
+
+/// CPU seconds the daemon has used so far.
+fn cpu_seconds(d: &Daemon) -> f64 {
+    d.cpu_seconds()
+}
+
+/// Times one single-observation POST to `name`.
+fn timed_post(c: &Client, d: &Daemon, name: &str, seq: u64) -> Duration {
+    let started = Instant::now();
+    let r = c
+        .post(d.url(&format!("/v1/streams/{name}/observations")))
+        .header("content-type", "application/json")
+        .body(format!("{{\"seq\": {seq}, \"y\": {}}}", (seq as f64).sin()))
+        .send()
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    started.elapsed()
+}
+
+#[test]
+fn forecasts_share_the_cores_and_stop_when_their_request_ends() {
+    let (_tmp, d) = start(
+        "[limits]\nrequest_timeout_ms = 1500\nforecast_work = 20000000000\n[storage]\nfsync = \"never\"\n",
+    );
+    let c = client();
+    assert_eq!(put_stream(&c, &d, "big", BIG, None), 201);
+    assert_eq!(
+        post_ndjson(&c, &d, "big", (0..20).map(|i| (f64::from(i) * 0.3).sin())),
+        200
+    );
+    assert_eq!(
+        put_stream(
+            &c,
+            &d,
+            "small",
+            r#"{"ensemble": 8, "hidden": 2, "lags": 2}"#,
+            None
+        ),
+        201
+    );
+    // The reference: a one-observation POST on the idle daemon.
+    let mut seq = 0;
+    let reference = (0..5)
+        .map(|_| {
+            seq += 1;
+            timed_post(&c, &d, "small", seq)
+        })
+        .max()
+        .expect("five");
+    let forecast = |horizon: usize| {
+        let base = d.base.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let status = client()
+                .get(format!("{base}/v1/streams/big/forecast?horizon={horizon}"))
+                .send()
+                .expect("forecast")
+                .status()
+                .as_u16();
+            (status, started.elapsed())
+        })
+    };
+    // Many forecasts at the work limit, each longer than the request timeout.
+    let cpu_before = cpu_seconds(&d);
+    let running: Vec<_> = (0..24).map(|_| forecast(10_000)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during: Vec<Duration> = (0..3)
+        .map(|_| {
+            seq += 1;
+            timed_post(&c, &d, "small", seq)
+        })
+        .collect();
+    let during = during.into_iter().max().expect("three");
+    for r in running {
+        let (status, _) = r.join().expect("forecast thread");
+        assert_eq!(
+            status, 503,
+            "a forecast at the work limit finished within 1.5 s"
+        );
+    }
+    // Every forecast has answered 503: none may still be computing.
+    let answered = cpu_seconds(&d);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = cpu_seconds(&d) - answered;
+    assert!(
+        after < 0.5,
+        "the daemon used {after:.2} s of CPU in the 2 s after every forecast timed out (and {:.2} s while they ran)",
+        answered - cpu_before
+    );
+    assert!(
+        during < reference * 20 + Duration::from_millis(500),
+        "a one-observation POST took {during:?} beside the forecasts, {reference:?} alone"
+    );
+    // And the daemon is its quick self again.
+    let (status, took) = forecast(10).join().expect("forecast");
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_secs(1),
+        "a short forecast took {took:?}"
+    );
+    seq += 1;
+    let again = timed_post(&c, &d, "small", seq);
+    assert!(
+        again < reference * 20 + Duration::from_millis(500),
+        "{again:?} vs {reference:?}"
+    );
+}
+
+#[test]
+fn forecasts_stop_when_their_client_disconnects() {
+    let (_tmp, d) = start(
+        "[limits]\nrequest_timeout_ms = 60000\nforecast_work = 20000000000\n[storage]\nfsync = \"never\"\n",
+    );
+    let c = client();
+    assert_eq!(put_stream(&c, &d, "big", BIG, None), 201);
+    assert_eq!(
+        post_ndjson(&c, &d, "big", (0..20).map(|i| (f64::from(i) * 0.3).sin())),
+        200
+    );
+    let socks: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr(&d)).expect("connect");
+            s.write_all(b"GET /v1/streams/big/forecast?horizon=10000 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(socks);
+    // Give the daemon a moment to see the closes, then it must be idle.
+    std::thread::sleep(Duration::from_millis(500));
+    let closed = cpu_seconds(&d);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = cpu_seconds(&d) - closed;
+    assert!(
+        after < 0.5,
+        "the daemon used {after:.2} s of CPU in the 2 s after the forecasts' clients left"
+    );
+}
