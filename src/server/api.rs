@@ -698,17 +698,44 @@ async fn roll_out(
         (status = 200, description = "Server-Sent Events: one `observation` event per applied observation (data: seq, y, prediction, error)", body = String, content_type = "text/event-stream"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "As many event subscribers as the limit (of the stream, or in all); retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn events(
     State(app): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Sse<impl FuturesStream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     check_name(&name)?;
-    let rx = app.handle(&name)?.events.subscribe();
+    let handle = app.handle(&name)?;
+    let limits = &app.inner.config.limits;
+    // Held by the event stream: a subscriber that leaves gives its slots back.
+    let slots = (
+        handle
+            .events
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Busy(format!(
+                    "stream `{name}` has {} event subscribers, its limit",
+                    limits.subscribers_per_stream
+                ))
+            })?,
+        app.inner
+            .subscribers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Busy(format!(
+                    "{} event subscribers are connected, the limit",
+                    limits.subscribers
+                ))
+            })?,
+    );
+    let rx = handle.events.subscribe();
     let shutdown = app.inner.shutdown.clone();
     let stream = futures_util::stream::unfold(
-        (rx, shutdown),
-        |(mut rx, mut shutdown)| async move {
+        (rx, shutdown, slots),
+        |(mut rx, mut shutdown, slots)| async move {
             if *shutdown.borrow() {
                 return None;
             }
@@ -718,11 +745,11 @@ pub async fn events(
                     Ok(a) => {
                         let data = serde_json::to_string(&a).unwrap_or_default();
                         let ev = SseEvent::default().event("observation").id(a.seq.to_string()).data(data);
-                        Some((Ok(ev), (rx, shutdown)))
+                        Some((Ok(ev), (rx, shutdown, slots)))
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let ev = SseEvent::default().event("lagged").data(format!("{{\"skipped\":{n}}}"));
-                        Some((Ok(ev), (rx, shutdown)))
+                        Some((Ok(ev), (rx, shutdown, slots)))
                     }
                     // The stream was deleted.
                     Err(broadcast::error::RecvError::Closed) => None,

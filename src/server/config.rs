@@ -72,6 +72,11 @@ pub struct Limits {
     pub concurrent_requests: usize,
     /// Open connections at once; more are closed on accept.
     pub connections: usize,
+    /// Event (SSE) subscribers connected at once, all streams together; more get 503 +
+    /// Retry-After.
+    pub subscribers: usize,
+    /// Event subscribers of one stream at once; more get 503 + Retry-After.
+    pub subscribers_per_stream: usize,
     /// Most work one forecast may take: horizon × (interval particles + 1) × d.
     pub forecast_work: u64,
 }
@@ -113,6 +118,8 @@ impl Default for Limits {
             idle_timeout_ms: 60_000,
             concurrent_requests: 1024,
             connections: 4096,
+            subscribers: 1024,
+            subscribers_per_stream: 128,
             forecast_work: 2_000_000_000,
         }
     }

@@ -66,6 +66,8 @@ pub struct Shared {
     step_threads: usize,
     /// Requests in flight (`limits.concurrent_requests`).
     pub requests: Arc<Semaphore>,
+    /// Event subscribers connected, all streams together (`limits.subscribers`).
+    pub subscribers: Arc<Semaphore>,
     /// Fault injection for tests (`EKID_FAILPOINTS`), read once at start.
     pub failpoints: Failpoints,
     /// Flips to true when shutdown starts (ends SSE streams).
@@ -119,6 +121,7 @@ impl AppState {
                 forecast_turns: Arc::new(Semaphore::new(cores)),
                 step_threads: config.engine.step_threads.clamp(1, cores),
                 requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
+                subscribers: Arc::new(Semaphore::new(config.limits.subscribers)),
                 failpoints: Failpoints::from_env(),
                 shutdown,
                 openapi: openapi::document(&config),
@@ -224,6 +227,7 @@ impl AppState {
             name.to_owned(),
             start,
             self.inner.config.limits.queue_depth,
+            self.inner.config.limits.subscribers_per_stream,
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
             self.inner.failpoints.panic_in_update.as_deref() == Some(name),

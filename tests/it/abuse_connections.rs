@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use reqwest::blocking::Client;
+use serde_json::Value;
 
 use crate::util::{Daemon, client};
 
@@ -551,4 +552,54 @@ fn forecasts_stop_when_their_client_disconnects() {
         after < 0.5,
         "the daemon used {after:.2} s of CPU in the 2 s after the forecasts' clients left"
     );
+}
+
+#[test]
+fn event_subscribers_are_bounded_per_stream_and_in_total() {
+    let (_tmp, d) = start("[limits]\nsubscribers = 4\nsubscribers_per_stream = 2\n");
+    let c = client();
+    let s = r#"{"ensemble": 8, "hidden": 2, "lags": 2}"#;
+    for name in ["a", "b", "c"] {
+        assert_eq!(put_stream(&c, &d, name, s, None), 201);
+    }
+    let subscribe = |name: &str| {
+        client()
+            .get(d.url(&format!("/v1/streams/{name}/events")))
+            .send()
+            .expect("subscribe")
+    };
+    let refused = |r: reqwest::blocking::Response, what: &str| {
+        assert_eq!(r.status(), 503, "{what}");
+        assert!(r.headers().get("retry-after").is_some(), "{what}");
+        let p: Value = r.json().expect("problem");
+        assert_eq!(p["type"], "/problems/busy", "{what}: {p}");
+        assert!(
+            p["detail"]
+                .as_str()
+                .is_some_and(|t| t.contains("subscribers")),
+            "{p}"
+        );
+    };
+    let mut held = vec![subscribe("a"), subscribe("a")];
+    assert!(held.iter().all(|r| r.status() == 200));
+    refused(subscribe("a"), "a third subscriber of one stream");
+    held.push(subscribe("b"));
+    held.push(subscribe("b"));
+    assert!(held.iter().all(|r| r.status() == 200));
+    refused(subscribe("c"), "a fifth subscriber in all");
+    // A subscriber that leaves gives its slot back.
+    drop(held.remove(0));
+    let started = Instant::now();
+    loop {
+        let r = subscribe("c");
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the slot did not come back"
+        );
+        drop(r);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
