@@ -81,6 +81,77 @@ pub struct Limits {
     pub forecast_work: u64,
 }
 
+/// The longest timeout a setting may give: a day. Deadlines are instants, and an instant that far
+/// out does not overflow.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+impl Limits {
+    /// Refuses settings that would disable the daemon or part of it: a zero limit lets nothing
+    /// through (a zero timeout times everything out), and a count a semaphore cannot hold or a
+    /// timeout past [`MAX_TIMEOUT_MS`] cannot be set up.
+    fn check(&self) -> anyhow::Result<()> {
+        let max_permits = tokio::sync::Semaphore::MAX_PERMITS as u64;
+        let counts = [
+            ("body_bytes", self.body_bytes as u64, u64::MAX),
+            (
+                "batch_observations",
+                self.batch_observations as u64,
+                u64::MAX,
+            ),
+            ("streams", self.streams as u64, u64::MAX),
+            ("memory_bytes", self.memory_bytes, u64::MAX),
+            ("horizon", self.horizon as u64, u64::MAX),
+            ("forecast_work", self.forecast_work, u64::MAX),
+            ("queue_depth", self.queue_depth as u64, max_permits),
+            (
+                "concurrent_requests",
+                self.concurrent_requests as u64,
+                max_permits,
+            ),
+            ("connections", self.connections as u64, max_permits),
+            ("subscribers", self.subscribers as u64, max_permits),
+            (
+                "subscribers_per_stream",
+                self.subscribers_per_stream as u64,
+                max_permits,
+            ),
+            (
+                "request_timeout_ms",
+                self.request_timeout_ms,
+                MAX_TIMEOUT_MS,
+            ),
+            ("header_timeout_ms", self.header_timeout_ms, MAX_TIMEOUT_MS),
+            ("idle_timeout_ms", self.idle_timeout_ms, MAX_TIMEOUT_MS),
+        ];
+        for (key, value, max) in counts {
+            if value == 0 {
+                anyhow::bail!("[limits] {key} must be at least 1, got 0");
+            }
+            if value > max {
+                anyhow::bail!("[limits] {key} must be at most {max}, got {value}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Auth {
+    /// Refuses tokens no client could send as given: empty ones, and ones with spaces (the
+    /// header's value is trimmed), control or non-ASCII characters. The token itself is not
+    /// repeated in the message.
+    fn check(&self) -> anyhow::Result<()> {
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                anyhow::bail!(
+                    "[auth] tokens[{i}] must be one or more visible ASCII characters, without spaces (it has {} characters)",
+                    t.chars().count()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
@@ -139,6 +210,8 @@ impl Config {
         if c.engine.step_threads == 0 {
             anyhow::bail!("[engine] step_threads must be at least 1");
         }
+        c.limits.check()?;
+        c.auth.check()?;
         Ok(c)
     }
 

@@ -5,13 +5,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use reqwest::blocking::Client;
 use serde_json::Value;
 
-use crate::util::{Daemon, client};
+use crate::util::{Daemon, client, ekid};
 
 /// A daemon with `config` as its TOML file; the directory holds both and must outlive it.
 fn start(config: &str) -> (tempfile::TempDir, Daemon) {
@@ -601,5 +602,85 @@ fn event_subscribers_are_bounded_per_stream_and_in_total() {
         );
         drop(r);
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `ekid serve` with `config`; it must exit non-zero within 10 s naming `key`.
+fn refused_at_start(dir: &Path, config: &str, key: &str) {
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, config).expect("config");
+    let mut child = ekid()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`{config}` was accepted: the daemon is serving");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert!(!status.success(), "{config}");
+    assert!(err.contains(key), "`{config}`: {err}");
+}
+
+#[test]
+fn settings_that_would_disable_the_daemon_are_refused_at_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for key in [
+        "concurrent_requests",
+        "connections",
+        "request_timeout_ms",
+        "header_timeout_ms",
+        "idle_timeout_ms",
+        "subscribers",
+        "subscribers_per_stream",
+        "body_bytes",
+        "batch_observations",
+        "streams",
+        "memory_bytes",
+        "horizon",
+        "queue_depth",
+        "forecast_work",
+    ] {
+        refused_at_start(tmp.path(), &format!("[limits]\n{key} = 0\n"), key);
+    }
+    // Beyond what a semaphore or a deadline can hold.
+    for (key, value) in [
+        ("connections", i64::MAX),
+        ("subscribers", i64::MAX),
+        ("header_timeout_ms", i64::MAX),
+        ("idle_timeout_ms", i64::MAX),
+        ("request_timeout_ms", i64::MAX),
+    ] {
+        refused_at_start(tmp.path(), &format!("[limits]\n{key} = {value}\n"), key);
+    }
+    for tokens in [
+        r#"[""]"#,
+        r#"[" padded"]"#,
+        r#"["padded "]"#,
+        r#"["ok", "in side"]"#,
+    ] {
+        refused_at_start(
+            tmp.path(),
+            &format!("[auth]\ntokens = {tokens}\n"),
+            "tokens",
+        );
     }
 }
