@@ -1,4 +1,4 @@
-//! HTTP path benchmark (issues 3 and 4): the real `ekid serve` on loopback driven by blocking
+//! HTTP path benchmark: the real `ekid serve` on loopback driven by blocking
 //! reqwest clients in threads (this file is the load generator). For each fsync policy and
 //! setting it measures
 //! 1. ingest of NDJSON batches of 1000 from one client, with forecast (horizon 14) latency

@@ -1,6 +1,6 @@
-//! The engine against the machine's memory floor, in one run (issue 6).
+//! The engine against the machine's memory floor, in one run.
 //!
-//! `cargo bench --bench roofline` prints three tables:
+//! `cargo bench --bench roofline` prints four tables (or those named as arguments):
 //!
 //! 1. `ratio`: the time of one observation (mean-particle predict + update of J particles) next
 //!    to the floor, the least memory traffic that work needs: a pass that reads a buffer of J·d

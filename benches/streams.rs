@@ -1,4 +1,4 @@
-//! Many streams (issue 6): 1,000 streams (J=32, hidden 8) created in one daemon and fed
+//! Many streams: 1,000 streams (J=32, hidden 8) created in one daemon and fed
 //! concurrently over HTTP by 8 client threads, with forecasts (horizon 14) sampled on random
 //! streams meanwhile. Reports aggregate observations/s, p50/p99 forecast latency, and the
 //! daemon's resident memory per stream (RSS after ingest minus RSS before the streams existed,

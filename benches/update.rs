@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench update`; BENCHMARKS.md turns the times into observations/s and
 //! nanoseconds per particle-parameter. `cargo bench --bench roofline` measures the same two
-//! things interleaved in one run and prints the ratio (issue 6).
+//! things interleaved in one run and prints the ratio.
 
 use std::hint::black_box;
 

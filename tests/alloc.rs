@@ -1,4 +1,4 @@
-//! `Ensemble::step` allocates nothing once warm, on one thread and on two (issue 6; the
+//! `Ensemble::step` allocates nothing once warm, on one thread and on two (the
 //! ensemble code is allocation-free in the hot path). dhat's allocator sees every allocation
 //! of this test binary, the step pool's workers included; this file holds one test so that
 //! nothing else runs while it counts.

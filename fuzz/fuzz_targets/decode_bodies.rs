@@ -1,13 +1,15 @@
 //! Fuzzes the observation body decoders (JSON, NDJSON, CSV) and, for whatever decodes, the
 //! batch validation of a stream: nothing may panic, and a decoded batch either plans or is
-//! refused with a named field.
+//! refused with a named field. The checked decoders (the stream's shape, a batch limit) must
+//! only pass batches the stream's own validation takes, and the forecast decoder must not panic.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use ekid::engine::Options;
-use ekid::server::body::{decode_csv, decode_json, decode_ndjson};
-use ekid::engine::Stream;
+use ekid::engine::{BatchError, Options, Stream};
+use ekid::server::body::{
+    Expect, Format, decode, decode_csv, decode_forecast, decode_json, decode_ndjson,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn stream() -> &'static Stream {
@@ -26,5 +28,18 @@ fuzz_target!(|data: &[u8]| {
                 Err(e) => assert!(!e.field().is_empty()),
             }
         }
+    }
+    let o = stream().options();
+    let expect = Expect { shape: Some((o.inputs, o.outputs)), max_observations: 16 };
+    for format in [Format::Json, Format::Ndjson, Format::Csv] {
+        if let Ok(batch) = decode(format, data, &expect) {
+            assert!(batch.len() <= 16);
+            if let Err(e) = stream().plan(&batch) {
+                assert!(matches!(e, BatchError::SeqGap { .. }), "{e}");
+            }
+        }
+    }
+    if let Ok(f) = decode_forecast(data, o.inputs, 16) {
+        assert_eq!(f.x.len(), f.horizon * o.inputs);
     }
 });

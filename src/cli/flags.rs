@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::{
-    Loss, Method, Off, Options, Precision, Range, RawOptions, ScaleOption, Spread, SpreadOption,
-    Step,
+    Cell, Loss, Method, Off, Options, Precision, Range, RawOptions, ScaleOption, Spread,
+    SpreadOption, Step,
 };
 use crate::eval::OgdSettings;
 
@@ -28,7 +28,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (HTTP API on --listen, state under --data-dir).
     Serve(ServeArgs),
-    /// Offline evaluation (SPEC §6) of EKI variants and baselines on a CSV series.
+    /// Offline evaluation (the protocol of docs/EVALUATION.md) of EKI variants and baselines on a CSV series.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Stream a CSV series into a running daemon over HTTP (resumes where the stream stands).
@@ -78,9 +78,12 @@ pub struct OptionFlags {
     /// Ensemble size J.
     #[arg(long)]
     pub ensemble: Option<usize>,
+    /// Recurrent cell.
+    #[arg(long)]
+    pub cell: Option<Cell>,
     /// Update form.
-    #[arg(long, value_parser = ["kalman", "flow"])]
-    pub method: Option<String>,
+    #[arg(long)]
+    pub method: Option<Method>,
     /// Observation noise Γ = noise·I, scaled units.
     #[arg(long)]
     pub noise: Option<f64>,
@@ -91,8 +94,8 @@ pub struct OptionFlags {
     #[arg(long)]
     pub step_eps: Option<f64>,
     /// Loss Ψ of the flow form.
-    #[arg(long, value_parser = ["squared", "absolute", "huber"])]
-    pub loss: Option<String>,
+    #[arg(long)]
+    pub loss: Option<Loss>,
     /// Huber threshold (scaled units).
     #[arg(long)]
     pub huber_delta: Option<f64>,
@@ -120,7 +123,7 @@ pub struct OptionFlags {
     /// Seed of the prior draws.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// What the ensemble stores and computes in: `f64` or `f32`.
+    /// What the ensemble stores and computes in.
     #[arg(long)]
     pub precision: Option<Precision>,
     /// `auto` or `MIN:MAX`.
@@ -130,17 +133,6 @@ pub struct OptionFlags {
 
 impl OptionFlags {
     pub fn to_raw(&self, defaults: &Options) -> anyhow::Result<RawOptions> {
-        let method = match self.method.as_deref() {
-            None => None,
-            Some("flow") => Some(Method::Flow),
-            Some(_) => Some(Method::Kalman),
-        };
-        let loss = match self.loss.as_deref() {
-            None => None,
-            Some("absolute") => Some(Loss::Absolute),
-            Some("huber") => Some(Loss::Huber),
-            Some(_) => Some(Loss::Squared),
-        };
         let step = match (self.step_h, self.step_eps) {
             (None, None) => None,
             (h, eps) => Some(Step {
@@ -180,16 +172,16 @@ impl OptionFlags {
             }
         };
         Ok(RawOptions {
-            cell: None,
+            cell: self.cell,
             hidden: self.hidden,
             lags: self.lags,
             inputs: self.inputs,
             outputs: self.outputs,
             ensemble: self.ensemble,
-            method,
+            method: self.method,
             noise: self.noise,
             step,
-            loss,
+            loss: self.loss,
             huber_delta: self.huber_delta,
             momentum: self.momentum,
             momentum_restart: self.momentum_restart,

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -132,39 +133,15 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     let series = eval::read_series(&args.file, args.column.as_deref())
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let names: Vec<String> = match &args.methods {
-        Some(m) => m.clone(),
-        None => eval::METHOD_NAMES.iter().map(|s| s.to_string()).collect(),
-    };
-    let mut methods = Vec::new();
-    for n in &names {
-        let m = EvalMethod::parse(n.trim(), &options).with_context(|| {
-            format!(
-                "unknown method `{n}`; known: {}",
-                eval::METHOD_NAMES.join(", ")
-            )
-        })?;
-        methods.push(m);
-    }
-    let config = EvalConfig {
-        options: options.clone(),
-        passes: args.passes,
-        methods,
-        ogd: OgdSettings {
-            lr: args.ogd_lr,
-            window: args.ogd_window,
-        },
-        train_fraction: 0.8,
-        step_threads: args.step_threads.max(1),
-    };
-    let scaler = match options.scale {
+    let config = eval_config(&args, options)?;
+    let scaler = match config.options.scale {
         ScaleOption::Fixed(r) => Scaler::new(r.min, r.max),
         ScaleOption::Auto(_) => Scaler::fit(&series.values),
     };
     let scaled: Vec<f64> = series.values.iter().map(|&v| scaler.to_model(v)).collect();
 
     // The EKI run whose predictions are written: `eki` if chosen, else the first EKI method.
-    let write_index = config
+    let written = config
         .methods
         .iter()
         .position(|m| matches!(m, EvalMethod::Eki(n, _) if n == "eki"))
@@ -174,42 +151,37 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
                 .iter()
                 .position(|m| matches!(m, EvalMethod::Eki(..)))
         });
+    let keep = (args.predictions.is_some() || args.plot.is_some())
+        .then_some(written)
+        .flatten();
     let mut results = Vec::new();
     let mut preds: Vec<Option<f64>> = Vec::new();
     for (i, m) in config.methods.iter().enumerate() {
-        let keep = (args.predictions.is_some() || args.plot.is_some()) && Some(i) == write_index;
         let r = eval::run_method(m, &config, &scaled, |_, p| {
-            if keep {
+            if keep == Some(i) {
                 preds.push(p);
             }
         });
         results.push(r);
     }
+    let user: Vec<Option<f64>> = preds.iter().map(|p| p.map(|p| scaler.to_user(p))).collect();
     if let Some(path) = &args.predictions {
-        if write_index.is_none() {
+        if written.is_none() {
             bail!("--predictions needs an EKI method in --methods");
         }
-        let mut w =
-            csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
-        w.write_record(["seq", "y", "prediction"])?;
-        for (i, (&y, p)) in series.values.iter().zip(&preds).enumerate() {
-            let p = p.map_or(String::new(), |p| scaler.to_user(p).to_string());
-            w.write_record([(i + 1).to_string(), y.to_string(), p])?;
-        }
-        w.flush()?;
+        write_predictions(path, &series.values, &user)?;
     }
+    let train = ((series.values.len() as f64) * config.train_fraction).round() as usize;
     if let Some(path) = &args.plot {
-        if write_index.is_none() {
+        if written.is_none() {
             bail!("--plot needs an EKI method in --methods");
         }
-        let user: Vec<Option<f64>> = preds.iter().map(|p| p.map(|p| scaler.to_user(p))).collect();
-        let split = ((series.values.len() as f64) * config.train_fraction).round() as usize;
         let title = format!(
             "{} `{}`: one-step prequential predictions",
             args.file.display(),
             series.column
         );
-        crate::eval::write_svg(path, &title, &series.values, &user, split)?;
+        eval::write_svg(path, &title, &series.values, &user, train)?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -217,7 +189,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             "dataset": args.file.display().to_string(),
             "column": series.column,
             "n": series.values.len(),
-            "train": ((series.values.len() as f64) * config.train_fraction).round() as usize,
+            "train": train,
             "scale": {"min": scaler.min, "max": scaler.max},
             "results": results,
         });
@@ -225,17 +197,60 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     } else {
         writeln!(
             out,
-            "{} `{}`: {} values, train {} / test {}, {} passes, {}; nMSE on the [0,1] scale",
+            "{} `{}`: {} values, train {train} / test {}, {} passes, {}; nMSE on the [0,1] scale",
             args.file.display(),
             series.column,
             series.values.len(),
-            ((series.values.len() as f64) * config.train_fraction).round(),
-            series.values.len()
-                - ((series.values.len() as f64) * config.train_fraction).round() as usize,
+            series.values.len() - train,
             config.passes,
             config.options.precision.name()
         )?;
         write!(out, "{}", eval::table(&results))?;
     }
+    Ok(())
+}
+
+/// The methods `--methods` names (all by default) resolved against the stream options, and the
+/// protocol's settings.
+fn eval_config(args: &EvalArgs, options: Options) -> anyhow::Result<EvalConfig> {
+    let names: Vec<String> = match &args.methods {
+        Some(m) => m.clone(),
+        None => eval::METHOD_NAMES.iter().map(|s| s.to_string()).collect(),
+    };
+    let methods = names
+        .iter()
+        .map(|n| {
+            EvalMethod::parse(n.trim(), &options).with_context(|| {
+                format!(
+                    "unknown method `{n}`; known: {}",
+                    eval::METHOD_NAMES.join(", ")
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(EvalConfig {
+        options,
+        passes: args.passes,
+        methods,
+        ogd: OgdSettings {
+            lr: args.ogd_lr,
+            window: args.ogd_window,
+        },
+        train_fraction: 0.8,
+        step_threads: args.step_threads.max(1),
+    })
+}
+
+/// `seq,y,prediction` for every row (seq is the 1-based row; no prediction while the lag
+/// buffer fills), predictions in the series' units.
+fn write_predictions(path: &Path, values: &[f64], user: &[Option<f64>]) -> anyhow::Result<()> {
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
+    w.write_record(["seq", "y", "prediction"])?;
+    for (i, (&y, p)) in values.iter().zip(user).enumerate() {
+        let p = p.map_or(String::new(), |p| p.to_string());
+        w.write_record([(i + 1).to_string(), y.to_string(), p])?;
+    }
+    w.flush()?;
     Ok(())
 }

@@ -51,54 +51,19 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     let series = eval::read_series(&args.file, args.column.as_deref())
         .with_context(|| format!("reading {}", args.file.display()))?;
+    let values = &series.values;
     let token = args
         .token
         .clone()
         .or_else(|| std::env::var("EKID_TOKEN").ok())
         .filter(|t| !t.is_empty());
-    let progress = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(
-            Some(series.values.len() as u64),
-            ProgressDrawTarget::stderr(),
-        );
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} eta {eta} {msg}")
-                .context("progress bar template")?
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(name.clone());
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let progress = progress_bar(&name, values.len())?;
     // Cleared on every way out, so an error is not printed after a half-drawn bar.
     let _clear = ClearOnDrop(progress.clone());
     let api = Api::new(&args.server, &name, token, progress)?;
 
-    // Find or create the stream.
-    let info = match api.get_stream()? {
-        Some(info) => {
-            let step_flags = (
-                args.options.step_h.is_some(),
-                args.options.step_eps.is_some(),
-            );
-            check_existing(&name, &info, &flags, step_flags)?;
-            info
-        }
-        None => {
-            let mut raw = flags.clone();
-            if raw.scale.is_none() {
-                // The range of the whole file, as `ekid eval` scales it.
-                let s = Scaler::fit(&series.values);
-                raw.scale = Some(ScaleOption::Fixed(Range {
-                    min: s.min,
-                    max: s.max,
-                }));
-            }
-            api.put_stream(&raw)?
-        }
-    };
-    let n = series.values.len() as u64;
+    let info = find_or_create(&api, &name, &args, &flags, values)?;
+    let n = values.len() as u64;
     let start_seq = info.stats.last_seq;
     if start_seq > n {
         bail!(
@@ -106,17 +71,10 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
             args.file.display()
         );
     }
-
     let mut out = match &args.predictions {
-        Some(path) => {
-            let mut w = csv::Writer::from_path(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            w.write_record(["seq", "y", "prediction"])?;
-            Some((w, path))
-        }
+        Some(path) => Some(PredictionsFile::create(path)?),
         None => None,
     };
-
     let batch = match args.rate {
         // One batch holds at most about a second of data.
         Some(r) => args.batch.min((r.floor() as usize).max(1)),
@@ -124,54 +82,22 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     };
     api.progress.set_position(start_seq);
     let started = Instant::now();
-    let (mut accepted, mut duplicates, mut lost, mut sent) = (0u64, 0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let mut next = start_seq; // 0-based index of the next row = the last applied seq
     let mut gaps = 0;
     while next < n {
         if let Some(r) = args.rate {
-            let due = started + Duration::from_secs_f64(sent as f64 / r);
+            let due = started + Duration::from_secs_f64(tally.sent as f64 / r);
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
         }
-        let lo = next as usize;
-        let hi = (lo + batch).min(series.values.len());
-        let mut body = String::with_capacity((hi - lo) * 32);
-        for (i, y) in series.values[lo..hi].iter().enumerate() {
-            let line = serde_json::json!({"seq": lo + i + 1, "y": y});
-            body.push_str(&line.to_string());
-            body.push('\n');
-        }
-        match api.post(body)? {
+        let (lo, hi) = (next as usize, (next as usize + batch).min(values.len()));
+        match api.post(ndjson_rows(values, lo, hi))? {
             Posted::Applied(reply) => {
                 gaps = 0;
-                accepted += reply.accepted;
-                duplicates += reply.duplicates;
-                sent += (hi - lo) as u64;
-                let mut preds = reply.predictions.into_iter().peekable();
-                for row in lo..hi {
-                    let seq = row as u64 + 1;
-                    while preds.peek().is_some_and(|p| p.seq < seq) {
-                        preds.next();
-                    }
-                    let Some(p) = preds.next_if(|p| p.seq == seq) else {
-                        // Applied by an earlier attempt whose reply was lost.
-                        lost += 1;
-                        continue;
-                    };
-                    if let Some((w, _)) = &mut out {
-                        let cell = match p.prediction {
-                            None => String::new(),
-                            Some(v) => prediction_value(&v, seq)?.to_string(),
-                        };
-                        w.write_record([seq.to_string(), series.values[row].to_string(), cell])?;
-                    }
-                }
-                if let Some((w, path)) = &mut out {
-                    w.flush()
-                        .with_context(|| format!("writing {}", path.display()))?;
-                }
+                tally.record(reply, values, lo, hi, out.as_mut())?;
                 next = hi as u64;
             }
             Posted::Gap(detail) => {
@@ -190,7 +116,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
                 if gaps > MAX_GAPS {
                     bail!("giving up after {MAX_GAPS} sequence gaps in a row: {detail}");
                 }
-                lost += now.min(n) - next;
+                tally.lost += now.min(n) - next;
                 next = now;
             }
         }
@@ -198,32 +124,176 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     api.progress.finish_and_clear();
-
     let stats = api
         .get_stream()
         .context("reading the final statistics")?
         .with_context(|| format!("stream `{name}` disappeared at the end of the replay"))?
         .stats;
-    let per_s = if elapsed > 0.0 {
-        accepted as f64 / elapsed
-    } else {
-        0.0
-    };
-    let mse = stats.mse.map_or("n/a".to_owned(), |m| format!("{m:.3}"));
-    let scaled = stats
-        .mse_scaled
-        .map_or("n/a".to_owned(), |m| format!("{m:.1e}"));
-    eprintln!(
-        "replayed {accepted} observations into `{name}` ({duplicates} duplicates) in {elapsed:.2} s, \
-         {per_s:.0} obs/s; prequential mse {mse} (scaled {scaled})"
-    );
-    if lost > 0 && out.is_some() {
-        eprintln!(
-            "note: {lost} rows were applied without their prediction reaching this run \
-             (another writer, or a retried batch); they are missing from the predictions file"
-        );
-    }
+    tally.report(&name, elapsed, &stats, out.is_some());
     Ok(())
+}
+
+/// A bar on a terminal, nothing elsewhere.
+fn progress_bar(name: &str, rows: usize) -> anyhow::Result<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return Ok(ProgressBar::hidden());
+    }
+    let bar = ProgressBar::with_draw_target(Some(rows as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} eta {eta} {msg}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(name.to_owned());
+    Ok(bar)
+}
+
+/// The stream as the daemon has it, checked against the flags; or created from them, its scale
+/// the range of the whole file (as `ekid eval` scales it) unless `--scale` says otherwise.
+fn find_or_create(
+    api: &Api,
+    name: &str,
+    args: &ReplayArgs,
+    flags: &RawOptions,
+    values: &[f64],
+) -> anyhow::Result<StreamInfo> {
+    if let Some(info) = api.get_stream()? {
+        let step_flags = (
+            args.options.step_h.is_some(),
+            args.options.step_eps.is_some(),
+        );
+        check_existing(name, &info, flags, step_flags)?;
+        return Ok(info);
+    }
+    let mut raw = flags.clone();
+    if raw.scale.is_none() {
+        let s = Scaler::fit(values);
+        raw.scale = Some(ScaleOption::Fixed(Range {
+            min: s.min,
+            max: s.max,
+        }));
+    }
+    api.put_stream(&raw)
+}
+
+/// Rows `lo..hi` as NDJSON, each with its 1-based row as `seq`.
+fn ndjson_rows(values: &[f64], lo: usize, hi: usize) -> String {
+    let mut body = String::with_capacity((hi - lo) * 32);
+    for (i, y) in values[lo..hi].iter().enumerate() {
+        let line = serde_json::json!({"seq": lo + i + 1, "y": y});
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    body
+}
+
+/// `--predictions`: `seq,y,prediction`, flushed after every batch.
+struct PredictionsFile {
+    writer: csv::Writer<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl PredictionsFile {
+    fn create(path: &Path) -> anyhow::Result<Self> {
+        let mut writer =
+            csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
+        writer.write_record(["seq", "y", "prediction"])?;
+        Ok(PredictionsFile {
+            writer,
+            path: path.to_owned(),
+        })
+    }
+
+    fn write(&mut self, seq: u64, y: f64, prediction: Option<f64>) -> anyhow::Result<()> {
+        let cell = prediction.map_or(String::new(), |p| p.to_string());
+        self.writer
+            .write_record([seq.to_string(), y.to_string(), cell])?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.writer
+            .flush()
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// What this run has sent and what the daemon made of it.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: u64,
+    duplicates: u64,
+    /// Rows applied without their prediction reaching this run (another writer, or a retried
+    /// batch whose first reply was lost).
+    lost: u64,
+    sent: u64,
+}
+
+impl Tally {
+    /// Counts an applied batch of rows `lo..hi` and writes each row's prediction.
+    fn record(
+        &mut self,
+        reply: ObserveReply,
+        values: &[f64],
+        lo: usize,
+        hi: usize,
+        mut out: Option<&mut PredictionsFile>,
+    ) -> anyhow::Result<()> {
+        self.accepted += reply.accepted;
+        self.duplicates += reply.duplicates;
+        self.sent += (hi - lo) as u64;
+        let mut preds = reply.predictions.into_iter().peekable();
+        for row in lo..hi {
+            let seq = row as u64 + 1;
+            while preds.peek().is_some_and(|p| p.seq < seq) {
+                preds.next();
+            }
+            let Some(p) = preds.next_if(|p| p.seq == seq) else {
+                // Applied by an earlier attempt whose reply was lost.
+                self.lost += 1;
+                continue;
+            };
+            if let Some(w) = out.as_deref_mut() {
+                let prediction = match p.prediction {
+                    None => None,
+                    Some(v) => Some(prediction_value(&v, seq)?),
+                };
+                w.write(seq, values[row], prediction)?;
+            }
+        }
+        if let Some(w) = out {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    fn report(&self, name: &str, elapsed: f64, stats: &Stats, writing: bool) {
+        let Tally {
+            accepted,
+            duplicates,
+            lost,
+            ..
+        } = self;
+        let per_s = if elapsed > 0.0 {
+            *accepted as f64 / elapsed
+        } else {
+            0.0
+        };
+        let mse = stats.mse.map_or("n/a".to_owned(), |m| format!("{m:.3}"));
+        let scaled = stats
+            .mse_scaled
+            .map_or("n/a".to_owned(), |m| format!("{m:.1e}"));
+        eprintln!(
+            "replayed {accepted} observations into `{name}` ({duplicates} duplicates) in {elapsed:.2} s, \
+             {per_s:.0} obs/s; prequential mse {mse} (scaled {scaled})"
+        );
+        if *lost > 0 && writing {
+            eprintln!(
+                "note: {lost} rows were applied without their prediction reaching this run \
+                 (another writer, or a retried batch); they are missing from the predictions file"
+            );
+        }
+    }
 }
 
 struct ClearOnDrop(ProgressBar);
@@ -256,16 +326,10 @@ pub fn stream_name_from(file: &Path) -> anyhow::Result<String> {
 
 /// The daemon's rule for names; checked here too because the name goes into URLs.
 fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && name != "."
-        && name != "..";
-    if !ok {
+    if !crate::storage::is_valid_stream_name(name) {
         bail!(
-            "stream names are 1 to 64 characters of A-Z a-z 0-9 _ . - (and not `.` or `..`), \
-             got `{name}`: pass --stream"
+            "{}, got `{name}`: pass --stream",
+            crate::storage::STREAM_NAME_RULE
         );
     }
     Ok(())

@@ -31,12 +31,11 @@ pub use forecast::{
 pub use model::{LagBuffer, Learner, OnlineModel, Persistence, Scaler};
 pub use network::Layout;
 pub use ogd::Ogd;
+pub use options::json_text as options_json_text;
 pub use options::{
     Auto, Cell, Loss, Method, Off, Options, OptionsError, Range, RawOptions, ScaleOption, Spread,
     SpreadOption, Step,
 };
 pub use prior::Prior;
 pub use real::{Precision, Real};
-pub use stream::{
-    Applied, BatchError, Observation, Plan, Stats, Stream, StreamState, StreamStateV1,
-};
+pub use stream::{Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState};

@@ -5,8 +5,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::ensemble::AnyEnsemble;
-
 /// A one-step-ahead learner working in scaled units.
 pub trait Learner {
     /// Predicts `y` from inputs `z` into `pred`, then learns from `y` (test, then train).
@@ -15,18 +13,6 @@ pub trait Learner {
     fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]);
     /// Forgets the recurrent state (not the parameters): the start of a new pass.
     fn reset_state(&mut self);
-}
-
-impl Learner for AnyEnsemble {
-    fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) {
-        AnyEnsemble::step(self, z, y, pred);
-    }
-    fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
-        AnyEnsemble::predict_frozen(self, z, pred);
-    }
-    fn reset_state(&mut self) {
-        self.reset_hidden();
-    }
 }
 
 /// Predicts the previous value (needs `lags ≥ 1`: the first `outputs` inputs are `y_{t−1}`).

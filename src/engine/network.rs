@@ -145,7 +145,7 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
 /// The cell's pre-activations are computed four rows at a time into `hidden`, then `tanh` runs
 /// over them in one tight loop: the calls are independent, so they overlap in the pipeline
 /// instead of each waiting behind the next row's dot product. `tanh` is [`Real::tanh`]: for
-/// `f64` the platform's libm, as it always was (the largest single cost of the forward); for
+/// `f64` the platform's libm (the largest single cost of the forward); for
 /// `f32` a rational function the compiler vectorises.
 #[inline]
 pub fn step<T: Real>(

@@ -6,13 +6,17 @@ use serde::{Deserialize, Serialize};
 use crate::engine::network::Layout;
 use crate::engine::real::Precision;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Cell {
     Elman,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// The Kalman form: `u ← u + C^{uw}(C^{ww}+Γ)^{-1}(y − w)`.
@@ -22,7 +26,9 @@ pub enum Method {
 }
 
 /// The loss Ψ of the flow form; only its gradient in the output is ever needed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Loss {
     Squared,
@@ -438,5 +444,23 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// Options use untagged enums (`"off"` or a schedule), which compact binary formats cannot
+/// decode; inside a snapshot they travel as their JSON text.
+pub mod json_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::Options;
+
+    pub fn serialize<S: Serializer>(o: &Options, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(o).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Options, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
     }
 }

@@ -168,7 +168,18 @@ pub fn tanh_f32(x: f32) -> f32 {
 }
 
 /// What a stream's ensemble stores and computes in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Double precision: the reference results.
@@ -196,16 +207,6 @@ impl Precision {
     }
 }
 
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        [Precision::F64, Precision::F32]
-            .into_iter()
-            .find(|p| p.name() == s)
-            .ok_or_else(|| format!("expected `f64` or `f32`, got `{s}`"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,13 +218,16 @@ mod tests {
     #[test]
     fn precision_names_parse_back_and_match_the_options_spelling() {
         for p in [Precision::F64, Precision::F32] {
-            assert_eq!(p.name().parse::<Precision>(), Ok(p));
+            assert_eq!(
+                <Precision as clap::ValueEnum>::from_str(p.name(), false),
+                Ok(p)
+            );
             assert_eq!(
                 serde_json::to_string(&p).expect("serialises"),
                 format!("\"{}\"", p.name())
             );
         }
-        assert!("f16".parse::<Precision>().is_err());
+        assert!(<Precision as clap::ValueEnum>::from_str("f16", false).is_err());
     }
 
     #[test]

@@ -13,30 +13,41 @@ use crate::engine::forecast::{ForecastState, interval_particles};
 use crate::engine::model::{LagBuffer, OnlineModel, Scaler};
 use crate::engine::options::{Options, ScaleOption};
 
-/// Options use untagged enums (`"off"` or a schedule), which compact binary formats cannot
-/// decode; inside a snapshot they travel as their JSON text.
-mod options_as_json {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    use crate::engine::options::Options;
-
-    pub fn serialize<S: Serializer>(o: &Options, s: S) -> Result<S::Ok, S::Error> {
-        let text = serde_json::to_string(o).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&text)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Options, D::Error> {
-        let text = String::deserialize(d)?;
-        serde_json::from_str(&text).map_err(D::Error::custom)
-    }
-}
-
 /// One observation as it arrives, in the user's units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Observation {
     pub seq: Option<u64>,
     pub x: Vec<f64>,
     pub y: Vec<f64>,
+}
+
+impl Observation {
+    /// Whether this observation, at `index` in its batch, fits a stream of `inputs` and
+    /// `outputs`: as many finite values as that in `y` then `x`, and no `seq` 0. (Sequence gaps
+    /// depend on the stream's state: [`Stream::plan`].)
+    pub fn check(&self, index: usize, inputs: usize, outputs: usize) -> Result<(), BatchError> {
+        for (field, values, want) in [("y", &self.y, outputs), ("x", &self.x, inputs)] {
+            if values.len() != want {
+                return Err(BatchError::Dimension {
+                    index,
+                    field,
+                    expected: want,
+                    got: values.len(),
+                });
+            }
+            if let Some(position) = values.iter().position(|v| !v.is_finite()) {
+                return Err(BatchError::NotFinite {
+                    index,
+                    field,
+                    position,
+                });
+            }
+        }
+        if self.seq == Some(0) {
+            return Err(BatchError::SeqZero { index });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -64,6 +75,19 @@ pub enum BatchError {
         expected: u64,
         got: u64,
     },
+    /// The `auto` scale this observation would fix (from the stream's opening values) is not a
+    /// finite range: every later prediction would be infinite.
+    #[error(
+        "observation {index} (seq {seq}) completes the opening values that fix the `auto` scale, and those of `{field}[{position}]` run from {min:e} to {max:e}: widened by a quarter that is not a finite range. Send values of a smaller magnitude, or give the stream an explicit `scale`"
+    )]
+    Scale {
+        index: usize,
+        seq: u64,
+        field: &'static str,
+        position: usize,
+        min: f64,
+        max: f64,
+    },
 }
 
 impl BatchError {
@@ -74,14 +98,17 @@ impl BatchError {
             BatchError::Dimension { index, .. }
             | BatchError::NotFinite { index, .. }
             | BatchError::SeqZero { index }
-            | BatchError::SeqGap { index, .. } => Some(*index),
+            | BatchError::SeqGap { index, .. }
+            | BatchError::Scale { index, .. } => Some(*index),
         }
     }
     /// The field at fault.
     pub fn field(&self) -> &'static str {
         match self {
             BatchError::Empty => "body",
-            BatchError::Dimension { field, .. } | BatchError::NotFinite { field, .. } => field,
+            BatchError::Dimension { field, .. }
+            | BatchError::NotFinite { field, .. }
+            | BatchError::Scale { field, .. } => field,
             BatchError::SeqZero { .. } | BatchError::SeqGap { .. } => "seq",
         }
     }
@@ -149,7 +176,7 @@ impl Stats {
 /// Everything a snapshot holds: a `Stream` is rebuilt from it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamState {
-    #[serde(with = "options_as_json")]
+    #[serde(with = "crate::engine::options::json_text")]
     pub options: Options,
     pub y_scale: Option<Vec<Scaler>>,
     pub x_scale: Option<Vec<Scaler>>,
@@ -157,91 +184,6 @@ pub struct StreamState {
     pub lags: LagBuffer,
     pub ensemble: EnsembleState,
     pub stats: Stats,
-}
-
-/// A snapshot's state in format version 1 (before `Stats` had the user-unit noise and
-/// spread), read so that an upgraded daemon recovers older snapshots.
-#[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-pub struct StreamStateV1 {
-    #[serde(with = "options_as_json")]
-    options: Options,
-    y_scale: Option<Vec<Scaler>>,
-    x_scale: Option<Vec<Scaler>>,
-    pending: Vec<Observation>,
-    lags: LagBuffer,
-    ensemble: EnsembleState,
-    stats: StatsV1,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-struct StatsV1 {
-    observations: u64,
-    predicted: u64,
-    last_seq: u64,
-    sse_user: f64,
-    sse_scaled: f64,
-    noise_var: f64,
-    prediction_spread: f64,
-    repaired: u64,
-}
-
-#[cfg(test)]
-impl StreamStateV1 {
-    /// What a version-1 daemon would have saved of `s`.
-    pub fn of(s: &StreamState) -> Self {
-        let st = &s.stats;
-        StreamStateV1 {
-            options: s.options.clone(),
-            y_scale: s.y_scale.clone(),
-            x_scale: s.x_scale.clone(),
-            pending: s.pending.clone(),
-            lags: s.lags.clone(),
-            ensemble: s.ensemble.clone(),
-            stats: StatsV1 {
-                observations: st.observations,
-                predicted: st.predicted,
-                last_seq: st.last_seq,
-                sse_user: st.sse_user,
-                sse_scaled: st.sse_scaled,
-                noise_var: st.noise_var,
-                prediction_spread: st.prediction_spread,
-                repaired: st.repaired,
-            },
-        }
-    }
-}
-
-impl From<StreamStateV1> for StreamState {
-    /// The user-unit noise and spread from the scaled ones, as version 1's API reported them
-    /// for one output; for several, as if every output had the average scaled value.
-    fn from(v: StreamStateV1) -> Self {
-        let widths2: f64 = v.y_scale.as_ref().map_or(v.options.outputs as f64, |s| {
-            s.iter().map(|sc| sc.width() * sc.width()).sum()
-        });
-        let s = v.stats;
-        StreamState {
-            options: v.options,
-            y_scale: v.y_scale,
-            x_scale: v.x_scale,
-            pending: v.pending,
-            lags: v.lags,
-            ensemble: v.ensemble,
-            stats: Stats {
-                observations: s.observations,
-                predicted: s.predicted,
-                last_seq: s.last_seq,
-                sse_user: s.sse_user,
-                sse_scaled: s.sse_scaled,
-                noise_var: s.noise_var,
-                prediction_spread: s.prediction_spread,
-                repaired: s.repaired,
-                noise_user: s.noise_var * widths2,
-                spread_user: s.prediction_spread * widths2.sqrt(),
-            },
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -266,20 +208,64 @@ pub struct Stream {
 /// that a series drifting a little past its opening range stays near `[0, 1]`. A constant
 /// opening gets a width of its magnitude (or 1 around 0).
 fn auto_scaler(values: impl Iterator<Item = f64>) -> Scaler {
-    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-    for v in values {
-        lo = lo.min(v);
-        hi = hi.max(v);
+    let mut span = Span::EMPTY;
+    values.for_each(|v| span.add(v));
+    span.auto_scaler()
+}
+
+/// The lowest and highest of some values.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    lo: f64,
+    hi: f64,
+}
+
+impl Span {
+    const EMPTY: Span = Span {
+        lo: f64::INFINITY,
+        hi: f64::NEG_INFINITY,
+    };
+
+    fn add(&mut self, v: f64) {
+        self.lo = self.lo.min(v);
+        self.hi = self.hi.max(v);
     }
-    if !(lo.is_finite() && hi.is_finite()) {
-        return Scaler::new(0.0, 1.0);
+
+    fn auto_scaler(self) -> Scaler {
+        let (lo, hi) = (self.lo, self.hi);
+        if !(lo.is_finite() && hi.is_finite()) {
+            return Scaler::new(0.0, 1.0);
+        }
+        let width = hi - lo;
+        if width <= 1e-9 * hi.abs().max(lo.abs()).max(1.0) {
+            let half = 0.5 * lo.abs().max(1.0);
+            return Scaler::new(lo - half, lo + half);
+        }
+        Scaler::new(lo - 0.25 * width, hi + 0.25 * width)
     }
-    let width = hi - lo;
-    if width <= 1e-9 * hi.abs().max(lo.abs()).max(1.0) {
-        let half = 0.5 * lo.abs().max(1.0);
-        return Scaler::new(lo - half, lo + half);
-    }
-    Scaler::new(lo - 0.25 * width, hi + 0.25 * width)
+}
+
+/// Whether a scale maps values to model units and back: finite ends and a finite, positive
+/// width (an infinite one turns every prediction into infinity, or NaN).
+fn usable(s: &Scaler) -> bool {
+    s.min.is_finite() && s.max.is_finite() && s.width().is_finite() && s.width() > 0.0
+}
+
+/// Where planning a group of batches has got to, so that each batch is planned as if the ones
+/// before it had been applied ([`Stream::cursor`], [`Stream::plan_next`]).
+#[derive(Debug, Clone)]
+pub struct PlanCursor {
+    last_seq: u64,
+    /// While an `auto` scale is not fixed: how many opening observations are held, and the
+    /// range of each output (`y`) and input (`x`) over them.
+    opening: Option<Opening>,
+}
+
+#[derive(Debug, Clone)]
+struct Opening {
+    held: usize,
+    y: Vec<Span>,
+    x: Vec<Span>,
 }
 
 impl Stream {
@@ -391,44 +377,49 @@ impl Stream {
 
     /// Validates a whole batch against this stream without changing anything.
     pub fn plan(&self, batch: &[Observation]) -> Result<Plan, BatchError> {
-        self.plan_after(batch, self.stats.last_seq)
+        self.plan_next(batch, &mut self.cursor())
     }
 
-    /// Like [`Stream::plan`], as if `last_seq` had already been applied (the owner plans a
-    /// group of queued batches before applying any of them).
-    pub fn plan_after(&self, batch: &[Observation], last_seq: u64) -> Result<Plan, BatchError> {
+    /// Where planning starts: this stream as it is.
+    pub fn cursor(&self) -> PlanCursor {
+        let opening = (self.y_scale.is_none() || self.x_scale.is_none()).then(|| {
+            let mut o = Opening {
+                held: self.pending.len(),
+                y: vec![Span::EMPTY; self.options.outputs],
+                x: vec![Span::EMPTY; self.options.inputs],
+            };
+            for p in &self.pending {
+                o.y.iter_mut().zip(&p.y).for_each(|(r, &v)| r.add(v));
+                o.x.iter_mut().zip(&p.x).for_each(|(r, &v)| r.add(v));
+            }
+            o
+        });
+        PlanCursor {
+            last_seq: self.stats.last_seq,
+            opening,
+        }
+    }
+
+    /// Like [`Stream::plan`], as if the batches `cursor` has seen had already been applied (the
+    /// owner plans a group of queued batches before applying any of them). On success the
+    /// cursor moves past this batch; on an error it is unchanged.
+    pub fn plan_next(
+        &self,
+        batch: &[Observation],
+        cursor: &mut PlanCursor,
+    ) -> Result<Plan, BatchError> {
         if batch.is_empty() {
             return Err(BatchError::Empty);
         }
-        let mut expected = last_seq + 1;
+        let mut expected = cursor.last_seq + 1;
         let mut plan = Plan {
             accepted: Vec::with_capacity(batch.len()),
             duplicates: 0,
             first_seq: expected,
         };
         for (index, o) in batch.iter().enumerate() {
-            for (field, values, want) in [
-                ("y", &o.y, self.options.outputs),
-                ("x", &o.x, self.options.inputs),
-            ] {
-                if values.len() != want {
-                    return Err(BatchError::Dimension {
-                        index,
-                        field,
-                        expected: want,
-                        got: values.len(),
-                    });
-                }
-                if let Some(position) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(BatchError::NotFinite {
-                        index,
-                        field,
-                        position,
-                    });
-                }
-            }
+            o.check(index, self.options.inputs, self.options.outputs)?;
             match o.seq {
-                Some(0) => return Err(BatchError::SeqZero { index }),
                 Some(s) if s < expected => plan.duplicates += 1,
                 Some(s) if s > expected => {
                     return Err(BatchError::SeqGap {
@@ -443,7 +434,60 @@ impl Stream {
                 }
             }
         }
+        let opening = match cursor.opening.clone() {
+            Some(o) => self.plan_opening(batch, &plan, o)?,
+            None => None,
+        };
+        if !plan.accepted.is_empty() {
+            cursor.last_seq = plan.last_seq();
+        }
+        cursor.opening = opening;
         Ok(plan)
+    }
+
+    /// Follows the opening observations through an accepted batch: once they are as many as
+    /// the `auto` scales are fixed from, the scales they give must be usable, or the batch is
+    /// refused. Returns the opening still to fill (None once the scales are fixed).
+    fn plan_opening(
+        &self,
+        batch: &[Observation],
+        plan: &Plan,
+        mut o: Opening,
+    ) -> Result<Option<Opening>, BatchError> {
+        let need = self.options.lags.max(1);
+        for (k, &index) in plan.accepted.iter().enumerate() {
+            let obs = &batch[index];
+            o.y.iter_mut().zip(&obs.y).for_each(|(r, &v)| r.add(v));
+            o.x.iter_mut().zip(&obs.x).for_each(|(r, &v)| r.add(v));
+            o.held += 1;
+            if o.held < need {
+                continue;
+            }
+            for (field, ranges, fixed) in [
+                ("y", &o.y, self.y_scale.is_some()),
+                ("x", &o.x, self.x_scale.is_some()),
+            ] {
+                if fixed {
+                    continue;
+                }
+                if let Some((position, r)) = ranges
+                    .iter()
+                    .enumerate()
+                    .find(|(_, r)| !usable(&r.auto_scaler()))
+                {
+                    return Err(BatchError::Scale {
+                        index,
+                        seq: plan.first_seq + k as u64,
+                        field,
+                        position,
+                        min: r.lo,
+                        max: r.hi,
+                    });
+                }
+            }
+            return Ok(None);
+        }
+        Ok(Some(o))
     }
 
     /// Learns from the observations a [`Plan`] of this same state accepted, in order, calling
@@ -733,5 +777,82 @@ mod tests {
         assert_eq!(pa, pf);
         assert_eq!(auto.stats(), fixed.stats());
         assert_eq!(pa.iter().filter(|a| a.prediction.is_none()).count(), 2);
+    }
+
+    #[test]
+    fn an_auto_scale_that_would_not_be_finite_refuses_the_batch_that_fixes_it() {
+        // lags 2: the scale is fixed from the first two observations.
+        for values in [[1e308, -1e308], [1.7e308, 1.7e308], [-1.7e308, -1.7e308]] {
+            let mut s = stream();
+            let b = vec![obs(None, values[0]), obs(None, values[1])];
+            let e = s.plan(&b).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    BatchError::Scale {
+                        index: 1,
+                        seq: 2,
+                        field: "y",
+                        position: 0,
+                        ..
+                    }
+                ),
+                "{values:?}: {e:?}"
+            );
+            assert!(e.to_string().contains("`y[0]`"), "{e}");
+            // Split over two batches planned as a group, the second is refused; applied one
+            // after the other, the same.
+            let mut c = s.cursor();
+            let first = s.plan_next(&b[..1], &mut c).unwrap();
+            let e = s.plan_next(&b[1..], &mut c).unwrap_err();
+            assert_eq!((e.index(), e.field()), (Some(0), "y"));
+            s.apply(&b[..1], &first, |_| {});
+            assert!(s.plan(&b[1..]).is_err());
+            assert!(s.y_scale().is_none(), "nothing fixed");
+            // A value that leaves a finite range goes through, and predictions are numbers.
+            let ok = vec![obs(None, values[0] * 0.95), obs(None, values[0] * 0.9)];
+            let p = s.plan(&ok).unwrap();
+            let mut preds = Vec::new();
+            s.apply(&ok, &p, |a| preds.push(a));
+            let sc = s.y_scale().unwrap()[0];
+            assert!(usable(&sc), "{sc:?}");
+            assert!(preds[1].prediction.as_ref().unwrap()[0].is_finite());
+        }
+        // Large but representable: fine.
+        let s = stream();
+        assert!(s.plan(&[obs(None, 1e307), obs(None, -1e307)]).is_ok());
+    }
+
+    #[test]
+    fn an_exogenous_auto_scale_is_checked_too() {
+        let s = Stream::new(
+            Options {
+                ensemble: 4,
+                hidden: 2,
+                lags: 1,
+                inputs: 2,
+                scale: ScaleOption::Fixed(crate::engine::options::Range { min: 0.0, max: 1.0 }),
+                ..Options::default()
+            }
+            .check()
+            .unwrap(),
+        );
+        let b = vec![Observation {
+            seq: None,
+            x: vec![0.0, 1.7e308],
+            y: vec![0.5],
+        }];
+        let e = s.plan(&b).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BatchError::Scale {
+                    field: "x",
+                    position: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 }

@@ -1,7 +1,6 @@
-//! Pins the exact bits the EKI engine produces (issue 6): every performance change must leave
-//! every prediction, score and particle bit-identical. Each case folds the bits of everything
-//! it produced into one FNV-1a fingerprint and compares it with the constant recorded from the
-//! code before the optimisations. A mismatch means results changed: an optimisation reordered
+//! Pins the exact bits the EKI engine produces: every performance change must leave every
+//! prediction, score and particle bit-identical. Each case folds the bits of everything it
+//! produced into one FNV-1a fingerprint and compares it with a recorded constant. A mismatch means results changed: an optimisation reordered
 //! a floating-point sum (or contracted a multiply-add), not that the constant needs updating.
 //!
 //! The constants were recorded on x86-64 Linux with glibc, whose libm picks its FMA variant of

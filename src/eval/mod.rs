@@ -1,4 +1,4 @@
-//! The evaluation protocol of SPEC §6, for EKI variants and the baselines, through the same
+//! The evaluation protocol (docs/EVALUATION.md), for EKI variants and the baselines, through the same
 //! [`OnlineModel`] path the daemon uses.
 //!
 //! - `nmse_prequential`: one online pass over the whole series, test-then-train.

@@ -7,56 +7,90 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream as FuturesStream;
-use serde::{Deserialize, Serialize};
+use futures_util::{Stream as FuturesStream, StreamExt};
+use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 
 use super::AppState;
-use super::body::{self, DecodeError};
+use super::body::{self, DecodeError, Expect, Format};
 use super::error::{ApiError, Problem};
-use super::owner::{Command, ScaleOut, StreamView};
+use super::owner::{Command, StreamView};
+use super::state::Charge;
 use crate::engine::ForecastStep;
 use crate::engine::{Options, RawOptions};
 
-/// `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..` (names become directory names on disk).
+/// [`crate::storage::is_valid_stream_name`] (names become directory names on disk).
 pub fn check_name(name: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
-        && name != "."
-        && name != "..";
-    if ok {
+    if crate::storage::is_valid_stream_name(name) {
         Ok(())
     } else {
         Err(ApiError::BadName(format!(
-            "stream names are 1 to 64 characters of A-Z a-z 0-9 _ . - (and not `.` or `..`), got `{}`",
+            "{}, got `{}`",
+            crate::storage::STREAM_NAME_RULE,
             name.chars().take(80).collect::<String>()
         )))
     }
 }
 
-/// Reads a whole body up to `limit` bytes.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // The only error besides an I/O failure is the length limit.
-        let text = e.to_string();
-        if text.contains("length limit") {
-            ApiError::TooLarge(format!("the body is larger than the {limit}-byte limit"))
-        } else {
+/// The length a request declares (`Content-Length`), if any.
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads a whole body up to `limit` bytes into one buffer sized for the `expected` length (the
+/// declared one), never holding more than one buffer of at most `limit` bytes.
+pub async fn read_body(body: Body, limit: usize, expected: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large =
+        || ApiError::TooLarge(format!("the body is larger than the {limit}-byte limit"));
+    let mut buf = Vec::with_capacity(expected.min(limit));
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
             ApiError::Decode(DecodeError {
-                detail: format!("could not read the body: {text}"),
+                detail: format!("could not read the body: {e}"),
                 line: None,
                 field: None,
             })
+        })?;
+        let len = buf.len() + chunk.len();
+        if len > limit {
+            return Err(too_large());
         }
-    })
+        if len > buf.capacity() {
+            // Doubling, but never past the limit.
+            let want = (2 * buf.capacity()).clamp(len, limit);
+            buf.reserve_exact(want - buf.len());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// Charges to the memory budget what reading a body and decoding it may hold (its declared
+/// length, or the body limit, plus `decoded` of that), then reads it. The charge is given back
+/// when the returned [`Charge`] drops.
+async fn read_charged(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    decoded: impl Fn(usize) -> u64,
+) -> Result<(Vec<u8>, Charge), ApiError> {
+    let limit = app.inner.config.limits.body_bytes;
+    let raw = declared_length(headers).map_or(limit, |n| n.min(limit));
+    let charge = app.charge(raw as u64 + decoded(raw))?;
+    let bytes = read_body(body, limit, raw).await?;
+    Ok((bytes, charge))
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -81,32 +115,18 @@ fn is_json(ct: &str) -> bool {
 
 /// Formats a time as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
 // Response types.
+
+/// Serialisable form of a scale for the API.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ScaleOut {
+    pub min: f64,
+    pub max: f64,
+}
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StatsOut {
@@ -234,7 +254,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 #[utoipa::path(put, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     request_body(content((RawOptions = "application/json")), description = "Stream options; every field optional, defaults from the server config"),
     responses(
         (status = 201, description = "Created", body = StreamOut),
@@ -253,7 +273,8 @@ pub async fn put_stream(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
+    let limit = app.inner.config.limits.body_bytes;
+    let bytes = read_body(body, limit, declared_length(&headers).unwrap_or(0)).await?;
     let raw: RawOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
         RawOptions::default()
     } else {
@@ -291,7 +312,7 @@ pub async fn list_streams(State(app): State<AppState>) -> Json<StreamList> {
 }
 
 #[utoipa::path(get, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     responses(
         (status = 200, description = "Options and statistics", body = StreamOut),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -307,7 +328,7 @@ pub async fn get_stream(
 }
 
 #[utoipa::path(delete, path = "/v1/streams/{name}", tag = "streams",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -324,7 +345,7 @@ pub async fn delete_stream(
 }
 
 #[utoipa::path(post, path = "/v1/streams/{name}/observations", tag = "observations",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     request_body(content(
         (ObservationsBody = "application/json"),
         (String = "application/x-ndjson"),
@@ -339,7 +360,7 @@ pub async fn delete_stream(
         (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid observation (dimension, non-finite value, seq 0)", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Stream queue full or shutting down; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Stream queue full, the memory budget held by requests in flight, or shutting down; retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_observations(
     State(app): State<AppState>,
@@ -350,12 +371,11 @@ pub async fn post_observations(
     check_name(&name)?;
     let handle = app.handle(&name)?;
     let limits = &app.inner.config.limits;
-    let bytes = read_body(body, limits.body_bytes).await?;
     let ct = content_type(&headers).unwrap_or_default();
-    let batch = match media_type(&ct).as_str() {
-        _ if is_json(&ct) => body::decode_json(&bytes)?,
-        "application/x-ndjson" | "application/jsonl" => body::decode_ndjson(&bytes)?,
-        "text/csv" => body::decode_csv(&bytes)?,
+    let format = match media_type(&ct).as_str() {
+        _ if is_json(&ct) => Format::Json,
+        "application/x-ndjson" | "application/jsonl" => Format::Ndjson,
+        "text/csv" => Format::Csv,
         _ => {
             return Err(ApiError::UnsupportedMediaType {
                 got: ct,
@@ -363,13 +383,23 @@ pub async fn post_observations(
             });
         }
     };
-    if batch.len() > limits.batch_observations {
-        return Err(ApiError::TooLarge(format!(
-            "{} observations in one request; the limit is {}",
-            batch.len(),
-            limits.batch_observations
-        )));
-    }
+    let options = &handle.view().options;
+    let expect = Expect {
+        shape: Some((options.inputs, options.outputs)),
+        max_observations: limits.batch_observations,
+    };
+    let width = options.inputs + options.outputs;
+    let (bytes, charge) = read_charged(&app, &headers, body, |raw| {
+        body::observations_bound(raw, expect.max_observations, width)
+    })
+    .await?;
+    // Decoding is CPU work of the size of the body: on the blocking pool, which keeps the
+    // charge until it is done even if this request is abandoned meanwhile.
+    let (batch, _charge) =
+        tokio::task::spawn_blocking(move || (body::decode(format, &bytes, &expect), charge))
+            .await
+            .map_err(|e| ApiError::Internal(format!("decoding the body failed: {e}")))?;
+    let batch = batch?;
     let (reply, rx) = oneshot::channel();
     handle
         .tx
@@ -404,6 +434,20 @@ fn bad_query(field: &str, detail: impl Into<String>) -> ApiError {
         field: field.to_owned(),
         detail: detail.into(),
     }
+}
+
+/// The stream's name in a path, as the OpenAPI document declares it (the rule itself is
+/// `storage::is_valid_stream_name`, which the handlers apply).
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(
+    dead_code,
+    reason = "a schema only: handlers read the name from the path"
+)]
+pub struct StreamPath {
+    /// Stream name: 1 to 64 of A-Z a-z 0-9 _ . -
+    #[param(pattern = r"^[A-Za-z0-9_.\-]{1,64}$")]
+    name: String,
 }
 
 /// The forecast's query parameters, parsed by hand (not by serde) so that every refusal names
@@ -449,7 +493,10 @@ impl ForecastQuery {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// The forecast request as the OpenAPI document describes it (the body itself is decoded by
+/// `body::decode_forecast`, which refuses rows of `x` as they come).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
 #[serde(deny_unknown_fields)]
 pub struct ForecastRequest {
     #[schema(minimum = 1)]
@@ -462,7 +509,7 @@ pub struct ForecastRequest {
 }
 
 #[utoipa::path(get, path = "/v1/streams/{name}/forecast", tag = "forecasts",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$"), ForecastQuery),
+    params(StreamPath, ForecastQuery),
     responses(
         (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
         (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
@@ -493,7 +540,7 @@ pub async fn get_forecast(
 }
 
 #[utoipa::path(post, path = "/v1/streams/{name}/forecast", tag = "forecasts",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     request_body(content((ForecastRequest = "application/json"))),
     responses(
         (status = 200, description = "Mean-particle forecast with predictive intervals", body = ForecastOut),
@@ -504,6 +551,7 @@ pub async fn get_forecast(
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The stream failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The memory budget held by requests in flight; retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_forecast(
     State(app): State<AppState>,
@@ -513,7 +561,6 @@ pub async fn post_forecast(
 ) -> Result<Json<ForecastOut>, ApiError> {
     check_name(&name)?;
     let view = app.handle(&name)?.view();
-    let bytes = read_body(body, app.inner.config.limits.body_bytes).await?;
     match content_type(&headers) {
         Some(ct) if is_json(&ct) => {}
         other => {
@@ -523,38 +570,18 @@ pub async fn post_forecast(
             });
         }
     }
-    let req: ForecastRequest = body::from_json(&bytes)?;
-    let inputs = view.options.inputs;
-    if req.x.len() != if inputs == 0 { 0 } else { req.horizon } {
-        return Err(bad_query(
-            "x",
-            format!(
-                "`x` must hold {} rows (one per step) of {inputs} inputs, got {} rows",
-                if inputs == 0 { 0 } else { req.horizon },
-                req.x.len()
-            ),
-        ));
-    }
-    let mut flat = Vec::with_capacity(req.horizon * inputs);
-    for (i, row) in req.x.iter().enumerate() {
-        if row.len() != inputs {
-            return Err(bad_query(
-                &format!("x[{i}]"),
-                format!(
-                    "`x[{i}]` has {} values, the stream has {inputs} inputs",
-                    row.len()
-                ),
-            ));
-        }
-        if row.iter().any(|v| !v.is_finite()) {
-            return Err(bad_query(
-                &format!("x[{i}]"),
-                format!("`x[{i}]` holds a non-finite number"),
-            ));
-        }
-        flat.extend_from_slice(row);
-    }
-    forecast(&app, view, req.horizon, req.level, flat).await
+    let (inputs, max_horizon) = (view.options.inputs, app.inner.config.limits.horizon);
+    let (bytes, charge) = read_charged(&app, &headers, body, |raw| {
+        body::forecast_bound(raw, max_horizon, inputs)
+    })
+    .await?;
+    let (req, _charge) = tokio::task::spawn_blocking(move || {
+        (body::decode_forecast(&bytes, inputs, max_horizon), charge)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decoding the body failed: {e}")))?;
+    let req = req?;
+    forecast(&app, view, req.horizon, req.level, req.x).await
 }
 
 async fn forecast(
@@ -693,7 +720,7 @@ async fn roll_out(
 
 /// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.
 #[utoipa::path(get, path = "/v1/streams/{name}/events", tag = "observations",
-    params(("name" = String, Path, description = "Stream name: 1 to 64 of A-Z a-z 0-9 _ . -", pattern = r"^[A-Za-z0-9_.\-]{1,64}$")),
+    params(StreamPath),
     responses(
         (status = 200, description = "Server-Sent Events: one `observation` event per applied observation (data: seq, y, prediction, error)", body = String, content_type = "text/event-stream"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
@@ -794,4 +821,19 @@ pub struct ObservationJson {
 pub enum ObservationsBody {
     One(ObservationJson),
     Many(Vec<ObservationJson>),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn times_are_rfc3339_utc_with_milliseconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(super::rfc3339(t), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            super::rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
 }

@@ -53,7 +53,9 @@ pub struct Limits {
     /// Budget for all streams together, bytes: each is charged what it holds
     /// ([`crate::engine::Stream::memory_bytes`]: its ensemble of J·d values of 8 bytes, 4 for
     /// `f32`, the parameter-sized work buffers, a snapshot's `f64` copy of its state and its
-    /// published forecast states).
+    /// published forecast states). Requests are charged their body and what decoding it may
+    /// hold while they run ([`crate::server::body::observations_bound`]); one that does not fit
+    /// beside the others gets 503 + Retry-After (a request alone is always taken).
     pub memory_bytes: u64,
     /// Longest forecast horizon.
     pub horizon: usize,

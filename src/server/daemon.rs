@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use axum::body::{Body, Bytes, HttpBody};
 use http_body::{Frame, SizeHint};
 use tokio::net::TcpListener;
@@ -42,7 +43,11 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (dir, storage) = (config.data_dir.clone(), config.storage.clone());
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, storage)).await??;
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open(&dir, storage)
+            .with_context(|| format!("opening the data directory {}", dir.display()))
+    })
+    .await??;
     let local = listener.local_addr()?;
     if !local.ip().is_loopback() && config.auth.tokens.is_empty() {
         tracing::warn!(%local, "listening beyond loopback without [auth] tokens: anyone who can reach this address can write");

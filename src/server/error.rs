@@ -4,7 +4,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::body::DecodeError;
+use super::body::{BodyError, DecodeError};
 use crate::engine::BatchError;
 use crate::engine::OptionsError;
 
@@ -46,6 +46,9 @@ pub enum ApiError {
     Decode(DecodeError),
     #[error(transparent)]
     Batch(#[from] BatchError),
+    /// An observation refused where a body names it by line (NDJSON, CSV).
+    #[error("line {1}: {0}")]
+    BatchAt(BatchError, u64),
     /// A query parameter or forecast request field (`field`) is wrong.
     #[error("{detail}")]
     BadQuery { field: String, detail: String },
@@ -71,7 +74,8 @@ pub enum ApiError {
     Busy(String),
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
-    #[error("could not write to the log, nothing was applied: {0}")]
+    /// A file operation failed; the detail says which and what is unchanged.
+    #[error("{0}")]
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -108,8 +112,10 @@ impl ApiError {
                 "malformed-body",
                 "Malformed request body",
             ),
-            Batch(BatchError::SeqGap { .. }) => (StatusCode::CONFLICT, "seq-gap", "Sequence gap"),
-            Batch(_) => (
+            Batch(BatchError::SeqGap { .. }) | BatchAt(BatchError::SeqGap { .. }, _) => {
+                (StatusCode::CONFLICT, "seq-gap", "Sequence gap")
+            }
+            Batch(_) | BatchAt(..) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid-observation",
                 "Invalid observation",
@@ -175,6 +181,7 @@ impl ApiError {
             ApiError::MalformedOptions(d) => (d.field.clone(), None, None),
             ApiError::Decode(d) => (d.field.clone(), d.line, None),
             ApiError::Batch(b) => (Some(b.field().to_owned()), None, b.index()),
+            ApiError::BatchAt(b, line) => (Some(b.field().to_owned()), Some(*line), b.index()),
             ApiError::BadQuery { field, .. } => (Some(field.clone()), None, None),
             ApiError::Limit {
                 field: Some(field), ..
@@ -199,6 +206,21 @@ impl From<DecodeError> for ApiError {
     }
 }
 
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::Malformed(d) => ApiError::Decode(d),
+            BodyError::Invalid { error, line: None } => ApiError::Batch(error),
+            BodyError::Invalid {
+                error,
+                line: Some(line),
+            } => ApiError::BatchAt(error, line),
+            e @ BodyError::TooMany { .. } => ApiError::TooLarge(e.to_string()),
+            BodyError::Inputs { field, detail } => ApiError::BadQuery { field, detail },
+        }
+    }
+}
+
 /// Writes a problem document with the right content type.
 pub fn problem_response(p: &Problem) -> Response {
     let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -214,6 +236,12 @@ pub fn problem_response(p: &Problem) -> Response {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = problem_response(&self.problem());
+        if matches!(self, ApiError::Busy(_) | ApiError::TooLarge(_)) {
+            // Refused before its body was read (or all of it): the connection is not reused,
+            // or the client's next request would follow the rest of this body.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         match self {
             ApiError::QueueFull(_)
             | ApiError::ShuttingDown

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub last_seq: Family<StreamLabel, Gauge>,
     pub failed: Family<StreamLabel, Gauge>,
     pub streams: Gauge,
+    pub request_memory: Gauge,
     pub storage_errors: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: HistogramFamily<RouteLabel>,
@@ -66,6 +67,7 @@ impl Default for Metrics {
             last_seq: Family::default(),
             failed: Family::default(),
             streams: Gauge::default(),
+            request_memory: Gauge::default(),
             storage_errors: Counter::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -117,6 +119,11 @@ impl Default for Metrics {
             m.failed.clone(),
         );
         registry.register("ekid_streams", "Streams open", m.streams.clone());
+        registry.register(
+            "ekid_request_memory_bytes",
+            "What the requests in flight are charged of the memory budget while they read and decode their bodies",
+            m.request_memory.clone(),
+        );
         registry.register(
             "ekid_storage_errors",
             "Failed log appends, fsyncs and snapshots",

@@ -15,7 +15,6 @@ use super::AppState;
 use super::Config;
 use super::api;
 use super::error::Problem;
-use super::owner::ScaleOut;
 use crate::engine::ForecastStep;
 use crate::engine::{
     Auto, Cell, Loss, Method, Off, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
@@ -52,7 +51,7 @@ use crate::engine::{
         Auto,
         Range,
         ScaleOption,
-        ScaleOut,
+        api::ScaleOut,
         ForecastStep,
         api::ObservationJson,
         api::ObservationsBody,

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -20,7 +19,7 @@ use crate::engine::ForecastState;
 use crate::engine::Options;
 use crate::engine::Scaler;
 use crate::engine::{Applied, Observation, Plan, Stats, Stream};
-use crate::storage::StreamStore;
+use crate::storage::{Store, StoreError, StreamStore};
 
 /// What handlers may ask of an owner.
 #[derive(Debug)]
@@ -34,6 +33,12 @@ pub enum Command {
     Close {
         snapshot: bool,
         reply: oneshot::Sender<()>,
+    },
+    /// Finish what is queued before this, then move the stream's files to the trash (`store`'s
+    /// [`Store::delete_stream`]) and stop; if that fails, answer why and carry on unchanged.
+    Delete {
+        store: Store,
+        reply: oneshot::Sender<Result<(), ApiError>>,
     },
 }
 
@@ -211,7 +216,7 @@ impl Owner {
                 Some(t) => tokio::select! {
                     c = rx.recv() => c,
                     _ = tokio::time::sleep(t) => {
-                        self.with_store(|store, _| store.sync().map_err(|e| e.to_string())).await;
+                        self.with_store(|store, _| store.sync()).await;
                         continue;
                     }
                 },
@@ -222,32 +227,42 @@ impl Owner {
                 self.close(true).await;
                 break;
             };
-            match cmd {
+            let next = match cmd {
                 Command::Observe { batch, reply } => {
                     let mut group = vec![(batch, reply)];
-                    let mut close = None;
+                    let mut next = None;
                     while group.len() < MAX_GROUP {
                         match rx.try_recv() {
                             Ok(Command::Observe { batch, reply }) => group.push((batch, reply)),
-                            Ok(Command::Close { snapshot, reply }) => {
-                                close = Some((snapshot, reply));
+                            Ok(other) => {
+                                next = Some(other);
                                 break;
                             }
                             Err(_) => break,
                         }
                     }
                     self.observe(group).await;
-                    if let Some((snapshot, reply)) = close {
-                        self.close(snapshot).await;
-                        let _ = reply.send(());
-                        break;
-                    }
+                    next
                 }
-                Command::Close { snapshot, reply } => {
+                other => Some(other),
+            };
+            match next {
+                Some(Command::Close { snapshot, reply }) => {
                     self.close(snapshot).await;
                     let _ = reply.send(());
                     break;
                 }
+                Some(Command::Delete { store, reply }) => {
+                    let deleted = self.delete(store).await;
+                    let done = deleted.is_ok();
+                    let _ = reply.send(deleted);
+                    if done {
+                        // Whatever was queued behind the delete is dropped with the queue: its
+                        // senders see the stream gone (404).
+                        break;
+                    }
+                }
+                Some(Command::Observe { .. }) | None => {}
             }
         }
         tracing::debug!(stream = %self.name, "owner stopped");
@@ -267,7 +282,7 @@ impl Owner {
     /// Runs blocking file work on the store (and stream) off the async workers.
     async fn with_store(
         &mut self,
-        f: impl FnOnce(&mut StreamStore, &Stream) -> Result<(), String> + Send + 'static,
+        f: impl FnOnce(&mut StreamStore, &Stream) -> Result<(), StoreError> + Send + 'static,
     ) {
         let (Some(mut store), Some(stream)) = (self.store.take(), self.stream.take()) else {
             return;
@@ -279,12 +294,15 @@ impl Owner {
         .await;
         match r {
             Ok((store, stream, r)) => {
+                self.store = Some(store);
+                self.stream = Some(stream);
                 if let Err(e) = r {
                     tracing::error!(stream = %self.name, error = %e, "storage");
                     self.metrics.storage_errors.inc();
+                    if e.is_removed() {
+                        self.fail(e.public());
+                    }
                 }
-                self.store = Some(store);
-                self.stream = Some(stream);
             }
             Err(e) => self.fail(format!("storage task failed: {e}")),
         }
@@ -293,12 +311,38 @@ impl Owner {
     async fn close(&mut self, snapshot: bool) {
         self.with_store(move |store, stream| {
             if snapshot && store.has_unsnapshotted() {
-                store.snapshot(stream).map_err(|e| e.to_string())
+                store.snapshot(stream)
             } else {
-                store.sync().map_err(|e| e.to_string())
+                store.sync()
             }
         })
         .await;
+    }
+
+    /// Moves the stream's files to the trash. On success the stream is gone (its files
+    /// closed); on failure it is as it was and keeps serving.
+    async fn delete(&mut self, store: Store) -> Result<(), ApiError> {
+        let name = self.name.clone();
+        match tokio::task::spawn_blocking(move || store.delete_stream(&name)).await {
+            Ok(Ok(())) => {
+                self.stream = None;
+                self.store = None;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(stream = %self.name, error = %e, "could not delete the stream; it is unchanged");
+                self.metrics.storage_errors.inc();
+                Err(ApiError::Storage(format!(
+                    "could not delete stream `{}`, it is unchanged: {}",
+                    self.name,
+                    e.public()
+                )))
+            }
+            Err(e) => Err(ApiError::Internal(format!(
+                "deleting stream `{}` failed: {e}",
+                self.name
+            ))),
+        }
     }
 
     fn fail(&mut self, reason: String) {
@@ -323,23 +367,7 @@ impl Owner {
             }
             return;
         };
-        let mut last = stream.last_seq();
-        let mut work: Vec<(Vec<Observation>, Plan)> = Vec::with_capacity(group.len());
-        let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
-        for (batch, reply) in group {
-            match stream.plan_after(&batch, last) {
-                Ok(plan) => {
-                    if !plan.accepted.is_empty() {
-                        last = plan.last_seq();
-                    }
-                    work.push((batch, plan));
-                    replies.push(reply);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            }
-        }
+        let (work, replies) = plan_group(&stream, group);
         let duplicates: u64 = work.iter().map(|(_, p)| p.duplicates as u64).sum();
         self.metrics
             .duplicates
@@ -361,85 +389,57 @@ impl Owner {
         let permit = self.cores.clone().acquire_many_owned(threads).await;
         let started = Instant::now();
         let panic_in_update = self.panic_in_update;
-        let result = tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             assert!(!panic_in_update, "failpoint panic-in-update");
-            let (mut stream, mut store) = (stream, store);
-            // 1. The log, before anything is applied.
-            let accepted: Vec<Vec<Observation>> = work
-                .iter()
-                .map(|(b, p)| {
-                    if p.accepted.len() == b.len() {
-                        Vec::new() // the whole batch: borrowed below, not copied
-                    } else {
-                        p.accepted.iter().map(|&i| b[i].clone()).collect()
-                    }
-                })
-                .collect();
-            let records: Vec<(u64, &[Observation])> = work
-                .iter()
-                .zip(&accepted)
-                .filter(|((_, p), _)| !p.accepted.is_empty())
-                .map(|((b, p), a)| {
-                    let obs: &[Observation] = if p.accepted.len() == b.len() { b } else { a };
-                    (p.first_seq, obs)
-                })
-                .collect();
-            if let Err(e) = store.append(&records) {
-                return (stream, store, Err(e.to_string()), None, 0.0);
-            }
-            // 2. Learn.
-            let learning = Instant::now();
-            let mut outcomes = Vec::with_capacity(work.len());
-            for (batch, plan) in &work {
-                let mut applied = Vec::with_capacity(plan.accepted.len());
-                stream.apply(batch, plan, |a| applied.push(a));
-                outcomes.push(Outcome {
-                    duplicates: plan.duplicates,
-                    applied,
-                });
-            }
-            let learn_seconds = learning.elapsed().as_secs_f64();
-            // 3. A snapshot when due; a failure here loses nothing (the log has it all).
-            if store.snapshot_due()
-                && let Err(e) = store.snapshot(&stream)
-            {
-                tracing::error!(error = %e, "snapshot failed; the log still holds everything");
-            }
-            let forecast = stream.forecast_state().map(Arc::new);
-            (stream, store, Ok(outcomes), forecast, learn_seconds)
+            apply_group(stream, store, &work)
         })
         .await;
-        match result {
-            Ok((stream, store, Ok(outcomes), forecast, learn_seconds)) => {
-                let elapsed = started.elapsed().as_secs_f64();
-                let n = outcomes
-                    .iter()
-                    .map(|o| o.applied.len())
-                    .sum::<usize>()
-                    .max(1) as f64;
-                self.metrics.batch_seconds.observe(elapsed);
-                self.metrics.update_seconds.observe(learn_seconds / n);
-                self.publish(&stream, forecast);
-                for o in &outcomes {
+        match done {
+            Ok(GroupWork {
+                stream,
+                store,
+                result: Ok(learned),
+            }) => {
+                self.record_timing(&learned, started);
+                self.publish(&stream, learned.forecast);
+                for o in &learned.outcomes {
                     for a in &o.applied {
                         self.events.send(a);
                     }
                 }
-                for (o, reply) in outcomes.into_iter().zip(replies) {
+                for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));
                 }
                 self.stream = Some(stream);
                 self.store = Some(store);
             }
-            Ok((stream, store, Err(e), _, _)) => {
+            Ok(GroupWork {
+                stream,
+                store,
+                result: Err(e),
+            }) => {
                 tracing::error!(stream = %self.name, error = %e, "could not log a batch; nothing applied");
                 self.metrics.storage_errors.inc();
-                for reply in replies {
-                    let _ = reply.send(Err(ApiError::Storage(e.clone())));
-                }
                 self.stream = Some(stream);
                 self.store = Some(store);
+                if e.is_removed() {
+                    // No write of this stream can be made durable any more: fail it loudly
+                    // rather than answer 503s that a retry can never get past.
+                    self.fail(e.public());
+                    for reply in replies {
+                        let _ = reply.send(Err(self.failed()));
+                    }
+                    return;
+                }
+                let detail = format!(
+                    "could not write to the log of stream `{}`, nothing was applied: {}",
+                    self.name,
+                    e.public()
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(ApiError::Storage(detail.clone())));
+                }
             }
             Err(e) => {
                 let reason = if e.is_panic() {
@@ -453,6 +453,21 @@ impl Owner {
                 }
             }
         }
+    }
+
+    fn record_timing(&self, learned: &Learned, started: Instant) {
+        let n = learned
+            .outcomes
+            .iter()
+            .map(|o| o.applied.len())
+            .sum::<usize>()
+            .max(1) as f64;
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .update_seconds
+            .observe(learned.learn_seconds / n);
     }
 
     fn publish(&self, stream: &Stream, forecast: Option<Arc<ForecastState>>) {
@@ -488,9 +503,113 @@ impl Owner {
     }
 }
 
-/// Serialisable form of a scale for the API.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ScaleOut {
-    pub min: f64,
-    pub max: f64,
+/// A batch of a group with its plan, made against the stream as it will stand once the batches
+/// before it are applied.
+type Planned = (Vec<Observation>, Plan);
+
+/// Plans each batch of the group after the ones before it; a batch that is refused is answered
+/// here and leaves the group.
+fn plan_group(
+    stream: &Stream,
+    group: Vec<(Vec<Observation>, Reply)>,
+) -> (Vec<Planned>, Vec<Reply>) {
+    let mut cursor = stream.cursor();
+    let mut work = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    for (batch, reply) in group {
+        match stream.plan_next(&batch, &mut cursor) {
+            Ok(plan) => {
+                work.push((batch, plan));
+                replies.push(reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+    (work, replies)
+}
+
+/// What a group's blocking work hands back: the stream and its store, always, and what was
+/// learned, or why the log refused the group (then nothing was applied).
+struct GroupWork {
+    stream: Box<Stream>,
+    store: Box<StreamStore>,
+    result: Result<Learned, StoreError>,
+}
+
+struct Learned {
+    outcomes: Vec<Outcome>,
+    forecast: Option<Arc<ForecastState>>,
+    learn_seconds: f64,
+}
+
+/// Logs the group's accepted observations (one append, one fsync), then learns them in order,
+/// then snapshots when due. Blocking: runs on the blocking pool under the core permits.
+fn apply_group(
+    mut stream: Box<Stream>,
+    mut store: Box<StreamStore>,
+    work: &[Planned],
+) -> GroupWork {
+    if let Err(e) = log_group(&mut store, work) {
+        return GroupWork {
+            stream,
+            store,
+            result: Err(e),
+        };
+    }
+    let learning = Instant::now();
+    let outcomes = work
+        .iter()
+        .map(|(batch, plan)| {
+            let mut applied = Vec::with_capacity(plan.accepted.len());
+            stream.apply(batch, plan, |a| applied.push(a));
+            Outcome {
+                duplicates: plan.duplicates,
+                applied,
+            }
+        })
+        .collect();
+    let learn_seconds = learning.elapsed().as_secs_f64();
+    // A failed snapshot loses nothing: the log has it all.
+    if store.snapshot_due()
+        && let Err(e) = store.snapshot(&stream)
+    {
+        tracing::error!(error = %e, "snapshot failed; the log still holds everything");
+    }
+    let forecast = stream.forecast_state().map(Arc::new);
+    GroupWork {
+        stream,
+        store,
+        result: Ok(Learned {
+            outcomes,
+            forecast,
+            learn_seconds,
+        }),
+    }
+}
+
+/// One log record per batch with accepted observations: the batch itself when all of it was
+/// accepted (borrowed, not copied), else a copy of the accepted ones.
+fn log_group(store: &mut StreamStore, work: &[Planned]) -> Result<(), StoreError> {
+    let partial: Vec<Vec<Observation>> = work
+        .iter()
+        .map(|(b, p)| {
+            if p.accepted.len() == b.len() {
+                Vec::new()
+            } else {
+                p.accepted.iter().map(|&i| b[i].clone()).collect()
+            }
+        })
+        .collect();
+    let records: Vec<(u64, &[Observation])> = work
+        .iter()
+        .zip(&partial)
+        .filter(|((_, p), _)| !p.accepted.is_empty())
+        .map(|((b, p), copy)| {
+            let obs: &[Observation] = if p.accepted.len() == b.len() { b } else { copy };
+            (p.first_seq, obs)
+        })
+        .collect();
+    store.append(&records)
 }

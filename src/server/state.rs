@@ -17,11 +17,16 @@ use crate::engine::{Options, Stream};
 use crate::storage::{Recovered, Store};
 
 /// Faults a test can ask the daemon to produce, from the `EKID_FAILPOINTS` environment
-/// variable (comma-separated): `panic-in-update:<stream>` makes every update of that stream
-/// panic, to test that a panic fails one stream and nothing else. Empty in production.
+/// variable (comma-separated); test-only, empty in production:
+/// - `panic-in-update:<stream>` makes every update of that stream panic, to test that a panic
+///   fails one stream and nothing else;
+/// - `fail-after-options-rename:<stream>` makes creating that stream fail right after its
+///   directory (options included) was renamed into place, to test that a failed creation
+///   leaves nothing behind.
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints {
     pub panic_in_update: Option<String>,
+    pub fail_after_options_rename: Option<String>,
 }
 
 impl Failpoints {
@@ -34,6 +39,10 @@ impl Failpoints {
             if let Some(stream) = item.trim().strip_prefix("panic-in-update:") {
                 tracing::warn!(stream, "failpoint set: updates of this stream will panic");
                 f.panic_in_update = Some(stream.to_owned());
+            }
+            if let Some(stream) = item.trim().strip_prefix("fail-after-options-rename:") {
+                tracing::warn!(stream, "failpoint set: creating this stream will fail");
+                f.fail_after_options_rename = Some(stream.to_owned());
             }
         }
         f
@@ -53,8 +62,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub store: Store,
     streams: RwLock<Registry>,
-    /// Serialises creations and deletions (they do file IO between registry checks).
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises creations and deletions (they do file IO between registry checks). Each
+    /// runs in a task of its own holding this lock, so that it finishes even when the request
+    /// that started it is dropped (a timeout, a client gone).
+    lifecycle: Arc<tokio::sync::Mutex<()>>,
     owners: Mutex<Vec<JoinHandle<()>>>,
     /// One permit per core: a batch update holds as many as its steps use threads, a forecast
     /// roll-out one (handing it on between slices, see `api::roll_out`).
@@ -82,12 +93,42 @@ struct Registry {
     /// The memory each open stream was charged ([`Stream::memory_bytes`]; 0 for one that could
     /// not be recovered), given back when it is deleted.
     charged: HashMap<String, u64>,
+    /// What the open streams hold of the memory budget: the sum of `charged`.
+    streams_bytes: u64,
+    /// What requests hold of it while they read and decode their bodies ([`Charge`]).
+    transient_bytes: u64,
 }
 
 impl Registry {
-    /// What the open streams hold of the memory budget.
-    fn charged_bytes(&self) -> u64 {
-        self.charged.values().sum()
+    fn charge_stream(&mut self, name: &str, bytes: u64) {
+        if let Some(old) = self.charged.insert(name.to_owned(), bytes) {
+            self.streams_bytes -= old;
+        }
+        self.streams_bytes += bytes;
+    }
+
+    fn release_stream(&mut self, name: &str) {
+        if let Some(old) = self.charged.remove(name) {
+            self.streams_bytes -= old;
+        }
+    }
+}
+
+/// Memory a request holds of the budget while it reads and decodes its body and waits for its
+/// batch to be applied: taken by [`AppState::charge`], given back on drop, when the request
+/// ends (a decode on the blocking pool carries the charge along, so a request abandoned
+/// meanwhile keeps it until the decode is done).
+pub struct Charge {
+    app: AppState,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut reg = write(&self.app.inner.streams);
+        reg.transient_bytes -= self.bytes;
+        let metric = &self.app.inner.metrics.request_memory;
+        metric.set(reg.transient_bytes as i64);
     }
 }
 
@@ -104,25 +145,29 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl AppState {
     pub fn new(
         config: Config,
-        store: Store,
+        mut store: Store,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         let defaults = config.stream_defaults()?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let failpoints = Failpoints::from_env();
+        if let Some(stream) = &failpoints.fail_after_options_rename {
+            store.fail_after_options_rename(stream);
+        }
         Ok(AppState {
             inner: Arc::new(Shared {
                 defaults,
                 metrics: Arc::new(Metrics::default()),
                 store,
                 streams: RwLock::new(Registry::default()),
-                lifecycle: tokio::sync::Mutex::new(()),
+                lifecycle: Arc::new(tokio::sync::Mutex::new(())),
                 owners: Mutex::new(Vec::new()),
                 cores: Arc::new(Semaphore::new(cores)),
                 forecast_turns: Arc::new(Semaphore::new(cores)),
                 step_threads: config.engine.step_threads.clamp(1, cores),
                 requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
                 subscribers: Arc::new(Semaphore::new(config.limits.subscribers)),
-                failpoints: Failpoints::from_env(),
+                failpoints,
                 shutdown,
                 openapi: openapi::document(&config),
                 config,
@@ -156,14 +201,51 @@ impl AppState {
             .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))
     }
 
+    /// Charges `bytes` a request is about to hold to the memory budget, or refuses (503 +
+    /// Retry-After) when the streams and the other requests in flight leave too little. A
+    /// request is taken when no other holds a charge, so streams that fill the budget never
+    /// shut writes out: at most one request's charge goes over it.
+    pub fn charge(&self, bytes: u64) -> Result<Charge, ApiError> {
+        let budget = self.inner.config.limits.memory_bytes;
+        let mut reg = write(&self.inner.streams);
+        let used = reg.streams_bytes + reg.transient_bytes;
+        if reg.transient_bytes > 0 && used.saturating_add(bytes) > budget {
+            return Err(ApiError::Busy(format!(
+                "this request may hold {bytes} bytes while it is decoded; streams and requests in flight hold {used} of the {budget}-byte memory budget"
+            )));
+        }
+        reg.transient_bytes += bytes;
+        let metric = &self.inner.metrics.request_memory;
+        metric.set(reg.transient_bytes as i64);
+        Ok(Charge {
+            app: self.clone(),
+            bytes,
+        })
+    }
+
     /// Creates a stream (durably: its folder and options are on disk before this returns), or
-    /// finds the same one. Returns whether it was created.
+    /// finds the same one. Returns whether it was created. All or nothing, even if the request
+    /// is dropped on the way: a stream whose files were made is registered too.
     pub async fn create_stream(
         &self,
         name: &str,
         options: Options,
     ) -> Result<(bool, Arc<StreamView>), ApiError> {
-        let _guard = self.inner.lifecycle.lock().await;
+        let guard = self.inner.lifecycle.clone().lock_owned().await;
+        let (app, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let _guard = guard;
+            app.create_locked(&name, options).await
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("creating the stream failed: {e}")))?
+    }
+
+    async fn create_locked(
+        &self,
+        name: &str,
+        options: Options,
+    ) -> Result<(bool, Arc<StreamView>), ApiError> {
         if *self.inner.shutdown.borrow() {
             return Err(ApiError::ShuttingDown);
         }
@@ -185,7 +267,13 @@ impl AppState {
                     detail: format!("the server holds its limit of {} streams", limits.streams),
                 });
             }
-            let left = limits.memory_bytes.saturating_sub(reg.charged_bytes());
+            let left = limits.memory_bytes.saturating_sub(reg.streams_bytes);
+            if bytes <= left && bytes > left.saturating_sub(reg.transient_bytes) {
+                return Err(ApiError::Busy(format!(
+                    "request bodies being decoded hold {} bytes of the memory budget the stream needs",
+                    reg.transient_bytes
+                )));
+            }
             if bytes > left {
                 return Err(ApiError::Limit {
                     field: None,
@@ -207,16 +295,24 @@ impl AppState {
             self.inner.step_threads,
         );
         // Drawing the ensemble (and, for a split one, laying it out as panels) is CPU work of
-        // the size of the ensemble: on the blocking pool with the files.
+        // the size of the ensemble: on the blocking pool with the files. The files come last,
+        // so that nothing is left on disk if the drawing fails.
         let (stream, files) = tokio::task::spawn_blocking(move || {
-            let files = store.create_stream(&n, &options)?;
-            let mut stream = Stream::new(options);
+            let mut stream = Stream::new(options.clone());
             stream.set_step_threads(threads);
+            let files = store.create_stream(&n, &options)?;
             Ok::<_, crate::storage::StoreError>((stream, files))
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("creating the stream's files: {e}")))?
-        .map_err(|e| ApiError::Storage(e.to_string()))?;
+        .map_err(|e| ApiError::Internal(format!("creating the stream failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(stream = name, error = %e, "could not create the stream");
+            self.inner.metrics.storage_errors.inc();
+            ApiError::Storage(format!(
+                "could not create stream `{name}`, nothing was created: {}",
+                e.public()
+            ))
+        })?;
         let view = self.insert(name, Start::Live(Box::new(stream), Box::new(files)), bytes);
         Ok((true, view))
     }
@@ -236,7 +332,7 @@ impl AppState {
         {
             let mut reg = write(&self.inner.streams);
             reg.handles.insert(name.to_owned(), handle);
-            reg.charged.insert(name.to_owned(), bytes);
+            reg.charge_stream(name, bytes);
             self.inner.metrics.streams.set(reg.handles.len() as i64);
         }
         let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,39 +341,42 @@ impl AppState {
         view
     }
 
-    /// Removes a stream: later requests see 404; the owner finishes what was queued first; then
-    /// its files go (durably).
+    /// Removes a stream: the owner finishes what was queued first, then moves its files to the
+    /// trash (durably), and only then is the stream taken out of the registry (later requests
+    /// see 404). If the files cannot be moved, the stream stays as it was, serving. The delete
+    /// runs in a task of its own, so a request dropped on the way (a timeout) still leaves the
+    /// stream either deleted or untouched.
     pub async fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
-        let _guard = self.inner.lifecycle.lock().await;
-        let handle = {
-            let mut reg = write(&self.inner.streams);
-            let h = reg
-                .handles
-                .remove(name)
-                .ok_or_else(|| ApiError::NoSuchStream(name.to_owned()))?;
-            reg.charged.remove(name);
-            self.inner.metrics.streams.set(reg.handles.len() as i64);
-            h
-        };
-        let (reply, rx) = oneshot::channel();
-        if handle
-            .tx
-            .send(Command::Close {
-                snapshot: false,
+        let guard = self.inner.lifecycle.clone().lock_owned().await;
+        let handle = self.handle(name)?;
+        let (app, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let (reply, rx) = oneshot::channel();
+            let delete = Command::Delete {
+                store: app.inner.store.clone(),
                 reply,
-            })
-            .await
-            .is_ok()
-        {
-            let _ = rx.await;
-        }
-        self.inner.metrics.forget(name);
-        let (store, n) = (self.inner.store.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || store.delete_stream(&n))
-            .await
-            .map_err(|e| ApiError::Internal(format!("deleting the stream's files: {e}")))?
-            .map_err(|e| ApiError::Storage(e.to_string()))?;
-        Ok(())
+            };
+            let stopped = || {
+                if *app.inner.shutdown.borrow() {
+                    ApiError::ShuttingDown
+                } else {
+                    ApiError::Internal(format!("the owner of stream `{name}` stopped"))
+                }
+            };
+            handle.tx.send(delete).await.map_err(|_| stopped())?;
+            rx.await.map_err(|_| stopped())??;
+            {
+                let mut reg = write(&app.inner.streams);
+                reg.handles.remove(&name);
+                reg.release_stream(&name);
+                app.inner.metrics.streams.set(reg.handles.len() as i64);
+            }
+            app.inner.metrics.forget(&name);
+            Ok(())
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("deleting the stream failed: {e}")))?
     }
 
     /// Recovers every stream in the data directory and starts its owner.
@@ -309,6 +408,7 @@ impl AppState {
                         replayed = report.replayed,
                         torn_bytes = report.torn_bytes,
                         bad_snapshots = report.bad_snapshots,
+                        damaged_unneeded_segments = report.damaged_unneeded.len(),
                         "recovered stream"
                     );
                     ok += 1;
@@ -338,6 +438,7 @@ impl AppState {
         let handles: Vec<StreamHandle> = {
             let mut reg = write(&self.inner.streams);
             reg.charged.clear();
+            reg.streams_bytes = 0;
             reg.handles.drain().map(|(_, h)| h).collect()
         };
         for h in handles {

@@ -19,6 +19,9 @@ pub struct FileReport {
     /// "ok", "torn tail: N bytes at offset O", or the error.
     pub status: String,
     pub ok: bool,
+    /// Whether recovery reads this file: every snapshot (the newest readable one is used),
+    /// and a log segment only if it holds records after that snapshot (see `wal::needed`).
+    pub needed: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -30,12 +33,18 @@ pub struct StreamReport {
 }
 
 impl StreamReport {
-    /// Recoverable: options readable, every log segment readable, and a readable snapshot if
-    /// there are any.
+    /// Recoverable: options readable, every log segment recovery needs readable, and a
+    /// readable snapshot if there are any.
     pub fn ok(&self) -> bool {
         self.options.is_ok()
-            && self.segments.iter().all(|s| s.ok)
+            && self.segments.iter().all(|s| s.ok || !s.needed)
             && (self.snapshots.is_empty() || self.snapshots.iter().any(|s| s.ok))
+    }
+
+    /// Damage that does not stop recovery: an unreadable older snapshot, a damaged segment
+    /// the snapshot covers.
+    pub fn damaged(&self) -> bool {
+        self.snapshots.iter().chain(&self.segments).any(|f| !f.ok)
     }
 }
 
@@ -59,6 +68,24 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
     let mut out = Vec::new();
     for entry in names {
         let d = entry.path();
+        let name = match entry.file_name().into_string() {
+            Ok(n) if super::is_valid_stream_name(&n) => n,
+            other => {
+                let shown = match other {
+                    Ok(n) => format!("{n:?}"),
+                    Err(n) => format!("{n:?}"),
+                };
+                out.push(StreamReport {
+                    name: shown,
+                    options: Err(
+                        "not a stream name: the daemon skips this directory (move it away)".into(),
+                    ),
+                    snapshots: Vec::new(),
+                    segments: Vec::new(),
+                });
+                continue;
+            }
+        };
         let options = std::fs::read(d.join("options.json"))
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Options>(&b).map_err(|e| e.to_string()));
@@ -75,12 +102,20 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
                 records: 0,
                 status,
                 ok,
+                needed: true,
             });
         }
+        // Recovery starts from the newest readable snapshot (newest first in the list).
+        let restored = snapshots
+            .iter()
+            .find(|f| f.ok)
+            .and_then(|f| f.seq)
+            .map_or(0, |(s, _)| s);
         let mut segments = Vec::new();
         let listed = wal::list_segments(&d)?;
         for (i, (_, p)) in listed.iter().enumerate() {
             let last = i + 1 == listed.len();
+            let needed = wal::needed(&listed, i, restored);
             if last && wal::is_torn_creation(p)? {
                 segments.push(FileReport {
                     file: name_of(p),
@@ -89,9 +124,19 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
                     records: 0,
                     status: "creation cut short: shorter than its header, holds nothing (recovery removes it)".to_owned(),
                     ok: true,
+                    needed,
                 });
                 continue;
             }
+            let covered = |status: String| {
+                if needed {
+                    status
+                } else {
+                    format!(
+                        "{status} (snapshot {restored} covers this segment: recovery does not need it, a fallback to the older snapshot would)"
+                    )
+                }
+            };
             segments.push(match wal::scan_segment(p) {
                 Ok(scan) => {
                     let seq = scan
@@ -108,8 +153,10 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
                         (
                             if last {
                                 s
-                            } else {
+                            } else if needed {
                                 format!("{s} (not the last segment: recovery fails)")
+                            } else {
+                                covered(s)
                             },
                             last,
                         )
@@ -123,6 +170,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
                         records: scan.records.len(),
                         status,
                         ok,
+                        needed,
                     }
                 }
                 Err(e) => FileReport {
@@ -130,13 +178,14 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
                     bytes: size(p),
                     seq: None,
                     records: 0,
-                    status: e.to_string(),
+                    status: covered(e.to_string()),
                     ok: false,
+                    needed,
                 },
             });
         }
         out.push(StreamReport {
-            name: entry.file_name().to_string_lossy().into_owned(),
+            name,
             options,
             snapshots,
             segments,
@@ -149,12 +198,14 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Vec<StreamReport>> {
 pub fn render(reports: &[StreamReport]) -> String {
     let mut s = String::new();
     for r in reports {
-        let _ = writeln!(
-            s,
-            "stream {}{}",
-            r.name,
-            if r.ok() { "" } else { "  [PROBLEM]" }
-        );
+        let flag = if !r.ok() {
+            "  [PROBLEM]"
+        } else if r.damaged() {
+            "  [DAMAGED: recoverable]"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "stream {}{flag}", r.name);
         match &r.options {
             Ok(o) => {
                 let _ = writeln!(

@@ -16,12 +16,15 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::engine::{StreamState, StreamStateV1};
+use serde::Deserialize;
+
+use crate::engine::{EnsembleState, LagBuffer, Observation, Options, Scaler, Stats, StreamState};
+use crate::storage::name::describe_file;
 use crate::storage::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
 /// 2: `Stats` holds the user-unit noise and spread. Version 1 snapshots are read and migrated
-/// ([`crate::engine::StreamStateV1`]).
+/// ([`StreamStateV1`]).
 const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
@@ -31,6 +34,18 @@ pub enum SnapshotError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: invalid snapshot: {reason}")]
     Invalid { path: PathBuf, reason: String },
+}
+
+impl SnapshotError {
+    /// The error without the host's paths, for API clients.
+    pub fn public(&self) -> String {
+        match self {
+            SnapshotError::Io { path, source } => format!("{}: {source}", describe_file(path)),
+            SnapshotError::Invalid { path, reason } => {
+                format!("{}: invalid snapshot: {reason}", describe_file(path))
+            }
+        }
+    }
 }
 
 pub fn snapshot_name(seq: u64) -> String {
@@ -168,6 +183,91 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     }
     v.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
     Ok(v)
+}
+
+/// A snapshot's state in format version 1 (before `Stats` had the user-unit noise and
+/// spread), read so that an upgraded daemon recovers older snapshots.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct StreamStateV1 {
+    #[serde(with = "crate::engine::options_json_text")]
+    options: Options,
+    y_scale: Option<Vec<Scaler>>,
+    x_scale: Option<Vec<Scaler>>,
+    pending: Vec<Observation>,
+    lags: LagBuffer,
+    ensemble: EnsembleState,
+    stats: StatsV1,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct StatsV1 {
+    observations: u64,
+    predicted: u64,
+    last_seq: u64,
+    sse_user: f64,
+    sse_scaled: f64,
+    noise_var: f64,
+    prediction_spread: f64,
+    repaired: u64,
+}
+
+#[cfg(test)]
+impl StreamStateV1 {
+    /// What a version-1 daemon would have saved of `s`.
+    pub fn of(s: &StreamState) -> Self {
+        let st = &s.stats;
+        StreamStateV1 {
+            options: s.options.clone(),
+            y_scale: s.y_scale.clone(),
+            x_scale: s.x_scale.clone(),
+            pending: s.pending.clone(),
+            lags: s.lags.clone(),
+            ensemble: s.ensemble.clone(),
+            stats: StatsV1 {
+                observations: st.observations,
+                predicted: st.predicted,
+                last_seq: st.last_seq,
+                sse_user: st.sse_user,
+                sse_scaled: st.sse_scaled,
+                noise_var: st.noise_var,
+                prediction_spread: st.prediction_spread,
+                repaired: st.repaired,
+            },
+        }
+    }
+}
+
+impl From<StreamStateV1> for StreamState {
+    /// The user-unit noise and spread from the scaled ones, as version 1's API reported them
+    /// for one output; for several, as if every output had the average scaled value.
+    fn from(v: StreamStateV1) -> Self {
+        let widths2: f64 = v.y_scale.as_ref().map_or(v.options.outputs as f64, |s| {
+            s.iter().map(|sc| sc.width() * sc.width()).sum()
+        });
+        let s = v.stats;
+        StreamState {
+            options: v.options,
+            y_scale: v.y_scale,
+            x_scale: v.x_scale,
+            pending: v.pending,
+            lags: v.lags,
+            ensemble: v.ensemble,
+            stats: Stats {
+                observations: s.observations,
+                predicted: s.predicted,
+                last_seq: s.last_seq,
+                sse_user: s.sse_user,
+                sse_scaled: s.sse_scaled,
+                noise_var: s.noise_var,
+                prediction_spread: s.prediction_spread,
+                repaired: s.repaired,
+                noise_user: s.noise_var * widths2,
+                spread_user: s.prediction_spread * widths2.sqrt(),
+            },
+        }
+    }
 }
 
 #[cfg(test)]

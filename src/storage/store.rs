@@ -15,7 +15,13 @@
 //!
 //! Recovery of a stream: the newest snapshot that reads back whole (falling back to the older
 //! one), then every logged batch after its seq, through the same `Stream::apply` the daemon
-//! uses, so the state is bit-identical to the one before the crash.
+//! uses, so the state is bit-identical to the one before the crash. Log segments wholly before
+//! that snapshot (kept for the fallback) are checked, but damage there is a warning, not a
+//! failure: recovery does not need them.
+//!
+//! Creation and deletion are all or nothing, each one rename: a new stream's folder is prepared
+//! in the trash and renamed into `streams/`; a deleted one is renamed into the trash. Errors
+//! carry the paths for the log; [`StoreError::public`] says what failed without them.
 
 use std::fs;
 use std::io;
@@ -26,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Options;
 use crate::engine::{Observation, Plan, Stream};
+use crate::storage::name::{describe_file, is_valid_stream_name};
 use crate::storage::snapshot::{self, SnapshotError};
 use crate::storage::wal::{self, FsyncPolicy, Wal, WalError};
 
@@ -65,6 +72,43 @@ pub enum StoreError {
     Snapshot(#[from] SnapshotError),
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("moving {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "cannot write in {dir}: {source} (the daemon keeps its streams there and must be able to write them)"
+    )]
+    NotWritable { dir: PathBuf, source: io::Error },
+}
+
+impl StoreError {
+    /// The error without the host's paths, for API clients: what failed (the kind of file,
+    /// its name inside the stream's directory) and the OS error. The paths go to the log.
+    pub fn public(&self) -> String {
+        match self {
+            StoreError::Io { path, source } => format!("{}: {source}", describe_file(path)),
+            StoreError::Wal(e) => e.public(),
+            StoreError::Snapshot(e) => e.public(),
+            StoreError::Invalid { path, reason } => format!("{}: {reason}", describe_file(path)),
+            StoreError::Rename { from, to, source } => format!(
+                "moving {} to {}: {source}",
+                describe_file(from),
+                describe_file(to)
+            ),
+            StoreError::NotWritable { dir, source } => {
+                format!("cannot write in {}: {source}", describe_file(dir))
+            }
+        }
+    }
+
+    /// Whether the stream's files are gone from disk (removed underneath the daemon): its
+    /// writes can no longer be made durable, so the stream fails rather than retrying.
+    pub fn is_removed(&self) -> bool {
+        matches!(self, StoreError::Wal(e) if e.is_removed())
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -90,11 +134,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     wal::sync_dir(dir)
 }
 
+/// Creates, writes, fsyncs and removes a small file in `dir`: whether the daemon can write
+/// there (read-only mounts and immutable directories refuse even root).
+fn probe_writable(dir: &Path) -> io::Result<()> {
+    use std::io::Write;
+    let probe = dir.join(".write-probe");
+    let written = fs::File::create(&probe).and_then(|mut f| {
+        f.write_all(b"ekid\n")?;
+        f.sync_all()
+    });
+    let removed = fs::remove_file(&probe);
+    written?;
+    removed?;
+    wal::sync_dir(dir)
+}
+
 /// The data directory.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
     config: StorageConfig,
+    /// Test-only fault (`fail-after-options-rename:<stream>` in `EKID_FAILPOINTS`, see
+    /// `server::Failpoints`): creating this stream fails right after its directory, options
+    /// included, was renamed into `streams/`.
+    fail_after_options_rename: Option<String>,
 }
 
 /// How one stream came back.
@@ -106,6 +169,9 @@ pub struct RecoveryReport {
     pub replayed: u64,
     pub torn_bytes: u64,
     pub last_seq: u64,
+    /// Damage found in log segments that recovery did not need (all their records are in the
+    /// snapshot it started from), each described without its path: reported, not fatal.
+    pub damaged_unneeded: Vec<String>,
 }
 
 /// One stream found on disk: recovered, or failed with the reason.
@@ -115,10 +181,15 @@ pub enum Recovered {
 }
 
 impl Store {
-    /// Opens (creating if needed) a data directory and empties its trash.
+    /// Opens (creating if needed) a data directory and empties its trash. Fails when the
+    /// daemon cannot write there (a read-only mount, a file where a directory must be): one
+    /// clear refusal to start rather than every stream failing on its first write.
     pub fn open(root: &Path, config: StorageConfig) -> Result<Store, StoreError> {
         for d in [root.join("streams"), root.join("trash")] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        for d in [root.to_owned(), root.join("streams"), root.join("trash")] {
+            probe_writable(&d).map_err(|source| StoreError::NotWritable { dir: d, source })?;
         }
         let trash = root.join("trash");
         for entry in fs::read_dir(&trash).map_err(io_err(&trash))? {
@@ -128,7 +199,14 @@ impl Store {
         Ok(Store {
             root: root.to_owned(),
             config,
+            fail_after_options_rename: None,
         })
+    }
+
+    /// Test-only: makes the creation of `stream` fail after its directory is in place (see
+    /// the field).
+    pub fn fail_after_options_rename(&mut self, stream: &str) {
+        self.fail_after_options_rename = Some(stream.to_owned());
     }
 
     pub fn config(&self) -> &StorageConfig {
@@ -139,7 +217,9 @@ impl Store {
         self.root.join("streams").join(name)
     }
 
-    /// Makes a new stream durable: its folder, options and first log segment.
+    /// Makes a new stream durable: its folder, options and first log segment. All or nothing:
+    /// everything is prepared in the trash and appears under `streams/` by one rename; if the
+    /// step after it (making the rename durable) fails, the rename is undone.
     pub fn create_stream(&self, name: &str, options: &Options) -> Result<StreamStore, StoreError> {
         let dir = self.stream_dir(name);
         if dir.exists() {
@@ -148,33 +228,85 @@ impl Store {
         }
         let tmp = self.root.join("trash").join(format!("{name}.creating"));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let json = serde_json::to_vec_pretty(options).map_err(|e| StoreError::Invalid {
-            path: tmp.clone(),
-            reason: e.to_string(),
-        })?;
-        write_atomic(&tmp.join(OPTIONS), &json).map_err(io_err(&tmp))?;
+        let prepared = fs::create_dir_all(&tmp)
+            .map_err(io_err(&tmp))
+            .and_then(|()| {
+                let json = serde_json::to_vec_pretty(options).map_err(|e| StoreError::Invalid {
+                    path: tmp.join(OPTIONS),
+                    reason: e.to_string(),
+                })?;
+                let options_path = tmp.join(OPTIONS);
+                write_atomic(&options_path, &json).map_err(io_err(&options_path))?;
+                Ok(Wal::create(
+                    &tmp,
+                    1,
+                    self.config.fsync,
+                    self.fsync_interval(),
+                )?)
+            });
+        let mut wal = match prepared {
+            Ok(wal) => wal,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
         // The folder appears under streams/ whole, by one rename.
-        fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        if let Err(source) = fs::rename(&tmp, &dir) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(StoreError::Rename {
+                from: tmp,
+                to: dir,
+                source,
+            });
+        }
+        wal.relocate(&dir);
         let streams = self.root.join("streams");
-        wal::sync_dir(&streams).map_err(io_err(&streams))?;
-        let wal = Wal::create(&dir, 1, self.config.fsync, self.fsync_interval())?;
+        let synced = if self.fail_after_options_rename.as_deref() == Some(name) {
+            Err(io::Error::other("failpoint fail-after-options-rename"))
+        } else {
+            wal::sync_dir(&streams)
+        };
+        if let Err(e) = synced {
+            // Not durable, so not acknowledged: take the folder back out, or a restart would
+            // find a stream whose creation was answered with an error.
+            drop(wal);
+            if let Err(undo) = fs::rename(&dir, &tmp).and_then(|()| fs::remove_dir_all(&tmp)) {
+                tracing::error!(stream = name, error = %undo, "could not take back a stream whose creation failed");
+            }
+            return Err(io_err(&streams)(e));
+        }
         Ok(StreamStore::new(dir, wal, None, self.config.clone()))
     }
 
-    /// Removes a stream durably: one rename into the trash, then the files go.
+    /// Removes a stream durably: one rename into the trash (the commit point: on any error
+    /// before it, or when it cannot be made durable and is undone, the stream is untouched),
+    /// then its files go.
     pub fn delete_stream(&self, name: &str) -> Result<(), StoreError> {
         let dir = self.stream_dir(name);
-        if !dir.exists() {
-            return Ok(());
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&dir)(e)),
+            Ok(_) => {}
         }
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let dest = self.root.join("trash").join(format!("{name}.{nanos}"));
-        fs::rename(&dir, &dest).map_err(io_err(&dir))?;
+        fs::rename(&dir, &dest).map_err(|source| StoreError::Rename {
+            from: dir.clone(),
+            to: dest.clone(),
+            source,
+        })?;
         let streams = self.root.join("streams");
-        wal::sync_dir(&streams).map_err(io_err(&streams))?;
+        if let Err(e) = wal::sync_dir(&streams) {
+            // A crash could bring the stream back after it was reported deleted: put it back
+            // and report the failure, so that what the API says and what the disk holds agree.
+            if fs::rename(&dest, &dir).is_ok() {
+                return Err(io_err(&streams)(e));
+            }
+            tracing::error!(stream = name, error = %e, "a deleted stream's removal could not be made durable");
+        }
         let _ = fs::remove_dir_all(&dest);
         Ok(())
     }
@@ -183,26 +315,41 @@ impl Store {
         Duration::from_millis(self.config.fsync_interval_ms)
     }
 
-    /// The stream folders on disk, by name.
+    /// The stream folders on disk, by name. A folder whose name is not a stream name (made by
+    /// hand, or by something else) is skipped with a warning and left alone.
     pub fn stream_names(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join("streams");
         let mut names = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
-            if entry.path().is_dir()
-                && let Some(n) = entry.file_name().to_str()
-            {
-                names.push(n.to_owned());
+            if !entry.path().is_dir() {
+                continue;
+            }
+            match entry.file_name().into_string() {
+                Ok(n) if is_valid_stream_name(&n) => names.push(n),
+                Ok(n) => tracing::warn!(
+                    name = ?n,
+                    "skipping a directory under streams/ whose name is not a stream name"
+                ),
+                Err(n) => tracing::warn!(
+                    name = ?n,
+                    "skipping a directory under streams/ whose name is not UTF-8"
+                ),
             }
         }
         names.sort();
         Ok(names)
     }
 
-    /// Recovers one stream. `None`: the folder held no acknowledged stream (removed).
+    /// Recovers one stream. `None`: the folder held no acknowledged stream (removed). A
+    /// failure's reason names what failed without the host's paths (they go to the log).
     pub fn recover_stream(&self, name: &str) -> Option<Recovered> {
         let dir = self.stream_dir(name);
         let options_path = dir.join(OPTIONS);
+        let failed = |options: Options, e: StoreError| {
+            tracing::error!(stream = name, error = %e, "recovery failed");
+            Some(Recovered::Failed(options, e.public()))
+        };
         let options = match fs::read(&options_path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(
@@ -212,28 +359,26 @@ impl Store {
                 let _ = fs::remove_dir_all(&dir);
                 return None;
             }
-            Err(e) => {
-                return Some(Recovered::Failed(
-                    Options::default(),
-                    format!("{}: {e}", options_path.display()),
-                ));
-            }
+            Err(e) => return failed(Options::default(), io_err(&options_path)(e)),
             Ok(bytes) => match serde_json::from_slice::<Options>(&bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|o| o.check().map_err(|e| e.to_string()))
             {
                 Ok(o) => o,
-                Err(e) => {
-                    return Some(Recovered::Failed(
+                Err(reason) => {
+                    return failed(
                         Options::default(),
-                        format!("{}: {e}", options_path.display()),
-                    ));
+                        StoreError::Invalid {
+                            path: options_path,
+                            reason,
+                        },
+                    );
                 }
             },
         };
         match self.recover_dir(&dir, &options) {
             Ok((stream, store, report)) => Some(Recovered::Ok(stream, store, report)),
-            Err(e) => Some(Recovered::Failed(options, e.to_string())),
+            Err(e) => failed(options, e),
         }
     }
 
@@ -262,6 +407,7 @@ impl Store {
             replayed: 0,
             torn_bytes: 0,
             last_seq: 0,
+            damaged_unneeded: Vec::new(),
         };
         let mut stream = None;
         for (seq, path) in snapshot::list(dir).map_err(io_err(dir))? {
@@ -289,6 +435,7 @@ impl Store {
             }
         }
         let mut stream = Box::new(stream.unwrap_or_else(|| Stream::new(options.clone())));
+        let restored = stream.last_seq();
         let segments = wal::list_segments(dir).map_err(io_err(dir))?;
         let mut tail = None;
         for (i, (_, path)) in segments.iter().enumerate() {
@@ -297,6 +444,25 @@ impl Store {
                 tracing::warn!(path = %path.display(), "removing a log segment whose creation was cut short (shorter than its header: it held nothing)");
                 std::fs::remove_file(path).map_err(io_err(path))?;
                 wal::sync_dir(dir).map_err(io_err(dir))?;
+                continue;
+            }
+            if !wal::needed(&segments, i, restored) {
+                // Kept only for a fallback to the older snapshot. Checked all the same, so that
+                // damage is reported now rather than found when that fallback needs the file.
+                let damage = match wal::scan_segment(path) {
+                    Ok(scan) if scan.torn_bytes == 0 => None,
+                    Ok(scan) => Some(format!(
+                        "{}: {} unreadable bytes at offset {}",
+                        describe_file(path),
+                        scan.torn_bytes,
+                        scan.valid_len
+                    )),
+                    Err(e) => Some(e.public()),
+                };
+                if let Some(damage) = damage {
+                    tracing::warn!(path = %path.display(), %damage, snapshot = restored, "a log segment the snapshot covers is damaged; recovery does not need it (a fallback to the older snapshot would)");
+                    report.damaged_unneeded.push(damage);
+                }
                 continue;
             }
             let scan = wal::scan_segment(path)?;

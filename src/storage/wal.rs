@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Observation;
+use crate::storage::name::describe_file;
 
 const MAGIC: &[u8; 8] = b"EKIDWAL1";
 const VERSION: u32 = 1;
@@ -66,6 +67,40 @@ pub enum WalError {
     },
     #[error("{path}: not a write-ahead log segment ({reason})")]
     BadHeader { path: PathBuf, reason: String },
+    /// The segment (with its stream's directory, as a rule) was deleted while the daemon
+    /// wrote to it: what was written is in no file anyone can find.
+    #[error("{path}: removed from disk while the daemon was writing to it")]
+    Removed { path: PathBuf },
+}
+
+impl WalError {
+    /// The error without the host's paths, for API clients (see [`describe_file`]).
+    pub fn public(&self) -> String {
+        match self {
+            WalError::Io { path, source } => format!("{}: {source}", describe_file(path)),
+            WalError::Corrupt {
+                path,
+                offset,
+                reason,
+            } => format!(
+                "{}: corrupt record at offset {offset}: {reason}",
+                describe_file(path)
+            ),
+            WalError::BadHeader { path, reason } => format!(
+                "{}: not a write-ahead log segment ({reason})",
+                describe_file(path)
+            ),
+            WalError::Removed { path } => format!(
+                "{} was removed from disk (with the stream's directory?) while the daemon was writing to it",
+                describe_file(path)
+            ),
+        }
+    }
+
+    /// Whether the file is gone from disk (not a failed write that a retry may get through).
+    pub fn is_removed(&self) -> bool {
+        matches!(self, WalError::Removed { .. })
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
@@ -330,6 +365,29 @@ impl Wal {
         self.dirty
     }
 
+    /// Fails when the segment has no name left on disk (its directory was removed underneath
+    /// the daemon): what was written to it would be acknowledged into a file that recovery
+    /// never sees. One `fstat` of the open file, a fraction of a microsecond next to the write.
+    fn check_linked(&self) -> Result<(), WalError> {
+        use std::os::unix::fs::MetadataExt;
+        match self.file.metadata() {
+            Ok(m) if m.nlink() == 0 => Err(WalError::Removed {
+                path: self.path.clone(),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(io_err(&self.path)(e)),
+        }
+    }
+
+    /// The segment now lives in `dir` (its directory was renamed there whole, with the file
+    /// open: the handle follows the rename).
+    pub fn relocate(&mut self, dir: &Path) {
+        if let Some(name) = self.path.file_name() {
+            self.path = dir.join(name);
+        }
+        self.dir = dir.to_owned();
+    }
+
     /// Appends one record per batch (each `(first_seq, observations)`, contiguous), then
     /// fsyncs per policy. On any failure the segment is truncated back to where it was and
     /// the error returned: nothing of these batches is in the log.
@@ -364,6 +422,10 @@ impl Wal {
                     Ok(())
                 }
             });
+        if result.is_ok() {
+            // Checked after the write, so that a removal during it is seen too.
+            self.check_linked()?;
+        }
         match result {
             Ok(()) => {
                 self.len += self.buf.len() as u64;
@@ -392,6 +454,7 @@ impl Wal {
     pub fn sync(&mut self) -> Result<(), WalError> {
         if self.dirty {
             self.file.sync_data().map_err(io_err(&self.path))?;
+            self.check_linked()?;
             self.dirty = false;
             self.last_sync = Instant::now();
         }
@@ -405,6 +468,16 @@ impl Wal {
         let old = std::mem::replace(self, new);
         Ok(old.path)
     }
+}
+
+/// Whether recovery from a state at `restored` (the seq of the snapshot it starts from, 0 for
+/// none) needs segment `i` of `segments` (sorted by first seq): the last one always (it is
+/// reopened for appending), any other one if it holds a seq after `restored` (the next segment
+/// starts after `restored + 1`).
+pub fn needed(segments: &[(u64, PathBuf)], i: usize, restored: u64) -> bool {
+    segments
+        .get(i + 1)
+        .is_none_or(|(next_first, _)| *next_first > restored.saturating_add(1))
 }
 
 /// The segments in `dir`, sorted by first seq.
@@ -526,6 +599,19 @@ mod tests {
             scan_bytes(&path, &b),
             Err(WalError::BadHeader { .. })
         ));
+    }
+
+    #[test]
+    fn an_append_to_a_removed_segment_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(dir.path(), 1, FsyncPolicy::Never, Duration::ZERO).unwrap();
+        let o = obs(&[1.0]);
+        w.append(&[(1, &o)]).unwrap();
+        std::fs::remove_file(&w.path).unwrap();
+        let e = w.append(&[(2, &o)]).unwrap_err();
+        assert!(e.is_removed(), "{e}");
+        assert!(!e.public().contains(&*dir.path().to_string_lossy()));
+        assert_eq!(w.next_seq, 2);
     }
 
     #[test]

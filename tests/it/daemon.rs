@@ -3,53 +3,12 @@
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::Response;
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, client};
-
-fn put(c: &Client, d: &Daemon, name: &str, options: Value) -> Response {
-    c.put(d.url(&format!("/v1/streams/{name}")))
-        .json(&options)
-        .send()
-        .expect("PUT")
-}
-
-fn post(c: &Client, d: &Daemon, name: &str, ct: &str, body: impl Into<String>) -> Response {
-    c.post(d.url(&format!("/v1/streams/{name}/observations")))
-        .header("content-type", ct)
-        .body(body.into())
-        .send()
-        .expect("POST")
-}
-
-fn json_of(r: Response) -> Value {
-    r.json().expect("json body")
-}
-
-fn get(c: &Client, d: &Daemon, path: &str) -> Value {
-    let r = c.get(d.url(path)).send().expect("GET");
-    assert_eq!(r.status(), 200, "GET {path}");
-    json_of(r)
-}
-
-/// A smooth test series.
-fn series(n: usize) -> Vec<f64> {
-    (0..n)
-        .map(|i| 10.0 + 5.0 * (i as f64 / 6.0).sin() + 0.1 * (i % 7) as f64)
-        .collect()
-}
-
-fn ndjson(values: &[f64], first_seq: Option<u64>) -> String {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| match first_seq {
-            Some(s) => format!("{{\"seq\": {}, \"y\": {v}}}\n", s + i as u64),
-            None => format!("{{\"y\": {v}}}\n"),
-        })
-        .collect()
-}
+use crate::util::{
+    Daemon, client, get_json, json_of, ndjson, post, post_ndjson, put, series, write_config,
+};
 
 const SMALL: &str = r#"{"ensemble": 20, "hidden": 4, "lags": 3, "scale": {"min": 0, "max": 20}}"#;
 
@@ -61,14 +20,14 @@ fn small() -> Value {
 fn every_endpoint_and_content_type() {
     let d = Daemon::start();
     let c = client();
-    assert_eq!(get(&c, &d, "/healthz")["status"], "ok");
+    assert_eq!(get_json(&c, &d, "/healthz")["status"], "ok");
 
     // Create, same again, different options.
-    let r = put(&c, &d, "s", small());
+    let r = put(&c, &d, "s", &small());
     assert_eq!(r.status(), 201);
     assert_eq!(json_of(r)["options"]["ensemble"], 20);
-    assert_eq!(put(&c, &d, "s", small()).status(), 200);
-    let r = put(&c, &d, "s", json!({"ensemble": 21}));
+    assert_eq!(put(&c, &d, "s", &small()).status(), 200);
+    let r = put(&c, &d, "s", &json!({"ensemble": 21}));
     assert_eq!(r.status(), 409);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 
@@ -92,13 +51,7 @@ fn every_endpoint_and_content_type() {
         Value::Null,
         "lags fill first"
     );
-    let r = json_of(post(
-        &c,
-        &d,
-        "s",
-        "application/x-ndjson",
-        ndjson(&[13.0, 14.0], None),
-    ));
+    let r = json_of(post_ndjson(&c, &d, "s", ndjson(&[13.0, 14.0], None)));
     assert_eq!(r["first_seq"], 4);
     assert!(r["predictions"][0]["prediction"][0].is_number());
     let r = json_of(post(&c, &d, "s", "text/csv", "seq,y\n6,15\n7,14.5\n"));
@@ -108,7 +61,7 @@ fn every_endpoint_and_content_type() {
     );
 
     // Get, list.
-    let s = get(&c, &d, "/v1/streams/s");
+    let s = get_json(&c, &d, "/v1/streams/s");
     assert_eq!(s["stats"]["observations"], 7);
     assert_eq!(s["stats"]["last_seq"], 7);
     assert!(s["stats"]["mse"].as_f64().expect("mse") >= 0.0);
@@ -118,11 +71,11 @@ fn every_endpoint_and_content_type() {
             .expect("time")
             .ends_with('Z')
     );
-    let l = get(&c, &d, "/v1/streams");
+    let l = get_json(&c, &d, "/v1/streams");
     assert_eq!(l["streams"][0]["name"], "s");
 
     // Forecast.
-    let f = get(&c, &d, "/v1/streams/s/forecast?horizon=14&level=0.8");
+    let f = get_json(&c, &d, "/v1/streams/s/forecast?horizon=14&level=0.8");
     assert_eq!(
         (f["stream"].clone(), f["seq"].clone(), f["horizon"].clone()),
         (json!("s"), json!(7), json!(14))
@@ -140,7 +93,7 @@ fn every_endpoint_and_content_type() {
         assert!(lo < m && m < hi, "step {i}: {lo} {m} {hi}");
     }
     // A wider level gives a wider interval.
-    let f95 = get(&c, &d, "/v1/streams/s/forecast?horizon=1&level=0.95");
+    let f95 = get_json(&c, &d, "/v1/streams/s/forecast?horizon=1&level=0.95");
     let w = |f: &Value| {
         f["steps"][0]["upper"][0].as_f64().unwrap() - f["steps"][0]["lower"][0].as_f64().unwrap()
     };
@@ -151,16 +104,13 @@ fn every_endpoint_and_content_type() {
         &c,
         &d,
         "x",
-        json!({"ensemble": 10, "hidden": 3, "lags": 2, "inputs": 1}),
+        &json!({"ensemble": 10, "hidden": 3, "lags": 2, "inputs": 1}),
     );
     assert_eq!(r.status(), 201);
     let body: String = (0..10)
         .map(|i| format!("{{\"x\": [{i}], \"y\": {}}}\n", i * 2))
         .collect();
-    assert_eq!(
-        post(&c, &d, "x", "application/x-ndjson", body).status(),
-        200
-    );
+    assert_eq!(post_ndjson(&c, &d, "x", body).status(), 200);
     let r = c
         .get(d.url("/v1/streams/x/forecast?horizon=2"))
         .send()
@@ -185,7 +135,7 @@ fn every_endpoint_and_content_type() {
     assert!(m.contains("ekid_update_seconds_count"));
     assert!(m.contains("ekid_stream_prequential_mse{stream=\"s\"}"));
     assert!(m.contains("ekid_http_requests_total{route=\"/v1/streams/{name}/observations\",method=\"POST\",status=\"200\"}"), "{m}");
-    let o = get(&c, &d, "/openapi.json");
+    let o = get_json(&c, &d, "/openapi.json");
     for p in [
         "/healthz",
         "/metrics",
@@ -236,26 +186,14 @@ fn every_endpoint_and_content_type() {
 fn a_retried_batch_is_applied_once() {
     let d = Daemon::start();
     let c = client();
-    put(&c, &d, "r", small());
+    put(&c, &d, "r", &small());
     let v = series(20);
-    let first = json_of(post(
-        &c,
-        &d,
-        "r",
-        "application/x-ndjson",
-        ndjson(&v, Some(1)),
-    ));
+    let first = json_of(post_ndjson(&c, &d, "r", ndjson(&v, Some(1))));
     assert_eq!(
         (first["accepted"].clone(), first["duplicates"].clone()),
         (json!(20), json!(0))
     );
-    let again = json_of(post(
-        &c,
-        &d,
-        "r",
-        "application/x-ndjson",
-        ndjson(&v, Some(1)),
-    ));
+    let again = json_of(post_ndjson(&c, &d, "r", ndjson(&v, Some(1))));
     assert_eq!(
         (again["accepted"].clone(), again["duplicates"].clone()),
         (json!(0), json!(20))
@@ -264,13 +202,7 @@ fn a_retried_batch_is_applied_once() {
     // Overlapping retry: 15..25 applies 21..25 only.
     let mut w = series(25);
     let tail = w.split_off(14);
-    let r = json_of(post(
-        &c,
-        &d,
-        "r",
-        "application/x-ndjson",
-        ndjson(&tail, Some(15)),
-    ));
+    let r = json_of(post_ndjson(&c, &d, "r", ndjson(&tail, Some(15))));
     assert_eq!(
         (
             r["accepted"].clone(),
@@ -279,27 +211,24 @@ fn a_retried_batch_is_applied_once() {
         ),
         (json!(5), json!(6), json!(21))
     );
-    assert_eq!(get(&c, &d, "/v1/streams/r")["stats"]["observations"], 25);
+    assert_eq!(
+        get_json(&c, &d, "/v1/streams/r")["stats"]["observations"],
+        25
+    );
     // A gap is a conflict and changes nothing.
     let r = post(&c, &d, "r", "application/json", r#"{"seq": 27, "y": 1}"#);
     assert_eq!(r.status(), 409);
-    assert_eq!(get(&c, &d, "/v1/streams/r")["stats"]["last_seq"], 25);
+    assert_eq!(get_json(&c, &d, "/v1/streams/r")["stats"]["last_seq"], 25);
 }
 
 #[test]
 fn a_batch_with_one_bad_row_applies_nothing() {
     let d = Daemon::start();
     let c = client();
-    put(&c, &d, "a", small());
-    post(
-        &c,
-        &d,
-        "a",
-        "application/x-ndjson",
-        ndjson(&series(10), None),
-    );
-    let before = get(&c, &d, "/v1/streams/a");
-    let forecast_before = get(&c, &d, "/v1/streams/a/forecast?horizon=3");
+    put(&c, &d, "a", &small());
+    post_ndjson(&c, &d, "a", ndjson(&series(10), None));
+    let before = get_json(&c, &d, "/v1/streams/a");
+    let forecast_before = get_json(&c, &d, "/v1/streams/a/forecast?horizon=3");
     for (ct, body) in [
         ("text/csv", "y\n1\n2\nNaN\n4\n"),
         ("application/json", r#"[{"y": 1}, {"y": [1, 2]}]"#),
@@ -310,9 +239,9 @@ fn a_batch_with_one_bad_row_applies_nothing() {
         assert!(r.status().is_client_error(), "{body}: {}", r.status());
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
-    assert_eq!(get(&c, &d, "/v1/streams/a")["stats"], before["stats"]);
+    assert_eq!(get_json(&c, &d, "/v1/streams/a")["stats"], before["stats"]);
     assert_eq!(
-        get(&c, &d, "/v1/streams/a/forecast?horizon=3"),
+        get_json(&c, &d, "/v1/streams/a/forecast?horizon=3"),
         forecast_before
     );
 }
@@ -337,7 +266,7 @@ fn read_events(r: Response, n: usize) -> Vec<Value> {
 fn sse_delivers_one_event_per_applied_observation() {
     let d = Daemon::start();
     let c = client();
-    put(&c, &d, "e", small());
+    put(&c, &d, "e", &small());
     let sub = c
         .get(d.url("/v1/streams/e/events"))
         .send()
@@ -350,20 +279,8 @@ fn sse_delivers_one_event_per_applied_observation() {
             .starts_with("text/event-stream")
     );
     let v = series(6);
-    post(
-        &c,
-        &d,
-        "e",
-        "application/x-ndjson",
-        ndjson(&v[..4], Some(1)),
-    );
-    post(
-        &c,
-        &d,
-        "e",
-        "application/x-ndjson",
-        ndjson(&v[2..], Some(3)),
-    ); // 2 duplicates
+    post_ndjson(&c, &d, "e", ndjson(&v[..4], Some(1)));
+    post_ndjson(&c, &d, "e", ndjson(&v[2..], Some(3))); // 2 duplicates
     let events = read_events(sub, 6);
     let seqs: Vec<u64> = events
         .iter()
@@ -378,7 +295,7 @@ fn sse_delivers_one_event_per_applied_observation() {
 fn graceful_shutdown_with_an_sse_client_attached() {
     let mut d = Daemon::start();
     let c = client();
-    put(&c, &d, "g", small());
+    put(&c, &d, "g", &small());
     let sub = c
         .get(d.url("/v1/streams/g/events"))
         .send()
@@ -410,7 +327,7 @@ fn concurrent_streams_learn_as_if_alone() {
     let d = Daemon::start();
     let c = client();
     for n in ["a", "b", "alone"] {
-        assert_eq!(put(&c, &d, n, small()).status(), 201);
+        assert_eq!(put(&c, &d, n, &small()).status(), 201);
     }
     let v = series(300);
     let feed = |name: &'static str| {
@@ -450,49 +367,34 @@ fn split_steps_give_the_serial_predictions_issue_6() {
     let v = series(80);
     let run = |threads: usize| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("ekid.toml");
-        std::fs::write(
-            &cfg,
-            format!("[storage]\nfsync = \"never\"\n[engine]\nstep_threads = {threads}\n"),
-        )
-        .expect("config");
-        let cfg = cfg.to_str().expect("utf-8 path").to_owned();
+        let cfg = write_config(
+            dir.path(),
+            &format!("[storage]\nfsync = \"never\"\n[engine]\nstep_threads = {threads}\n"),
+        );
         let mut d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
         let c = client();
         let big =
             serde_json::json!({"ensemble": 720, "hidden": 32, "scale": {"min": 0, "max": 20}});
-        assert_eq!(put(&c, &d, "big", big).status(), 201);
+        assert_eq!(put(&c, &d, "big", &big).status(), 201);
         let mut preds = Vec::new();
         for (k, chunk) in v[..60].chunks(20).enumerate() {
-            let r = post(
-                &c,
-                &d,
-                "big",
-                "application/x-ndjson",
-                ndjson(chunk, Some(1 + 20 * k as u64)),
-            );
+            let r = post_ndjson(&c, &d, "big", ndjson(chunk, Some(1 + 20 * k as u64)));
             assert_eq!(r.status(), 200);
             let r: Value = r.json().expect("json");
             preds.extend(r["predictions"].as_array().expect("predictions").clone());
         }
-        let f = get(&c, &d, "/v1/streams/big/forecast?horizon=5");
+        let f = get_json(&c, &d, "/v1/streams/big/forecast?horizon=5");
         // The split runs on the step pool's two workers, started on the first split step.
         let pool = d.thread_names().iter().any(|n| n.starts_with("ekid-step"));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(pool, threads == 2 && cores >= 2, "{:?}", d.thread_names());
         assert!(d.terminate(std::time::Duration::from_secs(30)).success());
         let d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
-        let r = post(
-            &c,
-            &d,
-            "big",
-            "application/x-ndjson",
-            ndjson(&v[60..], Some(61)),
-        );
+        let r = post_ndjson(&c, &d, "big", ndjson(&v[60..], Some(61)));
         assert_eq!(r.status(), 200);
         let r: Value = r.json().expect("json");
         preds.extend(r["predictions"].as_array().expect("predictions").clone());
-        let after = get(&c, &d, "/v1/streams/big/forecast?horizon=5");
+        let after = get_json(&c, &d, "/v1/streams/big/forecast?horizon=5");
         // The recovered stream splits too.
         let pool = d.thread_names().iter().any(|n| n.starts_with("ekid-step"));
         assert_eq!(pool, threads == 2 && cores >= 2, "{:?}", d.thread_names());
@@ -518,7 +420,7 @@ fn spread_and_noise_of_several_outputs_are_in_each_outputs_units() {
     let c = client();
     let options = json!({"ensemble": 32, "hidden": 4, "lags": 3, "outputs": 2, "seed": 5});
     for name in ["a", "b"] {
-        assert_eq!(put(&c, &d, name, options.clone()).status(), 201);
+        assert_eq!(put(&c, &d, name, &options).status(), 201);
     }
     let rows = |k: f64| -> String {
         series(60)
@@ -528,12 +430,9 @@ fn spread_and_noise_of_several_outputs_are_in_each_outputs_units() {
             .collect()
     };
     for (name, k) in [("a", 1.0), ("b", 1000.0)] {
-        assert_eq!(
-            post(&c, &d, name, "application/x-ndjson", rows(k)).status(),
-            200
-        );
+        assert_eq!(post_ndjson(&c, &d, name, rows(k)).status(), 200);
     }
-    let stats = |name: &str| get(&c, &d, &format!("/v1/streams/{name}"))["stats"].clone();
+    let stats = |name: &str| get_json(&c, &d, &format!("/v1/streams/{name}"))["stats"].clone();
     let (a, b) = (stats("a"), stats("b"));
     let num = |s: &Value, k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k}: {s}"));
     // Before 500 predictions the noise estimate is the running mean of the squared errors,

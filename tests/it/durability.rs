@@ -9,89 +9,47 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, client};
+use crate::util::{Daemon, client, fingerprint, get_json, ndjson, post_ndjson, put, write_config};
 
-const OPTIONS: &str =
-    r#"{"ensemble": 16, "hidden": 4, "lags": 3, "scale": {"min": -2, "max": 12}}"#;
+/// The options of every stream here.
+fn options() -> Value {
+    json!({"ensemble": 16, "hidden": 4, "lags": 3, "scale": {"min": -2, "max": 12}})
+}
 
 /// The value a stream observes at `seq`: any replay can regenerate it.
 fn value(stream: usize, seq: u64) -> f64 {
     5.0 + 4.0 * ((seq as f64) / (5.0 + stream as f64)).sin() + 0.01 * (seq % 13) as f64
 }
 
-fn ndjson(stream: usize, from: u64, n: u64) -> String {
-    (from..from + n)
-        .map(|s| format!("{{\"seq\": {s}, \"y\": {}}}\n", value(stream, s)))
-        .collect()
+/// NDJSON of observations `from..from + n` of `stream`, seq-tagged.
+fn observations(stream: usize, from: u64, n: u64) -> String {
+    let values: Vec<f64> = (from..from + n).map(|s| value(stream, s)).collect();
+    ndjson(&values, Some(from))
 }
 
 fn create(c: &Client, d: &Daemon, name: &str) {
-    let r = c
-        .put(d.url(&format!("/v1/streams/{name}")))
-        .header("content-type", "application/json")
-        .body(OPTIONS)
-        .send()
-        .expect("PUT");
+    let r = put(c, d, name, &options());
     assert!(r.status().is_success(), "create {name}: {}", r.status());
-}
-
-fn post(
-    c: &Client,
-    d: &Daemon,
-    name: &str,
-    body: String,
-) -> reqwest::Result<reqwest::blocking::Response> {
-    c.post(d.url(&format!("/v1/streams/{name}/observations")))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-}
-
-fn get(c: &Client, d: &Daemon, path: &str) -> Value {
-    let r = c.get(d.url(path)).send().expect("GET");
-    let status = r.status();
-    let body = r.text().expect("body");
-    assert_eq!(status, 200, "GET {path}: {body}\n{}", d.log());
-    serde_json::from_str(&body).expect("json")
-}
-
-/// What must be identical after a restart: stats (minus the wall-clock time) and a forecast.
-fn fingerprint(c: &Client, d: &Daemon, name: &str) -> (Value, Value) {
-    let mut s = get(c, d, &format!("/v1/streams/{name}"));
-    s["stats"]["last_update"] = Value::Null;
-    let mut f = get(
-        c,
-        d,
-        &format!("/v1/streams/{name}/forecast?horizon=5&level=0.8"),
-    );
-    f["stream"] = json!(name);
-    (s, f)
-}
-
-fn config(dir: &Path, extra: &str) -> String {
-    let p = dir.join("ekid.toml");
-    std::fs::write(&p, format!("[storage]\n{extra}\n")).expect("write config");
-    p.to_str().expect("utf-8").to_owned()
 }
 
 #[test]
 fn a_restart_after_sigterm_or_kill9_is_bit_identical() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let cfg = config(tmp.path(), "snapshot_every = 25");
+    let cfg = write_config(tmp.path(), "[storage]\nsnapshot_every = 25\n");
     let c = client();
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
     create(&c, &d, "a");
     create(&c, &d, "b");
     let mut seq = 1;
     for n in [1u64, 7, 30, 2, 19] {
-        post(&c, &d, "a", ndjson(0, seq, n)).expect("post");
+        post_ndjson(&c, &d, "a", observations(0, seq, n));
         seq += n;
     }
-    post(&c, &d, "b", ndjson(1, 1, 4)).expect("post"); // still filling its lags + a bit
+    post_ndjson(&c, &d, "b", observations(1, 1, 4)); // still filling its lags + a bit
     let before = (
         fingerprint(&c, &d, "a"),
-        get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
+        get_json(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
     );
 
     // Graceful: final snapshot.
@@ -99,16 +57,16 @@ fn a_restart_after_sigterm_or_kill9_is_bit_identical() {
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
     let after = (
         fingerprint(&c, &d, "a"),
-        get(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
+        get_json(&c, &d, "/v1/streams/b")["stats"]["last_seq"].clone(),
     );
     assert_eq!(before, after);
     // When it last learned survives too (from its files), not null until the next batch.
-    let stats = get(&c, &d, "/v1/streams/a")["stats"].clone();
+    let stats = get_json(&c, &d, "/v1/streams/a")["stats"].clone();
     assert!(stats["last_update"].is_string(), "{stats}");
 
     // Crash: more data, then kill -9 with no chance to flush or snapshot.
-    post(&c, &d, "a", ndjson(0, seq, 11)).expect("post");
-    post(&c, &d, "b", ndjson(1, 5, 3)).expect("post");
+    post_ndjson(&c, &d, "a", observations(0, seq, 11));
+    post_ndjson(&c, &d, "b", observations(1, 5, 3));
     let before = (fingerprint(&c, &d, "a"), fingerprint(&c, &d, "b"));
     d.kill9();
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
@@ -180,7 +138,7 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
         .unwrap_or(8);
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let cfg = config(tmp.path(), "snapshot_every = 40");
+    let cfg = write_config(tmp.path(), "[storage]\nsnapshot_every = 40\n");
     let streams = ["s0", "s1", "s2"];
     let reference = Daemon::start();
     let c = client();
@@ -230,7 +188,7 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
                         let r = c
                             .post(format!("{url}/observations"))
                             .header("content-type", "application/x-ndjson")
-                            .body(ndjson(i, from, n))
+                            .body(observations(i, from, n))
                             .send();
                         match r {
                             Ok(r) if r.status().is_success() => {
@@ -276,7 +234,7 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
             let mut from = 1;
             while from <= last {
                 let n = (last + 1 - from).min(20_000);
-                let resp = post(&c, &reference, &r, ndjson(i, from, n)).expect("reference");
+                let resp = post_ndjson(&c, &reference, &r, observations(i, from, n));
                 assert!(resp.status().is_success(), "reference: {}", resp.status());
                 from += n;
             }
@@ -325,7 +283,7 @@ fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
     let d = Daemon::start_in(&data, &[]);
     create(&c, &d, "f");
     assert_eq!(
-        post(&c, &d, "f", ndjson(0, 1, 20)).expect("post").status(),
+        post_ndjson(&c, &d, "f", observations(0, 1, 20)).status(),
         200
     );
     let before = fingerprint(&c, &d, "f");
@@ -342,7 +300,7 @@ fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
     }
     let started = Instant::now();
     // Larger than what is left of the log's last page.
-    let r = post(&c, &d, "f", ndjson(0, 21, 1000)).expect("post");
+    let r = post_ndjson(&c, &d, "f", observations(0, 21, 1000));
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     let p: Value = r.json().expect("problem");
@@ -355,7 +313,7 @@ fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
     );
     // Space returns: the same batch goes through, and survives a crash.
     std::fs::remove_file(&filler).expect("rm filler");
-    let r = post(&c, &d, "f", ndjson(0, 21, 1000)).expect("post");
+    let r = post_ndjson(&c, &d, "f", observations(0, 21, 1000));
     assert_eq!(r.status(), 200);
     let after = fingerprint(&c, &d, "f");
     assert_eq!(after.0["stats"]["last_seq"], 1020);
@@ -370,16 +328,16 @@ fn with_fsync_interval_a_kill9_of_the_daemon_loses_nothing() {
     // acknowledged batch are in the kernel before the reply, so a killed process keeps them.
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let cfg = config(
+    let cfg = write_config(
         tmp.path(),
-        "fsync = \"interval\"\nfsync_interval_ms = 60000",
+        "[storage]\nfsync = \"interval\"\nfsync_interval_ms = 60000\n",
     );
     let c = client();
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
     create(&c, &d, "a");
     let mut seq = 1;
     for n in [5u64, 17, 3] {
-        post(&c, &d, "a", ndjson(0, seq, n)).expect("post");
+        post_ndjson(&c, &d, "a", observations(0, seq, n));
         seq += n;
     }
     let before = fingerprint(&c, &d, "a");

@@ -4,9 +4,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::util::{Daemon, assert_success, client, dataset, ekid, run_ok};
+use crate::util::{Daemon, assert_success, client, dataset, ekid, get_json, run_ok};
 
 fn replay(args: &[&str]) -> Output {
     let out = ekid()
@@ -21,15 +19,6 @@ fn replay(args: &[&str]) -> Output {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stream(d: &Daemon, name: &str) -> Value {
-    let r = client()
-        .get(d.url(&format!("/v1/streams/{name}")))
-        .send()
-        .expect("GET stream");
-    assert_eq!(r.status(), 200, "GET {name}");
-    r.json().expect("stream json")
 }
 
 fn s(p: &Path) -> &str {
@@ -85,7 +74,7 @@ fn replay_predictions_equal_eval_bit_for_bit_issue_3() {
             )),
             "{err}"
         );
-        let st = stream(&d, &name);
+        let st = get_json(&client(), &d, &format!("/v1/streams/{name}"));
         assert_eq!(st["stats"]["observations"], n as u64);
         assert_eq!(st["stats"]["last_seq"], n as u64);
     }
@@ -96,6 +85,7 @@ fn replay_predictions_equal_eval_bit_for_bit_issue_3() {
 #[test]
 fn replay_resumes_from_the_streams_last_seq() {
     let d = Daemon::start();
+    let c = client();
     let dir = tempfile::tempdir().expect("tempdir");
     let full = dataset("daily-min-temperatures.csv");
     let text = std::fs::read_to_string(&full).expect("read dataset");
@@ -122,14 +112,14 @@ fn replay_resumes_from_the_streams_last_seq() {
     };
 
     run(&part, "resumed", &p("first.csv"));
-    let st = stream(&d, "resumed");
+    let st = get_json(&c, &d, "/v1/streams/resumed");
     assert_eq!(st["stats"]["observations"], 1000);
     assert_eq!(st["stats"]["last_seq"], 1000);
 
     let second = run(&full, "resumed", &p("second.csv"));
     let err = stderr(&second);
     assert!(err.contains("replayed 2650 observations"), "{err}");
-    let st = stream(&d, "resumed");
+    let st = get_json(&c, &d, "/v1/streams/resumed");
     assert_eq!(st["stats"]["observations"], 3650);
     assert_eq!(st["stats"]["last_seq"], 3650);
 
@@ -154,7 +144,10 @@ fn replay_resumes_from_the_streams_last_seq() {
     assert!(err.contains("replayed 0 observations"), "{err}");
     let third = std::fs::read_to_string(p("third.csv")).expect("third predictions");
     assert_eq!(third.lines().count(), 1, "{third}");
-    assert_eq!(stream(&d, "resumed")["stats"]["observations"], 3650);
+    assert_eq!(
+        get_json(&c, &d, "/v1/streams/resumed")["stats"]["observations"],
+        3650
+    );
 
     // Flags that contradict the existing stream are an error, not a silent change.
     let out = ekid()
@@ -205,5 +198,8 @@ fn f32_replay_predictions_equal_eval_bit_for_bit_issue_6() {
     let (_, a, b) = replay_and_eval(&d, dir.path(), &path, "f", &["--precision", "f32"]);
     assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 2821);
     assert!(a == b, "replay and eval predictions differ");
-    assert_eq!(stream(&d, "f")["options"]["precision"], "f32");
+    assert_eq!(
+        get_json(&client(), &d, "/v1/streams/f")["options"]["precision"],
+        "f32"
+    );
 }

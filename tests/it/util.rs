@@ -1,10 +1,15 @@
-//! Helpers to run the real binary: `ekid` commands, and a daemon on an ephemeral loopback port
-//! with a temporary data directory that can be stopped gracefully or killed.
+//! Helpers to run the real binary: `ekid` commands, a daemon on an ephemeral loopback port
+//! with a temporary data directory that can be stopped gracefully or killed, and the requests
+//! the tests send it.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use serde_json::Value;
 
 pub fn ekid() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ekid"))
@@ -54,6 +59,15 @@ impl Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("data");
         let mut d = Self::start_in(&dir, extra);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts a daemon with a fresh data directory and `config` (TOML) as its `--config` file.
+    pub fn start_config(config: &str) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = write_config(tmp.path(), config);
+        let mut d = Self::start_in(&tmp.path().join("data"), &["--config", &cfg]);
         d._tmp = Some(tmp);
         d
     }
@@ -121,7 +135,7 @@ impl Daemon {
         read(&self.log)
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
@@ -164,6 +178,121 @@ impl Drop for Daemon {
     }
 }
 
+/// Writes `text` to `DIR/ekid.toml` and returns its path, for `--config`.
+pub fn write_config(dir: &Path, text: &str) -> String {
+    let p = dir.join("ekid.toml");
+    std::fs::write(&p, text).expect("write config");
+    p.to_str().expect("utf-8 path").to_owned()
+}
+
+/// PUTs stream `options` (as JSON) to `/v1/streams/{name}`.
+pub fn put(c: &Client, d: &Daemon, name: &str, options: &Value) -> Response {
+    c.put(d.url(&format!("/v1/streams/{name}")))
+        .json(options)
+        .send()
+        .expect("PUT")
+}
+
+/// POSTs `body` as `content_type` to `/v1/streams/{name}/observations`.
+pub fn post(
+    c: &Client,
+    d: &Daemon,
+    name: &str,
+    content_type: &str,
+    body: impl Into<String>,
+) -> Response {
+    c.post(d.url(&format!("/v1/streams/{name}/observations")))
+        .header("content-type", content_type)
+        .body(body.into())
+        .send()
+        .expect("POST")
+}
+
+/// POSTs NDJSON observations to `/v1/streams/{name}/observations`.
+pub fn post_ndjson(c: &Client, d: &Daemon, name: &str, body: impl Into<String>) -> Response {
+    post(c, d, name, "application/x-ndjson", body)
+}
+
+/// The JSON body of a response.
+pub fn json_of(r: Response) -> Value {
+    r.json().expect("json body")
+}
+
+/// GETs `path`, asserting 200, and returns its JSON body.
+pub fn get_json(c: &Client, d: &Daemon, path: &str) -> Value {
+    let r = c.get(d.url(path)).send().expect("GET");
+    let status = r.status();
+    let body = r.text().expect("body");
+    assert_eq!(status, 200, "GET {path}: {body}\n{}", d.log());
+    serde_json::from_str(&body).expect("json")
+}
+
+/// Sends a request and returns [`parts`] of its response.
+pub fn send(r: RequestBuilder) -> (u16, Value, String) {
+    parts(r.send().expect("request"))
+}
+
+/// A response's status, its JSON body (`null` if it has none) and its content type (empty if
+/// none).
+pub fn parts(r: Response) -> (u16, Value, String) {
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let body: Value = r.json().unwrap_or(Value::Null);
+    (status, body, ct)
+}
+
+/// Everything a client can see of a stream but the wall clock: its description (without
+/// `last_update`) and a forecast. Equal fingerprints, equal streams.
+pub fn fingerprint(c: &Client, d: &Daemon, name: &str) -> (Value, Value) {
+    let mut s = get_json(c, d, &format!("/v1/streams/{name}"));
+    s["stats"]["last_update"] = Value::Null;
+    let f = get_json(
+        c,
+        d,
+        &format!("/v1/streams/{name}/forecast?horizon=5&level=0.8"),
+    );
+    (s, f)
+}
+
+/// Writes `request` as it is on a new connection (what an HTTP client would normalise or
+/// refuse to send) and returns the status code (0 if none) and the body text.
+pub fn raw_request(d: &Daemon, request: &str) -> (u16, String) {
+    let mut sock = TcpStream::connect(d.base.trim_start_matches("http://")).expect("connect");
+    sock.write_all(request.as_bytes()).expect("write");
+    let mut out = String::new();
+    let _ = sock.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// A smooth test series of `n` values around 10.
+pub fn series(n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| 10.0 + 5.0 * (i as f64 / 6.0).sin() + 0.1 * (i % 7) as f64)
+        .collect()
+}
+
+/// NDJSON observations of `values`, numbered from `first_seq` when given.
+pub fn ndjson(values: &[f64], first_seq: Option<u64>) -> String {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match first_seq {
+            Some(s) => format!("{{\"seq\": {}, \"y\": {v}}}\n", s + i as u64),
+            None => format!("{{\"y\": {v}}}\n"),
+        })
+        .collect()
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -173,6 +302,45 @@ pub fn client() -> reqwest::blocking::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("http client")
+}
+
+/// Runs `ekid serve` on `data_dir` expecting it to refuse to start: returns its exit status and
+/// what it printed on stderr. Panics if it starts listening instead.
+pub fn serve_refused(data_dir: &Path, extra: &[&str]) -> (ExitStatus, String) {
+    let mut child = ekid()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ekid serve");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    if line.starts_with("listening on") {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        panic!(
+            "the daemon started on {}: {line}{}",
+            data_dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `kB` field of `/proc/PID/status` (Linux), such as `VmHWM` (peak resident memory).
+pub fn proc_status_kb(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
 impl Daemon {

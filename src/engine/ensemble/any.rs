@@ -2,6 +2,7 @@
 //! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
 
 use super::{Ensemble, EnsembleState, Footprint, StepReport, widen};
+use crate::engine::model::Learner;
 use crate::engine::network::Layout;
 use crate::engine::options::Options;
 use crate::engine::real::{Precision, Real};
@@ -109,5 +110,18 @@ impl AnyEnsemble {
     /// The mean particle and its hidden state, as `f64`.
     pub fn mean_f64(&self) -> (Vec<f64>, Vec<f64>) {
         each!(self, e => (widen(e.mean()), widen(e.mean_hidden())))
+    }
+}
+
+/// The ensemble as `OnlineModel` drives it, whatever its precision.
+impl Learner for AnyEnsemble {
+    fn step(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) {
+        AnyEnsemble::step(self, z, y, pred);
+    }
+    fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
+        AnyEnsemble::predict_frozen(self, z, pred);
+    }
+    fn reset_state(&mut self) {
+        self.reset_hidden();
     }
 }

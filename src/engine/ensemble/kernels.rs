@@ -112,7 +112,7 @@ pub fn scale_and_next_mean<'r, T: Real>(
 
 /// Particles per block of the plain update pass: eight rows share each load and store of the
 /// new mean's running sum. Against blocks of four: 3.97 → 3.47 ms (`f64`) and 1.24 → 1.13 ms
-/// (`f32`) per observation at J=2000, hidden 32 (BENCHMARKS.md, fourth session).
+/// (`f32`) per observation at J=2000, hidden 32 (BENCHMARKS.md, decisions).
 pub const UPDATE_BLOCK: usize = 8;
 
 /// The plain update of a block (one output, no inflation, no momentum): `u_b[p] += c[p]·q_b`,

@@ -525,7 +525,6 @@ impl<T: Real> Ensemble<T> {
 
     /// [`Ensemble::step`] on the calling thread (on the step pool when the step splits).
     fn step_here(&mut self, z: &[f64], y: &[f64], pred: &mut [f64]) -> StepReport {
-        let m = self.layout.outputs;
         debug_assert!(z.iter().chain(y).all(|v| v.is_finite()));
 
         // 1. Predict with the mean particle.
@@ -535,7 +534,41 @@ impl<T: Real> Ensemble<T> {
         self.predict_frozen(z, pred);
 
         // 2. Forward every particle, fusing the cross-covariance accumulation.
-        let mut all_healthy = pred.iter().all(|v| v.is_finite());
+        let forward = self.forward_particles(z, pred);
+        let mut report = StepReport {
+            repaired: 0,
+            step_size: 1.0,
+        };
+        if !forward.healthy {
+            report.repaired = self.repair(z, pred);
+        }
+
+        // 3. Output-space statistics.
+        self.output_statistics(y);
+
+        // 4. Coefficients q_j: u_j += C^{uw} q_j.
+        let ws = &mut self.ws;
+        report.step_size = self.update.coefficients(&ws.w, &mut ws.cww, y, &mut ws.q);
+
+        // 5. The rest of C^{uw} (two threads), its scaling, ū' and the update pass.
+        self.update_particles(pred, forward);
+        self.steps += 1;
+
+        // 6. EKI(R): periodically re-draw around the mean so the ensemble does not collapse.
+        if let Some(s) = self.spread
+            && self.steps.is_multiple_of(s.every)
+        {
+            let gamma = s.gamma * s.decay.powi(self.respreads.min(i32::MAX as u64) as i32);
+            self.respread(gamma);
+            self.respreads += 1;
+        }
+        report
+    }
+
+    /// Runs every particle one cell step into `ws.w` and, while the predictions are healthy,
+    /// accumulates C^{uw} shifted by the mean particle's prediction `pred`.
+    fn forward_particles(&mut self, z: &[f64], pred: &[f64]) -> ForwardPass {
+        let mut healthy_so_far = pred.iter().all(|v| v.is_finite());
         self.ws.cuw.fill(T::ZERO);
         let Workspace {
             w,
@@ -546,69 +579,60 @@ impl<T: Real> Ensemble<T> {
             hidden_next,
             ..
         } = &mut self.ws;
-        // Two threads (the particles stored as panels): the left panel's C^{uw} sums from
-        // `left_done` on may still be due after the forward (the update pass finishes them).
-        let mut left_done = None;
-        if let Some(c) = self.cut {
-            network::load_inputs(&self.layout, scratch_b, z);
-            hidden_next.resize(self.hidden.len(), T::ZERO);
-            let touch = touch_ahead::<T>(self.particles.len());
-            let (left, right) = self.particles.split_at(self.j * c);
-            let (ok, done) = parallel::forward(
-                &self.layout,
-                parallel::Panels { left, right, touch },
-                &self.hidden,
-                hidden_next,
-                w,
-                healthy,
-                scratch,
-                scratch_b,
-                cuw,
-                &self.mean,
-                pred,
-                &mut self.spare,
-            );
-            std::mem::swap(&mut self.hidden, hidden_next);
-            all_healthy &= ok;
-            left_done = Some(done);
-        } else {
-            all_healthy &= forward_rows(
+        let Some(c) = self.cut else {
+            let healthy = forward_rows(
                 &self.layout,
                 &self.particles,
                 &mut self.hidden,
                 w,
                 healthy,
                 scratch,
-                all_healthy.then_some(Accumulate {
+                healthy_so_far.then_some(Accumulate {
                     cuw,
                     mean: &self.mean,
                     pred,
                 }),
                 touch_ahead::<T>(self.particles.len()),
             );
-        }
-        let mut report = StepReport {
-            repaired: 0,
-            step_size: 1.0,
+            return ForwardPass {
+                healthy: healthy_so_far && healthy,
+                left_done: None,
+            };
         };
-        if !all_healthy {
-            report.repaired = self.repair(z, pred);
-        }
-
-        // 3. Output-space statistics.
-        let inv_j = 1.0 / self.j as f64;
-        let Workspace {
+        network::load_inputs(&self.layout, scratch_b, z);
+        hidden_next.resize(self.hidden.len(), T::ZERO);
+        let touch = touch_ahead::<T>(self.particles.len());
+        let (left, right) = self.particles.split_at(self.j * c);
+        let (ok, done) = parallel::forward(
+            &self.layout,
+            parallel::Panels { left, right, touch },
+            &self.hidden,
+            hidden_next,
             w,
-            q,
+            healthy,
+            scratch,
+            scratch_b,
             cuw,
-            cww,
-            wbar,
-            qbar,
-            next_mean,
-            ..
-        } = &mut self.ws;
-        // Sums over particles, each in particle order from 0.0 (as they always ran), one output
-        // (pair) at a time so that the running sum stays in a register.
+            &self.mean,
+            pred,
+            &mut self.spare,
+        );
+        std::mem::swap(&mut self.hidden, hidden_next);
+        healthy_so_far &= ok;
+        ForwardPass {
+            healthy: healthy_so_far,
+            left_done: Some(done),
+        }
+    }
+
+    /// The particles' mean prediction w̄, C^{ww}, the prediction variance and each particle's
+    /// running squared error against `y`.
+    fn output_statistics(&mut self, y: &[f64]) {
+        let m = self.layout.outputs;
+        let inv_j = 1.0 / self.j as f64;
+        let Workspace { w, cww, wbar, .. } = &mut self.ws;
+        // Sums over particles, each in particle order from 0.0, one output (pair) at a time so
+        // that the running sum stays in a register.
         mean_over_particles(w, m, inv_j, wbar);
         for a in 0..m {
             for b in 0..m {
@@ -627,9 +651,22 @@ impl<T: Real> Ensemble<T> {
                 .map(|(a, b)| (a - b) * (a - b))
                 .sum::<f64>();
         }
+    }
 
-        // 4. Coefficients q_j: u_j += C^{uw} q_j.
-        report.step_size = self.update.coefficients(w, cww, y, q);
+    /// `u_j += C^{uw} q_j` for every particle (plus inflation and the Nesterov extrapolation
+    /// when enabled), finishing the left panel's C^{uw} sums the forward left due, and the new
+    /// exact mean: every particle read and written once.
+    fn update_particles(&mut self, pred: &[f64], forward: ForwardPass) {
+        let m = self.layout.outputs;
+        let inv_j = 1.0 / self.j as f64;
+        let Workspace {
+            w,
+            q,
+            cuw,
+            qbar,
+            next_mean,
+            ..
+        } = &mut self.ws;
         mean_over_particles(q, m, inv_j, qbar);
         let nesterov = self.momentum.then(|| {
             // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
@@ -637,9 +674,7 @@ impl<T: Real> Ensemble<T> {
             let n = (self.steps % self.momentum_restart) as f64;
             T::from_f64(n / (n + 3.0))
         });
-        // 5. The rest of C^{uw} (two threads), its scaling, ū' and the update pass: read and
-        // write every particle once, summing the new mean.
-        let due = left_done.filter(|&s| all_healthy && s < self.j);
+        let due = forward.left_done.filter(|&s| forward.healthy && s < self.j);
         parallel::Finish {
             m,
             inv_j,
@@ -647,7 +682,7 @@ impl<T: Real> Ensemble<T> {
             nesterov,
             q,
             qbar,
-            continuation: due.map(|s| (s, &w[..], &pred[..])),
+            continuation: due.map(|s| (s, &w[..], pred)),
         }
         .run(
             &mut self.particles,
@@ -661,17 +696,6 @@ impl<T: Real> Ensemble<T> {
         for v in self.mean.iter_mut() {
             *v *= inv;
         }
-        self.steps += 1;
-
-        // 6. EKI(R): periodically re-draw around the mean so the ensemble does not collapse.
-        if let Some(s) = self.spread
-            && self.steps.is_multiple_of(s.every)
-        {
-            let gamma = s.gamma * s.decay.powi(self.respreads.min(i32::MAX as u64) as i32);
-            self.respread(gamma);
-            self.respreads += 1;
-        }
-        report
     }
 
     fn respread(&mut self, gamma: f64) {
@@ -857,6 +881,14 @@ fn mean_over_particles(v: &[f64], m: usize, inv_j: f64, out: &mut [f64]) {
     }
 }
 
+/// What the forward pass leaves the update: whether every prediction was finite, and (two
+/// threads) the particle from which the left panel's C^{uw} sums are still due.
+#[derive(Debug, Clone, Copy)]
+struct ForwardPass {
+    healthy: bool,
+    left_done: Option<usize>,
+}
+
 /// The cross-covariance accumulation fused into a forward pass.
 struct Accumulate<'a, T> {
     /// `m×d`, zeroed by the caller.
@@ -944,9 +976,9 @@ fn touch_ahead<T>(work: usize) -> bool {
 /// Blocks ahead whose cache lines the forward touches (see [`forward_rows`]).
 const TOUCH_AHEAD: usize = 4;
 /// Ensemble bytes from which it does: 16 MiB of particles, half the (shared) L3. Measured on
-/// the development machine (BENCHMARKS.md, issue 6): about 7% faster at J=2000, hidden 32
+/// the development machine (BENCHMARKS.md, decisions): about 7% faster at J=2000, hidden 32
 /// (24 MB), 5% slower at J=2000, hidden 16 (8 MB, which the L3 holds); the two-thread forward
-/// alike (0–8% slower split at 9.5–14 MB, 10% faster at 24 MB; fifth session).
+/// alike (0–8% slower split at 9.5–14 MB, 10% faster at 24 MB).
 const TOUCH_MIN_BYTES: usize = 16 << 20;
 
 #[cfg(test)]

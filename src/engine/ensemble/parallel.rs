@@ -100,6 +100,33 @@ pub struct Spare<T> {
     state: Vec<T>,
 }
 
+impl<T: Real> Spare<T> {
+    /// The hand-over slots and buffers sized for `j` particles of `layout` (allocated on the
+    /// first split step, then kept).
+    #[allow(clippy::type_complexity, reason = "the four buffers, borrowed apart")]
+    fn fit(
+        &mut self,
+        layout: &Layout,
+        j: usize,
+    ) -> (&[AtomicU64], &[AtomicU64], &mut Vec<f64>, &mut [T]) {
+        let (m, r) = (layout.outputs, row_cut(layout));
+        if self.states.len() != j * r {
+            self.states = (0..j * r).map(|_| AtomicU64::new(0)).collect();
+        }
+        if self.predictions.len() != j * m {
+            self.predictions = (0..j * m).map(|_| AtomicU64::new(0)).collect();
+        }
+        self.w_left.resize(j * m, 0.0);
+        self.state.resize(r, T::ZERO);
+        (
+            &self.states,
+            &self.predictions,
+            &mut self.w_left,
+            &mut self.state,
+        )
+    }
+}
+
 impl<T: Default> Clone for Spare<T> {
     fn clone(&self) -> Self {
         Self::default()
@@ -115,7 +142,7 @@ impl<T> std::fmt::Debug for Spare<T> {
 /// The two panels of a split ensemble's particles (`J×c` and `J×(d − c)`), and whether the
 /// forward touches each ahead ([`super::touch_ahead`], by the whole ensemble's bytes as in the
 /// serial forward: split `f64` ensembles of 9.5–14 MB ran 0–8% slower with the touch, 24 MB
-/// 10% faster; BENCHMARKS.md, fifth session).
+/// 10% faster; BENCHMARKS.md, decisions).
 pub(super) struct Panels<'a, T> {
     pub left: &'a [T],
     pub right: &'a [T],
@@ -146,24 +173,10 @@ pub(super) fn forward<T: Real>(
     pred: &[f64],
     spare: &mut Spare<T>,
 ) -> (bool, usize) {
-    let (m, nh, k) = (layout.outputs, layout.hidden, layout.row());
-    let r = row_cut(layout);
-    let (c, cr) = (r * k, layout.dim() - r * k);
+    let (m, k) = (layout.outputs, layout.row());
+    let c = row_cut(layout) * k;
     let j = panels.left.len() / c;
-    let Spare {
-        states,
-        predictions,
-        w_left,
-        state,
-    } = spare;
-    if states.len() != j * r {
-        *states = (0..j * r).map(|_| AtomicU64::new(0)).collect();
-    }
-    if predictions.len() != j * m {
-        *predictions = (0..j * m).map(|_| AtomicU64::new(0)).collect();
-    }
-    w_left.resize(j * m, 0.0);
-    state.resize(r, T::ZERO);
+    let (states, predictions, w_left, state) = spare.fit(layout, j);
     let (cuw_l, cuw_r) = cuw.split_at_mut(m * c);
     let (mean_l, mean_r) = mean.split_at(c);
     let hand_over = HandOver {
@@ -175,99 +188,161 @@ pub(super) fn forward<T: Real>(
         right_started: AtomicBool::new(false),
         right_finished: AtomicBool::new(false),
     };
-    let (left_done, ok) = rayon::join(
-        || {
-            let _finished = SetOnDrop(&hand_over.left_finished);
-            let (x, _) = split_scratch(scratch_a, layout);
-            let mut sums = Sums {
-                cuw: cuw_l,
-                mean: mean_l,
-                rows: panels.left,
-                pred,
-                w: w_left,
-                done: 0,
-            };
-            for (b, blk) in panels.left.chunks(BLOCK * c).enumerate() {
-                let j0 = b * BLOCK;
-                if panels.touch {
-                    touch_block(panels.left, b + TOUCH_AHEAD, BLOCK * c);
-                }
-                for (i, u) in blk.chunks_exact(c).enumerate() {
-                    let jj = j0 + i;
-                    x[..nh].copy_from_slice(&hidden[jj * nh..(jj + 1) * nh]);
-                    network::cell_rows(u, x, state);
-                    for (slot, v) in hand_over.states[jj * r..(jj + 1) * r].iter().zip(&*state) {
-                        slot.store(v.to_f64().to_bits(), Ordering::Relaxed);
-                    }
-                }
-                let produced = j0 + blk.len() / c;
-                hand_over.left.store(produced, Ordering::Release);
-                sums.catch_up(&hand_over, produced, j);
+    let left = LeftHalf {
+        layout,
+        rows: panels.left,
+        touch: panels.touch,
+        hidden,
+        scratch: scratch_a,
+        state,
+    };
+    let sums = Sums {
+        cuw: cuw_l,
+        mean: mean_l,
+        rows: panels.left,
+        pred,
+        w: w_left,
+        done: 0,
+    };
+    let right = RightHalf {
+        layout,
+        rows: panels.right,
+        touch: panels.touch,
+        hidden,
+        hidden_next,
+        w,
+        healthy,
+        scratch: scratch_b,
+        cuw: cuw_r,
+        mean: mean_r,
+        pred,
+    };
+    let (left_done, ok) = rayon::join(|| left.run(&hand_over, sums), || right.run(&hand_over));
+    (ok && pred.iter().all(|v| v.is_finite()), left_done)
+}
+
+/// The left thread of the forward: the first `r` cell rows of every particle (its panel), each
+/// new state handed over as it is made; the C^{uw} sums of its panel as the predictions come
+/// back.
+struct LeftHalf<'a, T> {
+    layout: &'a Layout,
+    rows: &'a [T],
+    touch: bool,
+    hidden: &'a [T],
+    scratch: &'a mut [T],
+    state: &'a mut [T],
+}
+
+impl<T: Real> LeftHalf<'_, T> {
+    /// Returns how many particles' sums are done (see [`Sums::catch_up`]).
+    fn run(self, hand_over: &HandOver, mut sums: Sums<T>) -> usize {
+        let _finished = SetOnDrop(&hand_over.left_finished);
+        let (nh, r) = (self.layout.hidden, row_cut(self.layout));
+        let c = r * self.layout.row();
+        let j = self.rows.len() / c;
+        let (x, _) = split_scratch(self.scratch, self.layout);
+        for (b, blk) in self.rows.chunks(BLOCK * c).enumerate() {
+            let j0 = b * BLOCK;
+            if self.touch {
+                touch_block(self.rows, b + TOUCH_AHEAD, BLOCK * c);
             }
-            sums.catch_up(&hand_over, j, j);
-            sums.done
-        },
-        || {
-            hand_over.right_started.store(true, Ordering::Release);
-            let _finished = SetOnDrop(&hand_over.right_finished);
-            let (x, out) = split_scratch(scratch_b, layout);
-            let cell = (nh - r) * k;
-            let mut all = true;
-            for (b, (((blk, hb), wb), okb)) in panels
-                .right
-                .chunks(BLOCK * cr)
-                .zip(hidden_next.chunks_mut(BLOCK * nh))
-                .zip(w.chunks_mut(BLOCK * m))
-                .zip(healthy.chunks_mut(BLOCK))
+            for (i, u) in blk.chunks_exact(c).enumerate() {
+                let jj = j0 + i;
+                x[..nh].copy_from_slice(&self.hidden[jj * nh..(jj + 1) * nh]);
+                network::cell_rows(u, x, self.state);
+                for (slot, v) in hand_over.states[jj * r..(jj + 1) * r]
+                    .iter()
+                    .zip(&*self.state)
+                {
+                    slot.store(v.to_f64().to_bits(), Ordering::Relaxed);
+                }
+            }
+            let produced = j0 + blk.len() / c;
+            hand_over.left.store(produced, Ordering::Release);
+            sums.catch_up(hand_over, produced, j);
+        }
+        sums.catch_up(hand_over, j, j);
+        sums.done
+    }
+}
+
+/// The right thread of the forward: the rest of the cell rows and the read-out of every
+/// particle (its panel), completing each state with the left's hand-over, handing each
+/// prediction back, and summing its panel's C^{uw} block by block.
+struct RightHalf<'a, T> {
+    layout: &'a Layout,
+    rows: &'a [T],
+    touch: bool,
+    hidden: &'a [T],
+    hidden_next: &'a mut [T],
+    w: &'a mut [f64],
+    healthy: &'a mut [bool],
+    scratch: &'a mut [T],
+    /// `m×(d − c)`: the right columns of C^{uw}, unscaled.
+    cuw: &'a mut [T],
+    mean: &'a [T],
+    pred: &'a [f64],
+}
+
+impl<T: Real> RightHalf<'_, T> {
+    /// Returns whether every prediction was finite (false too when the left half is gone).
+    fn run(self, hand_over: &HandOver) -> bool {
+        hand_over.right_started.store(true, Ordering::Release);
+        let _finished = SetOnDrop(&hand_over.right_finished);
+        let layout = self.layout;
+        let (m, nh, k) = (layout.outputs, layout.hidden, layout.row());
+        let r = row_cut(layout);
+        let cr = layout.dim() - r * k;
+        let (x, out) = split_scratch(self.scratch, layout);
+        let cell = (nh - r) * k;
+        let mut all = true;
+        for (b, (((blk, hb), wb), okb)) in self
+            .rows
+            .chunks(BLOCK * cr)
+            .zip(self.hidden_next.chunks_mut(BLOCK * nh))
+            .zip(self.w.chunks_mut(BLOCK * m))
+            .zip(self.healthy.chunks_mut(BLOCK))
+            .enumerate()
+        {
+            let j0 = b * BLOCK;
+            let j1 = j0 + okb.len();
+            if self.touch {
+                touch_block(self.rows, b + TOUCH_AHEAD, BLOCK * cr);
+            }
+            if !hand_over.wait_for_left(j1) {
+                // The left half panicked; the join re-raises it.
+                return false;
+            }
+            for (i, (((u, hn), wj), ok)) in blk
+                .chunks_exact(cr)
+                .zip(hb.chunks_exact_mut(nh))
+                .zip(wb.chunks_exact_mut(m))
+                .zip(okb.iter_mut())
                 .enumerate()
             {
-                let j0 = b * BLOCK;
-                let j1 = j0 + okb.len();
-                if panels.touch {
-                    touch_block(panels.right, b + TOUCH_AHEAD, BLOCK * cr);
+                let jj = j0 + i;
+                x[..nh].copy_from_slice(&self.hidden[jj * nh..(jj + 1) * nh]);
+                network::cell_rows(&u[..cell], x, &mut hn[r..]);
+                for (v, slot) in hn[..r].iter_mut().zip(&hand_over.states[jj * r..]) {
+                    *v = T::from_f64(f64::from_bits(slot.load(Ordering::Relaxed)));
                 }
-                // Wait for the left half's states of this block (it always runs, first).
-                while hand_over.left.load(Ordering::Acquire) < j1 {
-                    if hand_over.left_finished.load(Ordering::Acquire)
-                        && hand_over.left.load(Ordering::Acquire) < j1
-                    {
-                        // The left half panicked; the join re-raises it.
-                        return false;
-                    }
-                    std::hint::spin_loop();
-                }
-                for (i, (((u, hn), wj), ok)) in blk
-                    .chunks_exact(cr)
-                    .zip(hb.chunks_exact_mut(nh))
-                    .zip(wb.chunks_exact_mut(m))
-                    .zip(okb.iter_mut())
-                    .enumerate()
-                {
-                    let jj = j0 + i;
-                    x[..nh].copy_from_slice(&hidden[jj * nh..(jj + 1) * nh]);
-                    network::cell_rows(&u[..cell], x, &mut hn[r..]);
-                    for (v, slot) in hn[..r].iter_mut().zip(&hand_over.states[jj * r..]) {
-                        *v = T::from_f64(f64::from_bits(slot.load(Ordering::Relaxed)));
-                    }
-                    x[..nh].copy_from_slice(hn);
-                    network::readout(&u[cell..], x, out);
-                    widen_into(wj, out);
-                    *ok = wj.iter().all(|v| v.is_finite());
-                    all &= *ok;
-                    for (slot, v) in hand_over.predictions[jj * m..].iter().zip(wj.iter()) {
-                        slot.store(v.to_bits(), Ordering::Relaxed);
-                    }
-                }
-                hand_over.right.store(j1, Ordering::Release);
-                for (o, acc) in cuw_r.chunks_exact_mut(cr).enumerate() {
-                    let rows = blk.chunks_exact(cr);
-                    kernels::accumulate_rows(acc, mean_r, rows, wb, m, o, pred[o]);
+                x[..nh].copy_from_slice(hn);
+                network::readout(&u[cell..], x, out);
+                widen_into(wj, out);
+                *ok = wj.iter().all(|v| v.is_finite());
+                all &= *ok;
+                for (slot, v) in hand_over.predictions[jj * m..].iter().zip(wj.iter()) {
+                    slot.store(v.to_bits(), Ordering::Relaxed);
                 }
             }
-            all
-        },
-    );
-    (ok && pred.iter().all(|v| v.is_finite()), left_done)
+            hand_over.right.store(j1, Ordering::Release);
+            for (o, acc) in self.cuw.chunks_exact_mut(cr).enumerate() {
+                let rows = blk.chunks_exact(cr);
+                kernels::accumulate_rows(acc, self.mean, rows, wb, m, o, self.pred[o]);
+            }
+        }
+        all
+    }
 }
 
 /// The left thread's C^{uw} sums: its panel's rows, and how far they have got.
@@ -331,6 +406,21 @@ struct HandOver<'a> {
     left_finished: AtomicBool,
     right_started: AtomicBool,
     right_finished: AtomicBool,
+}
+
+impl HandOver<'_> {
+    /// Waits until the left half has handed over the states of the first `j1` particles (it
+    /// always runs, first); false when it finished without them (it panicked).
+    fn wait_for_left(&self, j1: usize) -> bool {
+        while self.left.load(Ordering::Acquire) < j1 {
+            if self.left_finished.load(Ordering::Acquire) && self.left.load(Ordering::Acquire) < j1
+            {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        true
+    }
 }
 
 /// Sets its flag when dropped, a panic included, so that the other half never waits for a

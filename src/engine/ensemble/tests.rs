@@ -306,7 +306,7 @@ fn same_seed_same_ensemble_different_seed_different() {
 }
 
 /// Pushes one stream through the serial step and the two-thread step and asserts that every
-/// prediction, particle, hidden state and the mean are bit-identical (issue 6).
+/// prediction, particle, hidden state and the mean are bit-identical.
 fn assert_parallel_matches_serial(o: &Options, steps: usize, poison: Option<usize>) {
     parallel_matches_serial::<f64>(o, steps, poison);
     parallel_matches_serial::<f32>(o, steps, poison);

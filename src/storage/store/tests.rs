@@ -310,3 +310,96 @@ fn a_segment_whose_creation_was_cut_short_is_removed_and_nothing_is_lost() {
         assert_eq!(again.last_seq(), 20);
     }
 }
+
+#[test]
+fn damage_in_a_segment_the_snapshot_covers_is_reported_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("k", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 10)]);
+    ss.snapshot(&s).unwrap();
+    feed(&mut s, &mut ss, &[batch(10, 5), batch(15, 5)]);
+    ss.snapshot(&s).unwrap();
+    feed(&mut s, &mut ss, &[batch(20, 3), batch(23, 3)]);
+    drop(ss);
+    let d = dir.path().join("streams/k");
+    // wal-11 holds 11..20, all in the snapshot at 20: only the fallback to 10 needs it.
+    let covered = d.join(wal::segment_name(11));
+    let mut bytes = fs::read(&covered).unwrap();
+    bytes[30] ^= 0xff;
+    fs::write(&covered, &bytes).unwrap();
+    let (r, report) = recovered(&store, "k");
+    assert_eq!(state(&r), state(&s));
+    assert_eq!(report.snapshot_seq, Some(20));
+    assert_eq!(report.damaged_unneeded.len(), 1, "{report:?}");
+    assert!(report.damaged_unneeded[0].contains("wal-00000000000000000011.log"));
+    assert!(!report.damaged_unneeded[0].contains(&*dir.path().to_string_lossy()));
+    let listing = crate::storage::inspect(dir.path()).unwrap();
+    assert!(listing[0].ok() && listing[0].damaged());
+    // Once the fallback needs it (the newest snapshot is unreadable), the damage fails the
+    // stream, naming the file without the host's path.
+    let newest = d.join(snapshot::snapshot_name(20));
+    let mut snap = fs::read(&newest).unwrap();
+    let n = snap.len();
+    snap[n / 2] ^= 0x10;
+    fs::write(&newest, &snap).unwrap();
+    match store.recover_stream("k") {
+        Some(Recovered::Failed(_, reason)) => {
+            assert!(reason.contains("wal-00000000000000000011.log"), "{reason}");
+            assert!(!reason.contains(&*dir.path().to_string_lossy()), "{reason}");
+        }
+        _ => panic!("a damaged segment recovery needs must fail the stream"),
+    }
+    assert!(!crate::storage::inspect(dir.path()).unwrap()[0].ok());
+}
+
+#[test]
+fn a_creation_that_fails_after_the_rename_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), config()).unwrap();
+    store.fail_after_options_rename("n");
+    assert!(store.create_stream("n", &options()).is_err());
+    assert!(store.stream_names().unwrap().is_empty());
+    assert!(store.create_stream("m", &options()).is_ok());
+    assert_eq!(store.stream_names().unwrap(), vec!["m".to_owned()]);
+}
+
+#[test]
+fn a_delete_that_cannot_move_the_files_leaves_the_stream_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let mut ss = store.create_stream("e", &options()).unwrap();
+    let mut s = Stream::new(options());
+    feed(&mut s, &mut ss, &[batch(0, 6)]);
+    let trash = dir.path().join("trash");
+    fs::remove_dir(&trash).unwrap();
+    fs::write(&trash, b"in the way").unwrap();
+    let e = store.delete_stream("e").unwrap_err();
+    assert!(e.public().contains("trash"), "{}", e.public());
+    assert!(!e.public().contains(&*dir.path().to_string_lossy()));
+    // Still there, and still logging.
+    feed(&mut s, &mut ss, &[batch(6, 2)]);
+    drop(ss);
+    let (r, _) = recovered(&store, "e");
+    assert_eq!(state(&r), state(&s));
+    fs::remove_file(&trash).unwrap();
+    fs::create_dir(&trash).unwrap();
+    store.delete_stream("e").unwrap();
+    assert!(store.stream_names().unwrap().is_empty());
+}
+
+#[test]
+fn directories_that_are_not_stream_names_are_skipped_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    store.create_stream("good", &options()).unwrap();
+    for bad in ["bad name!", "new\nline", "..."] {
+        fs::create_dir_all(dir.path().join("streams").join(bad)).unwrap();
+    }
+    assert_eq!(
+        store.stream_names().unwrap(),
+        vec!["...".to_owned(), "good".to_owned()]
+    );
+    assert!(dir.path().join("streams/bad name!").exists());
+}
