@@ -10,44 +10,56 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use reqwest::blocking::Client;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::util::{Daemon, client, ekid};
-
-/// A daemon with `config` as its TOML file; the directory holds both and must outlive it.
-fn start(config: &str) -> (tempfile::TempDir, Daemon) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = tmp.path().join("ekid.toml");
-    std::fs::write(&cfg, config).expect("config");
-    let d = Daemon::start_in(
-        &tmp.path().join("data"),
-        &["--config", cfg.to_str().expect("utf-8")],
-    );
-    (tmp, d)
-}
+use crate::util::{Daemon, client, ndjson, post_ndjson, put, serve_refused, write_config};
 
 fn addr(d: &Daemon) -> String {
     d.base.trim_start_matches("http://").to_owned()
 }
 
-fn put_stream(c: &Client, d: &Daemon, name: &str, options: &str, token: Option<&str>) -> u16 {
-    let mut r = c
-        .put(d.url(&format!("/v1/streams/{name}")))
-        .header("content-type", "application/json")
-        .body(options.to_owned());
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    r.send().expect("put").status().as_u16()
+/// Options of a stream that costs nothing to create or update.
+fn small() -> Value {
+    json!({"ensemble": 8, "hidden": 2, "lags": 2})
 }
 
-fn post_ndjson(c: &Client, d: &Daemon, name: &str, ys: impl Iterator<Item = f64>) -> u16 {
-    let body: String = ys.map(|y| format!("{{\"y\": {y}}}\n")).collect();
-    c.post(d.url(&format!("/v1/streams/{name}/observations")))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
+/// Sends again while the answer is 503 (under a short request timeout a loaded machine can
+/// time out a setup request; PUT and numbered observations are idempotent), for up to 30 s;
+/// returns the last status.
+fn until_not_busy(mut send: impl FnMut() -> u16) -> u16 {
+    let started = Instant::now();
+    loop {
+        let status = send();
+        if status != 503 || started.elapsed() > Duration::from_secs(30) {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// PUTs a stream (again while 503) and asserts that it exists.
+fn create(c: &Client, d: &Daemon, name: &str, options: &Value) {
+    let status = until_not_busy(|| put(c, d, name, options).status().as_u16());
+    assert!(matches!(status, 200 | 201), "PUT {name}: {status}");
+}
+
+/// POSTs observations numbered from 1 (again while 503) and asserts that they are applied.
+fn observe(c: &Client, d: &Daemon, name: &str, values: &[f64]) {
+    let status = until_not_busy(|| {
+        post_ndjson(c, d, name, ndjson(values, Some(1)))
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 200, "POST {name}");
+}
+
+/// PUTs a stream with a bearer token and returns the status.
+fn put_with_token(c: &Client, d: &Daemon, name: &str, options: &Value, token: &str) -> u16 {
+    c.put(d.url(&format!("/v1/streams/{name}")))
+        .bearer_auth(token)
+        .json(options)
         .send()
-        .expect("post")
+        .expect("put")
         .status()
         .as_u16()
 }
@@ -107,13 +119,11 @@ fn served_within(d: &Daemon, limit: Duration) -> Option<Duration> {
 
 #[test]
 fn made_up_methods_and_paths_leave_the_metrics_bounded() {
-    let (_tmp, d) = start("[storage]\nfsync = \"never\"\n");
+    let d = Daemon::start_config("[storage]\nfsync = \"never\"\n");
     let c = client();
-    let s = r#"{"ensemble": 8, "hidden": 2, "lags": 2}"#;
-    assert_eq!(put_stream(&c, &d, "kept", s, None), 201);
-    assert_eq!(put_stream(&c, &d, "gone", s, None), 201);
     for name in ["kept", "gone"] {
-        assert_eq!(post_ndjson(&c, &d, name, (0..5).map(f64::from)), 200);
+        create(&c, &d, name, &small());
+        observe(&c, &d, name, &[1.0, 2.0, 3.0, 4.0, 5.0]);
     }
     let before = metrics(&c, &d);
     // Made-up methods on known and unknown paths, made-up paths with every method.
@@ -174,7 +184,7 @@ fn made_up_methods_and_paths_leave_the_metrics_bounded() {
 /// must be served within a bounded time after the first-request deadline, and the waiting
 /// connections must be closed.
 fn waiting_connections_are_closed(bytes: &[u8]) {
-    let (_tmp, d) = start("[limits]\nconnections = 4\nheader_timeout_ms = 1000\n");
+    let d = Daemon::start_config("[limits]\nconnections = 4\nheader_timeout_ms = 1000\n");
     let mut idle: Vec<TcpStream> = (0..4)
         .map(|_| {
             let mut s = TcpStream::connect(addr(&d)).expect("connect");
@@ -209,7 +219,7 @@ fn connections_that_send_a_partial_http2_preface_are_closed_after_the_header_dea
 #[test]
 fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
     // The head deadline is long: only the idle timeout can close it this soon.
-    let (_tmp, d) = start("[limits]\nheader_timeout_ms = 30000\nidle_timeout_ms = 1000\n");
+    let d = Daemon::start_config("[limits]\nheader_timeout_ms = 30000\nidle_timeout_ms = 1000\n");
     let mut s = TcpStream::connect(addr(&d)).expect("connect");
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("write");
@@ -277,7 +287,7 @@ fn h2_frames_until_closed(sock: &mut TcpStream, limit: Duration) -> (Vec<(u8, u8
 
 #[test]
 fn http2_connections_are_closed_when_idle_before_and_after_a_request() {
-    let (_tmp, d) = start("[limits]\nheader_timeout_ms = 1000\nidle_timeout_ms = 1000\n");
+    let d = Daemon::start_config("[limits]\nheader_timeout_ms = 1000\n");
     // A whole preface and settings, then nothing: no first request within the deadline.
     let mut s = TcpStream::connect(addr(&d)).expect("connect");
     s.write_all(H2_PREFACE).expect("write");
@@ -287,7 +297,9 @@ fn http2_connections_are_closed_when_idle_before_and_after_a_request() {
         closed,
         "an HTTP/2 connection without requests stayed open: {frames:?}"
     );
-    // One request, answered, then idle.
+    // One request, answered, then idle. The first-request deadline is long here, so that a
+    // loaded machine cannot miss it: only the idle timeout can close this one within 10 s.
+    let d = Daemon::start_config("[limits]\nheader_timeout_ms = 30000\nidle_timeout_ms = 1000\n");
     let mut s = TcpStream::connect(addr(&d)).expect("connect");
     s.write_all(H2_PREFACE).expect("write");
     s.write_all(&h2_frame(4, 0, 0, &[])).expect("write");
@@ -321,13 +333,13 @@ fn stalled_body_status(d: &Daemon, head: &str, limit: Duration) -> String {
 
 #[test]
 fn a_stream_named_events_or_forecast_gets_no_exemption() {
-    let (_tmp, d) = start(
-        "[limits]\nrequest_timeout_ms = 500\nconcurrent_requests = 4\n[auth]\ntokens = [\"t0k\"]\n",
+    let d = Daemon::start_config(
+        "[limits]\nrequest_timeout_ms = 500\nconcurrent_requests = 4\n[auth]\ntokens = [\"t0k\"]\n[storage]\nfsync = \"never\"\n",
     );
     let c = client();
-    let s = r#"{"ensemble": 8, "hidden": 2, "lags": 2}"#;
     for name in ["events", "forecast"] {
-        assert_eq!(put_stream(&c, &d, name, s, Some("t0k")), 201);
+        let status = until_not_busy(|| put_with_token(&c, &d, name, &small(), "t0k"));
+        assert!(matches!(status, 200 | 201), "PUT {name}: {status}");
     }
     // A stalled PUT to a stream named `events` times out like any other request.
     let head = "PUT /v1/streams/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0k\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
@@ -365,14 +377,17 @@ fn a_stream_named_events_or_forecast_gets_no_exemption() {
         .expect("subscribe");
     assert_eq!(events.status(), 200);
     std::thread::sleep(Duration::from_millis(1500));
-    let r = c
-        .post(d.url("/v1/streams/events/observations"))
-        .bearer_auth("t0k")
-        .header("content-type", "application/json")
-        .body(r#"{"y": 1}"#)
-        .send()
-        .expect("post");
-    assert_eq!(r.status(), 200);
+    let status = until_not_busy(|| {
+        c.post(d.url("/v1/streams/events/observations"))
+            .bearer_auth("t0k")
+            .header("content-type", "application/json")
+            .body(r#"{"seq": 1, "y": 1}"#)
+            .send()
+            .expect("post")
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 200);
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     while !String::from_utf8_lossy(&got).contains("event: observation") {
@@ -387,7 +402,7 @@ fn a_stream_named_events_or_forecast_gets_no_exemption() {
     // A stream named `forecast`: writes to it are writes.
     for (method, path, body) in [
         ("POST", "/v1/streams/forecast", "{}"),
-        ("PUT", "/v1/streams/forecast", s),
+        ("PUT", "/v1/streams/forecast", "{}"),
         ("POST", "/v1/streams/forecast/observations", r#"{"y": 1}"#),
         ("DELETE", "/v1/streams/forecast", ""),
     ] {
@@ -414,11 +429,8 @@ fn a_stream_named_events_or_forecast_gets_no_exemption() {
 
 /// A stream whose 10 000-step forecast takes seconds: (64 + 1) × 10 000 steps of 18 189
 /// parameters.
-const BIG: &str = r#"{"ensemble": 256, "hidden": 128, "lags": 12}"#;
-
-/// CPU seconds the daemon has used so far.
-fn cpu_seconds(d: &Daemon) -> f64 {
-    d.cpu_seconds()
+fn big() -> Value {
+    json!({"ensemble": 256, "hidden": 128, "lags": 12})
 }
 
 /// Times one single-observation POST to `name`.
@@ -436,25 +448,13 @@ fn timed_post(c: &Client, d: &Daemon, name: &str, seq: u64) -> Duration {
 
 #[test]
 fn forecasts_share_the_cores_and_stop_when_their_request_ends() {
-    let (_tmp, d) = start(
+    let d = Daemon::start_config(
         "[limits]\nrequest_timeout_ms = 1500\nforecast_work = 20000000000\n[storage]\nfsync = \"never\"\n",
     );
     let c = client();
-    assert_eq!(put_stream(&c, &d, "big", BIG, None), 201);
-    assert_eq!(
-        post_ndjson(&c, &d, "big", (0..20).map(|i| (f64::from(i) * 0.3).sin())),
-        200
-    );
-    assert_eq!(
-        put_stream(
-            &c,
-            &d,
-            "small",
-            r#"{"ensemble": 8, "hidden": 2, "lags": 2}"#,
-            None
-        ),
-        201
-    );
+    create(&c, &d, "big", &big());
+    observe(&c, &d, "big", &crate::util::series(20));
+    create(&c, &d, "small", &small());
     // The reference: a one-observation POST on the idle daemon.
     let mut seq = 0;
     let reference = (0..5)
@@ -478,7 +478,7 @@ fn forecasts_share_the_cores_and_stop_when_their_request_ends() {
         })
     };
     // Many forecasts at the work limit, each longer than the request timeout.
-    let cpu_before = cpu_seconds(&d);
+    let cpu_before = d.cpu_seconds();
     let running: Vec<_> = (0..24).map(|_| forecast(10_000)).collect();
     std::thread::sleep(Duration::from_millis(500));
     let during: Vec<Duration> = (0..3)
@@ -496,44 +496,41 @@ fn forecasts_share_the_cores_and_stop_when_their_request_ends() {
         );
     }
     // Every forecast has answered 503: none may still be computing.
-    let answered = cpu_seconds(&d);
+    let answered = d.cpu_seconds();
     std::thread::sleep(Duration::from_secs(2));
-    let after = cpu_seconds(&d) - answered;
+    let after = d.cpu_seconds() - answered;
     assert!(
         after < 0.5,
         "the daemon used {after:.2} s of CPU in the 2 s after every forecast timed out (and {:.2} s while they ran)",
         answered - cpu_before
     );
     assert!(
-        during < reference * 20 + Duration::from_millis(500),
+        during < reference * 20 + Duration::from_secs(2),
         "a one-observation POST took {during:?} beside the forecasts, {reference:?} alone"
     );
     // And the daemon is its quick self again.
     let (status, took) = forecast(10).join().expect("forecast");
     assert_eq!(status, 200);
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(5),
         "a short forecast took {took:?}"
     );
     seq += 1;
     let again = timed_post(&c, &d, "small", seq);
     assert!(
-        again < reference * 20 + Duration::from_millis(500),
+        again < reference * 20 + Duration::from_secs(2),
         "{again:?} vs {reference:?}"
     );
 }
 
 #[test]
 fn forecasts_stop_when_their_client_disconnects() {
-    let (_tmp, d) = start(
+    let d = Daemon::start_config(
         "[limits]\nrequest_timeout_ms = 60000\nforecast_work = 20000000000\n[storage]\nfsync = \"never\"\n",
     );
     let c = client();
-    assert_eq!(put_stream(&c, &d, "big", BIG, None), 201);
-    assert_eq!(
-        post_ndjson(&c, &d, "big", (0..20).map(|i| (f64::from(i) * 0.3).sin())),
-        200
-    );
+    create(&c, &d, "big", &big());
+    observe(&c, &d, "big", &crate::util::series(20));
     let socks: Vec<TcpStream> = (0..6)
         .map(|_| {
             let mut s = TcpStream::connect(addr(&d)).expect("connect");
@@ -546,9 +543,9 @@ fn forecasts_stop_when_their_client_disconnects() {
     drop(socks);
     // Give the daemon a moment to see the closes, then it must be idle.
     std::thread::sleep(Duration::from_millis(500));
-    let closed = cpu_seconds(&d);
+    let closed = d.cpu_seconds();
     std::thread::sleep(Duration::from_secs(2));
-    let after = cpu_seconds(&d) - closed;
+    let after = d.cpu_seconds() - closed;
     assert!(
         after < 0.5,
         "the daemon used {after:.2} s of CPU in the 2 s after the forecasts' clients left"
@@ -557,11 +554,10 @@ fn forecasts_stop_when_their_client_disconnects() {
 
 #[test]
 fn event_subscribers_are_bounded_per_stream_and_in_total() {
-    let (_tmp, d) = start("[limits]\nsubscribers = 4\nsubscribers_per_stream = 2\n");
+    let d = Daemon::start_config("[limits]\nsubscribers = 4\nsubscribers_per_stream = 2\n");
     let c = client();
-    let s = r#"{"ensemble": 8, "hidden": 2, "lags": 2}"#;
     for name in ["a", "b", "c"] {
-        assert_eq!(put_stream(&c, &d, name, s, None), 201);
+        create(&c, &d, name, &small());
     }
     let subscribe = |name: &str| {
         client()
@@ -605,37 +601,10 @@ fn event_subscribers_are_bounded_per_stream_and_in_total() {
     }
 }
 
-/// Runs `ekid serve` with `config`; it must exit non-zero within 10 s naming `key`.
+/// `ekid serve` with `config` must refuse to start, naming `key`.
 fn refused_at_start(dir: &Path, config: &str, key: &str) {
-    let cfg = dir.join("bad.toml");
-    std::fs::write(&cfg, config).expect("config");
-    let mut child = ekid()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`{config}` was accepted: the daemon is serving");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    let _ = child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err);
+    let cfg = write_config(dir, config);
+    let (status, err) = serve_refused(&dir.join("data"), &["--config", &cfg]);
     assert!(!status.success(), "{config}");
     assert!(err.contains(key), "`{config}`: {err}");
 }
