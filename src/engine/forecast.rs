@@ -80,7 +80,8 @@ pub fn normal_quantile(p: f64) -> f64 {
 pub const ROLL_OUT_BOUND: f64 = 1e12;
 
 /// One network rolled forward `horizon` steps feeding back its own outputs (plus optional
-/// noise), writing the scaled outputs of each step into `out` (`horizon × m`).
+/// noise), writing the scaled outputs of each step into `out` (`horizon × m`). Asks
+/// `keep_going` before every step and stops (returning false) when it says no.
 #[allow(clippy::too_many_arguments)]
 fn roll_out(
     layout: &Layout,
@@ -92,13 +93,17 @@ fn roll_out(
     noise_sd: f64,
     rng: &mut ChaCha8Rng,
     out: &mut [f64],
-) {
+    keep_going: &mut dyn FnMut() -> bool,
+) -> bool {
     let m = layout.outputs;
     let nl = lags * m;
     let ni = layout.n_in - nl;
     let mut scratch = vec![0.0; layout.row()];
     let mut z = vec![0.0; layout.n_in];
     for (s, o) in out.chunks_exact_mut(m).enumerate() {
+        if !keep_going() {
+            return false;
+        }
         z[..nl].copy_from_slice(lag_values);
         z[nl..].copy_from_slice(&future_x[s * ni..(s + 1) * ni]);
         network::load_inputs(layout, &mut scratch, &z);
@@ -125,12 +130,28 @@ fn roll_out(
             lag_values[..m].copy_from_slice(o);
         }
     }
+    true
 }
 
 impl ForecastState {
     /// `future_x`: `horizon × inputs` values in the user's units (empty when `inputs` is 0).
     /// Returns the steps in the user's units.
     pub fn forecast(&self, horizon: usize, level: f64, future_x: &[f64]) -> Vec<ForecastStep> {
+        self.forecast_while(horizon, level, future_x, &mut || true)
+            .unwrap_or_default()
+    }
+
+    /// [`ForecastState::forecast`], asking `keep_going` before each step of each roll-out
+    /// (`horizon` × (interval particles + 1) calls, each step O(d)): `None` as soon as it says
+    /// no. The caller decides what stops a forecast (a cancelled request) and may block in it
+    /// (to share the cores); this code reads no clock and waits for nothing.
+    pub fn forecast_while(
+        &self,
+        horizon: usize,
+        level: f64,
+        future_x: &[f64],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Option<Vec<ForecastStep>> {
         let m = self.layout.outputs;
         let d = self.layout.dim();
         let nh = self.layout.hidden;
@@ -142,7 +163,7 @@ impl ForecastState {
         let mut rng =
             ChaCha8Rng::seed_from_u64(self.seed ^ self.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut mean_out = vec![0.0; horizon * m];
-        roll_out(
+        if !roll_out(
             &self.layout,
             self.lags,
             &self.mean,
@@ -152,12 +173,15 @@ impl ForecastState {
             0.0,
             &mut rng,
             &mut mean_out,
-        );
+            keep_going,
+        ) {
+            return None;
+        }
         let k = self.particles.len() / d;
         let noise_sd = self.noise_var.max(0.0).sqrt();
         let mut paths = vec![0.0; k * horizon * m];
         for (i, path) in paths.chunks_exact_mut(horizon * m).enumerate() {
-            roll_out(
+            if !roll_out(
                 &self.layout,
                 self.lags,
                 &self.particles[i * d..(i + 1) * d],
@@ -167,10 +191,13 @@ impl ForecastState {
                 noise_sd,
                 &mut rng,
                 path,
-            );
+                keep_going,
+            ) {
+                return None;
+            }
         }
         let zq = interval_quantile(level);
-        (0..horizon)
+        let steps = (0..horizon)
             .map(|s| {
                 let mut step = ForecastStep {
                     step: s + 1,
@@ -202,7 +229,8 @@ impl ForecastState {
                 }
                 step
             })
-            .collect()
+            .collect();
+        Some(steps)
     }
 }
 
@@ -262,6 +290,49 @@ mod tests {
             last.lower[0] < last.mean[0] && last.mean[0] < last.upper[0],
             "an interval, not three copies of the largest number: {last:?}"
         );
+    }
+
+    #[test]
+    fn a_forecast_stops_when_told_and_is_the_same_when_not() {
+        // Two hidden units, one lag of one output.
+        let layout = Layout::new(2, 1, 1);
+        let d = layout.dim();
+        let state = ForecastState {
+            layout,
+            lags: 1,
+            inputs: 0,
+            mean: vec![0.1; d],
+            mean_hidden: vec![0.0; 2],
+            particles: vec![0.2; 4 * d],
+            hidden: vec![0.0; 8],
+            lag_values: vec![0.5],
+            y_scale: vec![Scaler::new(0.0, 1.0)],
+            x_scale: vec![],
+            noise_var: 0.01,
+            seed: 1,
+            seq: 1,
+        };
+        let mut calls = 0;
+        let stopped = state.forecast_while(100, 0.9, &[], &mut || {
+            calls += 1;
+            calls <= 150
+        });
+        assert_eq!(
+            (stopped, calls),
+            (None, 151),
+            "asked before each step, stops at once"
+        );
+        let mut calls = 0;
+        let whole = state.forecast_while(100, 0.9, &[], &mut || {
+            calls += 1;
+            true
+        });
+        assert_eq!(
+            calls,
+            100 * 5,
+            "the mean and four particles, 100 steps each"
+        );
+        assert_eq!(whole, Some(state.forecast(100, 0.9, &[])));
     }
 
     #[test]

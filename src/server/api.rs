@@ -3,7 +3,8 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
 use axum::body::Body;
@@ -14,7 +15,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream as FuturesStream, StreamExt};
 use serde::Serialize;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 
 use super::AppState;
 use super::body::{self, DecodeError, Expect, Format};
@@ -624,10 +625,7 @@ async fn forecast(
             view.name, view.stats.observations, view.options.lags
         )));
     };
-    // The roll-out is O(horizon · particles · d): keep it off the async workers.
-    let steps = tokio::task::spawn_blocking(move || state.forecast(horizon, level, &x))
-        .await
-        .map_err(|e| ApiError::Internal(format!("forecast failed: {e}")))?;
+    let steps = roll_out(app, state, horizon, level, x).await?;
     Ok(Json(ForecastOut {
         stream: view.name.clone(),
         seq: view.stats.last_seq,
@@ -637,6 +635,89 @@ async fn forecast(
     }))
 }
 
+/// How long a forecast computes before it lets whoever waits for a core (a batch update, another
+/// forecast) have its turn.
+const FORECAST_SLICE: Duration = Duration::from_millis(10);
+
+/// Tells a roll-out on the blocking pool that its request is gone (timed out, or the client
+/// left): set when the handler's future is dropped.
+#[derive(Default)]
+struct Cancel {
+    cancelled: AtomicBool,
+    /// Wakes a roll-out that waits for a core.
+    wake: tokio::sync::Notify,
+}
+
+struct CancelOnDrop(Arc<Cancel>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancelled.store(true, Ordering::Relaxed);
+        // Stored if nobody waits yet: the next wait ends at once.
+        self.0.wake.notify_one();
+    }
+}
+
+/// A forecast's hold on a core: its turn among forecasts, then one of the core permits batch
+/// updates use.
+type CoreHold = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+async fn take_core(turns: &Arc<Semaphore>, cores: &Arc<Semaphore>) -> Option<CoreHold> {
+    let turn = turns.clone().acquire_owned().await.ok()?;
+    let core = cores.clone().acquire_owned().await.ok()?;
+    Some((turn, core))
+}
+
+/// Rolls a forecast out on the blocking pool (it is O(horizon · particles · d)) holding one of
+/// the core permits batch updates use, so forecasts and updates together keep to the cores.
+/// Every [`FORECAST_SLICE`] the roll-out lets its core go and queues again: first for a turn
+/// among forecasts (as many turns as cores), then for the core. The semaphores are fair, so
+/// forecasts take turns, and an update waiting for a core has at most one forecast per core
+/// ahead of it, whatever number are running. When the request's future is dropped, the
+/// roll-out stops at its next step.
+async fn roll_out(
+    app: &AppState,
+    state: Arc<crate::engine::ForecastState>,
+    horizon: usize,
+    level: f64,
+    x: Vec<f64>,
+) -> Result<Vec<ForecastStep>, ApiError> {
+    let (cores, turns) = app.cores();
+    // The semaphores are never closed; the daemon is going away if they were.
+    let gone = || ApiError::ShuttingDown;
+    let hold = take_core(&turns, &cores).await.ok_or_else(gone)?;
+    let cancel = Arc::new(Cancel::default());
+    let _on_drop = CancelOnDrop(cancel.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let steps = tokio::task::spawn_blocking(move || {
+        let mut hold = Some(hold);
+        let mut slice = Instant::now();
+        let mut calls = 0u32;
+        state.forecast_while(horizon, level, &x, &mut || {
+            if cancel.cancelled.load(Ordering::Relaxed) {
+                return false;
+            }
+            // A step is O(d); the clock is read every few.
+            calls = calls.wrapping_add(1);
+            if calls.is_multiple_of(16) && slice.elapsed() >= FORECAST_SLICE {
+                drop(hold.take());
+                hold = runtime.block_on(async {
+                    tokio::select! {
+                        h = take_core(&turns, &cores) => h,
+                        _ = cancel.wake.notified() => None,
+                    }
+                });
+                slice = Instant::now();
+            }
+            hold.is_some() && !cancel.cancelled.load(Ordering::Relaxed)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("forecast failed: {e}")))?;
+    // Stopped: the request is gone, so this answer reaches nobody.
+    steps.ok_or_else(gone)
+}
+
 /// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.
 #[utoipa::path(get, path = "/v1/streams/{name}/events", tag = "observations",
     params(StreamPath),
@@ -644,17 +725,44 @@ async fn forecast(
         (status = 200, description = "Server-Sent Events: one `observation` event per applied observation (data: seq, y, prediction, error)", body = String, content_type = "text/event-stream"),
         (status = 400, description = "Bad name", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "As many event subscribers as the limit (of the stream, or in all); retry", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn events(
     State(app): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Sse<impl FuturesStream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     check_name(&name)?;
-    let rx = app.handle(&name)?.events.subscribe();
+    let handle = app.handle(&name)?;
+    let limits = &app.inner.config.limits;
+    // Held by the event stream: a subscriber that leaves gives its slots back.
+    let slots = (
+        handle
+            .events
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Busy(format!(
+                    "stream `{name}` has {} event subscribers, its limit",
+                    limits.subscribers_per_stream
+                ))
+            })?,
+        app.inner
+            .subscribers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Busy(format!(
+                    "{} event subscribers are connected, the limit",
+                    limits.subscribers
+                ))
+            })?,
+    );
+    let rx = handle.events.subscribe();
     let shutdown = app.inner.shutdown.clone();
     let stream = futures_util::stream::unfold(
-        (rx, shutdown),
-        |(mut rx, mut shutdown)| async move {
+        (rx, shutdown, slots),
+        |(mut rx, mut shutdown, slots)| async move {
             if *shutdown.borrow() {
                 return None;
             }
@@ -664,11 +772,11 @@ pub async fn events(
                     Ok(a) => {
                         let data = serde_json::to_string(&a).unwrap_or_default();
                         let ev = SseEvent::default().event("observation").id(a.seq.to_string()).data(data);
-                        Some((Ok(ev), (rx, shutdown)))
+                        Some((Ok(ev), (rx, shutdown, slots)))
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let ev = SseEvent::default().event("lagged").data(format!("{{\"skipped\":{n}}}"));
-                        Some((Ok(ev), (rx, shutdown)))
+                        Some((Ok(ev), (rx, shutdown, slots)))
                     }
                     // The stream was deleted.
                     Err(broadcast::error::RecvError::Closed) => None,

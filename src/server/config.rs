@@ -63,14 +63,95 @@ pub struct Limits {
     pub queue_depth: usize,
     /// Whole-request timeout, milliseconds (SSE streams excepted).
     pub request_timeout_ms: u64,
-    /// Time a client has to send its request head, milliseconds.
+    /// Time a client has to send a request head, milliseconds: its first from when the
+    /// connection is accepted (whatever it sends meanwhile), and on HTTP/1 each next one from
+    /// the end of the previous response.
     pub header_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed, milliseconds (HTTP/2,
+    /// and HTTP/1 keep-alive, which also closes at `header_timeout_ms` if that comes first).
+    pub idle_timeout_ms: u64,
     /// Requests in flight at once; more get 503 + Retry-After.
     pub concurrent_requests: usize,
     /// Open connections at once; more are closed on accept.
     pub connections: usize,
+    /// Event (SSE) subscribers connected at once, all streams together; more get 503 +
+    /// Retry-After.
+    pub subscribers: usize,
+    /// Event subscribers of one stream at once; more get 503 + Retry-After.
+    pub subscribers_per_stream: usize,
     /// Most work one forecast may take: horizon × (interval particles + 1) × d.
     pub forecast_work: u64,
+}
+
+/// The longest timeout a setting may give: a day. Deadlines are instants, and an instant that far
+/// out does not overflow.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+impl Limits {
+    /// Refuses settings that would disable the daemon or part of it: a zero limit lets nothing
+    /// through (a zero timeout times everything out), and a count a semaphore cannot hold or a
+    /// timeout past [`MAX_TIMEOUT_MS`] cannot be set up.
+    fn check(&self) -> anyhow::Result<()> {
+        let max_permits = tokio::sync::Semaphore::MAX_PERMITS as u64;
+        let counts = [
+            ("body_bytes", self.body_bytes as u64, u64::MAX),
+            (
+                "batch_observations",
+                self.batch_observations as u64,
+                u64::MAX,
+            ),
+            ("streams", self.streams as u64, u64::MAX),
+            ("memory_bytes", self.memory_bytes, u64::MAX),
+            ("horizon", self.horizon as u64, u64::MAX),
+            ("forecast_work", self.forecast_work, u64::MAX),
+            ("queue_depth", self.queue_depth as u64, max_permits),
+            (
+                "concurrent_requests",
+                self.concurrent_requests as u64,
+                max_permits,
+            ),
+            ("connections", self.connections as u64, max_permits),
+            ("subscribers", self.subscribers as u64, max_permits),
+            (
+                "subscribers_per_stream",
+                self.subscribers_per_stream as u64,
+                max_permits,
+            ),
+            (
+                "request_timeout_ms",
+                self.request_timeout_ms,
+                MAX_TIMEOUT_MS,
+            ),
+            ("header_timeout_ms", self.header_timeout_ms, MAX_TIMEOUT_MS),
+            ("idle_timeout_ms", self.idle_timeout_ms, MAX_TIMEOUT_MS),
+        ];
+        for (key, value, max) in counts {
+            if value == 0 {
+                anyhow::bail!("[limits] {key} must be at least 1, got 0");
+            }
+            if value > max {
+                anyhow::bail!("[limits] {key} must be at most {max}, got {value}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Auth {
+    /// Refuses tokens no client could send as given: empty ones, and ones with spaces (the
+    /// header's value is trimmed), control or non-ASCII characters. The token itself is not
+    /// repeated in the message.
+    fn check(&self) -> anyhow::Result<()> {
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                anyhow::bail!(
+                    "[auth] tokens[{i}] must be one or more visible ASCII characters, without spaces (it has {} characters)",
+                    t.chars().count()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -107,8 +188,11 @@ impl Default for Limits {
             queue_depth: 64,
             request_timeout_ms: 30_000,
             header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
             concurrent_requests: 1024,
             connections: 4096,
+            subscribers: 1024,
+            subscribers_per_stream: 128,
             forecast_work: 2_000_000_000,
         }
     }
@@ -128,6 +212,8 @@ impl Config {
         if c.engine.step_threads == 0 {
             anyhow::bail!("[engine] step_threads must be at least 1");
         }
+        c.limits.check()?;
+        c.auth.check()?;
         Ok(c)
     }
 

@@ -17,7 +17,7 @@ pub struct StreamLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
-    pub method: String,
+    pub method: &'static str,
     pub status: u16,
 }
 

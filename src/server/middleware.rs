@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use super::error::ApiError;
 use super::metrics::{HttpLabels, RouteLabel};
+use super::router::{EVENTS_ROUTE, FORECAST_ROUTE};
 
 /// Equality that takes the same time wherever the first difference is (only the length leaks).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -34,6 +35,15 @@ pub fn authorized(tokens: &[String], headers: &axum::http::HeaderMap) -> bool {
     })
 }
 
+/// The route template the request matched (`None` for an unknown path). Decisions about a
+/// route go by this, never by the path's text: a stream may be named like a route's last
+/// segment (`events`, `forecast`).
+fn route(req: &Request) -> Option<&str> {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+}
+
 /// Writes need a token when tokens are configured; reads too with `protect_reads`; `/healthz`
 /// never does. `POST …/forecast` is a read (it carries the future inputs in a body).
 pub async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
@@ -42,7 +52,7 @@ pub async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Resp
         return next.run(req).await;
     }
     let write = !(matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-        || (req.method() == Method::POST && req.uri().path().ends_with("/forecast")));
+        || (req.method() == Method::POST && route(&req) == Some(FORECAST_ROUTE)));
     if (write || auth.protect_reads) && !authorized(&auth.tokens, req.headers()) {
         return ApiError::Unauthorized.into_response();
     }
@@ -61,7 +71,7 @@ pub async fn limits(State(app): State<AppState>, req: Request, next: Next) -> Re
         ))
         .into_response();
     };
-    if req.uri().path().ends_with("/events") {
+    if req.method() == Method::GET && route(&req) == Some(EVENTS_ROUTE) {
         return next.run(req).await;
     }
     let limit = Duration::from_millis(app.inner.config.limits.request_timeout_ms);
@@ -71,13 +81,32 @@ pub async fn limits(State(app): State<AppState>, req: Request, next: Next) -> Re
     }
 }
 
-/// Counts requests by route, method and status, and times them.
+/// The method as a metrics label: one of the standard methods, else `other`. Clients choose
+/// the method (any token is one), and every label value is a series kept for the daemon's life.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Counts requests by route, method and status, and times them. Every label comes from a
+/// closed set: the route is the matched template (never the path the client sent), or
+/// `unmatched`.
 pub async fn track(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let started = Instant::now();
     let res = next.run(req).await;
     let m = &app.inner.metrics;

@@ -66,21 +66,32 @@ pub type Event = Applied;
 
 /// SSE fan-out, created when the first subscriber arrives: a broadcast channel preallocates
 /// its whole ring, which for a thousand streams nobody watches would be memory for nothing.
-#[derive(Debug, Default)]
-pub struct Events(std::sync::OnceLock<broadcast::Sender<Event>>);
+#[derive(Debug)]
+pub struct Events {
+    tx: std::sync::OnceLock<broadcast::Sender<Event>>,
+    /// One permit per subscriber (`limits.subscribers_per_stream`), held while it is connected.
+    pub slots: Arc<Semaphore>,
+}
 
 /// Events buffered per stream before a slow subscriber is told it lagged.
 const EVENT_BUFFER: usize = 1024;
 
 impl Events {
+    fn new(subscribers: usize) -> Self {
+        Events {
+            tx: std::sync::OnceLock::new(),
+            slots: Arc::new(Semaphore::new(subscribers)),
+        }
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.0
+        self.tx
             .get_or_init(|| broadcast::channel(EVENT_BUFFER).0)
             .subscribe()
     }
 
     fn send(&self, e: &Event) {
-        if let Some(tx) = self.0.get() {
+        if let Some(tx) = self.tx.get() {
             // No subscriber left is fine.
             let _ = tx.send(e.clone());
         }
@@ -116,6 +127,7 @@ pub fn spawn(
     name: String,
     start: Start,
     queue_depth: usize,
+    subscribers: usize,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
     panic_in_update: bool,
@@ -154,7 +166,7 @@ pub fn spawn(
         }
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
-    let events = Arc::new(Events::default());
+    let events = Arc::new(Events::new(subscribers));
     let owner = Owner {
         name,
         stream,

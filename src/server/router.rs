@@ -10,6 +10,11 @@ use super::error::ApiError;
 use super::state::AppState;
 use super::{api, middleware, openapi};
 
+/// Forecasts: `POST` carries the future inputs in a body and is still a read.
+pub const FORECAST_ROUTE: &str = "/v1/streams/{name}/forecast";
+/// Server-Sent Events: long-lived by design, exempt from the request timeout.
+pub const EVENTS_ROUTE: &str = "/v1/streams/{name}/events";
+
 /// The whole API, without binding a socket (tests can drive it directly).
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
@@ -29,10 +34,10 @@ pub fn router(state: AppState) -> Router {
             post(api::post_observations),
         )
         .route(
-            "/v1/streams/{name}/forecast",
+            FORECAST_ROUTE,
             get(api::get_forecast).post(api::post_forecast),
         )
-        .route("/v1/streams/{name}/events", get(api::events))
+        .route(EVENTS_ROUTE, get(api::events))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), middleware::auth))

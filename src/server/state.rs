@@ -67,12 +67,18 @@ pub struct Shared {
     /// that started it is dropped (a timeout, a client gone).
     lifecycle: Arc<tokio::sync::Mutex<()>>,
     owners: Mutex<Vec<JoinHandle<()>>>,
-    /// One permit per core: a batch update holds as many as its steps use threads.
+    /// One permit per core: a batch update holds as many as its steps use threads, a forecast
+    /// roll-out one (handing it on between slices, see `api::roll_out`).
     cores: Arc<Semaphore>,
+    /// As many as `cores`: a forecast takes a turn here before it queues for a core, so at
+    /// most this many forecasts stand in the core queue ahead of an update.
+    forecast_turns: Arc<Semaphore>,
     /// Threads a stream's step may use (`engine.step_threads`, at most the cores).
     step_threads: usize,
     /// Requests in flight (`limits.concurrent_requests`).
     pub requests: Arc<Semaphore>,
+    /// Event subscribers connected, all streams together (`limits.subscribers`).
+    pub subscribers: Arc<Semaphore>,
     /// Fault injection for tests (`EKID_FAILPOINTS`), read once at start.
     pub failpoints: Failpoints,
     /// Flips to true when shutdown starts (ends SSE streams).
@@ -157,14 +163,22 @@ impl AppState {
                 lifecycle: Arc::new(tokio::sync::Mutex::new(())),
                 owners: Mutex::new(Vec::new()),
                 cores: Arc::new(Semaphore::new(cores)),
+                forecast_turns: Arc::new(Semaphore::new(cores)),
                 step_threads: config.engine.step_threads.clamp(1, cores),
                 requests: Arc::new(Semaphore::new(config.limits.concurrent_requests)),
+                subscribers: Arc::new(Semaphore::new(config.limits.subscribers)),
                 failpoints,
                 shutdown,
                 openapi: openapi::document(&config),
                 config,
             }),
         })
+    }
+
+    /// The core permits (batch updates and forecast roll-outs hold one per thread they run),
+    /// and the forecasts' turns at them.
+    pub fn cores(&self) -> (Arc<Semaphore>, Arc<Semaphore>) {
+        (self.inner.cores.clone(), self.inner.forecast_turns.clone())
     }
 
     pub fn stream_count(&self) -> usize {
@@ -309,6 +323,7 @@ impl AppState {
             name.to_owned(),
             start,
             self.inner.config.limits.queue_depth,
+            self.inner.config.limits.subscribers_per_stream,
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
             self.inner.failpoints.panic_in_update.as_deref() == Some(name),

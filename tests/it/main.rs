@@ -1,6 +1,7 @@
 //! The one integration-test binary: every test here runs the real `ekid` executable.
 
 mod abuse_bodies;
+mod abuse_connections;
 mod abuse_storage;
 mod daemon;
 mod durability;

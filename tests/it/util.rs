@@ -342,3 +342,28 @@ pub fn proc_status_kb(pid: u32, key: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
+
+impl Daemon {
+    /// CPU seconds (user + system) the daemon process has used so far (Linux:
+    /// `/proc/PID/stat`, in clock ticks of `getconf CLK_TCK`).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = read(Path::new(&format!("/proc/{}/stat", self.pid())));
+        // Fields after the command name (which may hold spaces) start at state (field 3);
+        // utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let ticks: f64 = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse::<f64>().unwrap_or(0.0))
+            .sum();
+        let per_second = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .unwrap_or(100.0);
+        ticks / per_second
+    }
+}
