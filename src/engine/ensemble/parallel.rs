@@ -29,9 +29,16 @@
 //! thread per pass cost 60–90 µs in this VM. The pool is the only place the crate starts
 //! threads for the engine; rayon's scoped joins let the halves borrow the ensemble, and the
 //! hand-over is atomics, so there is no `unsafe`.
+//!
+//! A half that waits for the other spins briefly, then yields its core at every check
+//! (crossbeam's `Backoff`): with more runnable threads than cores (another process, a build),
+//! the partner it waits for may be descheduled, and a waiter that kept spinning would burn its
+//! time slice instead of letting the partner (or anyone) run.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crossbeam_utils::Backoff;
 
 use super::kernels::{self, BLOCK, UpdateRule};
 use super::{TOUCH_AHEAD, split_scratch, touch_block, widen_into};
@@ -366,6 +373,7 @@ impl<T: Real> Sums<'_, T> {
     /// after the first), so then it returns and leaves the rest to [`Finish`].
     fn catch_up(&mut self, hand_over: &HandOver, produced: usize, j: usize) {
         let (m, c) = (self.pred.len(), self.cuw.len() / self.pred.len());
+        let backoff = Backoff::new();
         loop {
             // `finished` before `right`: once finished, the progress read after it is final.
             let over = hand_over.right_finished.load(Ordering::Acquire);
@@ -390,7 +398,7 @@ impl<T: Real> Sums<'_, T> {
             if behind == 0 || !running || (produced < j && behind <= LAG * BLOCK) {
                 return;
             }
-            std::hint::spin_loop();
+            backoff.snooze();
         }
     }
 }
@@ -412,12 +420,13 @@ impl HandOver<'_> {
     /// Waits until the left half has handed over the states of the first `j1` particles (it
     /// always runs, first); false when it finished without them (it panicked).
     fn wait_for_left(&self, j1: usize) -> bool {
+        let backoff = Backoff::new();
         while self.left.load(Ordering::Acquire) < j1 {
             if self.left_finished.load(Ordering::Acquire) && self.left.load(Ordering::Acquire) < j1
             {
                 return false;
             }
-            std::hint::spin_loop();
+            backoff.snooze();
         }
         true
     }
