@@ -6,29 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::{Client, RequestBuilder};
+use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, client, serve_refused};
+use crate::util::{Daemon, Tmpfs, client, send, serve_refused};
 
 const OPTIONS: &str = r#"{"ensemble": 12, "hidden": 3, "lags": 2, "scale": {"min": 0, "max": 10}}"#;
-
-/// Status, body (JSON, or Null) and content type.
-fn send(r: RequestBuilder) -> (u16, Value, String) {
-    let r = r.send().expect("request");
-    let status = r.status().as_u16();
-    let ct = r
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap_or("").to_owned())
-        .unwrap_or_default();
-    let text = r.text().expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        ct,
-    )
-}
 
 fn put(c: &Client, d: &Daemon, name: &str, options: &str) -> (u16, Value) {
     let (s, v, _) = send(
@@ -423,30 +406,12 @@ fn directories_whose_names_are_not_stream_names_are_skipped_at_start() {
 /// as CI has; elsewhere the test says so and checks nothing).
 #[test]
 fn a_read_only_data_dir_refuses_to_start_naming_the_directory() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let mount = |args: &[&str]| {
-        std::process::Command::new("mount")
-            .args(args)
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !mount(&["-t", "tmpfs", "-o", "size=8m", "tmpfs"]) {
+    let Some(disk) = Tmpfs::mount("8m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the read-only test needs one");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(&mnt);
+    };
+    let mnt = &disk.dir;
+    let mount = |args: &[&str]| disk.mount_with(args);
     let data = mnt.join("data");
     let c = client();
     let mut d = Daemon::start_in(&data, &[]);

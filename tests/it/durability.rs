@@ -1,7 +1,6 @@
 //! Durability end to end: acknowledged observations survive `kill -9`, a restarted daemon is
 //! exactly where it was, and a full disk is a 503 that changes nothing.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -9,7 +8,9 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, client, fingerprint, get_json, ndjson, post_ndjson, put, write_config};
+use crate::util::{
+    Daemon, Tmpfs, client, fingerprint, get_json, ndjson, post_ndjson, put, write_config,
+};
 
 /// The options of every stream here.
 fn options() -> Value {
@@ -256,28 +257,11 @@ fn crash_harness_kill9_during_concurrent_ingest_issue_4() {
 /// test says so and checks nothing).
 #[test]
 fn a_full_disk_is_a_503_that_applies_nothing_and_the_stream_recovers() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
+    let Some(disk) = Tmpfs::mount("512k") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk-full test needs one");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(&mnt);
+    };
+    let mnt = &disk.dir;
     let data = mnt.join("data");
     let c = client();
     let d = Daemon::start_in(&data, &[]);

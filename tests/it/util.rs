@@ -367,3 +367,37 @@ impl Daemon {
         ticks / per_second
     }
 }
+
+/// A small tmpfs mounted on a fresh temporary directory (needs root, as CI has), unmounted when
+/// dropped: a real disk that can be filled or made read-only.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` where mounting is not allowed (not root); the caller then skips its test, saying so.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let fs = Tmpfs { dir, _tmp: tmp };
+        fs.mount_with(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .then_some(fs)
+    }
+
+    /// `mount ARGS DIR`, e.g. `-o remount,ro`; whether it succeeded.
+    pub fn mount_with(&self, args: &[&str]) -> bool {
+        Command::new("mount")
+            .args(args)
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
