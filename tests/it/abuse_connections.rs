@@ -12,7 +12,7 @@ use reqwest::Method;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, client, ndjson, post_ndjson, put, serve_refused, write_config};
+use crate::util::{Daemon, client, metrics, ndjson, post_ndjson, put, serve_refused, write_config};
 
 fn addr(d: &Daemon) -> String {
     d.base.trim_start_matches("http://").to_owned()
@@ -62,14 +62,6 @@ fn put_with_token(c: &Client, d: &Daemon, name: &str, options: &Value, token: &s
         .expect("put")
         .status()
         .as_u16()
-}
-
-fn metrics(c: &Client, d: &Daemon) -> String {
-    c.get(d.url("/metrics"))
-        .send()
-        .expect("metrics")
-        .text()
-        .expect("text")
 }
 
 /// Reads until the peer closes (or `limit` passes) and returns what came and how long it took.

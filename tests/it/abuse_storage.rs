@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, Tmpfs, client, send, serve_refused};
+use crate::util::{
+    Daemon, Tmpfs, client, fingerprint, metrics, ndjson, send, serve_refused, write_config,
+};
 
 const OPTIONS: &str = r#"{"ensemble": 12, "hidden": 3, "lags": 2, "scale": {"min": 0, "max": 10}}"#;
 
@@ -23,10 +25,7 @@ fn put(c: &Client, d: &Daemon, name: &str, options: &str) -> (u16, Value) {
 }
 
 fn post_values(c: &Client, d: &Daemon, name: &str, values: &[f64]) -> (u16, Value) {
-    let body: String = values
-        .iter()
-        .map(|y| format!("{{\"y\": {y:e}}}\n"))
-        .collect();
+    let body = ndjson(values, None);
     let (s, v, _) = send(
         c.post(d.url(&format!("/v1/streams/{name}/observations")))
             .header("content-type", "application/x-ndjson")
@@ -56,17 +55,6 @@ fn names(c: &Client, d: &Daemon) -> Vec<String> {
         .collect()
 }
 
-/// Everything a client can see of a stream, minus the wall clock.
-fn fingerprint(c: &Client, d: &Daemon, name: &str) -> Value {
-    let (s, mut info, _) = send(c.get(d.url(&format!("/v1/streams/{name}"))));
-    assert_eq!(s, 200, "GET {name}: {info}\n{}", d.log());
-    info["stats"]["last_update"] = Value::Null;
-    let (s, forecast, _) =
-        send(c.get(d.url(&format!("/v1/streams/{name}/forecast?horizon=4&level=0.8"))));
-    assert_eq!(s, 200, "forecast {name}: {forecast}");
-    json!({"stream": info, "forecast": forecast})
-}
-
 /// Asserts that a response shows no host path: neither the data directory nor the temporary
 /// directory it lives in.
 fn assert_no_paths(body: &Value, data: &Path) {
@@ -77,12 +65,6 @@ fn assert_no_paths(body: &Value, data: &Path) {
         !text.contains(&*data) && !text.contains(&*tmp.to_string_lossy()),
         "a host path in {text}"
     );
-}
-
-fn config(dir: &Path, text: &str) -> String {
-    let p = dir.join("ekid.toml");
-    std::fs::write(&p, text).expect("write config");
-    p.to_str().expect("utf-8").to_owned()
 }
 
 fn stream_dir(data: &Path, name: &str) -> PathBuf {
@@ -150,7 +132,7 @@ fn a_delete_that_cannot_move_the_files_leaves_the_stream_serving_before_and_afte
 fn a_delete_cut_short_by_the_request_timeout_still_completes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let cfg = config(tmp.path(), "[limits]\nrequest_timeout_ms = 300\n");
+    let cfg = write_config(tmp.path(), "[limits]\nrequest_timeout_ms = 300\n");
     let c = client();
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
     let heavy = r#"{"ensemble": 400, "hidden": 24, "lags": 8, "scale": {"min": 0, "max": 10}}"#;
@@ -247,7 +229,7 @@ fn an_auto_scale_that_would_not_be_finite_is_refused_naming_the_observation() {
 fn damage_in_a_log_segment_the_snapshot_covers_does_not_fail_the_stream() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let cfg = config(tmp.path(), "[storage]\nsnapshot_every = 10\n");
+    let cfg = write_config(tmp.path(), "[storage]\nsnapshot_every = 10\n");
     let c = client();
     let mut d = Daemon::start_in(&data, &["--config", &cfg]);
     assert_eq!(put(&c, &d, "k", OPTIONS).0, 201);
@@ -329,12 +311,7 @@ fn writes_after_the_stream_directory_is_removed_fail_the_stream_loudly() {
     assert_eq!(info["stats"]["last_seq"], 5, "nothing more applied");
     assert_no_paths(&info, &data);
     assert_eq!(post_values(&c, &d, "gone", &series(5, 3)).0, 500);
-    let metrics = c
-        .get(d.url("/metrics"))
-        .send()
-        .expect("metrics")
-        .text()
-        .expect("text");
+    let metrics = metrics(&c, &d);
     assert!(
         metrics.contains("ekid_stream_failed{stream=\"gone\"} 1"),
         "{metrics}"

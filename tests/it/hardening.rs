@@ -10,8 +10,8 @@ use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
 use crate::util::{
-    Daemon, client, fingerprint, get_json, parts, post, post_ndjson, put, raw_request, send,
-    write_config,
+    Daemon, client, fingerprint, get_json, metrics, parts, post, post_ndjson, put, raw_request,
+    send, write_config,
 };
 
 /// The options of a small stream.
@@ -570,12 +570,7 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
             .is_some_and(|f| f.contains("panicked")),
         "{info}"
     );
-    let metrics = c
-        .get(d.url("/metrics"))
-        .send()
-        .expect("metrics")
-        .text()
-        .expect("text");
+    let metrics = metrics(&c, &d);
     assert!(
         metrics.contains("ekid_stream_failed{stream=\"boom\"} 1"),
         "{metrics}"

@@ -227,6 +227,15 @@ pub fn get_json(c: &Client, d: &Daemon, path: &str) -> Value {
     serde_json::from_str(&body).expect("json")
 }
 
+/// The text of `/metrics`.
+pub fn metrics(c: &Client, d: &Daemon) -> String {
+    c.get(d.url("/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text")
+}
+
 /// Sends a request and returns [`parts`] of its response.
 pub fn send(r: RequestBuilder) -> (u16, Value, String) {
     parts(r.send().expect("request"))
