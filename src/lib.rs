@@ -16,6 +16,7 @@
 //! ARCHITECTURE.md follows one observation through these parts and states their invariants.
 
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod eval;
 pub mod server;

@@ -49,6 +49,15 @@ pub struct ServeArgs {
     /// Directory for stream state.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Join a cluster: the NATS JetStream servers, comma-separated (nats://HOST:PORT,...).
+    #[arg(long, value_delimiter = ',')]
+    pub cluster: Option<Vec<String>>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The URL other nodes forward requests to (default: http:// + the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Args)]

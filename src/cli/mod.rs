@@ -76,6 +76,16 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
+    if let Some(urls) = args.cluster {
+        config.cluster.urls = urls;
+    }
+    if let Some(n) = args.node {
+        config.cluster.node = n;
+    }
+    if let Some(a) = args.advertise {
+        config.cluster.advertise = a;
+    }
+    config.cluster.check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -243,6 +243,7 @@ pub async fn healthz(State(app): State<AppState>) -> Json<Health> {
 #[utoipa::path(get, path = "/metrics", tag = "service",
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
+    super::cluster::refresh_metrics(&app);
     (
         [(
             header::CONTENT_TYPE,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::ClusterConfig;
 use crate::engine::{Options, RawOptions};
 use crate::storage::StorageConfig;
 
@@ -23,6 +24,8 @@ pub struct Config {
     pub auth: Auth,
     pub storage: StorageConfig,
     pub engine: Engine,
+    /// Cluster mode (off while `urls` is empty).
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +176,7 @@ impl Default for Config {
             auth: Auth::default(),
             storage: StorageConfig::default(),
             engine: Engine::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -214,6 +218,7 @@ impl Config {
         }
         c.limits.check()?;
         c.auth.check()?;
+        c.cluster.check()?;
         Ok(c)
     }
 

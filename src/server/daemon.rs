@@ -57,8 +57,20 @@ pub async fn serve(
         idle: Duration::from_millis(config.limits.idle_timeout_ms),
     };
     let connections = Arc::new(Semaphore::new(config.limits.connections));
-    let state = AppState::new(config, store, stop_rx.clone())?;
+    let cluster = if config.cluster.enabled() {
+        Some(super::cluster::join(&config, local).await?)
+    } else {
+        None
+    };
+    let (cluster, changes) = match cluster {
+        Some((c, rx)) => (Some(c), Some(rx)),
+        None => (None, None),
+    };
+    let state = AppState::new(config, store, stop_rx.clone(), cluster.clone())?;
     state.recover().await?;
+    if let (Some(c), Some(rx)) = (cluster.clone(), changes) {
+        tokio::spawn(super::cluster::follow(state.clone(), c, rx));
+    }
     let app = router(state.clone());
     ready();
 
@@ -117,6 +129,9 @@ pub async fn serve(
         tracing::warn!("some connections did not finish within 30 s; closing them");
     }
     state.close_all().await;
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -83,6 +83,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     Internal(String),
+    /// Cluster mode: the stream's owner or JetStream cannot be reached right now.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl ApiError {
@@ -170,6 +173,11 @@ impl ApiError {
                 "internal",
                 "Internal error",
             ),
+            Cluster(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster-unavailable",
+                "Cluster unavailable",
+            ),
         }
     }
 
@@ -247,6 +255,7 @@ impl IntoResponse for ApiError {
             | ApiError::ShuttingDown
             | ApiError::Storage(_)
             | ApiError::Busy(_)
+            | ApiError::Cluster(_)
             | ApiError::Timeout(_) => {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -51,6 +51,15 @@ pub struct Metrics {
     pub storage_errors: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: HistogramFamily<RouteLabel>,
+    /// Cluster mode only (registered by [`Metrics::clustered`]).
+    pub cluster_append_seconds: Histogram,
+    pub cluster_refused_records: Counter,
+    pub cluster_forwards: Counter,
+    pub cluster_partitions: Gauge,
+    pub cluster_acquired: Gauge,
+    pub cluster_lost: Gauge,
+    pub cluster_released: Gauge,
+    pub cluster_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -71,6 +80,14 @@ impl Default for Metrics {
             storage_errors: Counter::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            cluster_append_seconds: latency_histogram(),
+            cluster_refused_records: Counter::default(),
+            cluster_forwards: Counter::default(),
+            cluster_partitions: Gauge::default(),
+            cluster_acquired: Gauge::default(),
+            cluster_lost: Gauge::default(),
+            cluster_released: Gauge::default(),
+            cluster_connected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -144,6 +161,53 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics of a node in a cluster: the usual ones and the cluster's.
+    pub fn clustered() -> Self {
+        let mut m = Metrics::default();
+        let r = &mut m.registry;
+        r.register(
+            "ekid_cluster_append_seconds",
+            "Time to append one record to a stream's replicated log, until JetStream confirms it is stored on a quorum",
+            m.cluster_append_seconds.clone(),
+        );
+        r.register(
+            "ekid_cluster_refused_records",
+            "Log records (published directly by producers) that their stream refused",
+            m.cluster_refused_records.clone(),
+        );
+        r.register(
+            "ekid_cluster_forwards",
+            "Requests forwarded to the node that owns their stream",
+            m.cluster_forwards.clone(),
+        );
+        r.register(
+            "ekid_cluster_partitions_owned",
+            "Partitions of streams this node owns and serves",
+            m.cluster_partitions.clone(),
+        );
+        r.register(
+            "ekid_cluster_partitions_acquired",
+            "Partition leases this node acquired since it started (takeovers included)",
+            m.cluster_acquired.clone(),
+        );
+        r.register(
+            "ekid_cluster_partitions_lost",
+            "Partition leases this node lost (not renewed in time, or taken)",
+            m.cluster_lost.clone(),
+        );
+        r.register(
+            "ekid_cluster_partitions_released",
+            "Partition leases this node handed over to another node",
+            m.cluster_released.clone(),
+        );
+        r.register(
+            "ekid_cluster_connected",
+            "1 while this node is connected to NATS",
+            m.cluster_connected.clone(),
+        );
+        m
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

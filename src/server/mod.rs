@@ -9,10 +9,13 @@
 //! - `router`, `middleware`: the routes and what wraps them (auth, limits, timeouts, metrics);
 //! - `api`, `body`, `error`, `openapi`: handlers and their types, body decoding, problem
 //!   documents, the OpenAPI document;
-//! - `metrics`: the Prometheus registry.
+//! - `metrics`: the Prometheus registry;
+//! - `cluster`: cluster mode's side of the daemon (loading the partitions this node gains,
+//!   forwarding requests to the owner of their stream, `GET /v1/cluster`).
 
 mod api;
 pub mod body;
+mod cluster;
 mod config;
 mod daemon;
 mod error;

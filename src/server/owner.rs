@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::error::ApiError;
 use super::metrics::{Metrics, StreamLabel};
+use crate::cluster::{Cluster, Entry, LogError, Record, StreamLog};
 use crate::engine::ForecastState;
 use crate::engine::Options;
 use crate::engine::Scaler;
@@ -40,6 +41,11 @@ pub enum Command {
         store: Store,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Cluster mode: a record was appended to the stream's log at `seq`; apply what this owner
+    /// has not yet (records a producer published directly).
+    Appended { seq: u64 },
+    /// Cluster mode: this node lost the stream's partition; stop at once, writing nothing.
+    Drop,
 }
 
 /// The result of one accepted batch.
@@ -119,7 +125,31 @@ const MAX_GROUP: usize = 256;
 /// recover (it answers every command with the reason).
 pub enum Start {
     Live(Box<Stream>, Box<StreamStore>),
+    /// Cluster mode: the stream's log is in JetStream.
+    Replicated(Box<Stream>, Box<Replicated>),
     Failed(Options, String),
+}
+
+/// What an owner holds in cluster mode instead of the stream's files.
+pub struct Replicated {
+    pub log: StreamLog,
+    pub cluster: Cluster,
+    /// Snapshot after this many observations (`[storage] snapshot_every`)...
+    pub snapshot_every: u64,
+    /// ... or this many seconds with something new (`[storage] snapshot_interval_s`).
+    pub snapshot_interval: std::time::Duration,
+    pub since_snapshot: u64,
+    pub snapshot_time: Instant,
+}
+
+impl Replicated {
+    fn snapshot_due(&self) -> bool {
+        self.since_snapshot >= self.snapshot_every
+            || self
+                .log
+                .snapshot_due(self.cluster.config().snapshot_records)
+            || (self.since_snapshot > 0 && self.snapshot_time.elapsed() >= self.snapshot_interval)
+    }
 }
 
 /// Starts the owner of a stream.
@@ -133,18 +163,23 @@ pub fn spawn(
     panic_in_update: bool,
 ) -> (StreamHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_depth.max(1));
-    let (stream, store, view) = match start {
+    let live_view = |stream: &Stream, last_update| StreamView {
+        name: name.clone(),
+        options: stream.options().clone(),
+        stats: stream.stats().clone(),
+        scale: stream.y_scale().map(<[Scaler]>::to_vec),
+        last_update,
+        forecast: stream.forecast_state().map(Arc::new),
+        failed: None,
+    };
+    let (stream, store, replicated, view) = match start {
         Start::Live(stream, store) => {
-            let view = StreamView {
-                name: name.clone(),
-                options: stream.options().clone(),
-                stats: stream.stats().clone(),
-                scale: stream.y_scale().map(<[Scaler]>::to_vec),
-                last_update: store.last_write(),
-                forecast: stream.forecast_state().map(Arc::new),
-                failed: None,
-            };
-            (Some(stream), Some(store), view)
+            let view = live_view(&stream, store.last_write());
+            (Some(stream), Some(store), None, view)
+        }
+        Start::Replicated(stream, replicated) => {
+            let view = live_view(&stream, None);
+            (Some(stream), None, Some(replicated), view)
         }
         Start::Failed(options, reason) => {
             metrics
@@ -162,7 +197,7 @@ pub fn spawn(
                 forecast: None,
                 failed: Some(reason),
             };
-            (None, None, view)
+            (None, None, None, view)
         }
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
@@ -171,6 +206,7 @@ pub fn spawn(
         name,
         stream,
         store,
+        replicated,
         view: view_tx,
         events: events.clone(),
         metrics,
@@ -194,6 +230,8 @@ struct Owner {
     /// gets the reason.
     stream: Option<Box<Stream>>,
     store: Option<Box<StreamStore>>,
+    /// Cluster mode: the log in JetStream (then `store` is `None`).
+    replicated: Option<Box<Replicated>>,
     view: watch::Sender<Arc<StreamView>>,
     events: Arc<Events>,
     metrics: Arc<Metrics>,
@@ -262,6 +300,15 @@ impl Owner {
                         break;
                     }
                 }
+                Some(Command::Appended { seq }) => {
+                    if self.replicated.as_ref().is_some_and(|r| seq > r.log.last()) {
+                        let _ = self.catch_up().await;
+                    }
+                }
+                Some(Command::Drop) => {
+                    tracing::info!(stream = %self.name, "stream moved to another node");
+                    break;
+                }
                 Some(Command::Observe { .. }) | None => {}
             }
         }
@@ -309,6 +356,12 @@ impl Owner {
     }
 
     async fn close(&mut self, snapshot: bool) {
+        if self.replicated.is_some() {
+            if snapshot {
+                self.snapshot_replicated(true).await;
+            }
+            return;
+        }
         self.with_store(move |store, stream| {
             if snapshot && store.has_unsnapshotted() {
                 store.snapshot(stream)
@@ -322,6 +375,25 @@ impl Owner {
     /// Moves the stream's files to the trash. On success the stream is gone (its files
     /// closed); on failure it is as it was and keeps serving.
     async fn delete(&mut self, store: Store) -> Result<(), ApiError> {
+        if let Some(r) = &self.replicated {
+            if !r.log.owned() {
+                return Err(ApiError::Cluster(format!(
+                    "this node no longer owns stream `{}`; retry",
+                    self.name
+                )));
+            }
+            return match r.cluster.delete_stream(&self.name).await {
+                Ok(()) => {
+                    self.stream = None;
+                    self.replicated = None;
+                    Ok(())
+                }
+                Err(e) => Err(ApiError::Cluster(format!(
+                    "could not delete stream `{}`, it is unchanged: {e}",
+                    self.name
+                ))),
+            };
+        }
         let name = self.name.clone();
         match tokio::task::spawn_blocking(move || store.delete_stream(&name)).await {
             Ok(Ok(())) => {
@@ -361,6 +433,9 @@ impl Owner {
     /// Plans every batch of the group, logs the accepted ones with one append (and one fsync),
     /// applies them in order, and answers each.
     async fn observe(&mut self, group: Vec<(Vec<Observation>, Reply)>) {
+        if self.replicated.is_some() {
+            return self.observe_replicated(group).await;
+        }
         let (Some(stream), Some(store)) = (self.stream.take(), self.store.take()) else {
             for (_, reply) in group {
                 let _ = reply.send(Err(self.failed()));
@@ -392,7 +467,7 @@ impl Owner {
         let done = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             assert!(!panic_in_update, "failpoint panic-in-update");
-            apply_group(stream, store, &work)
+            apply_group(stream, Some(store), &work)
         })
         .await;
         match done {
@@ -412,7 +487,7 @@ impl Owner {
                     let _ = reply.send(Ok(o));
                 }
                 self.stream = Some(stream);
-                self.store = Some(store);
+                self.store = store;
             }
             Ok(GroupWork {
                 stream,
@@ -422,7 +497,7 @@ impl Owner {
                 tracing::error!(stream = %self.name, error = %e, "could not log a batch; nothing applied");
                 self.metrics.storage_errors.inc();
                 self.stream = Some(stream);
-                self.store = Some(store);
+                self.store = store;
                 if e.is_removed() {
                     // No write of this stream can be made durable any more: fail it loudly
                     // rather than answer 503s that a retry can never get past.
@@ -451,6 +526,260 @@ impl Owner {
                 for reply in replies {
                     let _ = reply.send(Err(self.failed()));
                 }
+            }
+        }
+    }
+
+    /// Cluster mode: plans the group, appends its accepted observations to the replicated log
+    /// as one record (fenced by the last record applied), and only once JetStream has stored
+    /// it on a quorum learns them and answers. An owner that finds the log ahead of it (a
+    /// producer's record) applies what it missed and plans the group again.
+    async fn observe_replicated(&mut self, mut group: Vec<(Vec<Observation>, Reply)>) {
+        for _attempt in 0..4 {
+            let Some(stream) = self.stream.take() else {
+                for (_, reply) in group {
+                    let _ = reply.send(Err(self.failed()));
+                }
+                return;
+            };
+            let (work, replies) = plan_group(&stream, group);
+            let duplicates: u64 = work.iter().map(|(_, p)| p.duplicates as u64).sum();
+            self.metrics
+                .duplicates
+                .get_or_create(&self.label())
+                .inc_by(duplicates);
+            if work.iter().all(|(_, p)| p.accepted.is_empty()) {
+                for ((_, plan), reply) in work.iter().zip(replies) {
+                    let _ = reply.send(Ok(Outcome {
+                        duplicates: plan.duplicates,
+                        applied: Vec::new(),
+                    }));
+                }
+                self.stream = Some(stream);
+                return;
+            }
+            let record: Vec<Observation> = work
+                .iter()
+                .flat_map(|(b, p)| {
+                    p.accepted
+                        .iter()
+                        .enumerate()
+                        .map(move |(k, &i)| Observation {
+                            seq: Some(p.first_seq + k as u64),
+                            ..b[i].clone()
+                        })
+                })
+                .collect();
+            let Some(replicated) = self.replicated.as_mut() else {
+                self.stream = Some(stream);
+                return;
+            };
+            let started = Instant::now();
+            let appended = replicated.log.append(&record).await;
+            self.metrics
+                .cluster_append_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let refuse = |replies: Vec<Reply>, e: ApiError| {
+                let detail = e.to_string();
+                let too_large = matches!(e, ApiError::TooLarge(_));
+                for reply in replies {
+                    let _ = reply.send(Err(if too_large {
+                        ApiError::TooLarge(detail.clone())
+                    } else {
+                        ApiError::Cluster(detail.clone())
+                    }));
+                }
+            };
+            match appended {
+                Ok(_) => {
+                    replicated.since_snapshot += record.len() as u64;
+                    self.learn_replicated(stream, work, replies, started).await;
+                    if self.replicated.as_ref().is_some_and(|r| r.snapshot_due()) {
+                        self.snapshot_replicated(false).await;
+                    }
+                    return;
+                }
+                Err(LogError::Behind) => {
+                    self.stream = Some(stream);
+                    if let Err(e) = self.catch_up().await {
+                        refuse(replies, e);
+                        return;
+                    }
+                    group = work.into_iter().map(|(b, _)| b).zip(replies).collect();
+                }
+                Err(LogError::TooLarge(detail)) => {
+                    self.stream = Some(stream);
+                    refuse(replies, ApiError::TooLarge(detail));
+                    return;
+                }
+                Err(e @ LogError::NotOwner(_)) => {
+                    // The stream is someone else's now: this node learns nothing more of it.
+                    self.stream = Some(stream);
+                    refuse(replies, ApiError::Cluster(format!("{e}; retry")));
+                    return;
+                }
+                Err(e @ LogError::Unavailable(_)) => {
+                    self.stream = Some(stream);
+                    refuse(
+                        replies,
+                        ApiError::Cluster(format!(
+                            "could not append to the log of stream `{}`: {e}; a batch without `seq` may have been stored, retry it with `seq`",
+                            self.name
+                        )),
+                    );
+                    return;
+                }
+            }
+        }
+        for (_, reply) in group {
+            let _ = reply.send(Err(ApiError::Cluster(format!(
+                "the log of stream `{}` kept moving ahead of this node; retry",
+                self.name
+            ))));
+        }
+    }
+
+    /// Learns a group already in the replicated log, publishes, answers.
+    async fn learn_replicated(
+        &mut self,
+        stream: Box<Stream>,
+        work: Vec<Planned>,
+        replies: Vec<Reply>,
+        started: Instant,
+    ) {
+        let threads = u32::try_from(stream.step_threads()).unwrap_or(1);
+        let permit = self.cores.clone().acquire_many_owned(threads).await;
+        let panic_in_update = self.panic_in_update;
+        let done = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            assert!(!panic_in_update, "failpoint panic-in-update");
+            apply_group(stream, None, &work)
+        })
+        .await;
+        match done {
+            Ok(GroupWork {
+                stream,
+                result: Ok(learned),
+                ..
+            }) => {
+                self.record_timing(&learned, started);
+                self.publish(&stream, learned.forecast);
+                for o in &learned.outcomes {
+                    for a in &o.applied {
+                        self.events.send(a);
+                    }
+                }
+                for (o, reply) in learned.outcomes.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(o));
+                }
+                self.stream = Some(stream);
+            }
+            Ok(GroupWork { stream, .. }) => {
+                self.stream = Some(stream);
+            }
+            Err(e) => {
+                let reason = if e.is_panic() {
+                    "an update panicked".to_owned()
+                } else {
+                    format!("an update was cancelled: {e}")
+                };
+                self.fail(reason);
+                for reply in replies {
+                    let _ = reply.send(Err(self.failed()));
+                }
+            }
+        }
+    }
+
+    /// Applies every record of the replicated log this owner has not applied yet (producers'
+    /// records, or a record whose append timed out here but was stored).
+    async fn catch_up(&mut self) -> Result<(), ApiError> {
+        let Some(replicated) = self.replicated.as_ref() else {
+            return Ok(());
+        };
+        let entries = replicated
+            .log
+            .read_after()
+            .await
+            .map_err(|e| ApiError::Cluster(e.to_string()))?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        if !replicated.log.owned() {
+            return Err(ApiError::Cluster(format!(
+                "this node no longer owns stream `{}`; retry",
+                self.name
+            )));
+        }
+        let Some(stream) = self.stream.take() else {
+            return Err(self.failed());
+        };
+        let last = entries.last().map_or(0, |e| e.seq);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut stream = stream;
+            let (applied, refused) = replay(&mut stream, &entries);
+            let forecast = stream.forecast_state().map(Arc::new);
+            (stream, applied, refused, forecast)
+        })
+        .await;
+        match done {
+            Ok((stream, applied, refused, forecast)) => {
+                if let Some(r) = self.replicated.as_mut() {
+                    r.log.advance(last);
+                    r.since_snapshot += applied.len() as u64;
+                }
+                self.metrics.cluster_refused_records.inc_by(refused);
+                self.publish(&stream, forecast);
+                for a in &applied {
+                    self.events.send(a);
+                }
+                self.stream = Some(stream);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(format!("replaying the log failed: {e}"));
+                Err(self.failed())
+            }
+        }
+    }
+
+    /// Stores a snapshot of the stream in JetStream (`force`: whenever something is new).
+    async fn snapshot_replicated(&mut self, force: bool) {
+        let Some(r) = self.replicated.as_ref() else {
+            return;
+        };
+        if !r.log.owned() || (force && r.since_snapshot == 0) || (!force && !r.snapshot_due()) {
+            return;
+        }
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        let encoded = tokio::task::spawn_blocking(move || {
+            let bytes = crate::storage::encode_snapshot(stream.last_seq(), &stream.state());
+            (stream, bytes)
+        })
+        .await;
+        let Ok((stream, bytes)) = encoded else {
+            self.fail("encoding a snapshot failed".into());
+            return;
+        };
+        self.stream = Some(stream);
+        let Some(r) = self.replicated.as_mut() else {
+            return;
+        };
+        let stored = match bytes {
+            Ok(b) => r.log.put_snapshot(b).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(()) => {
+                r.since_snapshot = 0;
+                r.snapshot_time = Instant::now();
+            }
+            Err(e) => {
+                // The log still holds everything: a takeover replays more, nothing more.
+                tracing::warn!(stream = %self.name, error = %e, "snapshot not stored");
+                self.metrics.storage_errors.inc();
             }
         }
     }
@@ -534,7 +863,7 @@ fn plan_group(
 /// learned, or why the log refused the group (then nothing was applied).
 struct GroupWork {
     stream: Box<Stream>,
-    store: Box<StreamStore>,
+    store: Option<Box<StreamStore>>,
     result: Result<Learned, StoreError>,
 }
 
@@ -545,13 +874,16 @@ struct Learned {
 }
 
 /// Logs the group's accepted observations (one append, one fsync), then learns them in order,
-/// then snapshots when due. Blocking: runs on the blocking pool under the core permits.
+/// then snapshots when due. Blocking: runs on the blocking pool under the core permits. In
+/// cluster mode (no `store`) the group is already in the replicated log.
 fn apply_group(
     mut stream: Box<Stream>,
-    mut store: Box<StreamStore>,
+    mut store: Option<Box<StreamStore>>,
     work: &[Planned],
 ) -> GroupWork {
-    if let Err(e) = log_group(&mut store, work) {
+    if let Some(st) = store.as_mut()
+        && let Err(e) = log_group(st, work)
+    {
         return GroupWork {
             stream,
             store,
@@ -572,7 +904,8 @@ fn apply_group(
         .collect();
     let learn_seconds = learning.elapsed().as_secs_f64();
     // A failed snapshot loses nothing: the log has it all.
-    if store.snapshot_due()
+    if let Some(store) = store.as_mut()
+        && store.snapshot_due()
         && let Err(e) = store.snapshot(&stream)
     {
         tracing::error!(error = %e, "snapshot failed; the log still holds everything");
@@ -612,4 +945,57 @@ fn log_group(store: &mut StreamStore, work: &[Planned]) -> Result<(), StoreError
         })
         .collect();
     store.append(&records)
+}
+
+/// Replays records of the replicated log into `stream` through the same plan and apply as
+/// live batches, in order; a record the stream refuses (a producer's malformed or misfit
+/// message, a sequence gap) changes nothing. Returns what was applied and how many records
+/// were refused. Blocking.
+pub fn replay(stream: &mut Stream, entries: &[Entry]) -> (Vec<Applied>, u64) {
+    use super::body::{Expect, Format, decode};
+    let mut applied = Vec::new();
+    let mut refused = 0;
+    for entry in entries {
+        let decoded;
+        let batch: &[Observation] = match &entry.record {
+            Record::Batch(b) => b,
+            Record::Direct { content_type, body } => {
+                let format = match content_type.as_deref().map(str::trim) {
+                    None | Some("") => Format::Json,
+                    Some(ct) if ct.starts_with("application/x-ndjson") => Format::Ndjson,
+                    Some(ct) if ct.starts_with("application/jsonl") => Format::Ndjson,
+                    Some(ct) if ct.starts_with("text/csv") => Format::Csv,
+                    Some(ct) if ct.contains("json") => Format::Json,
+                    Some(_) => {
+                        refused += 1;
+                        continue;
+                    }
+                };
+                let o = stream.options();
+                let expect = Expect {
+                    shape: Some((o.inputs, o.outputs)),
+                    max_observations: usize::MAX,
+                };
+                match decode(format, body, &expect) {
+                    Ok(b) => {
+                        decoded = b;
+                        &decoded
+                    }
+                    Err(e) => {
+                        tracing::warn!(seq = entry.seq, error = %e, "log record refused");
+                        refused += 1;
+                        continue;
+                    }
+                }
+            }
+        };
+        match stream.plan(batch) {
+            Ok(plan) => stream.apply(batch, &plan, |a| applied.push(a)),
+            Err(e) => {
+                tracing::warn!(seq = entry.seq, error = %e, "log record refused");
+                refused += 1;
+            }
+        }
+    }
+    (applied, refused)
 }

@@ -8,7 +8,7 @@ use axum::routing::get;
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{api, middleware, openapi};
+use super::{api, cluster, middleware, openapi};
 
 /// Forecasts: `POST` carries the future inputs in a body and is still a read.
 pub const FORECAST_ROUTE: &str = "/v1/streams/{name}/forecast";
@@ -38,8 +38,10 @@ pub fn router(state: AppState) -> Router {
             get(api::get_forecast).post(api::post_forecast),
         )
         .route(EVENTS_ROUTE, get(api::events))
+        .route("/v1/cluster", get(cluster::cluster_status))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), cluster::route))
         .layer(from_fn_with_state(state.clone(), middleware::auth))
         .layer(from_fn_with_state(state.clone(), middleware::limits))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

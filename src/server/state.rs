@@ -12,7 +12,8 @@ use super::Config;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openapi;
-use super::owner::{self, Command, Start, StreamHandle, StreamView};
+use super::owner::{self, Command, Replicated, Start, StreamHandle, StreamView};
+use crate::cluster::{Cluster, StreamLog};
 use crate::engine::{Options, Stream};
 use crate::storage::{Recovered, Store};
 
@@ -85,6 +86,10 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// `/openapi.json`, built for this config at start.
     pub openapi: axum::body::Bytes,
+    /// Cluster mode: this node's membership (`None`: the node runs alone on its data dir).
+    pub cluster: Option<Cluster>,
+    /// Cluster mode: the client that forwards requests to other nodes.
+    pub forwarder: reqwest::Client,
 }
 
 #[derive(Default)]
@@ -147,6 +152,7 @@ impl AppState {
         config: Config,
         mut store: Store,
         shutdown: watch::Receiver<bool>,
+        cluster: Option<Cluster>,
     ) -> anyhow::Result<Self> {
         let defaults = config.stream_defaults()?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -157,7 +163,11 @@ impl AppState {
         Ok(AppState {
             inner: Arc::new(Shared {
                 defaults,
-                metrics: Arc::new(Metrics::default()),
+                metrics: Arc::new(if cluster.is_some() {
+                    Metrics::clustered()
+                } else {
+                    Metrics::default()
+                }),
                 store,
                 streams: RwLock::new(Registry::default()),
                 lifecycle: Arc::new(tokio::sync::Mutex::new(())),
@@ -170,6 +180,11 @@ impl AppState {
                 failpoints,
                 shutdown,
                 openapi: openapi::document(&config),
+                forwarder: reqwest::Client::builder()
+                    .connect_timeout(std::time::Duration::from_secs(1))
+                    .pool_idle_timeout(std::time::Duration::from_secs(30))
+                    .build()?,
+                cluster,
                 config,
             }),
         })
@@ -289,6 +304,9 @@ impl AppState {
                 });
             }
         }
+        if let Some(cluster) = &self.inner.cluster {
+            return self.create_replicated(cluster, name, options, bytes).await;
+        }
         let (store, n, threads) = (
             self.inner.store.clone(),
             name.to_owned(),
@@ -317,6 +335,103 @@ impl AppState {
         Ok((true, view))
     }
 
+    /// Cluster mode: records the options in JetStream (the stream's log starts empty), then
+    /// starts the owner. Called on the node that owns the name's partition.
+    async fn create_replicated(
+        &self,
+        cluster: &Cluster,
+        name: &str,
+        options: Options,
+        bytes: u64,
+    ) -> Result<(bool, Arc<StreamView>), ApiError> {
+        let lease = match cluster.lease_of(name) {
+            Some(l) => l,
+            None => {
+                return Err(ApiError::Cluster(format!(
+                    "this node no longer owns stream `{name}`; retry"
+                )));
+            }
+        };
+        let json = serde_json::to_vec(&options)
+            .map_err(|e| ApiError::Internal(format!("encoding options: {e}")))?;
+        let incarnation = match cluster.create_stream(name, json).await {
+            Ok(Some(rev)) => rev,
+            Ok(None) => {
+                return Err(ApiError::Cluster(format!(
+                    "stream `{name}` is being created or moved by another node; retry"
+                )));
+            }
+            Err(e) => {
+                return Err(ApiError::Cluster(format!(
+                    "could not create stream `{name}`, nothing was created: {e}"
+                )));
+            }
+        };
+        let threads = self.inner.step_threads;
+        let stream = tokio::task::spawn_blocking(move || {
+            let mut stream = Stream::new(options);
+            stream.set_step_threads(threads);
+            stream
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("creating the stream failed: {e}")))?;
+        let log = StreamLog::new(name, cluster.handles(), lease, incarnation, 0);
+        let view = self.insert(
+            name,
+            Start::Replicated(Box::new(stream), Box::new(self.replicated(cluster, log))),
+            bytes,
+        );
+        Ok((true, view))
+    }
+
+    /// What an owner of a replicated stream holds besides the stream.
+    pub fn replicated(&self, cluster: &Cluster, log: StreamLog) -> Replicated {
+        let storage = &self.inner.config.storage;
+        Replicated {
+            log,
+            cluster: cluster.clone(),
+            snapshot_every: storage.snapshot_every,
+            snapshot_interval: std::time::Duration::from_secs(storage.snapshot_interval_s),
+            since_snapshot: 0,
+            snapshot_time: Instant::now(),
+        }
+    }
+
+    /// Threads a stream's step may use.
+    pub fn step_threads(&self) -> usize {
+        self.inner.step_threads
+    }
+
+    /// Cluster mode: registers a stream loaded from JetStream (a takeover).
+    pub fn insert_loaded(&self, name: &str, start: Start) {
+        let bytes = match &start {
+            Start::Replicated(stream, _) | Start::Live(stream, _) => {
+                Stream::memory_bytes(stream.options())
+            }
+            Start::Failed(..) => 0,
+        };
+        self.insert(name, start, bytes);
+    }
+
+    /// Cluster mode: takes a stream out of the registry (its partition moved), returning its
+    /// handle so that the caller can close it.
+    pub fn take_handle(&self, name: &str) -> Option<StreamHandle> {
+        let h = {
+            let mut reg = write(&self.inner.streams);
+            let h = reg.handles.remove(name);
+            reg.release_stream(name);
+            self.inner.metrics.streams.set(reg.handles.len() as i64);
+            h
+        };
+        if h.is_some() {
+            self.inner.metrics.forget(name);
+        }
+        if let Some(c) = &self.inner.cluster {
+            c.set_stream_count(self.stream_count());
+        }
+        h
+    }
+
     /// Starts an owner and registers its handle.
     fn insert(&self, name: &str, start: Start, bytes: u64) -> Arc<StreamView> {
         let (handle, task) = owner::spawn(
@@ -334,6 +449,9 @@ impl AppState {
             reg.handles.insert(name.to_owned(), handle);
             reg.charge_stream(name, bytes);
             self.inner.metrics.streams.set(reg.handles.len() as i64);
+        }
+        if let Some(c) = &self.inner.cluster {
+            c.set_stream_count(self.stream_count());
         }
         let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
         owners.retain(|t| !t.is_finished());
@@ -373,6 +491,9 @@ impl AppState {
                 app.inner.metrics.streams.set(reg.handles.len() as i64);
             }
             app.inner.metrics.forget(&name);
+            if let Some(c) = &app.inner.cluster {
+                c.set_stream_count(app.stream_count());
+            }
             Ok(())
         })
         .await
@@ -381,6 +502,10 @@ impl AppState {
 
     /// Recovers every stream in the data directory and starts its owner.
     pub async fn recover(&self) -> anyhow::Result<()> {
+        if self.inner.cluster.is_some() {
+            // Streams come with the partitions this node acquires.
+            return Ok(());
+        }
         let started = Instant::now();
         let (store, threads) = (self.inner.store.clone(), self.inner.step_threads);
         let recovered =

@@ -17,5 +17,6 @@ mod wal;
 pub use inspect::{FileReport, StreamReport, inspect, render};
 pub use name::{STREAM_NAME_RULE, is_valid_stream_name};
 pub use snapshot::write as write_snapshot;
+pub use snapshot::{decode as decode_snapshot, encode as encode_snapshot};
 pub use store::{Recovered, RecoveryReport, StorageConfig, Store, StoreError, StreamStore};
 pub use wal::{FsyncPolicy, WalError};

@@ -129,45 +129,62 @@ pub fn read(path: &Path) -> Result<(u64, StreamState), SnapshotError> {
             path: path.to_owned(),
             source,
         })?;
-    let invalid = |reason: String| SnapshotError::Invalid {
+    decode(&bytes).map_err(|reason| SnapshotError::Invalid {
         path: path.to_owned(),
         reason,
-    };
+    })
+}
+
+/// A snapshot of `state` at `seq` in memory, in the file's format (cluster mode keeps
+/// snapshots in JetStream rather than in files).
+pub fn encode(seq: u64, state: &StreamState) -> Result<Vec<u8>, String> {
+    let payload =
+        postcard::to_stdvec(state).map_err(|e| format!("cannot encode the state: {e}"))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Checks and decodes a snapshot's bytes; returns its seq and state, or why not.
+pub fn decode(bytes: &[u8]) -> Result<(u64, StreamState), String> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-        return Err(invalid("no snapshot header".into()));
+        return Err("no snapshot header".into());
     }
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or_default());
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or_default());
     let version = u32_at(8);
     if !(1..=VERSION).contains(&version) {
-        return Err(invalid(format!(
-            "version {version}, expected 1 to {VERSION}"
-        )));
+        return Err(format!("version {version}, expected 1 to {VERSION}"));
     }
     let seq = u64_at(12);
     let len = u64_at(20);
     let crc = u32_at(28);
     let payload = &bytes[HEADER_LEN..];
     if payload.len() as u64 != len {
-        return Err(invalid(format!(
+        return Err(format!(
             "truncated: {} of {len} payload bytes",
             payload.len()
-        )));
+        ));
     }
     if crc32fast::hash(payload) != crc {
-        return Err(invalid("checksum mismatch".into()));
+        return Err("checksum mismatch".into());
     }
     let state: StreamState = if version == 1 {
         postcard::from_bytes::<StreamStateV1>(payload).map(StreamState::from)
     } else {
         postcard::from_bytes(payload)
     }
-    .map_err(|e| invalid(format!("undecodable: {e}")))?;
+    .map_err(|e| format!("undecodable: {e}"))?;
     if state.stats.last_seq != seq {
-        return Err(invalid(format!(
+        return Err(format!(
             "header says seq {seq}, the state {}",
             state.stats.last_seq
-        )));
+        ));
     }
     Ok((seq, state))
 }

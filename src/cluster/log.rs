@@ -1,0 +1,323 @@
+//! One stream's replicated log on JetStream, its snapshots in the object store, and the lease
+//! that lets this node write them.
+//!
+//! Every record of a stream is a message on the subject `ekid.obs.<name>` (a `.` of the name
+//! written `=`) of the JetStream stream `EKID_OBS`. A record is either a batch the owner
+//! accepted (header `Ekid-Record: batch`, payload the postcard encoding of its observations,
+//! each with its `seq`), or whatever a producer published there directly (JSON or NDJSON
+//! observations, as a `POST` body); the stream's state is the replay, in log order, of every
+//! record through the same plan-then-apply code, a refused record changing nothing. The owner
+//! appends with `Nats-Expected-Last-Subject-Sequence` set to the last record it applied, so an
+//! append from a node that has not seen everything before it is refused by JetStream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::stream::RawMessageErrorKind;
+use bytes::Bytes;
+
+use crate::engine::Observation;
+
+/// The JetStream stream that holds every stream's log.
+pub const LOG_STREAM: &str = "EKID_OBS";
+/// Subjects of the log: `ekid.obs.<name>`.
+pub const LOG_PREFIX: &str = "ekid.obs.";
+/// The header that marks a record written by an owner.
+pub const RECORD_HEADER: &str = "Ekid-Record";
+
+/// A stream name as a subject token or key: `.` (which would split the token) becomes `=`,
+/// which names never hold.
+pub fn key_of(name: &str) -> String {
+    name.replace('.', "=")
+}
+
+pub fn name_of(key: &str) -> String {
+    key.replace('=', ".")
+}
+
+pub fn subject_of(name: &str) -> String {
+    format!("{LOG_PREFIX}{}", key_of(name))
+}
+
+/// A lease on a partition as this node sees it: valid until a deadline on the local monotonic
+/// clock, set from when the renewal was sent so that it ends before JetStream forgets it.
+#[derive(Debug)]
+pub struct Lease {
+    base: Instant,
+    /// Milliseconds after `base`; 0 once revoked.
+    until_ms: AtomicU64,
+}
+
+impl Lease {
+    pub fn new() -> Arc<Lease> {
+        Arc::new(Lease {
+            base: Instant::now(),
+            until_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn valid(&self) -> bool {
+        (self.base.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
+    }
+
+    /// The lease holds until `valid_for` after `sent` (when the renewal that succeeded left).
+    pub fn extend(&self, sent: Instant, valid_for: Duration) {
+        let until = sent.saturating_duration_since(self.base) + valid_for;
+        self.until_ms
+            .fetch_max(until.as_millis() as u64, Ordering::AcqRel);
+    }
+
+    pub fn revoke(&self) {
+        self.until_ms.store(0, Ordering::Release);
+    }
+}
+
+/// One record of a stream's log.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// Observations an owner accepted, each with its `seq`.
+    Batch(Vec<Observation>),
+    /// A producer's message: a `POST` body in `content_type` (JSON when absent).
+    Direct {
+        content_type: Option<String>,
+        body: Bytes,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The record's sequence number in `EKID_OBS`.
+    pub seq: u64,
+    pub record: Record,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Someone appended after the last record this node applied: catch up, then retry.
+    #[error("the log has records this node has not applied yet")]
+    Behind,
+    /// This node's lease on the stream's partition ran out: it may not write.
+    #[error("this node no longer owns stream `{0}`")]
+    NotOwner(String),
+    /// The record cannot be published whole (over the servers' payload limit).
+    #[error("{0}")]
+    TooLarge(String),
+    /// JetStream could not be reached or did not confirm in time; a timed-out append may
+    /// still be stored.
+    #[error("JetStream unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a node needs to write and read one stream's log and snapshots.
+#[derive(Clone)]
+pub struct LogHandles {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub log: async_nats::jetstream::stream::Stream,
+    pub snapshots: async_nats::jetstream::object_store::ObjectStore,
+}
+
+/// One stream's log, held by its owner.
+pub struct StreamLog {
+    name: String,
+    subject: String,
+    handles: LogHandles,
+    lease: Arc<Lease>,
+    /// The options' revision in the streams bucket: tells this stream's snapshots from those of
+    /// an earlier stream of the same name.
+    incarnation: u64,
+    /// The sequence number of the last record applied (0: none).
+    last: u64,
+    records_since_snapshot: u64,
+}
+
+impl StreamLog {
+    pub fn new(
+        name: &str,
+        handles: LogHandles,
+        lease: Arc<Lease>,
+        incarnation: u64,
+        last: u64,
+    ) -> Self {
+        StreamLog {
+            name: name.to_owned(),
+            subject: subject_of(name),
+            handles,
+            lease,
+            incarnation,
+            last,
+            records_since_snapshot: 0,
+        }
+    }
+
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    pub fn owned(&self) -> bool {
+        self.lease.valid()
+    }
+
+    fn check_owner(&self) -> Result<(), LogError> {
+        if self.lease.valid() {
+            Ok(())
+        } else {
+            Err(LogError::NotOwner(self.name.clone()))
+        }
+    }
+
+    /// Appends one record of accepted observations after the last record applied, replicated
+    /// on a quorum before this returns. `Ok` only while the lease holds, before and after.
+    pub async fn append(&mut self, observations: &[Observation]) -> Result<u64, LogError> {
+        self.check_owner()?;
+        if self.handles.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(LogError::Unavailable("not connected to NATS".into()));
+        }
+        let payload = postcard::to_stdvec(observations)
+            .map_err(|e| LogError::TooLarge(format!("cannot encode the batch: {e}")))?;
+        let limit = self.handles.client.server_info().max_payload;
+        if payload.len() + 256 > limit {
+            return Err(LogError::TooLarge(format!(
+                "the batch takes {} bytes in the log, over the NATS servers' max_payload of {limit}; send it in smaller batches",
+                payload.len()
+            )));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(RECORD_HEADER, "batch");
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            self.last.to_string().as_str(),
+        );
+        let ack = self
+            .handles
+            .js
+            .publish_with_headers(self.subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))?
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => LogError::Behind,
+                _ => LogError::Unavailable(e.to_string()),
+            })?;
+        // Stored; but a node whose lease ran out meanwhile acknowledges nothing (the record
+        // stands in the log and the new owner applies it).
+        self.check_owner()?;
+        self.advance(ack.sequence);
+        Ok(ack.sequence)
+    }
+
+    /// Records `seq` as applied.
+    pub fn advance(&mut self, seq: u64) {
+        if seq > self.last {
+            self.last = seq;
+            self.records_since_snapshot += 1;
+        }
+    }
+
+    /// Every record after the last one applied, in order, read from the log's leader.
+    pub async fn read_after(&self) -> Result<Vec<Entry>, LogError> {
+        read_after(&self.handles.log, &self.subject, self.last).await
+    }
+
+    pub fn snapshot_due(&self, every_records: u64) -> bool {
+        self.records_since_snapshot >= every_records
+    }
+
+    /// Stores `state` (a storage snapshot's bytes of the stream after record `self.last()`) as
+    /// the stream's snapshot, replacing the previous one.
+    pub async fn put_snapshot(&mut self, state: Vec<u8>) -> Result<(), LogError> {
+        let mut bytes = Vec::with_capacity(state.len() + 24);
+        bytes.extend_from_slice(SNAPSHOT_MAGIC);
+        bytes.extend_from_slice(&self.incarnation.to_le_bytes());
+        bytes.extend_from_slice(&self.last.to_le_bytes());
+        bytes.extend_from_slice(&state);
+        let covered = self.last;
+        self.handles
+            .snapshots
+            .put(key_of(&self.name).as_str(), &mut bytes.as_slice())
+            .await
+            .map_err(|e| LogError::Unavailable(format!("storing a snapshot: {e}")))?;
+        self.records_since_snapshot = self.records_since_snapshot.min(self.last - covered);
+        Ok(())
+    }
+}
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"EKIDCSN1";
+
+/// The stream's newest snapshot, if it belongs to this `incarnation`: the sequence number of
+/// the last record it covers, and a storage snapshot's bytes.
+pub async fn get_snapshot(
+    handles: &LogHandles,
+    name: &str,
+    incarnation: u64,
+) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+    use async_nats::jetstream::object_store::GetErrorKind;
+    use tokio::io::AsyncReadExt;
+    let mut object = match handles.snapshots.get(key_of(name).as_str()).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::Unavailable(format!("reading a snapshot: {e}"))),
+    };
+    let mut bytes = Vec::new();
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| LogError::Unavailable(format!("reading a snapshot: {e}")))?;
+    if bytes.len() < 24 || &bytes[..8] != SNAPSHOT_MAGIC {
+        tracing::warn!(stream = name, "ignoring a snapshot without its header");
+        return Ok(None);
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or_default());
+    if u64_at(8) != incarnation {
+        return Ok(None);
+    }
+    let seq = u64_at(16);
+    Ok(Some((seq, bytes.split_off(24))))
+}
+
+/// Records of `subject` after `after`, in order.
+pub async fn read_after(
+    log: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    after: u64,
+) -> Result<Vec<Entry>, LogError> {
+    let mut out = Vec::new();
+    let mut from = after + 1;
+    loop {
+        let got = log
+            .raw_message_builder()
+            .next_by_subject(subject.to_owned())
+            .sequence(from)
+            .send()
+            .await;
+        let msg = match got {
+            Ok(m) => m,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(out),
+            Err(e) => return Err(LogError::Unavailable(format!("reading the log: {e}"))),
+        };
+        from = msg.sequence + 1;
+        out.push(decode(msg.sequence, &msg.headers, msg.payload));
+    }
+}
+
+fn decode(seq: u64, headers: &HeaderMap, payload: Bytes) -> Entry {
+    let record = if headers.get(RECORD_HEADER).map(|v| v.as_str()) == Some("batch") {
+        match postcard::from_bytes::<Vec<Observation>>(&payload) {
+            Ok(batch) => Record::Batch(batch),
+            // Not what an owner writes: let the replay refuse it as a body.
+            Err(_) => Record::Direct {
+                content_type: Some("application/octet-stream".into()),
+                body: payload,
+            },
+        }
+    } else {
+        Record::Direct {
+            content_type: headers.get("Content-Type").map(|v| v.as_str().to_owned()),
+            body: payload,
+        }
+    };
+    Entry { seq, record }
+}
