@@ -3,6 +3,8 @@
 mod abuse_bodies;
 mod abuse_connections;
 mod abuse_storage;
+mod cluster;
+mod cluster_util;
 mod daemon;
 mod durability;
 mod eval_cli;
