@@ -89,18 +89,26 @@ async fn load_partition(app: &AppState, cluster: &Cluster, partition: u32, lease
     };
     let started = std::time::Instant::now();
     for name in &names {
-        if !lease.valid() {
-            return;
-        }
-        match load_stream(app, cluster, name, &lease).await {
-            Ok(Some(start)) => app.insert_loaded(name, start),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(stream = %name, error = %e, "could not load the stream");
-                // Serve the reason rather than a wrong state; another takeover retries.
-                let options = Options::default();
-                app.insert_loaded(name, Start::Failed(options, format!("could not load: {e}")));
+        loop {
+            if !lease.valid() {
+                return;
             }
+            match load_stream(app, cluster, name, &lease).await {
+                Ok(Some(start)) => app.insert_loaded(name, start),
+                Ok(None) => {}
+                Err(Load::Unavailable(e)) => {
+                    // JetStream electing leaders, NATS coming back: try again.
+                    tracing::warn!(stream = %name, error = %e, "loading the stream; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                Err(Load::Damaged(options, e)) => {
+                    tracing::error!(stream = %name, error = %e, "could not load the stream");
+                    // Serve the reason rather than a wrong state.
+                    app.insert_loaded(name, Start::Failed(options, format!("could not load: {e}")));
+                }
+            }
+            break;
         }
     }
     cluster.set_ready(partition);
@@ -112,6 +120,14 @@ async fn load_partition(app: &AppState, cluster: &Cluster, partition: u32, lease
     );
 }
 
+/// Why a stream could not be loaded.
+enum Load {
+    /// NATS or JetStream did not answer: worth another try.
+    Unavailable(String),
+    /// What JetStream holds cannot be read back: the stream fails with the reason.
+    Damaged(Options, String),
+}
+
 /// A stream rebuilt from JetStream: its newest snapshot, then its log after it replayed
 /// through the same plan and apply as live batches.
 async fn load_stream(
@@ -119,39 +135,46 @@ async fn load_stream(
     cluster: &Cluster,
     name: &str,
     lease: &Arc<Lease>,
-) -> anyhow::Result<Option<Start>> {
-    let Some((json, incarnation)) = cluster.options(name).await? else {
+) -> Result<Option<Start>, Load> {
+    let unavailable = |e: &dyn std::fmt::Display| Load::Unavailable(e.to_string());
+    let Some((json, incarnation)) = cluster.options(name).await.map_err(|e| unavailable(&e))?
+    else {
         return Ok(None);
     };
-    let options: Options = serde_json::from_slice(&json)?;
+    let options: Options = serde_json::from_slice(&json)
+        .map_err(|e| Load::Damaged(Options::default(), format!("its options: {e}")))?;
     let handles = cluster.handles();
-    let snapshot = get_snapshot(&handles, name, incarnation).await?;
+    let snapshot = get_snapshot(&handles, name, incarnation)
+        .await
+        .map_err(|e| unavailable(&e))?;
     let threads = app.step_threads();
-    let (stream, covered) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let opts = options.clone();
+    let built = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let (stream, covered) = match snapshot {
             Some((covered, bytes)) => {
-                let (_, state) = decode_snapshot(&bytes).map_err(anyhow::Error::msg)?;
-                (
-                    Stream::from_state(state).map_err(anyhow::Error::msg)?,
-                    covered,
-                )
+                let (_, state) = decode_snapshot(&bytes)?;
+                (Stream::from_state(state)?, covered)
             }
-            None => (Stream::new(options), 0),
+            None => (Stream::new(opts), 0),
         };
         let mut stream = stream;
         stream.set_step_threads(threads);
         Ok((stream, covered))
     })
-    .await??;
+    .await
+    .map_err(|e| Load::Damaged(options.clone(), e.to_string()))?;
+    let (stream, covered) =
+        built.map_err(|e| Load::Damaged(options.clone(), format!("its snapshot: {e}")))?;
     let mut log = StreamLog::new(name, handles, lease.clone(), incarnation, covered);
-    let entries = log.read_after().await?;
+    let entries = log.read_after().await.map_err(|e| unavailable(&e))?;
     let last = entries.last().map_or(covered, |e| e.seq);
     let (stream, refused) = tokio::task::spawn_blocking(move || {
         let mut stream = stream;
         let (_, refused) = replay(&mut stream, &entries);
         (stream, refused)
     })
-    .await?;
+    .await
+    .map_err(|e| Load::Damaged(options.clone(), format!("replaying its log: {e}")))?;
     app.inner.metrics.cluster_refused_records.inc_by(refused);
     log.advance(last);
     tracing::info!(stream = name, snapshot = covered, last, "stream taken over");

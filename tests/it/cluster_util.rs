@@ -226,6 +226,12 @@ pub fn reference(c: &Client, options: &Value, values: &[f64]) -> (Value, Value) 
 /// A stream's fingerprint as a cluster node serves it (name-free, to compare with
 /// [`reference`]).
 pub fn fingerprint_named(c: &Client, d: &Daemon, name: &str) -> (Value, Value) {
+    // While a partition moves (or NATS comes back) its streams answer 503 for a moment.
+    let (status, body) = retry(Duration::from_secs(30), || {
+        let r = c.get(d.url(&format!("/v1/streams/{name}"))).send().ok()?;
+        Some((r.status().as_u16(), r.text().unwrap_or_default()))
+    });
+    assert_eq!(status, 200, "{name}: {body}");
     let (mut s, mut f) = fingerprint(c, d, name);
     s["name"] = Value::Null;
     f["stream"] = Value::Null;
