@@ -2,7 +2,7 @@
 //!
 //! - the engine (`src/engine/`) does no I/O, reads no clock and starts no threads outside its
 //!   step pool: it is a function of its inputs and its stream's seed;
-//! - each part imports only from the parts below it: engine < storage < eval < server < cli
+//! - each part imports only from the parts below it: engine < storage < eval < cluster < server < cli
 //!   (nothing runs back up).
 //!
 //! Comments and the insides of string and character literals are blanked out before any
@@ -101,7 +101,7 @@ const ENGINE_RULES: &[Rule] = &[
 ];
 
 /// The parts, lowest first: each may import only from the ones before it.
-const LAYERS: &[&str] = &["engine", "storage", "eval", "server", "cli"];
+const LAYERS: &[&str] = &["engine", "storage", "eval", "cluster", "server", "cli"];
 
 #[test]
 fn the_engine_does_no_io_reads_no_clock_and_starts_threads_only_in_its_pool() {
@@ -570,7 +570,19 @@ fn a_part_may_not_reach_up_through_super() {
     let src = "use super::super::super::server::Config;\n";
     assert_eq!(layer_violations("storage/store/tests.rs", 1, src).len(), 1);
     assert_eq!(
-        layer_violations("cli/mod.rs", 4, "use crate::server;\n"),
+        layer_violations("cli/mod.rs", 5, "use crate::server;\n"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn the_cluster_part_sits_between_eval_and_server() {
+    assert_eq!(
+        layer_violations("cluster/node.rs", 3, "use crate::server::Config;\n").len(),
+        1
+    );
+    assert_eq!(
+        layer_violations("server/cluster.rs", 4, "use crate::cluster::Cluster;\n"),
         Vec::<String>::new()
     );
 }

@@ -14,6 +14,8 @@ use crate::cluster_util::{
 };
 use crate::util::{client, metrics, ndjson, series};
 
+const SNAPSHOT_OFTEN: &str = "[storage]\nsnapshot_every = 97\n[cluster]\nsnapshot_records = 7\n";
+
 fn options(seed: u64) -> Value {
     json!({"ensemble": 20, "hidden": 6, "lags": 4, "seed": seed, "scale": {"min": 0, "max": 20}})
 }
@@ -131,7 +133,10 @@ fn cluster_kill9_of_nodes_loses_nothing_and_applies_once() {
         .unwrap_or(2);
     let c = client();
     let nats = Nats::start();
-    let mut nodes: Vec<Node> = (0..3).map(|i| Node::start(&nats, &format!("e{i}"))).collect();
+    // Snapshots every 97 observations (mid-batch) and 7 records: takeovers load one, then
+    // replay the log after it.
+    let start = |i: usize| Node::start_config(&nats, &format!("e{i}"), SNAPSHOT_OFTEN);
+    let mut nodes: Vec<Node> = (0..3).map(start).collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let streams: Vec<String> = (0..4).map(|k| format!("s{k}")).collect();
     for (k, name) in streams.iter().enumerate() {
@@ -146,8 +151,7 @@ fn cluster_kill9_of_nodes_loses_nothing_and_applies_once() {
         let victim = (round + rand::random::<u64>() as usize) % nodes.len();
         nodes[victim].daemon.kill9();
         std::thread::sleep(Duration::from_millis(500));
-        let name = nodes[victim].name.clone();
-        nodes[victim] = Node::start(&nats, &name);
+        nodes[victim] = start(victim);
         urls.lock().unwrap()[victim] = nodes[victim].base();
     }
     for w in writers {
@@ -155,6 +159,14 @@ fn cluster_kill9_of_nodes_loses_nothing_and_applies_once() {
     }
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     assert_exact(&c, &nodes, &streams, &values);
+    // Takeovers started from a snapshot (and replayed the log after it).
+    let from_snapshot = nodes.iter().any(|n| {
+        n.daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("stream taken over") && !l.contains(" snapshot=0 "))
+    });
+    assert!(from_snapshot, "{}", nodes[0].daemon.log());
     // Some request went through a node that does not own its stream.
     let forwards: u64 = nodes
         .iter()
@@ -405,7 +417,9 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     }
     let c = client();
     let nats = Nats::start();
-    let mut nodes: Vec<Node> = (0..2).map(|i| Node::start(&nats, &format!("p{i}"))).collect();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start_config(&nats, &format!("p{i}"), SNAPSHOT_OFTEN))
+        .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let name = "fenced";
     create(&c, &nodes[0].base(), name, &options(3));

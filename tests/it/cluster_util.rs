@@ -144,11 +144,17 @@ pub struct Node {
 
 impl Node {
     pub fn start(nats: &Nats, name: &str) -> Node {
+        Self::start_config(nats, name, "")
+    }
+
+    /// A node with `config` (TOML) as its config file.
+    pub fn start_config(nats: &Nats, name: &str, config: &str) -> Node {
         let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = crate::util::write_config(tmp.path(), config);
         let daemon = Daemon::start_with(
             ekid(),
             &tmp.path().join("data"),
-            &["--cluster", &nats.urls(), "--node", name],
+            &["--config", &cfg, "--cluster", &nats.urls(), "--node", name],
         );
         Node {
             name: name.to_owned(),
