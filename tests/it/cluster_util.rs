@@ -62,7 +62,7 @@ impl Nats {
             .join(", ");
         for i in 0..3 {
             let conf = format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\njetstream {{ store_dir: \"{}\" }}\ncluster {{ name: ekid, listen: 127.0.0.1:{}, routes: [{routes_list}] }}\n",
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: ekid, listen: 127.0.0.1:{}, routes: [{routes_list}] }}\n",
                 ports[i],
                 dir.path().join(format!("n{i}")).display(),
                 routes[i]
