@@ -132,15 +132,21 @@ pub struct StreamLog {
     /// The sequence number of the last record applied (0: none).
     last: u64,
     records_since_snapshot: u64,
+    /// The last record each of the stream's two snapshot slots covers (0: empty). A new
+    /// snapshot replaces the older one; the log is kept from the older one on, so that a
+    /// newest snapshot that cannot be read leaves the other and the log after it.
+    slots: [u64; 2],
 }
 
 impl StreamLog {
+    /// `slots`: what [`get_snapshots`] found (zeros for a new stream).
     pub fn new(
         name: &str,
         handles: LogHandles,
         lease: Arc<Lease>,
         incarnation: u64,
         last: u64,
+        slots: [u64; 2],
     ) -> Self {
         StreamLog {
             name: name.to_owned(),
@@ -150,6 +156,7 @@ impl StreamLog {
             incarnation,
             last,
             records_since_snapshot: 0,
+            slots,
         }
     }
 
@@ -226,37 +233,76 @@ impl StreamLog {
         self.records_since_snapshot >= every_records
     }
 
-    /// Stores `state` (a storage snapshot's bytes of the stream after record `self.last()`) as
-    /// the stream's snapshot, replacing the previous one.
+    /// Stores `state` (a storage snapshot's bytes of the stream after record `self.last()`) in
+    /// the slot of the older snapshot, then drops the log records both snapshots cover.
     pub async fn put_snapshot(&mut self, state: Vec<u8>) -> Result<(), LogError> {
+        let covered = self.last;
         let mut bytes = Vec::with_capacity(state.len() + 24);
         bytes.extend_from_slice(SNAPSHOT_MAGIC);
         bytes.extend_from_slice(&self.incarnation.to_le_bytes());
-        bytes.extend_from_slice(&self.last.to_le_bytes());
+        bytes.extend_from_slice(&covered.to_le_bytes());
         bytes.extend_from_slice(&state);
-        let covered = self.last;
+        let slot = usize::from(self.slots[1] < self.slots[0]);
         self.handles
             .snapshots
-            .put(key_of(&self.name).as_str(), &mut bytes.as_slice())
+            .put(slot_name(&self.name, slot).as_str(), &mut bytes.as_slice())
             .await
             .map_err(|e| LogError::Unavailable(format!("storing a snapshot: {e}")))?;
-        self.records_since_snapshot = self.records_since_snapshot.min(self.last - covered);
+        self.slots[slot] = covered;
+        self.records_since_snapshot = 0;
+        let older = self.slots[0].min(self.slots[1]);
+        if older > 0
+            && let Err(e) = self
+                .handles
+                .log
+                .purge()
+                .filter(self.subject.clone())
+                .sequence(older + 1)
+                .await
+        {
+            // Only space: the records stay until the next snapshot's purge.
+            tracing::debug!(stream = %self.name, error = %e, "could not trim the log");
+        }
         Ok(())
     }
 }
 
+/// The object that holds snapshot slot `slot` (0 or 1) of stream `name`.
+pub fn slot_name(name: &str, slot: usize) -> String {
+    format!("{}.{slot}", key_of(name))
+}
+
 const SNAPSHOT_MAGIC: &[u8; 8] = b"EKIDCSN1";
 
-/// The stream's newest snapshot, if it belongs to this `incarnation`: the sequence number of
-/// the last record it covers, and a storage snapshot's bytes.
-pub async fn get_snapshot(
+/// A stream's snapshots: what each slot covers (0: none of this `incarnation`), and the
+/// snapshots, newest first, as the sequence number of the last record each covers and a
+/// storage snapshot's bytes.
+pub async fn get_snapshots(
     handles: &LogHandles,
     name: &str,
+    incarnation: u64,
+) -> Result<([u64; 2], Vec<(u64, Vec<u8>)>), LogError> {
+    let mut slots = [0; 2];
+    let mut found = Vec::new();
+    for (slot, covered) in slots.iter_mut().enumerate() {
+        if let Some((seq, bytes)) = get_slot(handles, name, slot, incarnation).await? {
+            *covered = seq;
+            found.push((seq, bytes));
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok((slots, found))
+}
+
+async fn get_slot(
+    handles: &LogHandles,
+    name: &str,
+    slot: usize,
     incarnation: u64,
 ) -> Result<Option<(u64, Vec<u8>)>, LogError> {
     use async_nats::jetstream::object_store::GetErrorKind;
     use tokio::io::AsyncReadExt;
-    let mut object = match handles.snapshots.get(key_of(name).as_str()).await {
+    let mut object = match handles.snapshots.get(slot_name(name, slot).as_str()).await {
         Ok(o) => o,
         Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(LogError::Unavailable(format!("reading a snapshot: {e}"))),

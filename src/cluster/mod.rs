@@ -20,6 +20,6 @@ mod node;
 pub use config::{ClusterConfig, is_node_name};
 pub use log::{
     Entry, LOG_PREFIX, LOG_STREAM, Lease, LogError, LogHandles, RECORD_HEADER, Record, StreamLog,
-    get_snapshot, subject_of,
+    get_snapshots, slot_name, subject_of,
 };
 pub use node::{Change, Cluster, Counters, NodeStatus, PartitionStatus, Route, Status};

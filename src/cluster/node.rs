@@ -26,7 +26,9 @@ use tokio::sync::mpsc;
 
 use super::config::ClusterConfig;
 use super::hash;
-use super::log::{LOG_PREFIX, LOG_STREAM, Lease, LogHandles, key_of, name_of, subject_of};
+use super::log::{
+    LOG_PREFIX, LOG_STREAM, Lease, LogHandles, key_of, name_of, slot_name, subject_of,
+};
 
 const NODES: &str = "EKID_NODES";
 const LEASES: &str = "EKID_LEASES";
@@ -466,17 +468,20 @@ impl Cluster {
             .purge()
             .filter(subject_of(name))
             .await?;
-        match self
-            .inner
-            .handles
-            .snapshots
-            .delete(key_of(name).as_str())
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+        for slot in 0..2 {
+            match self
+                .inner
+                .handles
+                .snapshots
+                .delete(slot_name(name, slot).as_str())
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(())
     }
 
     /// The last record of a stream's log (0: none).

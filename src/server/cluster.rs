@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::error::ApiError;
 use super::owner::{Command, Start, replay};
 use super::state::AppState;
-use crate::cluster::{Change, Cluster, Lease, Route, StreamLog, get_snapshot};
+use crate::cluster::{Change, Cluster, Lease, Route, StreamLog, get_snapshots};
 use crate::engine::{Options, Stream};
 use crate::storage::{decode_snapshot, is_valid_stream_name};
 
@@ -144,28 +144,37 @@ async fn load_stream(
     let options: Options = serde_json::from_slice(&json)
         .map_err(|e| Load::Damaged(Options::default(), format!("its options: {e}")))?;
     let handles = cluster.handles();
-    let snapshot = get_snapshot(&handles, name, incarnation)
+    let (slots, snapshots) = get_snapshots(&handles, name, incarnation)
         .await
         .map_err(|e| unavailable(&e))?;
     let threads = app.step_threads();
     let opts = options.clone();
-    let built = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let (stream, covered) = match snapshot {
-            Some((covered, bytes)) => {
-                let (_, state) = decode_snapshot(&bytes)?;
-                (Stream::from_state(state)?, covered)
-            }
-            None => (Stream::new(opts), 0),
-        };
-        let mut stream = stream;
-        stream.set_step_threads(threads);
-        Ok((stream, covered))
+    let built = tokio::task::spawn_blocking(move || {
+        // The newest snapshot that reads back whole; none: the whole log.
+        let mut stream = snapshots
+            .iter()
+            .find_map(|(covered, bytes)| {
+                let (_, state) = decode_snapshot(bytes)
+                    .map_err(|e| tracing::warn!(covered, error = %e, "snapshot unreadable"))
+                    .ok()?;
+                Some((Stream::from_state(state).ok()?, *covered))
+            })
+            .unwrap_or_else(|| (Stream::new(opts), 0));
+        stream.0.set_step_threads(threads);
+        stream
     })
     .await
     .map_err(|e| Load::Damaged(options.clone(), e.to_string()))?;
-    let (stream, covered) =
-        built.map_err(|e| Load::Damaged(options.clone(), format!("its snapshot: {e}")))?;
-    let mut log = StreamLog::new(name, handles, lease.clone(), incarnation, covered);
+    let (stream, covered) = built;
+    let oldest = slots.iter().copied().filter(|&s| s > 0).min().unwrap_or(0);
+    if covered < oldest {
+        // Neither snapshot reads back and the log before them is gone.
+        return Err(Load::Damaged(
+            options,
+            "its snapshots cannot be read and the log they cover was trimmed".into(),
+        ));
+    }
+    let mut log = StreamLog::new(name, handles, lease.clone(), incarnation, covered, slots);
     let entries = log.read_after().await.map_err(|e| unavailable(&e))?;
     let last = entries.last().map_or(covered, |e| e.seq);
     let (stream, refused) = tokio::task::spawn_blocking(move || {

@@ -375,7 +375,7 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("creating the stream failed: {e}")))?;
-        let log = StreamLog::new(name, cluster.handles(), lease, incarnation, 0);
+        let log = StreamLog::new(name, cluster.handles(), lease, incarnation, 0, [0; 2]);
         let view = self.insert(
             name,
             Start::Replicated(Box::new(stream), Box::new(self.replicated(cluster, log))),

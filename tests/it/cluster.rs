@@ -106,7 +106,10 @@ fn assert_exact(c: &Client, nodes: &[Node], streams: &[String], values: &[f64]) 
         let want = reference(c, &options(k as u64), values);
         for n in nodes {
             let (s, _) = retry(Duration::from_secs(30), || {
-                let r = c.get(n.daemon.url(&format!("/v1/streams/{name}"))).send().ok()?;
+                let r = c
+                    .get(n.daemon.url(&format!("/v1/streams/{name}")))
+                    .send()
+                    .ok()?;
                 Some((r.status().as_u16(), String::new()))
             });
             assert_eq!(s, 200, "{name} via {}", n.name);
@@ -117,7 +120,11 @@ fn assert_exact(c: &Client, nodes: &[Node], streams: &[String], values: &[f64]) 
                 "{name} via {}: observations",
                 n.name
             );
-            assert_eq!(got, want, "{name} via {} differs from a single node", n.name);
+            assert_eq!(
+                got, want,
+                "{name} via {} differs from a single node",
+                n.name
+            );
         }
     }
 }
@@ -189,7 +196,9 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
     }
     let c = client();
     let nats = Nats::start();
-    let nodes: Vec<Node> = (0..3).map(|i| Node::start(&nats, &format!("d{i}"))).collect();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::start(&nats, &format!("d{i}")))
+        .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let name = "direct.one";
     create(&c, &nodes[1].base(), name, &options(0));
@@ -204,7 +213,11 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
     // The first 100 by POST through node 0, the rest published straight to the log:
     // JSON arrays, NDJSON, a duplicate, and messages the stream refuses.
     let r = c
-        .post(nodes[0].daemon.url(&format!("/v1/streams/{name}/observations")))
+        .post(
+            nodes[0]
+                .daemon
+                .url(&format!("/v1/streams/{name}/observations")),
+        )
         .header("content-type", "application/x-ndjson")
         .body(ndjson(&values[..100], Some(1)))
         .send()
@@ -252,30 +265,46 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         // A duplicate of what is applied already.
         let mut h = async_nats::HeaderMap::new();
         h.insert("Content-Type", "application/x-ndjson");
-        js.publish_with_headers(subject, h, ndjson(&values[..10], Some(1)).into_bytes().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        js.publish_with_headers(
+            subject,
+            h,
+            ndjson(&values[..10], Some(1)).into_bytes().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     });
     // Every node sees the stream reach 300.
     for n in &nodes {
         let started = Instant::now();
         loop {
-            let r = c.get(n.daemon.url(&format!("/v1/streams/{name}"))).send().unwrap();
+            let r = c
+                .get(n.daemon.url(&format!("/v1/streams/{name}")))
+                .send()
+                .unwrap();
             if r.status() == 200 {
                 let v: Value = r.json().unwrap();
                 if v["stats"]["last_seq"] == json!(300) {
                     break;
                 }
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "{}", n.daemon.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{}",
+                n.daemon.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
     let want = reference(&c, &options(0), &values);
     for n in &nodes {
-        assert_eq!(fingerprint_named(&c, &n.daemon, name), want, "via {}", n.name);
+        assert_eq!(
+            fingerprint_named(&c, &n.daemon, name),
+            want,
+            "via {}",
+            n.name
+        );
     }
     // The list holds the stream once, whichever node answers; bad input is refused alike.
     for n in &nodes {
@@ -316,7 +345,10 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         .unwrap();
     assert_eq!(r.status(), 204);
     for n in &nodes {
-        let r = c.get(n.daemon.url(&format!("/v1/streams/{name}"))).send().unwrap();
+        let r = c
+            .get(n.daemon.url(&format!("/v1/streams/{name}")))
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 404);
     }
     let s = cluster_status(&c, &nodes[0].daemon);
@@ -330,7 +362,9 @@ fn cluster_loses_nothing_when_nats_servers_die() {
     }
     let c = client();
     let mut nats = Nats::start();
-    let nodes: Vec<Node> = (0..2).map(|i| Node::start(&nats, &format!("n{i}"))).collect();
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start(&nats, &format!("n{i}")))
+        .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let streams: Vec<String> = (0..2).map(|k| format!("s{k}")).collect();
     for (k, name) in streams.iter().enumerate() {
@@ -375,7 +409,12 @@ fn cluster_loses_nothing_when_nats_servers_die() {
     post_until_acked(&c, &urls, &mut turn, "s0", &extra[800..810], 801);
     let want = reference(&c, &options(0), &extra);
     for n in &nodes {
-        assert_eq!(fingerprint_named(&c, &n.daemon, "s0"), want, "via {}", n.name);
+        assert_eq!(
+            fingerprint_named(&c, &n.daemon, "s0"),
+            want,
+            "via {}",
+            n.name
+        );
     }
 }
 
@@ -396,7 +435,10 @@ fn owner_index(c: &Client, nodes: &[Node]) -> usize {
                 return i;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no owner found");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no owner found"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -468,7 +510,12 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     assert!(lost >= 1, "{}", nodes[owner].daemon.log());
     let want = reference(&c, &options(3), &values);
     for n in &nodes {
-        assert_eq!(fingerprint_named(&c, &n.daemon, name), want, "via {}", n.name);
+        assert_eq!(
+            fingerprint_named(&c, &n.daemon, name),
+            want,
+            "via {}",
+            n.name
+        );
     }
 
     // A third node joins: some partitions move to it, and the stream is served the same.
@@ -493,10 +540,18 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     wait_all_owned(&c, &nodes[2].daemon, Duration::from_secs(30));
     for n in &nodes {
         let (s, _) = retry(Duration::from_secs(30), || {
-            let r = c.get(n.daemon.url(&format!("/v1/streams/{name}"))).send().ok()?;
+            let r = c
+                .get(n.daemon.url(&format!("/v1/streams/{name}")))
+                .send()
+                .ok()?;
             Some((r.status().as_u16(), String::new()))
         });
         assert_eq!(s, 200);
-        assert_eq!(fingerprint_named(&c, &n.daemon, name), want, "via {}", n.name);
+        assert_eq!(
+            fingerprint_named(&c, &n.daemon, name),
+            want,
+            "via {}",
+            n.name
+        );
     }
 }

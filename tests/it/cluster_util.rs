@@ -219,7 +219,8 @@ pub fn reference(c: &Client, options: &Value, values: &[f64]) -> (Value, Value) 
     let r = put(c, &single, "ref", options);
     assert!(r.status().is_success());
     for (k, chunk) in values.chunks(500).enumerate() {
-        let r = crate::util::post_ndjson(c, &single, "ref", ndjson(chunk, Some(1 + 500 * k as u64)));
+        let r =
+            crate::util::post_ndjson(c, &single, "ref", ndjson(chunk, Some(1 + 500 * k as u64)));
         assert_eq!(r.status(), 200);
     }
     let (mut s, f) = fingerprint(c, &single, "ref");
