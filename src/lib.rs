@@ -9,6 +9,8 @@
 //!   recovery (which replays through the engine's own apply).
 //! - [`eval`]: the offline evaluation protocol (`ekid eval`), CSV series, plots, and the golden
 //!   pins of the engine's results.
+//! - [`cluster`]: cluster mode's NATS JetStream side: each stream's replicated log and
+//!   snapshots, leases on partitions of streams, heartbeats and the routing they give.
 //! - [`server`]: the daemon. Config, one owner task per stream, the HTTP API, metrics.
 //! - [`cli`]: the command line (`main.rs` only calls [`cli::main`]), including `ekid replay`,
 //!   the HTTP client that streams a CSV into a daemon.

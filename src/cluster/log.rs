@@ -290,7 +290,7 @@ pub async fn get_snapshots(
             found.push((seq, bytes));
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     Ok((slots, found))
 }
 

@@ -402,18 +402,16 @@ pub async fn post_observations(
             .map_err(|e| ApiError::Internal(format!("decoding the body failed: {e}")))?;
     let batch = batch?;
     let (reply, rx) = oneshot::channel();
+    // The owner went away: the stream was deleted, or (cluster mode) moved to another node.
+    let gone = || super::cluster::owner_gone(&app, &name);
     handle
         .tx
         .try_send(Command::Observe { batch, reply })
         .map_err(|e| match e {
             tokio::sync::mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(name.clone()),
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => {
-                ApiError::NoSuchStream(name.clone())
-            }
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => gone(),
         })?;
-    let outcome = rx
-        .await
-        .map_err(|_| ApiError::NoSuchStream(name.clone()))??;
+    let outcome = rx.await.map_err(|_| gone())??;
     Ok(Json(ObserveOut {
         accepted: outcome.applied.len(),
         duplicates: outcome.duplicates,

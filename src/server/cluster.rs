@@ -94,7 +94,14 @@ async fn load_partition(app: &AppState, cluster: &Cluster, partition: u32, lease
                 return;
             }
             match load_stream(app, cluster, name, &lease).await {
-                Ok(Some(start)) => app.insert_loaded(name, start),
+                Ok(Some(start)) => {
+                    app.insert_loaded(name, start);
+                    // Records appended between the replay and the registration (their
+                    // notices found no owner yet): read them now.
+                    if let Ok(h) = app.handle(name) {
+                        let _ = h.tx.send(Command::Appended { seq: u64::MAX }).await;
+                    }
+                }
                 Ok(None) => {}
                 Err(Load::Unavailable(e)) => {
                     // JetStream electing leaders, NATS coming back: try again.
@@ -373,6 +380,16 @@ fn alone(app: &AppState) -> Alone {
             streams: app.stream_count(),
             partitions: Vec::new(),
         }],
+    }
+}
+
+/// The error for a request whose stream's owner task went away while it waited: the stream
+/// was deleted (404), or in cluster mode its partition moved to another node (503, retry).
+pub fn owner_gone(app: &AppState, name: &str) -> ApiError {
+    if app.inner.cluster.is_some() && app.handle(name).is_err() {
+        ApiError::Cluster(format!("stream `{name}` moved to another node; retry"))
+    } else {
+        ApiError::NoSuchStream(name.to_owned())
     }
 }
 
