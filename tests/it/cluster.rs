@@ -210,6 +210,18 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let values = series(300);
+    // Events through every node (two of them forwarding the owner's stream).
+    let subscriptions: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let r = c
+                .get(n.daemon.url(&format!("/v1/streams/{name}/events")))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r
+        })
+        .collect();
     // The first 100 by POST through node 0, the rest published straight to the log:
     // JSON arrays, NDJSON, a duplicate, and messages the stream refuses.
     let r = c
@@ -223,6 +235,13 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "{}", nodes[0].daemon.log());
+    for sub in subscriptions {
+        let seqs: Vec<u64> = first_events(sub, 3)
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let nc = async_nats::connect(nats.url(1)).await.unwrap();
@@ -554,4 +573,21 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
             n.name
         );
     }
+}
+
+/// The first `n` events of an event stream.
+fn first_events(r: reqwest::blocking::Response, n: usize) -> Vec<Value> {
+    use std::io::{BufRead, BufReader};
+    let mut out = Vec::new();
+    let mut lines = BufReader::new(r).lines();
+    while out.len() < n {
+        let line = lines
+            .next()
+            .expect("stream ended early")
+            .expect("read line");
+        if let Some(data) = line.strip_prefix("data:") {
+            out.push(serde_json::from_str(data.trim()).expect("event json"));
+        }
+    }
+    out
 }
