@@ -211,7 +211,12 @@ impl StreamLog {
             })?;
         // Stored; but a node whose lease ran out meanwhile acknowledges nothing (the record
         // stands in the log and the new owner applies it).
-        self.check_owner()?;
+        if !self.lease.valid() {
+            return Err(LogError::Unavailable(format!(
+                "stored, but this node's lease on stream `{}` ran out before it could acknowledge",
+                self.name
+            )));
+        }
         self.advance(ack.sequence);
         Ok(ack.sequence)
     }

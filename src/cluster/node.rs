@@ -121,7 +121,8 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Serialize)]
+/// A node of the cluster, as `GET /v1/cluster` shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     pub name: String,
     pub url: String,
@@ -130,7 +131,8 @@ pub struct NodeStatus {
     pub partitions: Vec<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// A partition of the streams and its owner, as `GET /v1/cluster` shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PartitionStatus {
     pub partition: u32,
     pub owner: Option<String>,
@@ -139,14 +141,19 @@ pub struct PartitionStatus {
     pub ready: Option<bool>,
 }
 
-/// `GET /v1/cluster`.
-#[derive(Debug, Serialize)]
+/// `GET /v1/cluster`: what this node knows of the cluster (a node that runs alone: itself,
+/// without the cluster's fields).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Status {
     pub node: String,
     pub url: String,
-    pub connected: bool,
-    pub replicas: usize,
-    pub lease_ttl_ms: u64,
+    /// Whether this node is connected to NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_ms: Option<u64>,
     pub nodes: Vec<NodeStatus>,
     pub partitions: Vec<PartitionStatus>,
 }
@@ -398,9 +405,9 @@ impl Cluster {
         Status {
             node: self.inner.node.clone(),
             url: self.inner.url.clone(),
-            connected: self.connected(),
-            replicas: self.inner.config.replicas,
-            lease_ttl_ms: self.inner.config.lease_ttl_ms,
+            connected: Some(self.connected()),
+            replicas: Some(self.inner.config.replicas),
+            lease_ttl_ms: Some(self.inner.config.lease_ttl_ms),
             nodes: nodes.into_values().collect(),
             partitions,
         }

@@ -11,13 +11,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::ApiError;
 use super::owner::{Command, Start, replay};
 use super::state::AppState;
-use crate::cluster::{Change, Cluster, Lease, Route, StreamLog, get_snapshots};
+use crate::cluster::{Change, Cluster, Lease, NodeStatus, Route, Status, StreamLog, get_snapshots};
 use crate::engine::{Options, Stream};
 use crate::storage::{decode_snapshot, is_valid_stream_name};
 
@@ -353,33 +352,32 @@ async fn fetch_list(r: reqwest::RequestBuilder) -> Option<Vec<serde_json::Value>
 }
 
 /// `GET /v1/cluster`: the nodes, which partitions each owns, and the leases.
-pub async fn cluster_status(State(app): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/v1/cluster", tag = "service",
+    responses((status = 200, description = "The nodes of the cluster and what each owns; a node that runs alone shows itself", body = Status)))]
+pub async fn cluster_status(State(app): State<AppState>) -> Json<Status> {
     match &app.inner.cluster {
-        Some(c) => Json(c.status()).into_response(),
-        None => Json(alone(&app)).into_response(),
+        Some(c) => Json(c.status()),
+        None => Json(alone(&app)),
     }
 }
 
-#[derive(Serialize)]
-struct Alone {
-    node: String,
-    url: String,
-    nodes: Vec<crate::cluster::NodeStatus>,
-}
-
 /// A node that runs alone: itself, owning every stream.
-fn alone(app: &AppState) -> Alone {
+fn alone(app: &AppState) -> Status {
     let url = format!("http://{}", app.inner.config.listen);
-    Alone {
+    Status {
         node: "local".into(),
         url: url.clone(),
-        nodes: vec![crate::cluster::NodeStatus {
+        connected: None,
+        replicas: None,
+        lease_ttl_ms: None,
+        nodes: vec![NodeStatus {
             name: "local".into(),
             url,
             live: true,
             streams: app.stream_count(),
             partitions: Vec::new(),
         }],
+        partitions: Vec::new(),
     }
 }
 

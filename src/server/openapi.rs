@@ -37,6 +37,7 @@ use crate::engine::{
         api::get_forecast,
         api::post_forecast,
         api::events,
+        super::cluster::cluster_status,
     ),
     components(schemas(
         Problem,
