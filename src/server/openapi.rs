@@ -15,7 +15,7 @@ use super::AppState;
 use super::Config;
 use super::api;
 use super::error::Problem;
-use crate::engine::ForecastStep;
+use crate::engine::{Coverage, ForecastStep, Interval};
 use crate::engine::{
     Auto, Cell, Loss, Method, Off, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
@@ -53,6 +53,8 @@ use crate::engine::{
         ScaleOption,
         api::ScaleOut,
         ForecastStep,
+        Interval,
+        Coverage,
         api::ObservationJson,
         api::ObservationsBody,
         api::NumberOrArray,
