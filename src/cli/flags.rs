@@ -132,6 +132,9 @@ pub struct OptionFlags {
     /// Forecast steps whose intervals are calibrated (and, in `eval`, scored).
     #[arg(long)]
     pub horizon: Option<usize>,
+    /// Combine the ensemble's mean particle with the online autoregression and persistence.
+    #[arg(long)]
+    pub mixture: Option<bool>,
 }
 
 impl OptionFlags {
@@ -197,6 +200,7 @@ impl OptionFlags {
             scale,
             precision: self.precision,
             horizon: self.horizon,
+            mixture: self.mixture,
         })
     }
 }
@@ -228,10 +232,10 @@ pub struct EvalArgs {
     /// (2^22 with `--precision f32`) over two cores (same results).
     #[arg(long, default_value_t = 2)]
     pub step_threads: usize,
-    /// Level of the intervals scored (coverage, interval score); several, comma-separated,
-    /// give one score each.
-    #[arg(long, value_delimiter = ',', default_value = "0.9")]
-    pub level: Vec<f64>,
+    /// Level of the intervals scored (coverage and interval score at each step of the
+    /// `--horizon`), in (0, 1).
+    #[arg(long, default_value_t = 0.9)]
+    pub level: f64,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,

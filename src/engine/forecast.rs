@@ -8,13 +8,14 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
+use crate::engine::ar::ar_path;
 use crate::engine::calibration::Calibration;
+use crate::engine::mixture::{MixtureForecast, combine};
 use crate::engine::model::Scaler;
-use crate::engine::network::{self, Layout};
-use crate::engine::real::Real;
+use crate::engine::network::Layout;
+use crate::engine::rollout::{FutureInputs, RollOut};
 
 /// Particles used for the interval (evenly spaced through the ensemble): a quarter of the
 /// ensemble, at least 8 (or all of a smaller one) and at most 64. The forecast state is copied
@@ -45,16 +46,22 @@ pub struct ForecastState {
     /// The stream's calibrated intervals; `None` until it has forecast errors to calibrate on
     /// (the particles then give the interval).
     pub calibration: Option<Calibration>,
+    /// The weights and autoregression of the stream's mixture, when it combines its members.
+    pub mixture: Option<MixtureForecast>,
 }
 
 impl ForecastState {
     /// The bytes of the state [`crate::engine::stream::Stream::forecast_state`] builds for these options
-    /// (the mean and [`interval_particles`] particles with their hidden states, the lag values),
-    /// for the memory budget. Keep it next to the fields it counts.
+    /// (the mean and [`interval_particles`] particles with their hidden states, the lag values,
+    /// the calibration's quantiles and scales, the mixture's autoregression), for the memory
+    /// budget. Keep it next to the fields it counts.
     pub fn bytes(options: &crate::engine::options::Options) -> usize {
         let layout = options.layout();
+        let (s, m) = (options.horizon, options.outputs);
         ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
-            + options.lags * options.outputs)
+            + options.lags * m
+            + s * m * (crate::engine::calibration::TAUS.len() + 1)
+            + (layout.n_in + 1) * m)
             * std::mem::size_of::<f64>()
     }
 }
@@ -87,147 +94,6 @@ pub fn normal_quantile(p: f64) -> f64 {
         f64::INFINITY
     } else {
         Normal::standard().inverse_cdf(p)
-    }
-}
-
-/// How far a roll-out may stray, in the model's scaled units (the training range is [0, 1]):
-/// a trillion ranges, beyond any forecast worth reading, and far enough below `f64::MAX` that
-/// squares of a thousand steps' differences stay finite in user units of any sane scale.
-pub const ROLL_OUT_BOUND: f64 = 1e12;
-
-/// The exogenous inputs of a roll-out's steps (model units).
-#[derive(Debug, Clone, Copy)]
-pub enum FutureInputs<'a> {
-    /// `horizon × inputs` values, one row per step (what a forecast request supplies).
-    PerStep(&'a [f64]),
-    /// The last observed inputs, held for every step (what calibration assumes: the future
-    /// inputs are not known when the forecast it scores is made).
-    Held(&'a [f64]),
-}
-
-impl FutureInputs<'_> {
-    fn at(&self, step: usize, inputs: usize) -> &[f64] {
-        match *self {
-            FutureInputs::PerStep(x) => &x[step * inputs..(step + 1) * inputs],
-            FutureInputs::Held(x) => x,
-        }
-    }
-}
-
-/// The scratch of a roll-out (copies of the recurrent state and the lags, the cell's input
-/// vector), kept by its owner so that rolling out allocates nothing once warm.
-#[derive(Debug, Clone, Default)]
-pub struct RollOut {
-    hidden: Vec<f64>,
-    lag_values: Vec<f64>,
-    z: Vec<f64>,
-    row: Vec<f64>,
-    /// `f64` copies of a narrower network's parameters and state.
-    wide_params: Vec<f64>,
-    wide_hidden: Vec<f64>,
-}
-
-fn refill(v: &mut Vec<f64>, from: &[f64]) {
-    v.clear();
-    v.extend_from_slice(from);
-}
-
-impl RollOut {
-    /// A working copy of `lag_values` for a roll-out that feeds its own outputs back.
-    pub fn lags_scratch(&mut self, lag_values: &[f64]) -> &mut [f64] {
-        refill(&mut self.lag_values, lag_values);
-        &mut self.lag_values
-    }
-
-    /// The point forecast of one network (its parameters and recurrent state in any precision,
-    /// computed in `f64` as forecasts are) for `out.len() / m` steps, inputs held at `x`: what
-    /// the calibration of a stream's intervals scores.
-    pub fn path<T: Real>(
-        &mut self,
-        layout: &Layout,
-        params: &[T],
-        hidden: &[T],
-        lag_values: &[f64],
-        x: &[f64],
-        out: &mut [f64],
-    ) {
-        let mut wide_params = std::mem::take(&mut self.wide_params);
-        let mut wide_hidden = std::mem::take(&mut self.wide_hidden);
-        wide_params.clear();
-        wide_params.extend(params.iter().map(|v| v.to_f64()));
-        wide_hidden.clear();
-        wide_hidden.extend(hidden.iter().map(|v| v.to_f64()));
-        let lags = lag_values.len() / layout.outputs.max(1);
-        self.run(
-            layout,
-            lags,
-            &wide_params,
-            &wide_hidden,
-            lag_values,
-            FutureInputs::Held(x),
-            None,
-            out,
-            &mut || true,
-        );
-        self.wide_params = wide_params;
-        self.wide_hidden = wide_hidden;
-    }
-
-    /// One network rolled forward from `hidden` and `lag_values` (neither changed) feeding back
-    /// its own outputs (plus noise, when given), writing the scaled outputs of each step into
-    /// `out` (`horizon × m`). Asks `keep_going` before every step and stops (returning false)
-    /// when it says no.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
-        &mut self,
-        layout: &Layout,
-        lags: usize,
-        params: &[f64],
-        hidden: &[f64],
-        lag_values: &[f64],
-        future_x: FutureInputs,
-        mut noise: Option<(f64, &mut ChaCha8Rng)>,
-        out: &mut [f64],
-        keep_going: &mut dyn FnMut() -> bool,
-    ) -> bool {
-        let m = layout.outputs;
-        let nl = lags * m;
-        let ni = layout.n_in - nl;
-        refill(&mut self.hidden, hidden);
-        refill(&mut self.lag_values, lag_values);
-        self.z.resize(layout.n_in, 0.0);
-        self.row.resize(layout.row(), 0.0);
-        for (s, o) in out.chunks_exact_mut(m).enumerate() {
-            if !keep_going() {
-                return false;
-            }
-            self.z[..nl].copy_from_slice(&self.lag_values);
-            self.z[nl..].copy_from_slice(future_x.at(s, ni));
-            network::load_inputs(layout, &mut self.row, &self.z);
-            network::step(layout, params, &mut self.hidden, &mut self.row, o);
-            if let Some((sd, rng)) = noise.as_mut() {
-                for v in o.iter_mut() {
-                    let e: f64 = StandardNormal.sample(*rng);
-                    *v += *sd * e;
-                }
-            }
-            // An explosive model (its skip from the lags has a root beyond the unit circle) grows
-            // geometrically over long horizons; held within ±ROLL_OUT_BOUND it stays finite, and
-            // so do the interval's sums, where it would overflow to infinity and then NaN.
-            // (NaN cannot come from finite parameters and inputs; stay total anyway.)
-            for v in o.iter_mut() {
-                *v = if v.is_nan() {
-                    0.0
-                } else {
-                    v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
-                };
-            }
-            if lags > 0 {
-                self.lag_values.copy_within(0..(lags - 1) * m, m);
-                self.lag_values[..m].copy_from_slice(o);
-            }
-        }
-        true
     }
 }
 
@@ -272,6 +138,9 @@ impl ForecastState {
         ) {
             return None;
         }
+        if let Some(mx) = &self.mixture {
+            mean_out = self.mixture_path(mx, &mean_out, &xs);
+        }
         let bounds = match &self.calibration {
             Some(c) => Bounds::Calibrated(c),
             None => Bounds::Spread(
@@ -312,6 +181,32 @@ impl ForecastState {
             })
             .collect();
         Some(steps)
+    }
+
+    /// The mixture's forecast: the ensemble's `path` combined, step by step, with the
+    /// autoregression's and persistence's, as the stream's calibration rolls it out.
+    fn mixture_path(&self, mx: &MixtureForecast, path: &[f64], xs: &[f64]) -> Vec<f64> {
+        let (n, m) = (path.len(), self.layout.outputs);
+        let mut members = vec![0.0; 3 * n];
+        members[..n].copy_from_slice(path);
+        let mut lagged = self.lag_values.clone();
+        let mut phi = vec![0.0; self.layout.n_in + 1];
+        ar_path(
+            &mx.ar,
+            m,
+            &mut lagged,
+            FutureInputs::PerStep(xs),
+            &mut phi,
+            &mut members[n..2 * n],
+        );
+        if self.lags > 0 {
+            for o in members[2 * n..].chunks_exact_mut(m) {
+                o.copy_from_slice(&self.lag_values[..m]);
+            }
+        }
+        (0..n)
+            .map(|i| combine(&mx.weights, &members, n, i))
+            .collect()
     }
 
     /// A scaled value in the user's units of output `o`. A scale wider than ~1e296 could still
@@ -435,6 +330,7 @@ mod tests {
             seed: 1,
             seq: 1,
             calibration: None,
+            mixture: None,
         };
         let steps = state.forecast(2000, &[0.9], &[]);
         let last = &steps[1999];
@@ -474,6 +370,7 @@ mod tests {
             seed: 1,
             seq: 1,
             calibration: None,
+            mixture: None,
         };
         let mut calls = 0;
         let stopped = state.forecast_while(100, &[0.9], &[], &mut || {

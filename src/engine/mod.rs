@@ -15,25 +15,25 @@ mod ar;
 mod calibration;
 mod ensemble;
 mod forecast;
+mod mixture;
 mod model;
 mod network;
 mod ogd;
 mod options;
 mod prior;
 mod real;
+mod rollout;
 mod stream;
 mod update;
 
-pub use ar::RlsAr;
-pub use calibration::{Calibration, Calibrator, Coverage, REPORT_LEVELS, TAUS};
+pub use ar::{ArState, RlsAr};
+pub use calibration::{Calibration, Calibrator, Coverage, REPORT_LEVELS, StepDistribution, TAUS};
 pub use ensemble::{
     AnyEnsemble, Ensemble, EnsembleState, Footprint, ParticleBuf, StepReport, on_pool,
     parallel_min_work,
 };
-pub use forecast::{
-    ForecastState, ForecastStep, FutureInputs, Interval, ROLL_OUT_BOUND, RollOut,
-    interval_particles, normal_quantile,
-};
+pub use forecast::{ForecastState, ForecastStep, Interval, interval_particles, normal_quantile};
+pub use mixture::{MEMBERS, Mixture, MixtureForecast, MixtureState};
 pub use model::{Forecaster, LagBuffer, Learner, OnlineModel, Persistence, Scaler};
 pub use network::Layout;
 pub use ogd::Ogd;
@@ -44,4 +44,8 @@ pub use options::{
 };
 pub use prior::Prior;
 pub use real::{Precision, Real};
-pub use stream::{Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState};
+pub use rollout::{FutureInputs, ROLL_OUT_BOUND, RollOut};
+pub use stream::{
+    Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState, calibrate,
+    forecaster,
+};

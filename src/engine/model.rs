@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::forecast::RollOut;
+use crate::engine::rollout::RollOut;
 
 /// A one-step-ahead learner working in scaled units.
 pub trait Learner {

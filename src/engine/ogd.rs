@@ -5,9 +5,9 @@
 //! re-run forward from the stored hidden state `h_{t−K}` with the current θ, so the gradient is
 //! the exact gradient of that objective (checked against finite differences in the tests).
 
-use crate::engine::forecast::RollOut;
 use crate::engine::model::{Forecaster, LagBuffer, Learner};
 use crate::engine::network::{self, Layout};
+use crate::engine::rollout::RollOut;
 
 #[derive(Debug, Clone)]
 pub struct Ogd {
@@ -163,7 +163,14 @@ impl Ogd {
 
 impl Forecaster for Ogd {
     fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut) {
-        roll.path(&self.layout, &self.params, &self.hidden, lags.values(), x, out);
+        roll.path(
+            &self.layout,
+            &self.params,
+            &self.hidden,
+            lags.values(),
+            x,
+            out,
+        );
     }
 }
 

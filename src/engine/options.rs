@@ -145,6 +145,7 @@ pub struct RawOptions {
     pub precision: Option<Precision>,
     #[schema(minimum = 1, maximum = 256)]
     pub horizon: Option<usize>,
+    pub mixture: Option<bool>,
 }
 
 /// Validated options: every field present and in range.
@@ -184,6 +185,15 @@ pub struct Options {
     /// files: the default).
     #[serde(default = "default_horizon")]
     pub horizon: usize,
+    /// Whether the forecast combines the ensemble's mean particle with the online
+    /// autoregression and persistence, weighted by their recent errors (absent in older option
+    /// files: the default).
+    #[serde(default = "default_mixture")]
+    pub mixture: bool,
+}
+
+fn default_mixture() -> bool {
+    true
 }
 
 /// The calibrated forecast horizon when a stream's options name none: a day of hourly data.
@@ -219,6 +229,7 @@ impl Default for Options {
             scale: ScaleOption::Auto(Auto::Auto),
             precision: Precision::F64,
             horizon: DEFAULT_HORIZON,
+            mixture: true,
         }
     }
 }
@@ -282,6 +293,7 @@ impl RawOptions {
             scale: self.scale.unwrap_or(defaults.scale),
             precision: self.precision.unwrap_or(defaults.precision),
             horizon: self.horizon.unwrap_or(defaults.horizon),
+            mixture: self.mixture.unwrap_or(defaults.mixture),
         };
         o.check()
     }

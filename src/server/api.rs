@@ -619,17 +619,6 @@ async fn forecast(
             format!("`horizon` must be between 1 and {max}, got {horizon}"),
         ));
     }
-    let particles = crate::engine::interval_particles(view.options.ensemble) as u64 + 1;
-    let work = horizon as u64 * particles * view.options.layout().dim() as u64;
-    let budget = app.inner.config.limits.forecast_work;
-    if work > budget {
-        return Err(ApiError::Limit {
-            field: Some("horizon"),
-            detail: format!(
-                "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
-            ),
-        });
-    }
     let levels = levels.unwrap_or_else(|| vec![0.9]);
     if levels.is_empty() || levels.len() > MAX_LEVELS {
         return Err(bad_query(
@@ -655,6 +644,19 @@ async fn forecast(
             view.name, view.stats.observations, view.options.lags
         )));
     };
+    // The roll-outs this state will run: the stream's forecaster, plus the particles while its
+    // intervals are not calibrated yet.
+    let paths = state.particles.len() / state.layout.dim().max(1) + 1;
+    let work = horizon as u64 * paths as u64 * state.layout.dim() as u64;
+    let budget = app.inner.config.limits.forecast_work;
+    if work > budget {
+        return Err(ApiError::Limit {
+            field: Some("horizon"),
+            detail: format!(
+                "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
+            ),
+        });
+    }
     let steps = roll_out(app, state, horizon, levels.clone(), x).await?;
     Ok(Json(ForecastOut {
         stream: view.name.clone(),

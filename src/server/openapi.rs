@@ -15,10 +15,10 @@ use super::AppState;
 use super::Config;
 use super::api;
 use super::error::Problem;
-use crate::engine::{Coverage, ForecastStep, Interval};
 use crate::engine::{
     Auto, Cell, Loss, Method, Off, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
+use crate::engine::{Coverage, ForecastStep, Interval};
 
 #[derive(OpenApi)]
 #[openapi(

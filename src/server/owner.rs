@@ -15,10 +15,10 @@ use tokio::task::JoinHandle;
 
 use super::error::ApiError;
 use super::metrics::{Metrics, StreamLabel, coverage_labels};
-use crate::engine::{Coverage, ForecastState};
 use crate::engine::Options;
 use crate::engine::Scaler;
 use crate::engine::{Applied, Observation, Plan, Stats, Stream};
+use crate::engine::{Coverage, ForecastState};
 use crate::storage::{Store, StoreError, StreamStore};
 
 /// What handlers may ask of an owner.

@@ -19,14 +19,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::{
-    Calibrator, EnsembleState, LagBuffer, Observation, Options, Scaler, Stats, StreamState,
+    Calibrator, EnsembleState, LagBuffer, MixtureState, Observation, Options, Scaler, Stats,
+    StreamState,
 };
 use crate::storage::name::describe_file;
 use crate::storage::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
 /// 2: `Stats` holds the user-unit noise and spread. 3: the state holds the calibrator of the
-/// stream's intervals. Older snapshots are read and migrated ([`StreamStateV1`],
+/// stream's intervals and the state of its mixture. Older snapshots are read and migrated ([`StreamStateV1`],
 /// [`StreamStateV2`]).
 const VERSION: u32 = 3;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
@@ -258,10 +259,13 @@ pub struct StreamStateV2 {
 }
 
 impl From<StreamStateV2> for StreamState {
-    /// A calibrator that starts afresh: the forecasts it would score were never kept.
+    /// A calibrator and a mixture that start afresh: the forecasts the calibrator would score
+    /// were never kept, and the autoregression beside the ensemble did not exist.
     fn from(v: StreamStateV2) -> Self {
+        let o = &v.options;
         StreamState {
-            calibrator: Calibrator::new(v.options.horizon, v.options.outputs),
+            calibrator: Calibrator::new(o.horizon, o.outputs),
+            mixture: MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs),
             options: v.options,
             y_scale: v.y_scale,
             x_scale: v.x_scale,
@@ -357,9 +361,11 @@ mod tests {
         for s in [&mut want.stats, &mut got.stats] {
             (s.noise_user, s.spread_user) = (0.0, 0.0);
         }
-        // The calibrator starts afresh.
+        // The calibrator and the mixture start afresh.
         assert_eq!(got.calibrator, Calibrator::new(24, 1));
+        assert_eq!(got.mixture, MixtureState::new(2, 1));
         want.calibrator = got.calibrator.clone();
+        want.mixture = got.mixture.clone();
         assert_eq!(got, want);
         // And today's format round-trips whole.
         let path = write(dir.path(), 30, &now).expect("write");

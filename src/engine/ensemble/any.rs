@@ -2,11 +2,11 @@
 //! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
 
 use super::{Ensemble, EnsembleState, Footprint, StepReport, widen};
-use crate::engine::forecast::RollOut;
 use crate::engine::model::{Forecaster, LagBuffer, Learner};
 use crate::engine::network::Layout;
 use crate::engine::options::Options;
 use crate::engine::real::{Precision, Real};
+use crate::engine::rollout::RollOut;
 
 #[derive(Debug, Clone)]
 pub enum AnyEnsemble {
