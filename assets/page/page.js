@@ -16,7 +16,7 @@
   // What the page has drawn, for tests and for curious people (`window.__ekid` in a console).
   const dbg = (window.__ekid = {
     view: null, rows: 0, listRefreshes: 0, events: 0, lagged: 0, kept: 0, lastSeq: 0,
-    forecastSeq: null, draws: 0, drawMs: 0, drawn: { x: 0, obs: 0, pred: 0, band50: 0, band90: 0, mean: 0, error: 0 },
+    forecastSeq: null, draws: 0, drawMs: 0, frameMs: 0, drawn: { x: 0, obs: 0, pred: 0, band50: 0, band90: 0, mean: 0, error: 0 },
     errors: [],
   });
 
@@ -342,6 +342,8 @@
       forecastNote: '',
       charts: null,
       drawQueued: false,
+      lastDraw: 0,
+      drawGap: 100,
     };
     $('#stream-view').hidden = false;
     $('#stream-name').textContent = name;
@@ -456,7 +458,9 @@
           { series: [4, 5], fill: 'rgba(44,122,63,0.12)' },
           { series: [6, 7], fill: 'rgba(44,122,63,0.22)' },
         ],
-        hooks: { draw: [() => { dbg.draws += 1; }] },
+        // The time from building the data to the end of uPlot's drawing (which it defers to a
+        // microtask).
+        hooks: { draw: [() => { dbg.draws += 1; dbg.drawMs = performance.now() - st.drawStart; }] },
       }, [[], [], [], [], [], [], [], []], chartEl);
       const err = new uPlot({
         width, height: 200, cursor,
@@ -472,16 +476,25 @@
       return { main, err };
     }
 
+    // Draws at most once per `drawGap`: three times what the last frame took to draw and show
+    // (at least 100 ms), so that a stream of events leaves the page free to answer whatever
+    // the machine renders with (software rasterisation of a large canvas takes a while).
     function queueDraw() {
       if (st.drawQueued) return;
       st.drawQueued = true;
-      requestAnimationFrame(draw);
+      const wait = Math.max(0, st.lastDraw + st.drawGap - performance.now());
+      setTimeout(() => requestAnimationFrame(draw), wait);
     }
     function draw() {
       st.drawQueued = false;
       if (!st.series) return;
       if (!st.charts) st.charts = makeCharts();
-      const t0 = performance.now();
+      st.drawStart = st.lastDraw = performance.now();
+      // The next frame comes once this one is drawn and shown.
+      requestAnimationFrame(() => {
+        dbg.frameMs = performance.now() - st.drawStart;
+        st.drawGap = Math.min(2000, Math.max(100, 3 * dbg.frameMs));
+      });
       const s = st.series;
       const columns = Math.max(100, Math.floor($('#chart').clientWidth));
       const d = decimate(s, st.out, st.window, columns);
@@ -509,7 +522,6 @@
       const count = (a) => a.reduce((c, v) => c + (v === null ? 0 : 1), 0);
       st.charts.main.setData([d.x, d.y, d.p, mean, hi90, lo90, hi50, lo50]);
       st.charts.err.setData([d.x, d.e]);
-      dbg.drawMs = performance.now() - t0;
       dbg.drawn = { x: d.x.length, obs: count(d.y), pred: count(d.p), mean: count(mean), band90: count(hi90), band50: count(hi50), error: count(d.e) };
       dbg.kept = s.seq.length;
       dbg.lastSeq = s.last;
