@@ -129,6 +129,11 @@ async function openReads() {
   await page.waitForFunction(() => document.querySelector('#streams tr[data-stream="temp"] td[data-col="observations"]')?.textContent === '3,650', null, WAIT);
   check(true, '`/` lists the stream `temp` with its 3,650 observations');
   check(await page.locator('#streams tr[data-stream="pair"]').count() === 1, '`/` lists the stream `pair`');
+  await request(d.base, '/v1/streams/pair/observations', {
+    method: 'POST', type: 'application/x-ndjson', body: Array.from({ length: 5 }, () => '{"y": [0.5, 0.5]}').join('\n'),
+  });
+  await page.waitForFunction(() => document.querySelector('#streams tr[data-stream="pair"] td[data-col="observations"]')?.textContent === '35', null, WAIT);
+  check(true, "the list follows the streams' statistics (`pair` went from 30 to 35 observations)");
 
   // Content types and caching of the page and its files.
   const html = seen.responses.get('/');
@@ -192,7 +197,7 @@ async function openReads() {
   // A two-output stream: one output at a time, chosen with a selector.
   const two = await newPage(d.base);
   await two.page.goto(`${d.base}/?stream=pair`);
-  await two.page.waitForFunction(() => window.__ekid.drawn.obs === 30 && window.__ekid.forecastSeq === 30, null, WAIT);
+  await two.page.waitForFunction(() => window.__ekid.drawn.obs === 35 && window.__ekid.forecastSeq === 35, null, WAIT);
   check(await two.page.locator('#output option').count() === 2, 'a two-output stream offers its outputs y1 and y2');
   const first = await two.page.evaluate(() => window.__ekid.draws);
   await two.page.selectOption('#output', '1');
