@@ -16,7 +16,7 @@
   // What the page has drawn, for tests and for curious people (`window.__ekid` in a console).
   const dbg = (window.__ekid = {
     view: null, rows: 0, listRefreshes: 0, events: 0, lagged: 0, kept: 0, lastSeq: 0,
-    forecastSeq: null, draws: 0, drawMs: 0, frameMs: 0, drawn: { x: 0, obs: 0, pred: 0, band50: 0, band90: 0, mean: 0, error: 0 },
+    forecastSeq: null, gaps: 0, draws: 0, drawMs: 0, frameMs: 0, drawn: { x: 0, obs: 0, pred: 0, band50: 0, band90: 0, mean: 0, error: 0 },
     errors: [],
   });
 
@@ -261,6 +261,8 @@
       this.y = Array.from({ length: outputs }, () => []);
       this.p = Array.from({ length: outputs }, () => []);
       this.err = [];
+      // Observations missing between two kept ones (events skipped and gone from the history).
+      this.gaps = 0;
     }
     get last() { return this.seq.length ? this.seq[this.seq.length - 1] : 0; }
     // Appends the observations newer than the last one kept (history and events overlap).
@@ -268,6 +270,7 @@
       let added = 0;
       for (const o of list) {
         if (o.seq <= this.last) continue;
+        if (this.seq.length && o.seq !== this.last + 1) this.gaps++;
         this.seq.push(o.seq);
         for (let k = 0; k < this.outputs; k++) {
           this.y[k].push(o.y[k]);
@@ -524,6 +527,7 @@
       st.charts.err.setData([d.x, d.e]);
       dbg.drawn = { x: d.x.length, obs: count(d.y), pred: count(d.p), mean: count(mean), band90: count(hi90), band50: count(hi50), error: count(d.e) };
       dbg.kept = s.seq.length;
+      dbg.gaps = s.gaps;
       dbg.lastSeq = s.last;
       const c = $('#chart');
       c.dataset.obs = String(dbg.drawn.obs);

@@ -192,6 +192,13 @@ async function openReads() {
   check(s.drawn.obs === 365 && s.drawn.mean === 61, 'the window still holds 365 observations and the refreshed forecast');
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`screenshot: ${screenshot}`);
+  // A batch larger than the events a subscriber may fall behind (1024): the page is told it
+  // lagged and fills the gap from the history.
+  const burst = Array.from({ length: 5000 }, (_, i) => temps[i % 3650]);
+  await request(d.base, '/v1/streams/temp/observations', { method: 'POST', type: 'application/x-ndjson', body: observations(burst, 3671) });
+  await page.waitForFunction(() => window.__ekid.lastSeq === 8670 && window.__ekid.forecastSeq === 8670, null, WAIT);
+  s = await ekid(page);
+  check(s.kept === 8670 && s.gaps === 0, `after a burst of 5,000 the page holds all 8,670 observations without a gap (told it lagged ${s.lagged} times)`);
   await finish();
 
   // A two-output stream: one output at a time, chosen with a selector.
