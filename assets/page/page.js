@@ -46,20 +46,21 @@
     if (s < 86400) return `${(s / 3600).toFixed(1)} h ago`;
     return `${(s / 86400).toFixed(1)} d ago`;
   }
-  // Whatever shape `stats.coverage` has (per level, per horizon step), the first number of each
-  // level: the one-step coverage.
+  // `stats.coverage` holds, per level, the running coverage of each forecast step; the page
+  // shows the first step's (the first number of each level, whatever the exact shape).
   function firstNumber(v) {
     if (typeof v === 'number') return v;
     if (Array.isArray(v)) { for (const x of v) { const n = firstNumber(x); if (n !== null) return n; } return null; }
     if (v && typeof v === 'object') { for (const [k, x] of Object.entries(v)) { if (k === 'level') continue; const n = firstNumber(x); if (n !== null) return n; } }
     return null;
   }
+  const pct = (x) => (typeof x === 'number' ? `${+(x * 100).toFixed(1)}%` : '—');
   function coverage(c) {
     if (c === null || c === undefined) return '—';
     const parts = [];
     if (Array.isArray(c)) {
       for (const item of c) {
-        if (item && typeof item === 'object' && 'level' in item) parts.push(`${item.level}: ${fmt(firstNumber(item))}`);
+        if (item && typeof item === 'object' && 'level' in item) parts.push(`${pct(item.level)}: ${pct(firstNumber(item))}`);
       }
     } else if (typeof c === 'object') {
       for (const [k, v] of Object.entries(c)) parts.push(`${k}: ${fmt(firstNumber(v))}`);
@@ -379,7 +380,7 @@
         ['MSE (model units)', fmt(s.mse_scaled)],
         ['spread', fmt(s.spread)],
         ['noise', fmt(s.noise)],
-        ['coverage', coverage(s.coverage)],
+        ['coverage, 1 step', coverage(s.coverage)],
       ];
       if (info.failed) items.push(['failed', info.failed]);
       const dl = $('#stats');
@@ -425,10 +426,11 @@
         return;
       }
       try {
-        const got = await Promise.all(LEVELS.map((l) => withToken(() => getJson(`/v1/streams/${enc}/forecast?horizon=${st.horizon}&level=${l}`))));
-        st.forecast = got;
-        st.forecastNote = `forecast from seq ${got[0].seq}; bands ${LEVELS.map((l) => `${l * 100}%`).join(' and ')}`;
-        dbg.forecastSeq = got[0].seq;
+        // One roll-out for both bands (nested: the 50% band lies inside the 90% one).
+        const f = await withToken(() => getJson(`/v1/streams/${enc}/forecast?horizon=${st.horizon}&level=${LEVELS.join(',')}`));
+        st.forecast = f;
+        st.forecastNote = `forecast from seq ${f.seq}; bands ${LEVELS.map((l) => `${l * 100}%`).join(' and ')}`;
+        dbg.forecastSeq = f.seq;
       } catch (e) {
         if (!(e instanceof HttpError)) throw e;
         st.forecast = null;
@@ -508,19 +510,20 @@
         // The forecast starts from the last observation it saw; the steps past what is drawn
         // are added (the next refresh replaces a forecast that fell behind).
         const lastX = d.x[n - 1];
-        const [f90, f50] = st.forecast;
-        if (f90.seq === lastX) {
+        const f = st.forecast;
+        if (f.seq === lastX) {
           const yl = s.y[st.out][s.seq.length - 1];
           mean[n - 1] = hi90[n - 1] = lo90[n - 1] = hi50[n - 1] = lo50[n - 1] = yl;
         }
-        f90.steps.forEach((step, i) => {
-          const x = f90.seq + step.step;
-          if (x <= lastX) return;
+        for (const step of f.steps) {
+          const x = f.seq + step.step;
+          if (x <= lastX) continue;
+          const [b90, b50] = step.intervals;
           d.x.push(x); d.y.push(null); d.p.push(null); d.e.push(null);
           mean.push(step.mean[st.out]);
-          hi90.push(step.upper[st.out]); lo90.push(step.lower[st.out]);
-          hi50.push(f50.steps[i].upper[st.out]); lo50.push(f50.steps[i].lower[st.out]);
-        });
+          hi90.push(b90.upper[st.out]); lo90.push(b90.lower[st.out]);
+          hi50.push(b50.upper[st.out]); lo50.push(b50.lower[st.out]);
+        }
       }
       const count = (a) => a.reduce((c, v) => c + (v === null ? 0 : 1), 0);
       st.charts.main.setData([d.x, d.y, d.p, mean, hi90, lo90, hi50, lo50]);

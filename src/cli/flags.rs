@@ -129,6 +129,9 @@ pub struct OptionFlags {
     /// `auto` or `MIN:MAX`.
     #[arg(long)]
     pub scale: Option<String>,
+    /// Forecast steps whose intervals are calibrated (and, in `eval`, scored).
+    #[arg(long)]
+    pub horizon: Option<usize>,
 }
 
 impl OptionFlags {
@@ -193,6 +196,7 @@ impl OptionFlags {
             seed: self.seed,
             scale,
             precision: self.precision,
+            horizon: self.horizon,
         })
     }
 }
@@ -224,6 +228,10 @@ pub struct EvalArgs {
     /// (2^22 with `--precision f32`) over two cores (same results).
     #[arg(long, default_value_t = 2)]
     pub step_threads: usize,
+    /// Level of the intervals scored (coverage, interval score); several, comma-separated,
+    /// give one score each.
+    #[arg(long, value_delimiter = ',', default_value = "0.9")]
+    pub level: Vec<f64>,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,

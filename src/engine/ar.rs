@@ -19,7 +19,8 @@
 //! small to matter once a few observations are in, and persistence before them. No allocation
 //! per step.
 
-use super::model::Learner;
+use super::forecast::{ROLL_OUT_BOUND, RollOut};
+use super::model::{Forecaster, LagBuffer, Learner};
 
 /// The ridge penalty δ of the start, `P = I/δ` (scaled units: the series lies in [0, 1]).
 /// Chosen on the validation collection (BENCHMARKS.md): it gave the least prequential error.
@@ -82,6 +83,31 @@ impl RlsAr {
         for (row, &f) in self.theta.chunks_exact(m).zip(&self.phi) {
             for (p, &t) in pred.iter_mut().zip(row) {
                 *p += t * f;
+            }
+        }
+    }
+}
+
+impl Forecaster for RlsAr {
+    fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut) {
+        let m = self.outputs;
+        let lagged = roll.lags_scratch(lags.values());
+        let nl = lagged.len();
+        for o in out.chunks_exact_mut(m) {
+            self.phi[..nl].copy_from_slice(lagged);
+            self.phi[nl..nl + x.len()].copy_from_slice(x);
+            self.phi[nl + x.len()] = 1.0;
+            self.predict(o);
+            for v in o.iter_mut() {
+                *v = if v.is_nan() {
+                    0.0
+                } else {
+                    v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
+                };
+            }
+            if nl > 0 {
+                lagged.copy_within(0..nl - m, m);
+                lagged[..m].copy_from_slice(o);
             }
         }
     }

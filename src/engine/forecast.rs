@@ -11,8 +11,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
+use crate::engine::calibration::Calibration;
 use crate::engine::model::Scaler;
 use crate::engine::network::{self, Layout};
+use crate::engine::real::Real;
 
 /// Particles used for the interval (evenly spaced through the ensemble): a quarter of the
 /// ensemble, at least 8 (or all of a smaller one) and at most 64. The forecast state is copied
@@ -40,6 +42,9 @@ pub struct ForecastState {
     pub noise_var: f64,
     pub seed: u64,
     pub seq: u64,
+    /// The stream's calibrated intervals; `None` until it has forecast errors to calibrate on
+    /// (the particles then give the interval).
+    pub calibration: Option<Calibration>,
 }
 
 impl ForecastState {
@@ -58,6 +63,17 @@ impl ForecastState {
 pub struct ForecastStep {
     pub step: usize,
     pub mean: Vec<f64>,
+    /// The interval at the first requested level (repeated from `intervals`).
+    pub lower: Vec<f64>,
+    pub upper: Vec<f64>,
+    /// One interval per requested level, in the order requested; nested (a higher level's
+    /// interval contains a lower one's).
+    pub intervals: Vec<Interval>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Interval {
+    pub level: f64,
     pub lower: Vec<f64>,
     pub upper: Vec<f64>,
 }
@@ -79,158 +95,303 @@ pub fn normal_quantile(p: f64) -> f64 {
 /// squares of a thousand steps' differences stay finite in user units of any sane scale.
 pub const ROLL_OUT_BOUND: f64 = 1e12;
 
-/// One network rolled forward `horizon` steps feeding back its own outputs (plus optional
-/// noise), writing the scaled outputs of each step into `out` (`horizon × m`). Asks
-/// `keep_going` before every step and stops (returning false) when it says no.
-#[allow(clippy::too_many_arguments)]
-fn roll_out(
-    layout: &Layout,
-    lags: usize,
-    params: &[f64],
-    hidden: &mut [f64],
-    lag_values: &mut [f64],
-    future_x: &[f64],
-    noise_sd: f64,
-    rng: &mut ChaCha8Rng,
-    out: &mut [f64],
-    keep_going: &mut dyn FnMut() -> bool,
-) -> bool {
-    let m = layout.outputs;
-    let nl = lags * m;
-    let ni = layout.n_in - nl;
-    let mut scratch = vec![0.0; layout.row()];
-    let mut z = vec![0.0; layout.n_in];
-    for (s, o) in out.chunks_exact_mut(m).enumerate() {
-        if !keep_going() {
-            return false;
-        }
-        z[..nl].copy_from_slice(lag_values);
-        z[nl..].copy_from_slice(&future_x[s * ni..(s + 1) * ni]);
-        network::load_inputs(layout, &mut scratch, &z);
-        network::step(layout, params, hidden, &mut scratch, o);
-        if noise_sd > 0.0 {
-            for v in o.iter_mut() {
-                let e: f64 = StandardNormal.sample(rng);
-                *v += noise_sd * e;
-            }
-        }
-        // An explosive model (its skip from the lags has a root beyond the unit circle) grows
-        // geometrically over long horizons; held within ±ROLL_OUT_BOUND it stays finite, and so
-        // do the interval's sums, where it would overflow to infinity and then NaN.
-        // (NaN cannot come from finite parameters and inputs; stay total anyway.)
-        for v in o.iter_mut() {
-            *v = if v.is_nan() {
-                0.0
-            } else {
-                v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
-            };
-        }
-        if lags > 0 {
-            lag_values.copy_within(0..(lags - 1) * m, m);
-            lag_values[..m].copy_from_slice(o);
+/// The exogenous inputs of a roll-out's steps (model units).
+#[derive(Debug, Clone, Copy)]
+pub enum FutureInputs<'a> {
+    /// `horizon × inputs` values, one row per step (what a forecast request supplies).
+    PerStep(&'a [f64]),
+    /// The last observed inputs, held for every step (what calibration assumes: the future
+    /// inputs are not known when the forecast it scores is made).
+    Held(&'a [f64]),
+}
+
+impl FutureInputs<'_> {
+    fn at(&self, step: usize, inputs: usize) -> &[f64] {
+        match *self {
+            FutureInputs::PerStep(x) => &x[step * inputs..(step + 1) * inputs],
+            FutureInputs::Held(x) => x,
         }
     }
-    true
+}
+
+/// The scratch of a roll-out (copies of the recurrent state and the lags, the cell's input
+/// vector), kept by its owner so that rolling out allocates nothing once warm.
+#[derive(Debug, Clone, Default)]
+pub struct RollOut {
+    hidden: Vec<f64>,
+    lag_values: Vec<f64>,
+    z: Vec<f64>,
+    row: Vec<f64>,
+    /// `f64` copies of a narrower network's parameters and state.
+    wide_params: Vec<f64>,
+    wide_hidden: Vec<f64>,
+}
+
+fn refill(v: &mut Vec<f64>, from: &[f64]) {
+    v.clear();
+    v.extend_from_slice(from);
+}
+
+impl RollOut {
+    /// A working copy of `lag_values` for a roll-out that feeds its own outputs back.
+    pub fn lags_scratch(&mut self, lag_values: &[f64]) -> &mut [f64] {
+        refill(&mut self.lag_values, lag_values);
+        &mut self.lag_values
+    }
+
+    /// The point forecast of one network (its parameters and recurrent state in any precision,
+    /// computed in `f64` as forecasts are) for `out.len() / m` steps, inputs held at `x`: what
+    /// the calibration of a stream's intervals scores.
+    pub fn path<T: Real>(
+        &mut self,
+        layout: &Layout,
+        params: &[T],
+        hidden: &[T],
+        lag_values: &[f64],
+        x: &[f64],
+        out: &mut [f64],
+    ) {
+        let mut wide_params = std::mem::take(&mut self.wide_params);
+        let mut wide_hidden = std::mem::take(&mut self.wide_hidden);
+        wide_params.clear();
+        wide_params.extend(params.iter().map(|v| v.to_f64()));
+        wide_hidden.clear();
+        wide_hidden.extend(hidden.iter().map(|v| v.to_f64()));
+        let lags = lag_values.len() / layout.outputs.max(1);
+        self.run(
+            layout,
+            lags,
+            &wide_params,
+            &wide_hidden,
+            lag_values,
+            FutureInputs::Held(x),
+            None,
+            out,
+            &mut || true,
+        );
+        self.wide_params = wide_params;
+        self.wide_hidden = wide_hidden;
+    }
+
+    /// One network rolled forward from `hidden` and `lag_values` (neither changed) feeding back
+    /// its own outputs (plus noise, when given), writing the scaled outputs of each step into
+    /// `out` (`horizon × m`). Asks `keep_going` before every step and stops (returning false)
+    /// when it says no.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &mut self,
+        layout: &Layout,
+        lags: usize,
+        params: &[f64],
+        hidden: &[f64],
+        lag_values: &[f64],
+        future_x: FutureInputs,
+        mut noise: Option<(f64, &mut ChaCha8Rng)>,
+        out: &mut [f64],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> bool {
+        let m = layout.outputs;
+        let nl = lags * m;
+        let ni = layout.n_in - nl;
+        refill(&mut self.hidden, hidden);
+        refill(&mut self.lag_values, lag_values);
+        self.z.resize(layout.n_in, 0.0);
+        self.row.resize(layout.row(), 0.0);
+        for (s, o) in out.chunks_exact_mut(m).enumerate() {
+            if !keep_going() {
+                return false;
+            }
+            self.z[..nl].copy_from_slice(&self.lag_values);
+            self.z[nl..].copy_from_slice(future_x.at(s, ni));
+            network::load_inputs(layout, &mut self.row, &self.z);
+            network::step(layout, params, &mut self.hidden, &mut self.row, o);
+            if let Some((sd, rng)) = noise.as_mut() {
+                for v in o.iter_mut() {
+                    let e: f64 = StandardNormal.sample(*rng);
+                    *v += *sd * e;
+                }
+            }
+            // An explosive model (its skip from the lags has a root beyond the unit circle) grows
+            // geometrically over long horizons; held within ±ROLL_OUT_BOUND it stays finite, and
+            // so do the interval's sums, where it would overflow to infinity and then NaN.
+            // (NaN cannot come from finite parameters and inputs; stay total anyway.)
+            for v in o.iter_mut() {
+                *v = if v.is_nan() {
+                    0.0
+                } else {
+                    v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
+                };
+            }
+            if lags > 0 {
+                self.lag_values.copy_within(0..(lags - 1) * m, m);
+                self.lag_values[..m].copy_from_slice(o);
+            }
+        }
+        true
+    }
 }
 
 impl ForecastState {
     /// `future_x`: `horizon × inputs` values in the user's units (empty when `inputs` is 0).
-    /// Returns the steps in the user's units.
-    pub fn forecast(&self, horizon: usize, level: f64, future_x: &[f64]) -> Vec<ForecastStep> {
-        self.forecast_while(horizon, level, future_x, &mut || true)
+    /// Returns the steps in the user's units, with one interval per level of `levels`.
+    pub fn forecast(&self, horizon: usize, levels: &[f64], future_x: &[f64]) -> Vec<ForecastStep> {
+        self.forecast_while(horizon, levels, future_x, &mut || true)
             .unwrap_or_default()
     }
 
     /// [`ForecastState::forecast`], asking `keep_going` before each step of each roll-out
-    /// (`horizon` × (interval particles + 1) calls, each step O(d)): `None` as soon as it says
-    /// no. The caller decides what stops a forecast (a cancelled request) and may block in it
-    /// (to share the cores); this code reads no clock and waits for nothing.
+    /// (`horizon` calls once calibrated, `horizon` × (interval particles + 1) before; each step
+    /// O(d)): `None` as soon as it says no. The caller decides what stops a forecast (a
+    /// cancelled request) and may block in it (to share the cores); this code reads no clock
+    /// and waits for nothing.
     pub fn forecast_while(
         &self,
         horizon: usize,
-        level: f64,
+        levels: &[f64],
         future_x: &[f64],
         keep_going: &mut dyn FnMut() -> bool,
     ) -> Option<Vec<ForecastStep>> {
         let m = self.layout.outputs;
-        let d = self.layout.dim();
-        let nh = self.layout.hidden;
         let xs: Vec<f64> = future_x
             .iter()
             .enumerate()
             .map(|(i, &v)| self.x_scale[i % self.inputs.max(1)].to_model(v))
             .collect();
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(self.seed ^ self.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut roll = RollOut::default();
         let mut mean_out = vec![0.0; horizon * m];
-        if !roll_out(
+        if !roll.run(
             &self.layout,
             self.lags,
             &self.mean,
-            &mut self.mean_hidden.clone(),
-            &mut self.lag_values.clone(),
-            &xs,
-            0.0,
-            &mut rng,
+            &self.mean_hidden,
+            &self.lag_values,
+            FutureInputs::PerStep(&xs),
+            None,
             &mut mean_out,
             keep_going,
         ) {
             return None;
         }
+        let bounds = match &self.calibration {
+            Some(c) => Bounds::Calibrated(c),
+            None => Bounds::Spread(
+                self.spread(horizon, &xs, &mean_out, &mut roll, keep_going)?,
+                m,
+            ),
+        };
+        let steps = (0..horizon)
+            .map(|s| {
+                let mut step = ForecastStep {
+                    step: s + 1,
+                    mean: Vec::with_capacity(m),
+                    lower: Vec::new(),
+                    upper: Vec::new(),
+                    intervals: Vec::with_capacity(levels.len()),
+                };
+                for o in 0..m {
+                    step.mean.push(self.to_user(o, mean_out[s * m + o]));
+                }
+                for &level in levels {
+                    let mut interval = Interval {
+                        level,
+                        lower: Vec::with_capacity(m),
+                        upper: Vec::with_capacity(m),
+                    };
+                    for o in 0..m {
+                        let (lo, hi) = bounds.interval(s + 1, o, level, mean_out[s * m + o]);
+                        interval.lower.push(self.to_user(o, lo));
+                        interval.upper.push(self.to_user(o, hi));
+                    }
+                    step.intervals.push(interval);
+                }
+                if let Some(first) = step.intervals.first() {
+                    step.lower = first.lower.clone();
+                    step.upper = first.upper.clone();
+                }
+                step
+            })
+            .collect();
+        Some(steps)
+    }
+
+    /// A scaled value in the user's units of output `o`. A scale wider than ~1e296 could still
+    /// overflow here: JSON has no infinity, so the bound is the largest number.
+    fn to_user(&self, o: usize, v: f64) -> f64 {
+        self.y_scale[o].to_user(v).clamp(-f64::MAX, f64::MAX)
+    }
+
+    /// Before the stream's intervals are calibrated: the standard deviation of the particles'
+    /// noisy paths around the mean particle's (`horizon × m`), at least the noise's.
+    fn spread(
+        &self,
+        horizon: usize,
+        xs: &[f64],
+        mean_out: &[f64],
+        roll: &mut RollOut,
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Option<Vec<f64>> {
+        let m = self.layout.outputs;
+        let d = self.layout.dim();
+        let nh = self.layout.hidden;
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ self.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let k = self.particles.len() / d;
         let noise_sd = self.noise_var.max(0.0).sqrt();
         let mut paths = vec![0.0; k * horizon * m];
         for (i, path) in paths.chunks_exact_mut(horizon * m).enumerate() {
-            if !roll_out(
+            if !roll.run(
                 &self.layout,
                 self.lags,
                 &self.particles[i * d..(i + 1) * d],
-                &mut self.hidden[i * nh..(i + 1) * nh].to_vec(),
-                &mut self.lag_values.clone(),
-                &xs,
-                noise_sd,
-                &mut rng,
+                &self.hidden[i * nh..(i + 1) * nh],
+                &self.lag_values,
+                FutureInputs::PerStep(xs),
+                Some((noise_sd, &mut rng)),
                 path,
                 keep_going,
             ) {
                 return None;
             }
         }
-        let zq = interval_quantile(level);
-        let steps = (0..horizon)
-            .map(|s| {
-                let mut step = ForecastStep {
-                    step: s + 1,
-                    mean: Vec::with_capacity(m),
-                    lower: Vec::with_capacity(m),
-                    upper: Vec::with_capacity(m),
+        let sd = (0..horizon * m)
+            .map(|i| {
+                let (s, o) = (i / m, i % m);
+                let centre = mean_out[i];
+                // With a single particle, the noise alone.
+                let var = if k > 0 {
+                    paths
+                        .chunks_exact(horizon * m)
+                        .map(|p| (p[s * m + o] - centre).powi(2))
+                        .sum::<f64>()
+                        / k as f64
+                } else {
+                    self.noise_var * (s + 1) as f64
                 };
-                for o in 0..m {
-                    let centre = mean_out[s * m + o];
-                    // Spread of the noisy particle paths around the mean particle's path; with
-                    // a single particle, the noise alone.
-                    let var = if k > 0 {
-                        paths
-                            .chunks_exact(horizon * m)
-                            .map(|p| (p[s * m + o] - centre).powi(2))
-                            .sum::<f64>()
-                            / k as f64
-                    } else {
-                        self.noise_var * (s + 1) as f64
-                    };
-                    let half = zq * var.max(self.noise_var).sqrt();
-                    let sc = &self.y_scale[o];
-                    // A scale wider than ~1e296 could still overflow here: JSON has no
-                    // infinity, so the bound is the largest number.
-                    let user = |v: f64| sc.to_user(v).clamp(-f64::MAX, f64::MAX);
-                    step.mean.push(user(centre));
-                    step.lower.push(user(centre - half));
-                    step.upper.push(user(centre + half));
-                }
-                step
+                var.max(self.noise_var).sqrt()
             })
             .collect();
-        Some(steps)
+        Some(sd)
+    }
+}
+
+/// Where a forecast's intervals come from.
+enum Bounds<'a> {
+    /// The stream's calibrated quantiles of its forecast errors.
+    Calibrated(&'a Calibration),
+    /// Before the first error: a normal interval from the spread of the particles' noisy
+    /// roll-outs: `horizon × m` standard deviations, and `m`.
+    Spread(Vec<f64>, usize),
+}
+
+impl Bounds<'_> {
+    fn interval(&self, step: usize, o: usize, level: f64, centre: f64) -> (f64, f64) {
+        match self {
+            Bounds::Calibrated(c) => c.interval(step, o, level, centre),
+            Bounds::Spread(sd, m) => {
+                let half = interval_quantile(level) * sd[(step - 1) * m + o];
+                (centre - half, centre + half)
+            }
+        }
     }
 }
 
@@ -273,8 +434,9 @@ mod tests {
             noise_var: 0.01,
             seed: 1,
             seq: 1,
+            calibration: None,
         };
-        let steps = state.forecast(2000, 0.9, &[]);
+        let steps = state.forecast(2000, &[0.9], &[]);
         let last = &steps[1999];
         for v in steps
             .iter()
@@ -311,9 +473,10 @@ mod tests {
             noise_var: 0.01,
             seed: 1,
             seq: 1,
+            calibration: None,
         };
         let mut calls = 0;
-        let stopped = state.forecast_while(100, 0.9, &[], &mut || {
+        let stopped = state.forecast_while(100, &[0.9], &[], &mut || {
             calls += 1;
             calls <= 150
         });
@@ -323,7 +486,7 @@ mod tests {
             "asked before each step, stops at once"
         );
         let mut calls = 0;
-        let whole = state.forecast_while(100, 0.9, &[], &mut || {
+        let whole = state.forecast_while(100, &[0.9], &[], &mut || {
             calls += 1;
             true
         });
@@ -332,7 +495,7 @@ mod tests {
             100 * 5,
             "the mean and four particles, 100 steps each"
         );
-        assert_eq!(whole, Some(state.forecast(100, 0.9, &[])));
+        assert_eq!(whole, Some(state.forecast(100, &[0.9], &[])));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! - [`OnlineModel`] and the [`Learner`]s (the ensemble, [`Ogd`], [`RlsAr`], [`Persistence`]): the
 //!   test-then-train loop with its lag buffer and [`Scaler`];
 //! - [`Stream`]: a stream's whole state (plan a batch, then apply it) and its statistics;
-//! - [`ForecastState`]: the immutable copy a forecast rolls out.
+//! - [`ForecastState`]: the immutable copy a forecast rolls out;
+//! - [`Calibrator`]: the online calibration of a stream's forecast intervals.
 
 mod ar;
+mod calibration;
 mod ensemble;
 mod forecast;
 mod model;
@@ -23,14 +25,16 @@ mod stream;
 mod update;
 
 pub use ar::RlsAr;
+pub use calibration::{Calibration, Calibrator, Coverage, REPORT_LEVELS, TAUS};
 pub use ensemble::{
     AnyEnsemble, Ensemble, EnsembleState, Footprint, ParticleBuf, StepReport, on_pool,
     parallel_min_work,
 };
 pub use forecast::{
-    ForecastState, ForecastStep, ROLL_OUT_BOUND, interval_particles, normal_quantile,
+    ForecastState, ForecastStep, FutureInputs, Interval, ROLL_OUT_BOUND, RollOut,
+    interval_particles, normal_quantile,
 };
-pub use model::{LagBuffer, Learner, OnlineModel, Persistence, Scaler};
+pub use model::{Forecaster, LagBuffer, Learner, OnlineModel, Persistence, Scaler};
 pub use network::Layout;
 pub use ogd::Ogd;
 pub use options::json_text as options_json_text;

@@ -8,9 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::calibration::{Calibrator, Coverage};
 use crate::engine::ensemble::{AnyEnsemble, EnsembleState};
-use crate::engine::forecast::{ForecastState, interval_particles};
-use crate::engine::model::{LagBuffer, OnlineModel, Scaler};
+use crate::engine::forecast::{ForecastState, RollOut, interval_particles};
+use crate::engine::model::{Forecaster, LagBuffer, OnlineModel, Scaler};
 use crate::engine::options::{Options, ScaleOption};
 
 /// One observation as it arrives, in the user's units.
@@ -184,6 +185,7 @@ pub struct StreamState {
     pub lags: LagBuffer,
     pub ensemble: EnsembleState,
     pub stats: Stats,
+    pub calibrator: Calibrator,
 }
 
 #[derive(Debug, Clone)]
@@ -198,10 +200,33 @@ pub struct Stream {
     pending: Vec<Observation>,
     model: OnlineModel<AnyEnsemble>,
     stats: Stats,
+    /// Scores the forecasts made after each observation to calibrate the intervals.
+    calibrator: Calibrator,
     // Scratch for one observation in model units (no allocation per observation).
     ys: Vec<f64>,
     xs: Vec<f64>,
     pred: Vec<f64>,
+    path: Vec<f64>,
+    roll: RollOut,
+}
+
+/// Scores the forecasts that predicted this observation `(x, y)` (model units; when the model
+/// predicted it), then keeps the forecast made from here (once the lag buffer is full).
+pub fn calibrate<L: Forecaster>(
+    model: &mut OnlineModel<L>,
+    calibrator: &mut Calibrator,
+    predicted: bool,
+    (x, y): (&[f64], &[f64]),
+    path: &mut [f64],
+    roll: &mut RollOut,
+) {
+    if predicted {
+        calibrator.observe(y);
+    }
+    if model.lags().is_full() {
+        model.forecast_path(x, path, roll);
+        calibrator.push_path(path);
+    }
 }
 
 /// The `auto` scale: the range of the first observations, widened by a quarter on each side so
@@ -284,7 +309,10 @@ impl Stream {
                 * std::mem::size_of::<f64>();
         // The published forecast state twice: a new one is built while readers hold the last.
         let forecast = 2 * ForecastState::bytes(options);
-        (ensemble.resident + ensemble.snapshot + own + forecast) as u64
+        // The calibrator, its copy in a snapshot, and the path scratch.
+        let calibration = 2 * Calibrator::bytes(options.horizon, options.outputs)
+            + options.horizon * options.outputs * std::mem::size_of::<f64>();
+        (ensemble.resident + ensemble.snapshot + own + forecast + calibration) as u64
     }
 
     pub fn new(options: Options) -> Self {
@@ -302,6 +330,9 @@ impl Stream {
             ys: vec![0.0; options.outputs],
             xs: vec![0.0; options.inputs],
             pred: vec![0.0; options.outputs],
+            path: vec![0.0; options.horizon * options.outputs],
+            roll: RollOut::default(),
+            calibrator: Calibrator::new(options.horizon, options.outputs),
             x_scale: if options.inputs == 0 {
                 Some(Vec::new())
             } else {
@@ -343,6 +374,7 @@ impl Stream {
             lags: self.model.lags().clone(),
             ensemble: self.model.learner.state(),
             stats: self.stats.clone(),
+            calibrator: self.calibrator.clone(),
         }
     }
 
@@ -353,10 +385,16 @@ impl Stream {
         if state.lags.values().len() != options.lags * options.outputs {
             return Err("lag buffer does not match the options".into());
         }
+        if !state.calibrator.fits(options.horizon, options.outputs) {
+            return Err("calibrator does not match the options".into());
+        }
         Ok(Stream {
             ys: vec![0.0; options.outputs],
             xs: vec![0.0; options.inputs],
             pred: vec![0.0; options.outputs],
+            path: vec![0.0; options.horizon * options.outputs],
+            roll: RollOut::default(),
+            calibrator: state.calibrator,
             y_scale: state.y_scale,
             x_scale: state.x_scale,
             pending: state.pending,
@@ -572,7 +610,16 @@ impl Stream {
         for ((d, &v), sc) in self.xs.iter_mut().zip(&o.x).zip(xsc) {
             *d = sc.to_model(v);
         }
-        if !self.model.observe(&self.xs, &self.ys, &mut self.pred) {
+        let predicted = self.model.observe(&self.xs, &self.ys, &mut self.pred);
+        calibrate(
+            &mut self.model,
+            &mut self.calibrator,
+            predicted,
+            (&self.xs, &self.ys),
+            &mut self.path,
+            &mut self.roll,
+        );
+        if !predicted {
             return done(None, None);
         }
         let user: Vec<f64> = self
@@ -616,6 +663,11 @@ impl Stream {
         done(Some(user), Some(e_user));
     }
 
+    /// The running coverage of the stream's intervals, per report level and step.
+    pub fn coverage(&self) -> Vec<Coverage> {
+        self.calibrator.coverage()
+    }
+
     /// What a forecast needs, or None until the lag buffer is full.
     pub fn forecast_state(&self) -> Option<ForecastState> {
         if !self.model.lags().is_full() {
@@ -623,8 +675,14 @@ impl Stream {
         }
         let (y_scale, x_scale) = (self.y_scale.clone()?, self.x_scale.clone()?);
         let e = &self.model.learner;
+        let calibration = self.calibrator.calibration();
+        // The particles give the interval only until it is calibrated.
         let j = e.size();
-        let k = interval_particles(j);
+        let k = if calibration.is_some() {
+            0
+        } else {
+            interval_particles(j)
+        };
         let mut particles = Vec::with_capacity(k * e.dim());
         let mut hidden = Vec::with_capacity(k * e.layout().hidden);
         for i in 0..k {
@@ -645,6 +703,7 @@ impl Stream {
             noise_var: self.stats.noise_var,
             seed: self.options.seed,
             seq: self.stats.last_seq,
+            calibration,
         })
     }
 }

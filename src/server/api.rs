@@ -23,7 +23,7 @@ use super::error::{ApiError, Problem};
 use super::history::Recent;
 use super::owner::{Command, StreamView};
 use super::state::Charge;
-use crate::engine::ForecastStep;
+use crate::engine::{Coverage, ForecastStep};
 use crate::engine::{Options, RawOptions};
 
 /// [`crate::storage::is_valid_stream_name`] (names become directory names on disk).
@@ -150,6 +150,10 @@ pub struct StatsOut {
     /// Time of the last applied batch (RFC 3339); after a restart, until the next batch, when
     /// the stream's log or snapshot was last written; null before the first observation.
     pub last_update: Option<String>,
+    /// The running coverage of the stream's forecast intervals: for each report level, the
+    /// share of observations that fell inside the interval served for them, per step ahead
+    /// (step 1 first; null before a step's first scored forecast).
+    pub coverage: Vec<Coverage>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -177,6 +181,7 @@ impl From<&StreamView> for StreamOut {
                 noise: v.stats.noise_user,
                 repaired: v.stats.repaired,
                 last_update: v.last_update.map(rfc3339),
+                coverage: v.coverage.clone(),
             },
             scale: v.scale.as_ref().map(|s| {
                 s.iter()
@@ -219,7 +224,10 @@ pub struct ForecastOut {
     /// The last sequence number the forecast has seen.
     pub seq: u64,
     pub horizon: usize,
+    /// The first of `levels` (its interval is each step's `lower` and `upper`).
     pub level: f64,
+    /// The levels asked for, in order: each step has one interval per level.
+    pub levels: Vec<f64>,
     pub steps: Vec<ForecastStep>,
 }
 
@@ -459,9 +467,10 @@ pub struct ForecastQuery {
     /// Steps ahead (1 ..= the configured limit).
     #[param(minimum = 1)]
     pub horizon: usize,
-    /// Coverage of the interval, in (0, 1); default 0.9.
-    #[param(exclusive_minimum = 0, exclusive_maximum = 1)]
-    pub level: Option<f64>,
+    /// Coverage of the interval, in (0, 1), or several, comma-separated (`0.5,0.9`): one
+    /// interval each; default 0.9.
+    #[param(style = Form, explode = false)]
+    pub level: Option<Vec<f64>>,
 }
 
 impl ForecastQuery {
@@ -487,9 +496,18 @@ impl ForecastQuery {
             .parse()
             .map_err(|_| bad_query("horizon", "`horizon` must be a whole number of steps"))?;
         let level = level
-            .map(|v| v.parse::<f64>())
+            .map(|v| {
+                v.split(',')
+                    .map(|l| l.trim().parse::<f64>())
+                    .collect::<Result<Vec<f64>, _>>()
+            })
             .transpose()
-            .map_err(|_| bad_query("level", "`level` must be a number in (0, 1)"))?;
+            .map_err(|_| {
+                bad_query(
+                    "level",
+                    "`level` must be a number in (0, 1), or several separated by commas",
+                )
+            })?;
         Ok(ForecastQuery { horizon, level })
     }
 }
@@ -502,8 +520,8 @@ impl ForecastQuery {
 pub struct ForecastRequest {
     #[schema(minimum = 1)]
     pub horizon: usize,
-    #[schema(exclusive_minimum = 0, exclusive_maximum = 1)]
-    pub level: Option<f64>,
+    /// Coverage of the interval in (0, 1), or an array of them (one interval each); default 0.9.
+    pub level: Option<NumberOrArray>,
     /// The future exogenous inputs: `horizon` rows of `inputs` values (omit when none).
     #[serde(default)]
     pub x: Vec<Vec<f64>>,
@@ -585,11 +603,14 @@ pub async fn post_forecast(
     forecast(&app, view, req.horizon, req.level, req.x).await
 }
 
+/// Most levels one forecast may ask for.
+const MAX_LEVELS: usize = 16;
+
 async fn forecast(
     app: &AppState,
     view: Arc<StreamView>,
     horizon: usize,
-    level: Option<f64>,
+    levels: Option<Vec<f64>>,
     x: Vec<f64>,
 ) -> Result<Json<ForecastOut>, ApiError> {
     let max = app.inner.config.limits.horizon;
@@ -610,11 +631,20 @@ async fn forecast(
             ),
         });
     }
-    let level = level.unwrap_or(0.9);
-    if !(level > 0.0 && level < 1.0) {
+    let levels = levels.unwrap_or_else(|| vec![0.9]);
+    if levels.is_empty() || levels.len() > MAX_LEVELS {
         return Err(bad_query(
             "level",
-            format!("`level` must be in (0, 1), got {level}"),
+            format!(
+                "`level` must name 1 to {MAX_LEVELS} levels, got {}",
+                levels.len()
+            ),
+        ));
+    }
+    if let Some(bad) = levels.iter().find(|l| !(**l > 0.0 && **l < 1.0)) {
+        return Err(bad_query(
+            "level",
+            format!("`level` must be in (0, 1), got {bad}"),
         ));
     }
     if let Some(f) = &view.failed {
@@ -626,12 +656,13 @@ async fn forecast(
             view.name, view.stats.observations, view.options.lags
         )));
     };
-    let steps = roll_out(app, state, horizon, level, x).await?;
+    let steps = roll_out(app, state, horizon, levels.clone(), x).await?;
     Ok(Json(ForecastOut {
         stream: view.name.clone(),
         seq: view.stats.last_seq,
         horizon,
-        level,
+        level: levels[0],
+        levels,
         steps,
     }))
 }
@@ -680,7 +711,7 @@ async fn roll_out(
     app: &AppState,
     state: Arc<crate::engine::ForecastState>,
     horizon: usize,
-    level: f64,
+    levels: Vec<f64>,
     x: Vec<f64>,
 ) -> Result<Vec<ForecastStep>, ApiError> {
     let (cores, turns) = app.cores();
@@ -694,7 +725,7 @@ async fn roll_out(
         let mut hold = Some(hold);
         let mut slice = Instant::now();
         let mut calls = 0u32;
-        state.forecast_while(horizon, level, &x, &mut || {
+        state.forecast_while(horizon, &levels, &x, &mut || {
             if cancel.cancelled.load(Ordering::Relaxed) {
                 return false;
             }
@@ -884,8 +915,8 @@ pub async fn events(
 // Schema-only types: the observation body as the OpenAPI document describes it (the body itself
 // is decoded by `body`, which reports errors with line and field).
 
-/// A number, or an array of numbers (one per output or input).
-#[derive(utoipa::ToSchema)]
+/// A number, or an array of numbers (one per output or input, or one per level).
+#[derive(Debug, utoipa::ToSchema)]
 #[allow(dead_code)]
 #[serde(untagged)]
 pub enum NumberOrArray {

@@ -16,10 +16,10 @@ use super::Config;
 use super::error::Problem;
 use super::page::{ASSET_ROUTE, PAGE_ROUTE};
 use super::{api, page};
-use crate::engine::ForecastStep;
 use crate::engine::{
     Auto, Cell, Loss, Method, Off, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
+use crate::engine::{Coverage, ForecastStep, Interval};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -57,6 +57,8 @@ use crate::engine::{
         ScaleOption,
         api::ScaleOut,
         ForecastStep,
+        Interval,
+        Coverage,
         api::ObservationJson,
         api::ObservationsBody,
         api::NumberOrArray,

@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 
 use super::error::ApiError;
 use super::history::SharedHistory;
-use super::metrics::{Metrics, StreamLabel};
-use crate::engine::ForecastState;
+use super::metrics::{Metrics, StreamLabel, coverage_labels};
 use crate::engine::Options;
 use crate::engine::Scaler;
 use crate::engine::{Applied, Observation, Plan, Stats, Stream};
+use crate::engine::{Coverage, ForecastState};
 use crate::storage::{Store, StoreError, StreamStore};
 
 /// What handlers may ask of an owner.
@@ -59,6 +59,8 @@ pub struct StreamView {
     pub scale: Option<Vec<Scaler>>,
     pub last_update: Option<SystemTime>,
     pub forecast: Option<Arc<ForecastState>>,
+    /// The running coverage of the stream's intervals.
+    pub coverage: Vec<Coverage>,
     pub failed: Option<String>,
 }
 
@@ -154,6 +156,7 @@ pub fn spawn(
                 scale: stream.y_scale().map(<[Scaler]>::to_vec),
                 last_update: store.last_write(),
                 forecast: stream.forecast_state().map(Arc::new),
+                coverage: stream.coverage(),
                 failed: None,
             };
             (Some(stream), Some(store), view)
@@ -172,6 +175,7 @@ pub fn spawn(
                 scale: None,
                 last_update: None,
                 forecast: None,
+                coverage: Vec::new(),
                 failed: Some(reason),
             };
             (None, None, view)
@@ -513,6 +517,18 @@ impl Owner {
             .last_seq
             .get_or_create(&l)
             .set(stats.last_seq as i64);
+        let coverage = stream.coverage();
+        let last_step = stream.options().horizon;
+        for c in &coverage {
+            for step in [1, last_step] {
+                if let Some(Some(v)) = c.steps.get(step - 1) {
+                    self.metrics
+                        .coverage
+                        .get_or_create(&coverage_labels(&self.name, c.level, step))
+                        .set(*v);
+                }
+            }
+        }
         let view = StreamView {
             name: self.name.clone(),
             options: stream.options().clone(),
@@ -520,6 +536,7 @@ impl Owner {
             scale,
             last_update: Some(SystemTime::now()),
             forecast,
+            coverage,
             failed: None,
         };
         self.view.send_replace(Arc::new(view));

@@ -359,6 +359,7 @@ impl AppState {
     pub async fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
         let guard = self.inner.lifecycle.clone().lock_owned().await;
         let handle = self.handle(name)?;
+        let handle_horizon = handle.view().options.horizon;
         let (app, name) = (self.clone(), name.to_owned());
         tokio::spawn(async move {
             let _guard = guard;
@@ -382,7 +383,7 @@ impl AppState {
                 reg.release_stream(&name);
                 app.inner.metrics.streams.set(reg.handles.len() as i64);
             }
-            app.inner.metrics.forget(&name);
+            app.inner.metrics.forget(&name, handle_horizon);
             Ok(())
         })
         .await
