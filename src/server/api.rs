@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 use super::AppState;
 use super::body::{self, DecodeError, Expect, Format};
 use super::error::{ApiError, Problem};
+use super::history::Recent;
 use super::owner::{Command, StreamView};
 use super::state::Charge;
 use crate::engine::{Coverage, ForecastStep};
@@ -749,6 +750,99 @@ async fn roll_out(
     .map_err(|e| ApiError::Internal(format!("forecast failed: {e}")))?;
     // Stopped: the request is gone, so this answer reaches nobody.
     steps.ok_or_else(gone)
+}
+
+/// The history's query parameters, parsed by hand like the forecast's.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// The newest observations to return, at most (default: all the stream keeps, `[limits]
+    /// history`).
+    #[param(minimum = 1)]
+    pub limit: Option<usize>,
+}
+
+impl HistoryQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let mut limit = None;
+        for (key, value) in pairs {
+            if key != "limit" {
+                return Err(bad_query(
+                    &key,
+                    format!("unknown query parameter `{key}`: use `limit`"),
+                ));
+            }
+            if limit.is_some() {
+                return Err(bad_query("limit", "`limit` is given twice"));
+            }
+            let n: usize =
+                value.parse().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    bad_query("limit", "`limit` must be a whole number, at least 1")
+                })?;
+            limit = Some(n);
+        }
+        Ok(HistoryQuery { limit })
+    }
+}
+
+/// One kept observation, as the OpenAPI document describes it (the same fields as an event).
+#[derive(utoipa::ToSchema)]
+#[allow(
+    dead_code,
+    reason = "a schema only: the ring serialises its entries itself"
+)]
+pub struct HistoryEntry {
+    seq: u64,
+    /// The observed value(s), original units.
+    y: Vec<f64>,
+    /// The prequential prediction made before this observation was learned (null while the
+    /// lag buffer filled).
+    prediction: Option<Vec<f64>>,
+    /// Squared error of the prediction summed over outputs, original units.
+    error: Option<f64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HistoryOut {
+    pub stream: String,
+    /// The last applied sequence number when the history was read.
+    pub last_seq: u64,
+    /// The newest kept observations, oldest first; after a restart only those applied since.
+    #[schema(value_type = Vec<HistoryEntry>)]
+    pub observations: Recent,
+}
+
+#[utoipa::path(get, path = "/v1/streams/{name}/history", tag = "observations",
+    params(StreamPath, HistoryQuery),
+    responses(
+        (status = 200, description = "The recent observations with their prequential predictions", body = HistoryOut),
+        (status = 400, description = "Bad name or query", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn history(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let Query(pairs) = query.map_err(|e| bad_query("query", e.body_text()))?;
+    let q = HistoryQuery::parse(pairs)?;
+    let handle = app.handle(&name)?;
+    let last_seq = handle.view().stats.last_seq;
+    // Copying and encoding a ring of up to `[limits] history` entries is work of its size: on
+    // the blocking pool.
+    let body = tokio::task::spawn_blocking(move || {
+        let out = HistoryOut {
+            stream: name,
+            last_seq,
+            observations: handle.history.recent(q.limit.unwrap_or(usize::MAX)),
+        };
+        serde_json::to_vec(&out)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("reading the history failed: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("encoding the history failed: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.

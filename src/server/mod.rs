@@ -9,21 +9,25 @@
 //! - `router`, `middleware`: the routes and what wraps them (auth, limits, timeouts, metrics);
 //! - `api`, `body`, `error`, `openapi`: handlers and their types, body decoding, problem
 //!   documents, the OpenAPI document;
-//! - `metrics`: the Prometheus registry.
+//! - `metrics`: the Prometheus registry;
+//! - `history`: the ring of recent observations each stream keeps for the chart;
+//! - `page`: the live page at `/` and its embedded files.
 
 mod api;
 pub mod body;
 mod config;
 mod daemon;
 mod error;
+mod history;
 mod metrics;
 mod middleware;
 mod openapi;
 mod owner;
+mod page;
 mod router;
 mod state;
 
 pub use config::{Auth, Config, Engine, Limits};
 pub use daemon::serve;
 pub use router::router;
-pub use state::{AppState, Failpoints};
+pub use state::{AppState, Failpoints, stream_memory};

@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::error::ApiError;
+use super::history::SharedHistory;
 use super::metrics::{Metrics, StreamLabel, coverage_labels};
 use crate::engine::Options;
 use crate::engine::Scaler;
@@ -106,6 +107,9 @@ pub struct StreamHandle {
     pub tx: mpsc::Sender<Command>,
     pub view: watch::Receiver<Arc<StreamView>>,
     pub events: Arc<Events>,
+    /// The recent observations with their predictions (empty after a restart until new ones
+    /// arrive).
+    pub history: Arc<SharedHistory>,
 }
 
 impl StreamHandle {
@@ -124,17 +128,25 @@ pub enum Start {
     Failed(Options, String),
 }
 
+/// How an owner is set up: its queue, its event subscribers and its history.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub queue_depth: usize,
+    pub subscribers: usize,
+    pub history: usize,
+}
+
 /// Starts the owner of a stream.
 pub fn spawn(
     name: String,
     start: Start,
-    queue_depth: usize,
-    subscribers: usize,
+    sizes: Sizes,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
     panic_in_update: bool,
 ) -> (StreamHandle, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(queue_depth.max(1));
+    let (tx, rx) = mpsc::channel(sizes.queue_depth.max(1));
+    let history = Arc::new(SharedHistory::new(sizes.history, view_outputs(&start)));
     let (stream, store, view) = match start {
         Start::Live(stream, store) => {
             let view = StreamView {
@@ -170,13 +182,14 @@ pub fn spawn(
         }
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
-    let events = Arc::new(Events::new(subscribers));
+    let events = Arc::new(Events::new(sizes.subscribers));
     let owner = Owner {
         name,
         stream,
         store,
         view: view_tx,
         events: events.clone(),
+        history: history.clone(),
         metrics,
         cores,
         panic_in_update,
@@ -187,9 +200,17 @@ pub fn spawn(
             tx,
             view: view_rx,
             events,
+            history,
         },
         task,
     )
+}
+
+fn view_outputs(start: &Start) -> usize {
+    match start {
+        Start::Live(stream, _) => stream.options().outputs,
+        Start::Failed(options, _) => options.outputs,
+    }
 }
 
 struct Owner {
@@ -200,6 +221,7 @@ struct Owner {
     store: Option<Box<StreamStore>>,
     view: watch::Sender<Arc<StreamView>>,
     events: Arc<Events>,
+    history: Arc<SharedHistory>,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
     /// Test fault injection (see `server::Failpoints`).
@@ -411,6 +433,7 @@ impl Owner {
                     for a in &o.applied {
                         self.events.send(a);
                     }
+                    self.history.extend(o.applied.iter());
                 }
                 for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));

@@ -7,5 +7,6 @@ mod daemon;
 mod durability;
 mod eval_cli;
 mod hardening;
+mod page;
 mod replay;
 mod util;
