@@ -3,6 +3,7 @@
 mod abuse_bodies;
 mod abuse_connections;
 mod abuse_storage;
+mod calibration;
 mod daemon;
 mod durability;
 mod eval_cli;
