@@ -141,6 +141,22 @@ impl Mixture {
         w
     }
 
+    /// The prediction from the members' (the ensemble's and the autoregression's already in
+    /// `preds`; persistence's is the last value in `z`).
+    fn mix(&mut self, weights: &[f64; 3], z: &[f64], pred: &mut [f64]) {
+        let m = pred.len();
+        if self.has_lags {
+            self.preds[2 * m..].copy_from_slice(&z[..m]);
+        }
+        if self.combine {
+            for (o, p) in pred.iter_mut().enumerate() {
+                *p = combine(weights, &self.preds, m, o);
+            }
+        } else {
+            pred.copy_from_slice(&self.preds[..m]);
+        }
+    }
+
     pub fn forecast(&self) -> MixtureForecast {
         MixtureForecast {
             weights: self.weights(),
@@ -166,19 +182,10 @@ impl Learner for Mixture {
         let m = pred.len();
         let weights = self.weights();
         let (pe, rest) = self.preds.split_at_mut(m);
-        let (pa, pp) = rest.split_at_mut(m);
+        let (pa, _) = rest.split_at_mut(m);
         self.ensemble.step(z, y, pe);
         self.ar.step(z, y, pa);
-        if self.has_lags {
-            pp.copy_from_slice(&z[..m]);
-        }
-        if self.combine {
-            for (o, p) in pred.iter_mut().enumerate() {
-                *p = combine(&weights, &self.preds, m, o);
-            }
-        } else {
-            pred.copy_from_slice(&self.preds[..m]);
-        }
+        self.mix(&weights, z, pred);
         for (k, l) in self.loss.iter_mut().enumerate() {
             let e: f64 = self.preds[k * m..(k + 1) * m]
                 .iter()
@@ -193,19 +200,10 @@ impl Learner for Mixture {
         let m = pred.len();
         let weights = self.weights();
         let (pe, rest) = self.preds.split_at_mut(m);
-        let (pa, pp) = rest.split_at_mut(m);
+        let (pa, _) = rest.split_at_mut(m);
         self.ensemble.predict_frozen(z, pe);
         self.ar.predict_frozen(z, pa);
-        if self.has_lags {
-            pp.copy_from_slice(&z[..m]);
-        }
-        if self.combine {
-            for (o, p) in pred.iter_mut().enumerate() {
-                *p = combine(&weights, &self.preds, m, o);
-            }
-        } else {
-            pred.copy_from_slice(&self.preds[..m]);
-        }
+        self.mix(&weights, z, pred);
     }
 
     fn reset_state(&mut self) {
