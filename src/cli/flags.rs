@@ -138,6 +138,12 @@ pub struct OptionFlags {
     /// `auto` or `MIN:MAX`.
     #[arg(long)]
     pub scale: Option<String>,
+    /// Forecast steps whose intervals are calibrated (and, in `eval`, scored).
+    #[arg(long)]
+    pub horizon: Option<usize>,
+    /// Combine the ensemble's mean particle with the online autoregression and persistence.
+    #[arg(long)]
+    pub mixture: Option<bool>,
 }
 
 impl OptionFlags {
@@ -202,6 +208,8 @@ impl OptionFlags {
             seed: self.seed,
             scale,
             precision: self.precision,
+            horizon: self.horizon,
+            mixture: self.mixture,
         })
     }
 }
@@ -233,6 +241,10 @@ pub struct EvalArgs {
     /// (2^22 with `--precision f32`) over two cores (same results).
     #[arg(long, default_value_t = 2)]
     pub step_threads: usize,
+    /// Level of the intervals scored (coverage and interval score at each step of the
+    /// `--horizon`), in (0, 1).
+    #[arg(long, default_value_t = 0.9)]
+    pub level: f64,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,

@@ -238,7 +238,11 @@ fn eval_config(args: &EvalArgs, options: Options) -> anyhow::Result<EvalConfig> 
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if !(args.level > 0.0 && args.level < 1.0) {
+        anyhow::bail!("--level must be in (0, 1), got {}", args.level);
+    }
     Ok(EvalConfig {
+        level: args.level,
         options,
         passes: args.passes,
         methods,

@@ -19,7 +19,10 @@
 //! small to matter once a few observations are in, and persistence before them. No allocation
 //! per step.
 
-use super::model::Learner;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Forecaster, LagBuffer, Learner};
+use super::rollout::{FutureInputs, ROLL_OUT_BOUND, RollOut};
 
 /// The ridge penalty δ of the start, `P = I/δ` (scaled units: the series lies in [0, 1]).
 /// Chosen on the validation collection (BENCHMARKS.md): it gave the least prequential error.
@@ -84,6 +87,82 @@ impl RlsAr {
                 *p += t * f;
             }
         }
+    }
+}
+
+impl Forecaster for RlsAr {
+    fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut) {
+        let lagged = roll.lags_scratch(lags.values());
+        ar_path(
+            &self.theta,
+            self.outputs,
+            lagged,
+            FutureInputs::Held(x),
+            &mut self.phi,
+            out,
+        );
+    }
+}
+
+/// An autoregression of coefficients `theta` (`k × m`, the intercept last) rolled out from the
+/// lags in `lagged` (newest first; used as scratch), its outputs fed back, writing
+/// `out.len() / m` steps. `phi`: scratch of length `k`.
+pub fn ar_path(
+    theta: &[f64],
+    m: usize,
+    lagged: &mut [f64],
+    future_x: FutureInputs,
+    phi: &mut [f64],
+    out: &mut [f64],
+) {
+    let nl = lagged.len();
+    let ni = phi.len() - 1 - nl;
+    for (s, o) in out.chunks_exact_mut(m).enumerate() {
+        phi[..nl].copy_from_slice(lagged);
+        phi[nl..nl + ni].copy_from_slice(future_x.at(s, ni));
+        phi[nl + ni] = 1.0;
+        o.fill(0.0);
+        for (row, &f) in theta.chunks_exact(m).zip(phi.iter()) {
+            for (p, &t) in o.iter_mut().zip(row) {
+                *p += t * f;
+            }
+        }
+        for v in o.iter_mut() {
+            *v = if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
+            };
+        }
+        if nl > 0 {
+            lagged.copy_within(0..nl - m, m);
+            lagged[..m].copy_from_slice(o);
+        }
+    }
+}
+
+/// What of an autoregression evolves (a snapshot holds it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArState {
+    pub theta: Vec<f64>,
+    pub p: Vec<f64>,
+}
+
+impl RlsAr {
+    pub fn state(&self) -> ArState {
+        ArState {
+            theta: self.theta.clone(),
+            p: self.p.clone(),
+        }
+    }
+
+    pub fn set_state(&mut self, s: ArState) -> Result<(), String> {
+        if s.theta.len() != self.theta.len() || s.p.len() != self.p.len() {
+            return Err("autoregression state does not match the options".into());
+        }
+        self.theta = s.theta;
+        self.p = s.p;
+        Ok(())
     }
 }
 

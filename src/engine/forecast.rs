@@ -8,11 +8,14 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
+use crate::engine::ar::ar_path;
+use crate::engine::calibration::Calibration;
+use crate::engine::mixture::{MixtureForecast, combine};
 use crate::engine::model::Scaler;
-use crate::engine::network::{self, Layout};
+use crate::engine::network::Layout;
+use crate::engine::rollout::{FutureInputs, RollOut};
 
 /// Particles used for the interval (evenly spaced through the ensemble): a quarter of the
 /// ensemble, at least 8 (or all of a smaller one) and at most 64. The forecast state is copied
@@ -40,16 +43,25 @@ pub struct ForecastState {
     pub noise_var: f64,
     pub seed: u64,
     pub seq: u64,
+    /// The stream's calibrated intervals; `None` until it has forecast errors to calibrate on
+    /// (the particles then give the interval).
+    pub calibration: Option<Calibration>,
+    /// The weights and autoregression of the stream's mixture, when it combines its members.
+    pub mixture: Option<MixtureForecast>,
 }
 
 impl ForecastState {
     /// The bytes of the state [`crate::engine::stream::Stream::forecast_state`] builds for these options
-    /// (the mean and [`interval_particles`] particles with their hidden states, the lag values),
-    /// for the memory budget. Keep it next to the fields it counts.
+    /// (the mean and [`interval_particles`] particles with their hidden states, the lag values,
+    /// the calibration's quantiles and scales, the mixture's autoregression), for the memory
+    /// budget. Keep it next to the fields it counts.
     pub fn bytes(options: &crate::engine::options::Options) -> usize {
         let layout = options.layout();
+        let (s, m) = (options.horizon, options.outputs);
         ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
-            + options.lags * options.outputs)
+            + options.lags * m
+            + s * m * (crate::engine::calibration::TAUS.len() + 1)
+            + (layout.n_in + 1) * m)
             * std::mem::size_of::<f64>()
     }
 }
@@ -58,6 +70,17 @@ impl ForecastState {
 pub struct ForecastStep {
     pub step: usize,
     pub mean: Vec<f64>,
+    /// The interval at the first requested level (repeated from `intervals`).
+    pub lower: Vec<f64>,
+    pub upper: Vec<f64>,
+    /// One interval per requested level, in the order requested; nested (a higher level's
+    /// interval contains a lower one's).
+    pub intervals: Vec<Interval>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Interval {
+    pub level: f64,
     pub lower: Vec<f64>,
     pub upper: Vec<f64>,
 }
@@ -74,163 +97,196 @@ pub fn normal_quantile(p: f64) -> f64 {
     }
 }
 
-/// How far a roll-out may stray, in the model's scaled units (the training range is [0, 1]):
-/// a trillion ranges, beyond any forecast worth reading, and far enough below `f64::MAX` that
-/// squares of a thousand steps' differences stay finite in user units of any sane scale.
-pub const ROLL_OUT_BOUND: f64 = 1e12;
-
-/// One network rolled forward `horizon` steps feeding back its own outputs (plus optional
-/// noise), writing the scaled outputs of each step into `out` (`horizon × m`). Asks
-/// `keep_going` before every step and stops (returning false) when it says no.
-#[allow(clippy::too_many_arguments)]
-fn roll_out(
-    layout: &Layout,
-    lags: usize,
-    params: &[f64],
-    hidden: &mut [f64],
-    lag_values: &mut [f64],
-    future_x: &[f64],
-    noise_sd: f64,
-    rng: &mut ChaCha8Rng,
-    out: &mut [f64],
-    keep_going: &mut dyn FnMut() -> bool,
-) -> bool {
-    let m = layout.outputs;
-    let nl = lags * m;
-    let ni = layout.n_in - nl;
-    let mut scratch = vec![0.0; layout.row()];
-    let mut z = vec![0.0; layout.n_in];
-    for (s, o) in out.chunks_exact_mut(m).enumerate() {
-        if !keep_going() {
-            return false;
-        }
-        z[..nl].copy_from_slice(lag_values);
-        z[nl..].copy_from_slice(&future_x[s * ni..(s + 1) * ni]);
-        network::load_inputs(layout, &mut scratch, &z);
-        network::step(layout, params, hidden, &mut scratch, o);
-        if noise_sd > 0.0 {
-            for v in o.iter_mut() {
-                let e: f64 = StandardNormal.sample(rng);
-                *v += noise_sd * e;
-            }
-        }
-        // An explosive model (its skip from the lags has a root beyond the unit circle) grows
-        // geometrically over long horizons; held within ±ROLL_OUT_BOUND it stays finite, and so
-        // do the interval's sums, where it would overflow to infinity and then NaN.
-        // (NaN cannot come from finite parameters and inputs; stay total anyway.)
-        for v in o.iter_mut() {
-            *v = if v.is_nan() {
-                0.0
-            } else {
-                v.clamp(-ROLL_OUT_BOUND, ROLL_OUT_BOUND)
-            };
-        }
-        if lags > 0 {
-            lag_values.copy_within(0..(lags - 1) * m, m);
-            lag_values[..m].copy_from_slice(o);
-        }
-    }
-    true
-}
-
 impl ForecastState {
     /// `future_x`: `horizon × inputs` values in the user's units (empty when `inputs` is 0).
-    /// Returns the steps in the user's units.
-    pub fn forecast(&self, horizon: usize, level: f64, future_x: &[f64]) -> Vec<ForecastStep> {
-        self.forecast_while(horizon, level, future_x, &mut || true)
+    /// Returns the steps in the user's units, with one interval per level of `levels`.
+    pub fn forecast(&self, horizon: usize, levels: &[f64], future_x: &[f64]) -> Vec<ForecastStep> {
+        self.forecast_while(horizon, levels, future_x, &mut || true)
             .unwrap_or_default()
     }
 
     /// [`ForecastState::forecast`], asking `keep_going` before each step of each roll-out
-    /// (`horizon` × (interval particles + 1) calls, each step O(d)): `None` as soon as it says
-    /// no. The caller decides what stops a forecast (a cancelled request) and may block in it
-    /// (to share the cores); this code reads no clock and waits for nothing.
+    /// (`horizon` calls once calibrated, `horizon` × (interval particles + 1) before; each step
+    /// O(d)): `None` as soon as it says no. The caller decides what stops a forecast (a
+    /// cancelled request) and may block in it (to share the cores); this code reads no clock
+    /// and waits for nothing.
     pub fn forecast_while(
         &self,
         horizon: usize,
-        level: f64,
+        levels: &[f64],
         future_x: &[f64],
         keep_going: &mut dyn FnMut() -> bool,
     ) -> Option<Vec<ForecastStep>> {
         let m = self.layout.outputs;
-        let d = self.layout.dim();
-        let nh = self.layout.hidden;
         let xs: Vec<f64> = future_x
             .iter()
             .enumerate()
             .map(|(i, &v)| self.x_scale[i % self.inputs.max(1)].to_model(v))
             .collect();
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(self.seed ^ self.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut roll = RollOut::default();
         let mut mean_out = vec![0.0; horizon * m];
-        if !roll_out(
+        if !roll.run(
             &self.layout,
             self.lags,
             &self.mean,
-            &mut self.mean_hidden.clone(),
-            &mut self.lag_values.clone(),
-            &xs,
-            0.0,
-            &mut rng,
+            &self.mean_hidden,
+            &self.lag_values,
+            FutureInputs::PerStep(&xs),
+            None,
             &mut mean_out,
             keep_going,
         ) {
             return None;
         }
+        if let Some(mx) = &self.mixture {
+            mean_out = self.mixture_path(mx, &mean_out, &xs);
+        }
+        let bounds = match &self.calibration {
+            Some(c) => Bounds::Calibrated(c),
+            None => Bounds::Spread(
+                self.spread(horizon, &xs, &mean_out, &mut roll, keep_going)?,
+                m,
+            ),
+        };
+        let steps = (0..horizon)
+            .map(|s| {
+                let mut step = ForecastStep {
+                    step: s + 1,
+                    mean: Vec::with_capacity(m),
+                    lower: Vec::new(),
+                    upper: Vec::new(),
+                    intervals: Vec::with_capacity(levels.len()),
+                };
+                for o in 0..m {
+                    step.mean.push(self.to_user(o, mean_out[s * m + o]));
+                }
+                for &level in levels {
+                    let mut interval = Interval {
+                        level,
+                        lower: Vec::with_capacity(m),
+                        upper: Vec::with_capacity(m),
+                    };
+                    for o in 0..m {
+                        let (lo, hi) = bounds.interval(s + 1, o, level, mean_out[s * m + o]);
+                        interval.lower.push(self.to_user(o, lo));
+                        interval.upper.push(self.to_user(o, hi));
+                    }
+                    step.intervals.push(interval);
+                }
+                if let Some(first) = step.intervals.first() {
+                    step.lower = first.lower.clone();
+                    step.upper = first.upper.clone();
+                }
+                step
+            })
+            .collect();
+        Some(steps)
+    }
+
+    /// The mixture's forecast: the ensemble's `path` combined, step by step, with the
+    /// autoregression's and persistence's, as the stream's calibration rolls it out.
+    fn mixture_path(&self, mx: &MixtureForecast, path: &[f64], xs: &[f64]) -> Vec<f64> {
+        let (n, m) = (path.len(), self.layout.outputs);
+        let mut members = vec![0.0; 3 * n];
+        members[..n].copy_from_slice(path);
+        let mut lagged = self.lag_values.clone();
+        let mut phi = vec![0.0; self.layout.n_in + 1];
+        ar_path(
+            &mx.ar,
+            m,
+            &mut lagged,
+            FutureInputs::PerStep(xs),
+            &mut phi,
+            &mut members[n..2 * n],
+        );
+        if self.lags > 0 {
+            for o in members[2 * n..].chunks_exact_mut(m) {
+                o.copy_from_slice(&self.lag_values[..m]);
+            }
+        }
+        (0..n)
+            .map(|i| combine(&mx.weights, &members, n, i))
+            .collect()
+    }
+
+    /// A scaled value in the user's units of output `o`. A scale wider than ~1e296 could still
+    /// overflow here: JSON has no infinity, so the bound is the largest number.
+    fn to_user(&self, o: usize, v: f64) -> f64 {
+        self.y_scale[o].to_user(v).clamp(-f64::MAX, f64::MAX)
+    }
+
+    /// Before the stream's intervals are calibrated: the standard deviation of the particles'
+    /// noisy paths around the mean particle's (`horizon × m`), at least the noise's.
+    fn spread(
+        &self,
+        horizon: usize,
+        xs: &[f64],
+        mean_out: &[f64],
+        roll: &mut RollOut,
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Option<Vec<f64>> {
+        let m = self.layout.outputs;
+        let d = self.layout.dim();
+        let nh = self.layout.hidden;
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ self.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let k = self.particles.len() / d;
         let noise_sd = self.noise_var.max(0.0).sqrt();
         let mut paths = vec![0.0; k * horizon * m];
         for (i, path) in paths.chunks_exact_mut(horizon * m).enumerate() {
-            if !roll_out(
+            if !roll.run(
                 &self.layout,
                 self.lags,
                 &self.particles[i * d..(i + 1) * d],
-                &mut self.hidden[i * nh..(i + 1) * nh].to_vec(),
-                &mut self.lag_values.clone(),
-                &xs,
-                noise_sd,
-                &mut rng,
+                &self.hidden[i * nh..(i + 1) * nh],
+                &self.lag_values,
+                FutureInputs::PerStep(xs),
+                Some((noise_sd, &mut rng)),
                 path,
                 keep_going,
             ) {
                 return None;
             }
         }
-        let zq = interval_quantile(level);
-        let steps = (0..horizon)
-            .map(|s| {
-                let mut step = ForecastStep {
-                    step: s + 1,
-                    mean: Vec::with_capacity(m),
-                    lower: Vec::with_capacity(m),
-                    upper: Vec::with_capacity(m),
+        let sd = (0..horizon * m)
+            .map(|i| {
+                let (s, o) = (i / m, i % m);
+                let centre = mean_out[i];
+                // With a single particle, the noise alone.
+                let var = if k > 0 {
+                    paths
+                        .chunks_exact(horizon * m)
+                        .map(|p| (p[s * m + o] - centre).powi(2))
+                        .sum::<f64>()
+                        / k as f64
+                } else {
+                    self.noise_var * (s + 1) as f64
                 };
-                for o in 0..m {
-                    let centre = mean_out[s * m + o];
-                    // Spread of the noisy particle paths around the mean particle's path; with
-                    // a single particle, the noise alone.
-                    let var = if k > 0 {
-                        paths
-                            .chunks_exact(horizon * m)
-                            .map(|p| (p[s * m + o] - centre).powi(2))
-                            .sum::<f64>()
-                            / k as f64
-                    } else {
-                        self.noise_var * (s + 1) as f64
-                    };
-                    let half = zq * var.max(self.noise_var).sqrt();
-                    let sc = &self.y_scale[o];
-                    // A scale wider than ~1e296 could still overflow here: JSON has no
-                    // infinity, so the bound is the largest number.
-                    let user = |v: f64| sc.to_user(v).clamp(-f64::MAX, f64::MAX);
-                    step.mean.push(user(centre));
-                    step.lower.push(user(centre - half));
-                    step.upper.push(user(centre + half));
-                }
-                step
+                var.max(self.noise_var).sqrt()
             })
             .collect();
-        Some(steps)
+        Some(sd)
+    }
+}
+
+/// Where a forecast's intervals come from.
+enum Bounds<'a> {
+    /// The stream's calibrated quantiles of its forecast errors.
+    Calibrated(&'a Calibration),
+    /// Before the first error: a normal interval from the spread of the particles' noisy
+    /// roll-outs: `horizon × m` standard deviations, and `m`.
+    Spread(Vec<f64>, usize),
+}
+
+impl Bounds<'_> {
+    fn interval(&self, step: usize, o: usize, level: f64, centre: f64) -> (f64, f64) {
+        match self {
+            Bounds::Calibrated(c) => c.interval(step, o, level, centre),
+            Bounds::Spread(sd, m) => {
+                let half = interval_quantile(level) * sd[(step - 1) * m + o];
+                (centre - half, centre + half)
+            }
+        }
     }
 }
 
@@ -273,8 +329,10 @@ mod tests {
             noise_var: 0.01,
             seed: 1,
             seq: 1,
+            calibration: None,
+            mixture: None,
         };
-        let steps = state.forecast(2000, 0.9, &[]);
+        let steps = state.forecast(2000, &[0.9], &[]);
         let last = &steps[1999];
         for v in steps
             .iter()
@@ -311,9 +369,11 @@ mod tests {
             noise_var: 0.01,
             seed: 1,
             seq: 1,
+            calibration: None,
+            mixture: None,
         };
         let mut calls = 0;
-        let stopped = state.forecast_while(100, 0.9, &[], &mut || {
+        let stopped = state.forecast_while(100, &[0.9], &[], &mut || {
             calls += 1;
             calls <= 150
         });
@@ -323,7 +383,7 @@ mod tests {
             "asked before each step, stops at once"
         );
         let mut calls = 0;
-        let whole = state.forecast_while(100, 0.9, &[], &mut || {
+        let whole = state.forecast_while(100, &[0.9], &[], &mut || {
             calls += 1;
             true
         });
@@ -332,7 +392,7 @@ mod tests {
             100 * 5,
             "the mean and four particles, 100 steps each"
         );
-        assert_eq!(whole, Some(state.forecast(100, 0.9, &[])));
+        assert_eq!(whole, Some(state.forecast(100, &[0.9], &[])));
     }
 
     #[test]

@@ -8,29 +8,33 @@
 //! - [`OnlineModel`] and the [`Learner`]s (the ensemble, [`Ogd`], [`RlsAr`], [`Persistence`]): the
 //!   test-then-train loop with its lag buffer and [`Scaler`];
 //! - [`Stream`]: a stream's whole state (plan a batch, then apply it) and its statistics;
-//! - [`ForecastState`]: the immutable copy a forecast rolls out.
+//! - [`ForecastState`]: the immutable copy a forecast rolls out;
+//! - [`Calibrator`]: the online calibration of a stream's forecast intervals.
 
 mod ar;
+mod calibration;
 mod ensemble;
 mod forecast;
+mod mixture;
 mod model;
 mod network;
 mod ogd;
 mod options;
 mod prior;
 mod real;
+mod rollout;
 mod stream;
 mod update;
 
-pub use ar::RlsAr;
+pub use ar::{ArState, RlsAr};
+pub use calibration::{Calibration, Calibrator, Coverage, REPORT_LEVELS, StepDistribution, TAUS};
 pub use ensemble::{
     AnyEnsemble, Ensemble, EnsembleState, Footprint, ParticleBuf, StepReport, on_pool,
     parallel_min_work,
 };
-pub use forecast::{
-    ForecastState, ForecastStep, ROLL_OUT_BOUND, interval_particles, normal_quantile,
-};
-pub use model::{LagBuffer, Learner, OnlineModel, Persistence, Scaler};
+pub use forecast::{ForecastState, ForecastStep, Interval, interval_particles, normal_quantile};
+pub use mixture::{MEMBERS, Mixture, MixtureForecast, MixtureState};
+pub use model::{Forecaster, LagBuffer, Learner, OnlineModel, Persistence, Scaler};
 pub use network::Layout;
 pub use ogd::Ogd;
 pub use options::json_text as options_json_text;
@@ -40,4 +44,8 @@ pub use options::{
 };
 pub use prior::Prior;
 pub use real::{Precision, Real};
-pub use stream::{Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState};
+pub use rollout::{FutureInputs, ROLL_OUT_BOUND, RollOut};
+pub use stream::{
+    Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState, calibrate,
+    forecaster,
+};

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::rollout::RollOut;
+
 /// A one-step-ahead learner working in scaled units.
 pub trait Learner {
     /// Predicts `y` from inputs `z` into `pred`, then learns from `y` (test, then train).
@@ -13,6 +15,16 @@ pub trait Learner {
     fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]);
     /// Forgets the recurrent state (not the parameters): the start of a new pass.
     fn reset_state(&mut self);
+}
+
+/// A learner that can roll its point forecast forward from where it stands, so that the
+/// errors of its multi-step forecasts can calibrate intervals ([`crate::engine::Calibrator`]).
+pub trait Forecaster: Learner {
+    /// The forecast of the next `out.len() / m` steps made now, after the last step: the
+    /// learner's own predictions fed back as lags (starting from the lag buffer `lags`), the
+    /// exogenous inputs held at `x`. Changes nothing its predictions depend on; `roll` is the
+    /// caller's scratch (no allocation once warm).
+    fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut);
 }
 
 /// Predicts the previous value (needs `lags ≥ 1`: the first `outputs` inputs are `y_{t−1}`).
@@ -28,6 +40,18 @@ impl Learner for Persistence {
         pred.copy_from_slice(&z[..m]);
     }
     fn reset_state(&mut self) {}
+}
+
+impl Forecaster for Persistence {
+    fn forecast_path(&mut self, lags: &LagBuffer, _x: &[f64], out: &mut [f64], _: &mut RollOut) {
+        let last = &lags.values()[..lags.outputs.min(lags.values().len())];
+        if last.is_empty() {
+            return;
+        }
+        for o in out.chunks_exact_mut(last.len()) {
+            o.copy_from_slice(last);
+        }
+    }
 }
 
 /// The last `lags` observations, newest first, as the cell's autoregressive inputs.
@@ -56,6 +80,10 @@ impl LagBuffer {
 
     pub fn values(&self) -> &[f64] {
         &self.values
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
     }
 
     /// Pushes `y` as the newest value (a shift of `lags·outputs` doubles, no allocation).
@@ -147,6 +175,14 @@ impl<L: Learner> OnlineModel<L> {
             inputs: self.inputs,
             z: self.z,
         }
+    }
+
+    /// The learner's forecast of the next `out.len() / m` steps from here, inputs held at `x`.
+    pub fn forecast_path(&mut self, x: &[f64], out: &mut [f64], roll: &mut RollOut)
+    where
+        L: Forecaster,
+    {
+        self.learner.forecast_path(&self.lags, x, out, roll);
     }
 
     /// Starts a new pass over a series: empty lag buffer, fresh recurrent state.

@@ -5,8 +5,9 @@
 //! re-run forward from the stored hidden state `h_{t−K}` with the current θ, so the gradient is
 //! the exact gradient of that objective (checked against finite differences in the tests).
 
-use crate::engine::model::Learner;
+use crate::engine::model::{Forecaster, LagBuffer, Learner};
 use crate::engine::network::{self, Layout};
+use crate::engine::rollout::RollOut;
 
 #[derive(Debug, Clone)]
 pub struct Ogd {
@@ -157,6 +158,19 @@ impl Ogd {
 
     pub fn params(&self) -> &[f64] {
         &self.params
+    }
+}
+
+impl Forecaster for Ogd {
+    fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut) {
+        roll.path(
+            &self.layout,
+            &self.params,
+            &self.hidden,
+            lags.values(),
+            x,
+            out,
+        );
     }
 }
 

@@ -143,6 +143,9 @@ pub struct RawOptions {
     pub seed: Option<u64>,
     pub scale: Option<ScaleOption>,
     pub precision: Option<Precision>,
+    #[schema(minimum = 1, maximum = 256)]
+    pub horizon: Option<usize>,
+    pub mixture: Option<bool>,
 }
 
 /// Validated options: every field present and in range.
@@ -177,6 +180,27 @@ pub struct Options {
     /// those were `f64`).
     #[serde(default)]
     pub precision: Precision,
+    /// Forecast steps whose intervals are calibrated: after every observation the forecast is
+    /// rolled out this far and scored as the observations arrive (absent in older option
+    /// files: the default).
+    #[serde(default = "default_horizon")]
+    pub horizon: usize,
+    /// Whether the forecast combines the ensemble's mean particle with the online
+    /// autoregression and persistence, weighted by their recent errors (absent in older option
+    /// files: the default).
+    #[serde(default = "default_mixture")]
+    pub mixture: bool,
+}
+
+fn default_mixture() -> bool {
+    true
+}
+
+/// The calibrated forecast horizon when a stream's options name none: a day of hourly data.
+pub const DEFAULT_HORIZON: usize = 24;
+
+fn default_horizon() -> usize {
+    DEFAULT_HORIZON
 }
 
 impl Default for Options {
@@ -204,6 +228,8 @@ impl Default for Options {
             seed: 0,
             scale: ScaleOption::Auto(Auto::Auto),
             precision: Precision::F64,
+            horizon: DEFAULT_HORIZON,
+            mixture: true,
         }
     }
 }
@@ -266,6 +292,8 @@ impl RawOptions {
             seed: self.seed.unwrap_or(defaults.seed),
             scale: self.scale.unwrap_or(defaults.scale),
             precision: self.precision.unwrap_or(defaults.precision),
+            horizon: self.horizon.unwrap_or(defaults.horizon),
+            mixture: self.mixture.unwrap_or(defaults.mixture),
         };
         o.check()
     }
@@ -279,6 +307,7 @@ impl Options {
         in_range("inputs", self.inputs, 0, 1024)?;
         in_range("outputs", self.outputs, 1, 64)?;
         in_range("ensemble", self.ensemble, 2, 1_000_000)?;
+        in_range("horizon", self.horizon, 1, 256)?;
         if self.lags == 0 && self.inputs == 0 {
             return Err(bad(
                 "lags",

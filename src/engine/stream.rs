@@ -8,10 +8,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::calibration::{Calibrator, Coverage};
 use crate::engine::ensemble::{AnyEnsemble, EnsembleState};
 use crate::engine::forecast::{ForecastState, interval_particles};
-use crate::engine::model::{LagBuffer, OnlineModel, Scaler};
+use crate::engine::mixture::{Mixture, MixtureState};
+use crate::engine::model::{Forecaster, LagBuffer, OnlineModel, Scaler};
 use crate::engine::options::{Options, ScaleOption};
+use crate::engine::rollout::RollOut;
 
 /// One observation as it arrives, in the user's units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +187,8 @@ pub struct StreamState {
     pub lags: LagBuffer,
     pub ensemble: EnsembleState,
     pub stats: Stats,
+    pub calibrator: Calibrator,
+    pub mixture: MixtureState,
 }
 
 #[derive(Debug, Clone)]
@@ -196,12 +201,41 @@ pub struct Stream {
     /// Observations held back until the `auto` scales are fixed. They would only fill the lag
     /// buffer anyway, so holding them changes no prediction.
     pending: Vec<Observation>,
-    model: OnlineModel<AnyEnsemble>,
+    model: OnlineModel<Mixture>,
     stats: Stats,
+    /// Scores the forecasts made after each observation to calibrate the intervals.
+    calibrator: Calibrator,
     // Scratch for one observation in model units (no allocation per observation).
     ys: Vec<f64>,
     xs: Vec<f64>,
     pred: Vec<f64>,
+    path: Vec<f64>,
+    roll: RollOut,
+}
+
+/// A stream's forecaster around its ensemble, as its options say.
+pub fn forecaster(ensemble: AnyEnsemble, o: &Options) -> Mixture {
+    let n_in = o.lags * o.outputs + o.inputs;
+    Mixture::new(ensemble, n_in, o.outputs, o.lags > 0, o.mixture)
+}
+
+/// Scores the forecasts that predicted this observation `(x, y)` (model units; when the model
+/// predicted it), then keeps the forecast made from here (once the lag buffer is full).
+pub fn calibrate<L: Forecaster>(
+    model: &mut OnlineModel<L>,
+    calibrator: &mut Calibrator,
+    predicted: bool,
+    (x, y): (&[f64], &[f64]),
+    path: &mut [f64],
+    roll: &mut RollOut,
+) {
+    if predicted {
+        calibrator.observe(y);
+    }
+    if model.lags().is_full() {
+        model.forecast_path(x, path, roll);
+        calibrator.push_path(path);
+    }
 }
 
 /// The `auto` scale: the range of the first observations, widened by a quarter on each side so
@@ -284,7 +318,14 @@ impl Stream {
                 * std::mem::size_of::<f64>();
         // The published forecast state twice: a new one is built while readers hold the last.
         let forecast = 2 * ForecastState::bytes(options);
-        (ensemble.resident + ensemble.snapshot + own + forecast) as u64
+        // The calibrator, its copy in a snapshot, and the path scratch (the mixture's members'
+        // paths too); the autoregression and its copy.
+        let f = std::mem::size_of::<f64>();
+        let calibration = 2 * Calibrator::bytes(options.horizon, options.outputs)
+            + 4 * options.horizon * options.outputs * f;
+        let k = n_in + 1;
+        let ar = 2 * (k * k + k * options.outputs + 2 * k) * f;
+        (ensemble.resident + ensemble.snapshot + own + forecast + calibration + ar) as u64
     }
 
     pub fn new(options: Options) -> Self {
@@ -293,7 +334,7 @@ impl Stream {
             ScaleOption::Auto(_) => None,
         };
         let model = OnlineModel::new(
-            AnyEnsemble::new(&options),
+            forecaster(AnyEnsemble::new(&options), &options),
             options.lags,
             options.inputs,
             options.outputs,
@@ -302,6 +343,9 @@ impl Stream {
             ys: vec![0.0; options.outputs],
             xs: vec![0.0; options.inputs],
             pred: vec![0.0; options.outputs],
+            path: vec![0.0; options.horizon * options.outputs],
+            roll: RollOut::default(),
+            calibrator: Calibrator::new(options.horizon, options.outputs),
             x_scale: if options.inputs == 0 {
                 Some(Vec::new())
             } else {
@@ -322,12 +366,12 @@ impl Stream {
     /// Lets this stream's steps use up to `threads` threads ([`crate::engine::ensemble::Ensemble::set_threads`]: only
     /// big ensembles split, and the results are the same bits either way).
     pub fn set_step_threads(&mut self, threads: usize) {
-        self.model.learner.set_threads(threads);
+        self.model.learner.ensemble.set_threads(threads);
     }
 
     /// Threads one step of this stream uses: 2 when its steps split, else 1.
     pub fn step_threads(&self) -> usize {
-        if self.model.learner.is_parallel() {
+        if self.model.learner.ensemble.is_parallel() {
             2
         } else {
             1
@@ -341,8 +385,10 @@ impl Stream {
             x_scale: self.x_scale.clone(),
             pending: self.pending.clone(),
             lags: self.model.lags().clone(),
-            ensemble: self.model.learner.state(),
+            ensemble: self.model.learner.ensemble.state(),
             stats: self.stats.clone(),
+            calibrator: self.calibrator.clone(),
+            mixture: self.model.learner.state(),
         }
     }
 
@@ -350,17 +396,25 @@ impl Stream {
     pub fn from_state(state: StreamState) -> Result<Stream, String> {
         let options = state.options.check().map_err(|e| e.to_string())?;
         let ensemble = AnyEnsemble::from_state(&options, state.ensemble)?;
+        let mut learner = forecaster(ensemble, &options);
+        learner.set_state(state.mixture)?;
         if state.lags.values().len() != options.lags * options.outputs {
             return Err("lag buffer does not match the options".into());
+        }
+        if !state.calibrator.fits(options.horizon, options.outputs) {
+            return Err("calibrator does not match the options".into());
         }
         Ok(Stream {
             ys: vec![0.0; options.outputs],
             xs: vec![0.0; options.inputs],
             pred: vec![0.0; options.outputs],
+            path: vec![0.0; options.horizon * options.outputs],
+            roll: RollOut::default(),
+            calibrator: state.calibrator,
             y_scale: state.y_scale,
             x_scale: state.x_scale,
             pending: state.pending,
-            model: OnlineModel::with_lags(ensemble, state.lags, options.inputs),
+            model: OnlineModel::with_lags(learner, state.lags, options.inputs),
             stats: state.stats,
             options,
         })
@@ -557,7 +611,7 @@ impl Stream {
             self.stats.observations += 1;
             self.stats.last_seq = seq;
         }
-        self.stats.repaired = self.model.learner.repaired();
+        self.stats.repaired = self.model.learner.ensemble.repaired();
     }
 
     /// One observation through the model (scales must be fixed); `done` gets the prediction
@@ -572,7 +626,16 @@ impl Stream {
         for ((d, &v), sc) in self.xs.iter_mut().zip(&o.x).zip(xsc) {
             *d = sc.to_model(v);
         }
-        if !self.model.observe(&self.xs, &self.ys, &mut self.pred) {
+        let predicted = self.model.observe(&self.xs, &self.ys, &mut self.pred);
+        calibrate(
+            &mut self.model,
+            &mut self.calibrator,
+            predicted,
+            (&self.xs, &self.ys),
+            &mut self.path,
+            &mut self.roll,
+        );
+        if !predicted {
             return done(None, None);
         }
         let user: Vec<f64> = self
@@ -605,7 +668,7 @@ impl Stream {
         let w = 1.0 / (s.predicted as f64).min(NOISE_WINDOW);
         s.noise_var += w * (per_output - s.noise_var);
         s.noise_user += w * (e_user - s.noise_user);
-        let learner = &self.model.learner;
+        let learner = &self.model.learner.ensemble;
         s.prediction_spread = capped(learner.prediction_variance().max(0.0).sqrt());
         let var_user: f64 = ysc
             .iter()
@@ -616,15 +679,26 @@ impl Stream {
         done(Some(user), Some(e_user));
     }
 
+    /// The running coverage of the stream's intervals, per report level and step.
+    pub fn coverage(&self) -> Vec<Coverage> {
+        self.calibrator.coverage()
+    }
+
     /// What a forecast needs, or None until the lag buffer is full.
     pub fn forecast_state(&self) -> Option<ForecastState> {
         if !self.model.lags().is_full() {
             return None;
         }
         let (y_scale, x_scale) = (self.y_scale.clone()?, self.x_scale.clone()?);
-        let e = &self.model.learner;
+        let e = &self.model.learner.ensemble;
+        let calibration = self.calibrator.calibration();
+        // The particles give the interval only until it is calibrated.
         let j = e.size();
-        let k = interval_particles(j);
+        let k = if calibration.is_some() {
+            0
+        } else {
+            interval_particles(j)
+        };
         let mut particles = Vec::with_capacity(k * e.dim());
         let mut hidden = Vec::with_capacity(k * e.layout().hidden);
         for i in 0..k {
@@ -645,6 +719,8 @@ impl Stream {
             noise_var: self.stats.noise_var,
             seed: self.options.seed,
             seq: self.stats.last_seq,
+            calibration,
+            mixture: self.options.mixture.then(|| self.model.learner.forecast()),
         })
     }
 }
@@ -703,6 +779,57 @@ mod tests {
                 got: 6
             }
         );
+    }
+
+    /// A stream rebuilt from its state halfway goes on exactly as the one that never stopped:
+    /// the calibrator (pending forecasts, scales, trackers, coverage) is part of the state.
+    #[test]
+    fn a_stream_rebuilt_from_its_state_calibrates_and_forecasts_identically() {
+        let o = Options {
+            horizon: 6,
+            ..stream().options().clone()
+        };
+        let batch: Vec<Observation> = (0..300)
+            .map(|i| {
+                obs(
+                    None,
+                    5.0 + 3.0 * (i as f64 / 5.0).sin() + (i % 7) as f64 * 0.1,
+                )
+            })
+            .collect();
+        let (first, second) = batch.split_at(157);
+        let mut whole = Stream::new(o.clone());
+        let mut cut = Stream::new(o);
+        for (s, part) in [(&mut whole, first), (&mut cut, first)] {
+            let plan = s.plan(part).unwrap();
+            s.apply(part, &plan, |_| {});
+        }
+        let mut cut = Stream::from_state(cut.state()).unwrap();
+        for s in [&mut whole, &mut cut] {
+            let plan = s.plan(second).unwrap();
+            s.apply(second, &plan, |_| {});
+        }
+        assert_eq!(whole.state(), cut.state());
+        let coverage = whole.coverage();
+        assert!(
+            coverage.iter().all(|c| c.steps.iter().all(Option::is_some)),
+            "every step scored: {coverage:?}"
+        );
+        let f = |s: &Stream| s.forecast_state().unwrap().forecast(6, &[0.5, 0.9], &[]);
+        assert_eq!(f(&whole), f(&cut));
+        let steps = f(&whole);
+        assert!(
+            whole.forecast_state().unwrap().calibration.is_some(),
+            "calibrated"
+        );
+        for step in &steps {
+            let (narrow, wide) = (&step.intervals[0], &step.intervals[1]);
+            assert!(wide.lower[0] <= narrow.lower[0] && narrow.upper[0] <= wide.upper[0]);
+            assert_eq!(
+                (step.lower.clone(), step.upper.clone()),
+                (narrow.lower.clone(), narrow.upper.clone())
+            );
+        }
     }
 
     #[test]

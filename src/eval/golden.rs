@@ -60,9 +60,19 @@ fn scaled(file: &str, prefix: usize) -> Vec<f64> {
         .collect()
 }
 
-/// `ekid eval`'s path for one method: the prequential predictions and the scores of the
-/// `first`/`final` passes (which depend on every bit of the trained ensemble).
+/// `ekid eval`'s path for one method with the ensemble's mean particle alone predicting (no
+/// mixture): the prequential predictions and the scores of the `first`/`final` passes (which
+/// depend on every bit of the trained ensemble).
 fn eval_fingerprint(file: &str, prefix: usize, method: &str, o: Options, passes: usize) -> u64 {
+    let o = Options {
+        mixture: false,
+        ..o
+    };
+    mixture_fingerprint(file, prefix, method, o, passes)
+}
+
+/// The same with the options as given: the stream's forecaster, mixture included when on.
+fn mixture_fingerprint(file: &str, prefix: usize, method: &str, o: Options, passes: usize) -> u64 {
     let s = scaled(file, prefix);
     let m = EvalMethod::parse(method, &o).expect("known method");
     let config = EvalConfig {
@@ -72,6 +82,7 @@ fn eval_fingerprint(file: &str, prefix: usize, method: &str, o: Options, passes:
         ogd: OgdSettings::default(),
         train_fraction: 0.8,
         step_threads: 1,
+        level: 0.9,
     };
     let mut f = Fingerprint::new();
     let r = run_method(&config.methods[0], &config, &s, |_, p| f.prediction(p));
@@ -96,6 +107,15 @@ fn default_eki_predictions_are_pinned_issue_6() {
     // Whole series, default options (J = 100, hidden 16), prequential pass + 2 passes.
     let want = [0x523815bd3e94f97d, 0x221ec449b4f51b26];
     let got = FILES.map(|f| eval_fingerprint(f, usize::MAX, "eki", Options::default(), 2));
+    assert_eq!(got, want, "got {got:#x?}");
+}
+
+/// The default stream's forecaster (the ensemble in its mixture with the autoregression and
+/// persistence) on the first 1000 values of each series, prequential pass + 2 passes.
+#[test]
+fn default_mixture_predictions_are_pinned() {
+    let want = [0xe99ea187a3da9245, 0xdc3c9eb68de22fca];
+    let got = FILES.map(|f| mixture_fingerprint(f, 1000, "eki", Options::default(), 2));
     assert_eq!(got, want, "got {got:#x?}");
 }
 

@@ -24,8 +24,10 @@ use serde::Serialize;
 use crate::engine::AnyEnsemble;
 use crate::engine::Ogd;
 use crate::engine::Prior;
-use crate::engine::{Learner, OnlineModel, Persistence, RlsAr, Scaler};
+use crate::engine::{Calibrator, RollOut, StepDistribution, calibrate};
+use crate::engine::{Forecaster, Learner, OnlineModel, Persistence, RlsAr, Scaler};
 use crate::engine::{Method, Off, Options, Spread, SpreadOption};
+use crate::engine::{Mixture, forecaster};
 
 /// One row of the table.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -42,6 +44,9 @@ pub struct EvalResult {
     /// The best particle's test nMSE after pass 1 and pass P (EKI only).
     pub best_first: Option<f64>,
     pub best_final: Option<f64>,
+    /// The calibrated intervals' scores over the prequential pass.
+    #[serde(flatten)]
+    pub intervals: IntervalScores,
     /// The options that produced this row (EKI only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub options: Option<Options>,
@@ -55,7 +60,7 @@ pub enum EvalMethod {
     Ar,
     Ogd,
     /// An EKI variant: its table name and its options.
-    Eki(String, Options),
+    Eki(String, Box<Options>),
 }
 
 pub const METHOD_NAMES: &[&str] = &[
@@ -99,7 +104,7 @@ impl EvalMethod {
             }
             _ => return None,
         }
-        Some(EvalMethod::Eki(name.to_owned(), o))
+        Some(EvalMethod::Eki(name.to_owned(), Box::new(o)))
     }
 }
 
@@ -128,6 +133,8 @@ pub struct EvalConfig {
     pub train_fraction: f64,
     /// Threads one EKI step may use ([`crate::engine::Ensemble::set_threads`]; same results).
     pub step_threads: usize,
+    /// The level of the intervals scored (the steps are the options' `horizon`).
+    pub level: f64,
 }
 
 /// Mean squared error accumulator over the predicted positions.
@@ -153,23 +160,162 @@ impl Mse {
     }
 }
 
-/// One online pass; `sink(i, prediction)` sees every prediction (scaled units).
-fn prequential<L: Learner>(
+/// The probabilistic scores of one method's prequential pass: the calibrated intervals the
+/// daemon would have served, each scored when the observation it was made for arrives.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct IntervalScores {
+    /// The interval's level.
+    pub level: f64,
+    /// Per step ahead (step 1 first): the share of observations inside their interval.
+    pub coverage: Vec<f64>,
+    /// Per step ahead: the mean interval (Winkler) score, scaled units: the width, plus 2/α
+    /// times the distance by which the observation falls outside.
+    pub interval_score: Vec<f64>,
+    /// The mean continuous ranked probability score of the step-1 forecast distribution.
+    pub crps: f64,
+}
+
+/// The Winkler score of interval `(lo, hi)` at level `1 − alpha` for `y`.
+fn winkler(lo: f64, hi: f64, alpha: f64, y: f64) -> f64 {
+    let miss = if y < lo {
+        lo - y
+    } else if y > hi {
+        y - hi
+    } else {
+        0.0
+    };
+    (hi - lo) + 2.0 / alpha * miss
+}
+
+/// Accumulates the scores of the intervals served after each observation.
+struct Scorer {
+    horizon: usize,
+    level: f64,
+    /// The intervals served at each of the last `horizon` origins (`horizon × 2` each), NaN
+    /// where none was (before the first error scale).
+    served: Vec<f64>,
+    origins: usize,
+    /// The step-1 distribution served at the last origin, and its centre.
+    step1: Option<(StepDistribution, f64)>,
+    hits: Vec<u64>,
+    scored: Vec<u64>,
+    winkler: Vec<f64>,
+    crps: Mse,
+}
+
+impl Scorer {
+    fn new(horizon: usize, level: f64) -> Self {
+        Scorer {
+            horizon,
+            level,
+            served: vec![f64::NAN; horizon * horizon * 2],
+            origins: 0,
+            step1: None,
+            hits: vec![0; horizon],
+            scored: vec![0; horizon],
+            winkler: vec![0.0; horizon],
+            crps: Mse::default(),
+        }
+    }
+
+    /// Scores the intervals served for `y` (before anything learns from it).
+    fn score(&mut self, y: f64) {
+        let hz = self.horizon;
+        for h in 1..=hz.min(self.origins) {
+            let slot = (self.origins - h) % hz;
+            let lo = self.served[(slot * hz + h - 1) * 2];
+            let hi = self.served[(slot * hz + h - 1) * 2 + 1];
+            if lo.is_nan() {
+                continue;
+            }
+            self.scored[h - 1] += 1;
+            if lo <= y && y <= hi {
+                self.hits[h - 1] += 1;
+            }
+            self.winkler[h - 1] += winkler(lo, hi, 1.0 - self.level, y);
+        }
+        if let Some((d, centre)) = self.step1.take() {
+            self.crps.sum += d.crps(centre, y);
+            self.crps.n += 1;
+        }
+    }
+
+    /// Keeps the intervals served now (the path just pushed into `calibrator`).
+    fn serve(&mut self, calibrator: &Calibrator, path: &[f64]) {
+        let hz = self.horizon;
+        let slot = self.origins % hz;
+        for h in 1..=hz {
+            let at = (slot * hz + h - 1) * 2;
+            let (lo, hi) = calibrator
+                .distribution(h, 0)
+                .map_or((f64::NAN, f64::NAN), |d| {
+                    d.interval(self.level, path[h - 1])
+                });
+            self.served[at] = lo;
+            self.served[at + 1] = hi;
+        }
+        self.step1 = calibrator.distribution(1, 0).map(|d| (d, path[0]));
+        self.origins += 1;
+    }
+
+    fn scores(&self) -> IntervalScores {
+        let per_step = |v: &dyn Fn(usize) -> f64| -> Vec<f64> {
+            (0..self.horizon)
+                .map(|h| {
+                    if self.scored[h] == 0 {
+                        f64::NAN
+                    } else {
+                        v(h) / self.scored[h] as f64
+                    }
+                })
+                .collect()
+        };
+        IntervalScores {
+            level: self.level,
+            coverage: per_step(&|h| self.hits[h] as f64),
+            interval_score: per_step(&|h| self.winkler[h]),
+            crps: self.crps.value(),
+        }
+    }
+}
+
+/// One online pass; `sink(i, prediction)` sees every prediction (scaled units). Every
+/// forecast the model makes on the way is scored as the daemon's calibrated intervals are.
+fn prequential<L: Forecaster>(
     model: &mut OnlineModel<L>,
     series: &[f64],
+    (horizon, level): (usize, f64),
     mut sink: impl FnMut(usize, Option<f64>),
-) -> f64 {
+) -> (f64, IntervalScores) {
     let mut mse = Mse::default();
     let mut pred = [0.0];
+    let mut calibrator = Calibrator::new(horizon, 1);
+    let mut scorer = Scorer::new(horizon, level);
+    let mut path = vec![0.0; horizon];
+    let mut roll = RollOut::default();
     for (i, &y) in series.iter().enumerate() {
-        if model.observe(&[], &[y], &mut pred) {
+        scorer.score(y);
+        let predicted = model.observe(&[], &[y], &mut pred);
+        if predicted {
             mse.add(&pred, &[y]);
             sink(i, Some(pred[0]));
         } else {
             sink(i, None);
         }
+        let origin = calibrator.origins();
+        calibrate(
+            model,
+            &mut calibrator,
+            predicted,
+            (&[], &[y]),
+            &mut path,
+            &mut roll,
+        );
+        if calibrator.origins() > origin {
+            scorer.serve(&calibrator, &path);
+        }
     }
-    mse.value()
+    (mse.value(), scorer.scores())
 }
 
 fn test_segment<L: Learner>(model: &mut OnlineModel<L>, test: &[f64]) -> f64 {
@@ -239,10 +385,11 @@ fn passes<L: Learner + Clone>(
     out
 }
 
-fn eki_model(o: &Options, threads: usize) -> OnlineModel<AnyEnsemble> {
+/// The stream's forecaster: the ensemble, alone or in its mixture as the options say.
+fn eki_model(o: &Options, threads: usize) -> OnlineModel<Mixture> {
     let mut e = AnyEnsemble::new(o);
     e.set_threads(threads);
-    OnlineModel::new(e, o.lags, 0, 1)
+    OnlineModel::new(forecaster(e, o), o.lags, 0, 1)
 }
 
 /// The OGD network starts where the EKI prior is centred for the same seed.
@@ -255,18 +402,20 @@ fn ogd_model(o: &Options, s: OgdSettings) -> OnlineModel<Ogd> {
 }
 
 /// A baseline's row: the prequential pass of one model, then `passes` passes of a fresh one.
-fn baseline<L: Learner + Clone>(
+#[allow(clippy::too_many_arguments)]
+fn baseline<L: Forecaster + Clone>(
     method: &str,
     passes_: usize,
     hidden: Option<usize>,
     split: &Split,
     scaled: &[f64],
+    scoring: (usize, f64),
     mut predictions: impl FnMut(usize, Option<f64>),
     model: impl Fn() -> OnlineModel<L>,
 ) -> EvalResult {
     let mut online = model();
     let t = Instant::now();
-    let preq = prequential(&mut online, scaled, &mut predictions);
+    let (preq, intervals) = prequential(&mut online, scaled, scoring, &mut predictions);
     let secs = t.elapsed().as_secs_f64();
     let (first, final_, ..) = passes(model(), split, passes_, |_, _| None, |_| {});
     EvalResult {
@@ -280,6 +429,7 @@ fn baseline<L: Learner + Clone>(
         obs_per_sec: scaled.len() as f64 / secs.max(1e-12),
         best_first: None,
         best_final: None,
+        intervals,
         options: None,
     }
 }
@@ -298,22 +448,22 @@ pub fn run_method(
     };
     let o = &config.options;
     let p = config.passes.max(1);
-    let timed = |f: &mut dyn FnMut() -> f64| {
-        let t = Instant::now();
-        let v = f();
-        let secs = t.elapsed().as_secs_f64();
-        (v, scaled.len() as f64 / secs.max(1e-12))
-    };
+    let scoring = (o.horizon, config.level);
     let mut predictions = predictions;
     match method {
         // Persistence learns nothing: one pass, and `final` is `first`. One lag: it needs only
         // y_{t-1}, and predicts from the second value on.
-        EvalMethod::Persistence => {
-            baseline("persistence", 1, None, &split, scaled, predictions, || {
-                OnlineModel::new(Persistence, 1, 0, 1)
-            })
-        }
-        EvalMethod::Ar => baseline("ar", p, None, &split, scaled, predictions, || {
+        EvalMethod::Persistence => baseline(
+            "persistence",
+            1,
+            None,
+            &split,
+            scaled,
+            scoring,
+            predictions,
+            || OnlineModel::new(Persistence, 1, 0, 1),
+        ),
+        EvalMethod::Ar => baseline("ar", p, None, &split, scaled, scoring, predictions, || {
             OnlineModel::new(RlsAr::new(o.lags, 1), o.lags, 0, 1)
         }),
         EvalMethod::Ogd => baseline(
@@ -322,21 +472,25 @@ pub fn run_method(
             Some(o.hidden),
             &split,
             scaled,
+            scoring,
             predictions,
             || ogd_model(o, config.ogd),
         ),
         EvalMethod::Eki(name, eo) => {
             let mut m = eki_model(eo, config.step_threads);
             // Steps that split run their fork-joins from the step pool's workers.
-            let on_two = m.learner.is_parallel();
-            let (preq, ops) = crate::engine::on_pool(on_two, || {
-                timed(&mut || prequential(&mut m, scaled, &mut predictions))
+            let on_two = m.learner.ensemble.is_parallel();
+            let t = Instant::now();
+            let (preq, intervals) = crate::engine::on_pool(on_two, || {
+                prequential(&mut m, scaled, (eo.horizon, config.level), &mut predictions)
             });
-            let best = |model: &OnlineModel<AnyEnsemble>, test: &[f64]| {
-                let index = model.learner.best_particle();
-                let mut pm = model
-                    .clone()
-                    .map_learner(|ensemble| Particle { ensemble, index });
+            let ops = scaled.len() as f64 / t.elapsed().as_secs_f64().max(1e-12);
+            let best = |model: &OnlineModel<Mixture>, test: &[f64]| {
+                let index = model.learner.ensemble.best_particle();
+                let mut pm = model.clone().map_learner(|mixture| Particle {
+                    ensemble: mixture.ensemble,
+                    index,
+                });
                 Some(test_segment(&mut pm, test))
             };
             let (first, final_, best_first, best_final) = crate::engine::on_pool(on_two, || {
@@ -345,7 +499,7 @@ pub fn run_method(
                     &split,
                     p,
                     best,
-                    |m: &mut OnlineModel<AnyEnsemble>| m.learner.reset_particle_errors(),
+                    |m: &mut OnlineModel<Mixture>| m.learner.ensemble.reset_particle_errors(),
                 )
             });
             EvalResult {
@@ -359,7 +513,8 @@ pub fn run_method(
                 obs_per_sec: ops,
                 best_first,
                 best_final,
-                options: Some(eo.clone()),
+                intervals,
+                options: Some((**eo).clone()),
             }
         }
     }
@@ -377,10 +532,15 @@ pub fn evaluate(config: &EvalConfig, values: &[f64]) -> (Scaler, Vec<EvalResult>
     (scaler, results)
 }
 
-/// Formats the table as aligned text.
+/// Formats the table as aligned text: the point forecasts' errors, then the calibrated
+/// intervals' coverage and interval score at step 1 and at the last step, and the step-1 CRPS.
 pub fn table(results: &[EvalResult]) -> String {
+    let last = results
+        .first()
+        .map_or(1, |r| r.intervals.coverage.len().max(1));
+    let level = results.first().map_or(0.9, |r| r.intervals.level);
     let mut s = format!(
-        "{:<14} {:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10}\n",
+        "{:<14} {:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
         "method",
         "passes",
         "J",
@@ -390,13 +550,20 @@ pub fn table(results: &[EvalResult]) -> String {
         "best_first",
         "best_final",
         "nmse_preq",
-        "obs/s"
+        "obs/s",
+        "cov@1",
+        format!("cov@{last}"),
+        "is@1",
+        format!("is@{last}"),
+        "crps@1",
     );
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
     let opt_n = |v: Option<usize>| v.map_or("-".to_string(), |v| v.to_string());
+    let at = |v: &[f64], i: usize| v.get(i).copied().unwrap_or(f64::NAN);
     for r in results {
+        let iv = &r.intervals;
         s.push_str(&format!(
-            "{:<14} {:>6} {:>6} {:>6} {:>11.4e} {:>11.4e} {:>11} {:>11} {:>11.4e} {:>10.0}\n",
+            "{:<14} {:>6} {:>6} {:>6} {:>11.4e} {:>11.4e} {:>11} {:>11} {:>11.4e} {:>10.0} {:>7.3} {:>7.3} {:>9.3e} {:>9.3e} {:>9.3e}\n",
             r.method,
             r.passes,
             opt_n(r.ensemble),
@@ -406,9 +573,17 @@ pub fn table(results: &[EvalResult]) -> String {
             opt(r.best_first),
             opt(r.best_final),
             r.nmse_prequential,
-            r.obs_per_sec
+            r.obs_per_sec,
+            at(&iv.coverage, 0),
+            at(&iv.coverage, last - 1),
+            at(&iv.interval_score, 0),
+            at(&iv.interval_score, last - 1),
+            iv.crps,
         ));
     }
+    s.push_str(&format!(
+        "cov: share inside the {level} interval served for it; is: interval (Winkler) score; crps: step-1 CRPS (scaled units)\n"
+    ));
     s
 }
 
@@ -441,6 +616,7 @@ mod tests {
             ogd: OgdSettings::default(),
             train_fraction: 0.8,
             step_threads: 1,
+            level: 0.9,
         }
     }
 

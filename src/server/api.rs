@@ -20,9 +20,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 use super::AppState;
 use super::body::{self, DecodeError, Expect, Format};
 use super::error::{ApiError, Problem};
+use super::history::Recent;
 use super::owner::{Command, StreamView};
 use super::state::Charge;
-use crate::engine::ForecastStep;
+use crate::engine::{Coverage, ForecastStep};
 use crate::engine::{Options, RawOptions};
 
 /// [`crate::storage::is_valid_stream_name`] (names become directory names on disk).
@@ -149,6 +150,10 @@ pub struct StatsOut {
     /// Time of the last applied batch (RFC 3339); after a restart, until the next batch, when
     /// the stream's log or snapshot was last written; null before the first observation.
     pub last_update: Option<String>,
+    /// The running coverage of the stream's forecast intervals: for each report level, the
+    /// share of observations that fell inside the interval served for them, per step ahead
+    /// (step 1 first; null before a step's first scored forecast).
+    pub coverage: Vec<Coverage>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -176,6 +181,7 @@ impl From<&StreamView> for StreamOut {
                 noise: v.stats.noise_user,
                 repaired: v.stats.repaired,
                 last_update: v.last_update.map(rfc3339),
+                coverage: v.coverage.clone(),
             },
             scale: v.scale.as_ref().map(|s| {
                 s.iter()
@@ -218,7 +224,10 @@ pub struct ForecastOut {
     /// The last sequence number the forecast has seen.
     pub seq: u64,
     pub horizon: usize,
+    /// The first of `levels` (its interval is each step's `lower` and `upper`).
     pub level: f64,
+    /// The levels asked for, in order: each step has one interval per level.
+    pub levels: Vec<f64>,
     pub steps: Vec<ForecastStep>,
 }
 
@@ -457,9 +466,10 @@ pub struct ForecastQuery {
     /// Steps ahead (1 ..= the configured limit).
     #[param(minimum = 1)]
     pub horizon: usize,
-    /// Coverage of the interval, in (0, 1); default 0.9.
-    #[param(exclusive_minimum = 0, exclusive_maximum = 1)]
-    pub level: Option<f64>,
+    /// Coverage of the interval, in (0, 1), or several, comma-separated (`0.5,0.9`): one
+    /// interval each; default 0.9.
+    #[param(style = Form, explode = false)]
+    pub level: Option<Vec<f64>>,
 }
 
 impl ForecastQuery {
@@ -485,9 +495,18 @@ impl ForecastQuery {
             .parse()
             .map_err(|_| bad_query("horizon", "`horizon` must be a whole number of steps"))?;
         let level = level
-            .map(|v| v.parse::<f64>())
+            .map(|v| {
+                v.split(',')
+                    .map(|l| l.trim().parse::<f64>())
+                    .collect::<Result<Vec<f64>, _>>()
+            })
             .transpose()
-            .map_err(|_| bad_query("level", "`level` must be a number in (0, 1)"))?;
+            .map_err(|_| {
+                bad_query(
+                    "level",
+                    "`level` must be a number in (0, 1), or several separated by commas",
+                )
+            })?;
         Ok(ForecastQuery { horizon, level })
     }
 }
@@ -500,8 +519,8 @@ impl ForecastQuery {
 pub struct ForecastRequest {
     #[schema(minimum = 1)]
     pub horizon: usize,
-    #[schema(exclusive_minimum = 0, exclusive_maximum = 1)]
-    pub level: Option<f64>,
+    /// Coverage of the interval in (0, 1), or an array of them (one interval each); default 0.9.
+    pub level: Option<NumberOrArray>,
     /// The future exogenous inputs: `horizon` rows of `inputs` values (omit when none).
     #[serde(default)]
     pub x: Vec<Vec<f64>>,
@@ -583,11 +602,14 @@ pub async fn post_forecast(
     forecast(&app, view, req.horizon, req.level, req.x).await
 }
 
+/// Most levels one forecast may ask for.
+const MAX_LEVELS: usize = 16;
+
 async fn forecast(
     app: &AppState,
     view: Arc<StreamView>,
     horizon: usize,
-    level: Option<f64>,
+    levels: Option<Vec<f64>>,
     x: Vec<f64>,
 ) -> Result<Json<ForecastOut>, ApiError> {
     let max = app.inner.config.limits.horizon;
@@ -597,22 +619,20 @@ async fn forecast(
             format!("`horizon` must be between 1 and {max}, got {horizon}"),
         ));
     }
-    let particles = crate::engine::interval_particles(view.options.ensemble) as u64 + 1;
-    let work = horizon as u64 * particles * view.options.layout().dim() as u64;
-    let budget = app.inner.config.limits.forecast_work;
-    if work > budget {
-        return Err(ApiError::Limit {
-            field: Some("horizon"),
-            detail: format!(
-                "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
-            ),
-        });
-    }
-    let level = level.unwrap_or(0.9);
-    if !(level > 0.0 && level < 1.0) {
+    let levels = levels.unwrap_or_else(|| vec![0.9]);
+    if levels.is_empty() || levels.len() > MAX_LEVELS {
         return Err(bad_query(
             "level",
-            format!("`level` must be in (0, 1), got {level}"),
+            format!(
+                "`level` must name 1 to {MAX_LEVELS} levels, got {}",
+                levels.len()
+            ),
+        ));
+    }
+    if let Some(bad) = levels.iter().find(|l| !(**l > 0.0 && **l < 1.0)) {
+        return Err(bad_query(
+            "level",
+            format!("`level` must be in (0, 1), got {bad}"),
         ));
     }
     if let Some(f) = &view.failed {
@@ -624,12 +644,26 @@ async fn forecast(
             view.name, view.stats.observations, view.options.lags
         )));
     };
-    let steps = roll_out(app, state, horizon, level, x).await?;
+    // The roll-outs this state will run: the stream's forecaster, plus the particles while its
+    // intervals are not calibrated yet.
+    let paths = state.particles.len() / state.layout.dim().max(1) + 1;
+    let work = horizon as u64 * paths as u64 * state.layout.dim() as u64;
+    let budget = app.inner.config.limits.forecast_work;
+    if work > budget {
+        return Err(ApiError::Limit {
+            field: Some("horizon"),
+            detail: format!(
+                "a {horizon}-step forecast of this stream costs {work} parameter-steps, over the {budget} limit; ask for a shorter horizon"
+            ),
+        });
+    }
+    let steps = roll_out(app, state, horizon, levels.clone(), x).await?;
     Ok(Json(ForecastOut {
         stream: view.name.clone(),
         seq: view.stats.last_seq,
         horizon,
-        level,
+        level: levels[0],
+        levels,
         steps,
     }))
 }
@@ -678,7 +712,7 @@ async fn roll_out(
     app: &AppState,
     state: Arc<crate::engine::ForecastState>,
     horizon: usize,
-    level: f64,
+    levels: Vec<f64>,
     x: Vec<f64>,
 ) -> Result<Vec<ForecastStep>, ApiError> {
     let (cores, turns) = app.cores();
@@ -692,7 +726,7 @@ async fn roll_out(
         let mut hold = Some(hold);
         let mut slice = Instant::now();
         let mut calls = 0u32;
-        state.forecast_while(horizon, level, &x, &mut || {
+        state.forecast_while(horizon, &levels, &x, &mut || {
             if cancel.cancelled.load(Ordering::Relaxed) {
                 return false;
             }
@@ -715,6 +749,99 @@ async fn roll_out(
     .map_err(|e| ApiError::Internal(format!("forecast failed: {e}")))?;
     // Stopped: the request is gone, so this answer reaches nobody.
     steps.ok_or_else(gone)
+}
+
+/// The history's query parameters, parsed by hand like the forecast's.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// The newest observations to return, at most (default: all the stream keeps, `[limits]
+    /// history`).
+    #[param(minimum = 1)]
+    pub limit: Option<usize>,
+}
+
+impl HistoryQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let mut limit = None;
+        for (key, value) in pairs {
+            if key != "limit" {
+                return Err(bad_query(
+                    &key,
+                    format!("unknown query parameter `{key}`: use `limit`"),
+                ));
+            }
+            if limit.is_some() {
+                return Err(bad_query("limit", "`limit` is given twice"));
+            }
+            let n: usize =
+                value.parse().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    bad_query("limit", "`limit` must be a whole number, at least 1")
+                })?;
+            limit = Some(n);
+        }
+        Ok(HistoryQuery { limit })
+    }
+}
+
+/// One kept observation, as the OpenAPI document describes it (the same fields as an event).
+#[derive(utoipa::ToSchema)]
+#[allow(
+    dead_code,
+    reason = "a schema only: the ring serialises its entries itself"
+)]
+pub struct HistoryEntry {
+    seq: u64,
+    /// The observed value(s), original units.
+    y: Vec<f64>,
+    /// The prequential prediction made before this observation was learned (null while the
+    /// lag buffer filled).
+    prediction: Option<Vec<f64>>,
+    /// Squared error of the prediction summed over outputs, original units.
+    error: Option<f64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HistoryOut {
+    pub stream: String,
+    /// The last applied sequence number when the history was read.
+    pub last_seq: u64,
+    /// The newest kept observations, oldest first; after a restart only those applied since.
+    #[schema(value_type = Vec<HistoryEntry>)]
+    pub observations: Recent,
+}
+
+#[utoipa::path(get, path = "/v1/streams/{name}/history", tag = "observations",
+    params(StreamPath, HistoryQuery),
+    responses(
+        (status = 200, description = "The recent observations with their prequential predictions", body = HistoryOut),
+        (status = 400, description = "Bad name or query", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn history(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let Query(pairs) = query.map_err(|e| bad_query("query", e.body_text()))?;
+    let q = HistoryQuery::parse(pairs)?;
+    let handle = app.handle(&name)?;
+    let last_seq = handle.view().stats.last_seq;
+    // Copying and encoding a ring of up to `[limits] history` entries is work of its size: on
+    // the blocking pool.
+    let body = tokio::task::spawn_blocking(move || {
+        let out = HistoryOut {
+            stream: name,
+            last_seq,
+            observations: handle.history.recent(q.limit.unwrap_or(usize::MAX)),
+        };
+        serde_json::to_vec(&out)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("reading the history failed: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("encoding the history failed: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /v1/streams/{name}/events`: one SSE event per applied observation; ends at shutdown.
@@ -789,8 +916,8 @@ pub async fn events(
 // Schema-only types: the observation body as the OpenAPI document describes it (the body itself
 // is decoded by `body`, which reports errors with line and field).
 
-/// A number, or an array of numbers (one per output or input).
-#[derive(utoipa::ToSchema)]
+/// A number, or an array of numbers (one per output or input, or one per level).
+#[derive(Debug, utoipa::ToSchema)]
 #[allow(dead_code)]
 #[serde(untagged)]
 pub enum NumberOrArray {

@@ -651,8 +651,25 @@ fn csv(body: &[u8], sink: &mut Sink) -> Result<(), BodyError> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForecastBody {
     pub horizon: usize,
-    pub level: Option<f64>,
+    pub level: Option<Vec<f64>>,
     pub x: Vec<f64>,
+}
+
+/// `level`: one number or an array of them.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Levels {
+    One(f64),
+    Many(Vec<f64>),
+}
+
+impl From<Levels> for Vec<f64> {
+    fn from(l: Levels) -> Self {
+        match l {
+            Levels::One(v) => vec![v],
+            Levels::Many(v) => v,
+        }
+    }
 }
 
 /// Decodes a forecast request for a stream of `inputs` exogenous inputs and a daemon whose
@@ -713,7 +730,11 @@ impl<'de> Visitor<'de> for ForecastSeed<'_> {
         while let Some(key) = map.next_key_seed(KeySeed(FORECAST_FIELDS))? {
             match key {
                 0 => once(&mut horizon, "horizon", map.next_value::<usize>()?)?,
-                1 => once(&mut level, "level", map.next_value::<Option<f64>>()?)?,
+                1 => once(
+                    &mut level,
+                    "level",
+                    map.next_value::<Option<Levels>>()?.map(Vec::from),
+                )?,
                 _ => {
                     let mut flat = Vec::new();
                     let seed = RowsSeed {
@@ -1039,7 +1060,7 @@ mod tests {
             ok,
             ForecastBody {
                 horizon: 2,
-                level: Some(0.8),
+                level: Some(vec![0.8]),
                 x: vec![1.0, 2.0, 3.0, 4.0]
             }
         );

@@ -84,7 +84,15 @@ pub struct Limits {
     pub subscribers_per_stream: usize,
     /// Most work one forecast may take: horizon × (interval particles + 1) × d.
     pub forecast_work: u64,
+    /// Recent observations each stream keeps in memory with their prequential predictions
+    /// (`GET /v1/streams/{name}/history`, the page's chart), charged to `memory_bytes` with the
+    /// stream; 0 keeps none.
+    pub history: usize,
 }
+
+/// The most observations a stream's history may keep: a hundred million, 100 GB for a
+/// 64-output stream, far past any memory budget but still countable.
+const MAX_HISTORY: usize = 100_000_000;
 
 /// The longest timeout a setting may give: a day. Deadlines are instants, and an instant that far
 /// out does not overflow.
@@ -93,8 +101,15 @@ const MAX_TIMEOUT_MS: u64 = 86_400_000;
 impl Limits {
     /// Refuses settings that would disable the daemon or part of it: a zero limit lets nothing
     /// through (a zero timeout times everything out), and a count a semaphore cannot hold or a
-    /// timeout past [`MAX_TIMEOUT_MS`] cannot be set up.
+    /// timeout past [`MAX_TIMEOUT_MS`] cannot be set up. `history` may be 0 (no history kept),
+    /// but not so large that one stream's ring could not be counted in bytes.
     fn check(&self) -> anyhow::Result<()> {
+        if self.history > MAX_HISTORY {
+            anyhow::bail!(
+                "[limits] history must be at most {MAX_HISTORY}, got {}",
+                self.history
+            );
+        }
         let max_permits = tokio::sync::Semaphore::MAX_PERMITS as u64;
         let counts = [
             ("body_bytes", self.body_bytes as u64, u64::MAX),
@@ -198,6 +213,7 @@ impl Default for Limits {
             subscribers: 1024,
             subscribers_per_stream: 128,
             forecast_work: 2_000_000_000,
+            history: 10_000,
         }
     }
 }

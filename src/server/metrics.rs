@@ -14,6 +14,15 @@ pub struct StreamLabel {
     pub stream: String,
 }
 
+/// A stream's coverage series: one per report level, for the first and the last calibrated
+/// step (every step is in `GET /v1/streams/{name}`; here, a bounded number per stream).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoverageLabels {
+    pub stream: String,
+    pub level: String,
+    pub step: u32,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
@@ -46,6 +55,7 @@ pub struct Metrics {
     pub spread: Family<StreamLabel, FloatGauge>,
     pub last_seq: Family<StreamLabel, Gauge>,
     pub failed: Family<StreamLabel, Gauge>,
+    pub coverage: Family<CoverageLabels, FloatGauge>,
     pub streams: Gauge,
     pub request_memory: Gauge,
     pub storage_errors: Counter,
@@ -75,6 +85,7 @@ impl Default for Metrics {
             spread: Family::default(),
             last_seq: Family::default(),
             failed: Family::default(),
+            coverage: Family::default(),
             streams: Gauge::default(),
             request_memory: Gauge::default(),
             storage_errors: Counter::default(),
@@ -135,6 +146,11 @@ impl Default for Metrics {
             "1 if the stream's owner failed",
             m.failed.clone(),
         );
+        registry.register(
+            "ekid_stream_coverage",
+            "Running share of observations inside the interval served for them at `level`, `step` steps ahead (the first and the last calibrated step)",
+            m.coverage.clone(),
+        );
         registry.register("ekid_streams", "Streams open", m.streams.clone());
         registry.register(
             "ekid_request_memory_bytes",
@@ -157,6 +173,14 @@ impl Default for Metrics {
             m.http_seconds.clone(),
         );
         Metrics { registry, ..m }
+    }
+}
+
+pub fn coverage_labels(stream: &str, level: f64, step: usize) -> CoverageLabels {
+    CoverageLabels {
+        stream: stream.to_owned(),
+        level: level.to_string(),
+        step: step as u32,
     }
 }
 
@@ -215,8 +239,8 @@ impl Metrics {
         out
     }
 
-    /// Drops a deleted stream's series.
-    pub fn forget(&self, stream: &str) {
+    /// Drops a deleted stream's series (`horizon`: its calibrated steps).
+    pub fn forget(&self, stream: &str, horizon: usize) {
         let l = StreamLabel {
             stream: stream.to_owned(),
         };
@@ -227,5 +251,10 @@ impl Metrics {
         self.spread.remove(&l);
         self.last_seq.remove(&l);
         self.failed.remove(&l);
+        for level in crate::engine::REPORT_LEVELS {
+            for step in [1, horizon] {
+                self.coverage.remove(&coverage_labels(stream, level, step));
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use super::error::ApiError;
 use super::metrics::{HttpLabels, RouteLabel};
+use super::page::{ASSET_ROUTE, PAGE_ROUTE};
 use super::router::{EVENTS_ROUTE, FORECAST_ROUTE};
 
 /// Equality that takes the same time wherever the first difference is (only the length leaks).
@@ -45,10 +46,14 @@ fn route(req: &Request) -> Option<&str> {
 }
 
 /// Writes need a token when tokens are configured; reads too with `protect_reads`; `/healthz`
-/// never does. `POST …/forecast` is a read (it carries the future inputs in a body).
+/// never does, nor the page and its files (they hold no data, and a browser cannot send a
+/// token when it navigates: the page asks for one and sends it with its API requests).
+/// `POST …/forecast` is a read (it carries the future inputs in a body).
 pub async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let auth = &app.inner.config.auth;
-    if auth.tokens.is_empty() || req.uri().path() == "/healthz" {
+    let open =
+        req.uri().path() == "/healthz" || matches!(route(&req), Some(PAGE_ROUTE | ASSET_ROUTE));
+    if auth.tokens.is_empty() || open {
         return next.run(req).await;
     }
     let write = !(matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)

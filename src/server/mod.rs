@@ -10,6 +10,8 @@
 //! - `api`, `body`, `error`, `openapi`: handlers and their types, body decoding, problem
 //!   documents, the OpenAPI document;
 //! - `metrics`: the Prometheus registry;
+//! - `history`: the ring of recent observations each stream keeps for the chart;
+//! - `page`: the live page at `/` and its embedded files;
 //! - `cluster`: cluster mode's side of the daemon (loading the partitions this node gains,
 //!   forwarding requests to the owner of their stream, `GET /v1/cluster`).
 
@@ -19,14 +21,16 @@ mod cluster;
 mod config;
 mod daemon;
 mod error;
+mod history;
 mod metrics;
 mod middleware;
 mod openapi;
 mod owner;
+mod page;
 mod router;
 mod state;
 
 pub use config::{Auth, Config, Engine, Limits};
 pub use daemon::serve;
 pub use router::router;
-pub use state::{AppState, Failpoints};
+pub use state::{AppState, Failpoints, stream_memory};

@@ -13,12 +13,13 @@ use utoipa::{Modify, Number, OpenApi};
 
 use super::AppState;
 use super::Config;
-use super::api;
 use super::error::Problem;
-use crate::engine::ForecastStep;
+use super::page::{ASSET_ROUTE, PAGE_ROUTE};
+use super::{api, page};
 use crate::engine::{
     Auto, Cell, Loss, Method, Off, Range, RawOptions, ScaleOption, Spread, SpreadOption, Step,
 };
+use crate::engine::{Coverage, ForecastStep, Interval};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +28,8 @@ use crate::engine::{
         description = "Online forecasting of streaming time series with recurrent-network ensembles trained by Ensemble Kalman Inversion."
     ),
     paths(
+        page::index,
+        page::asset,
         api::healthz,
         api::metrics,
         api::list_streams,
@@ -37,6 +40,7 @@ use crate::engine::{
         api::get_forecast,
         api::post_forecast,
         api::events,
+        api::history,
         super::cluster::cluster_status,
     ),
     components(schemas(
@@ -54,6 +58,8 @@ use crate::engine::{
         ScaleOption,
         api::ScaleOut,
         ForecastStep,
+        Interval,
+        Coverage,
         api::ObservationJson,
         api::ObservationsBody,
         api::NumberOrArray,
@@ -65,6 +71,8 @@ use crate::engine::{
         api::ForecastOut,
         api::ForecastRequest,
         api::Health,
+        api::HistoryOut,
+        api::HistoryEntry,
     )),
     modifiers(&EveryOperation)
 )]
@@ -72,7 +80,7 @@ pub struct ApiDoc;
 
 /// What every operation can answer whatever its handler does, added to each once here: 503
 /// from the request limits (too many requests in flight, the request timeout, shutting down),
-/// and, except `/healthz`, 401 from the optional bearer-token auth (writes when tokens are
+/// and, except `/healthz` and the page's routes, 401 from the optional bearer-token auth (writes when tokens are
 /// configured, reads too with `protect_reads`), whose scheme is declared as optional.
 struct EveryOperation;
 
@@ -107,7 +115,7 @@ impl Modify for EveryOperation {
                 responses.entry("503".into()).or_insert_with(|| {
                     problem("Busy (too many requests in flight), timed out or shutting down; retry after `Retry-After`").into()
                 });
-                if path != "/healthz" {
+                if !["/healthz", PAGE_ROUTE, ASSET_ROUTE].contains(&path.as_str()) {
                     responses.entry("401".into()).or_insert_with(|| {
                         problem(
                             "A bearer token is configured and this request has none or a wrong one",

@@ -14,12 +14,13 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::error::ApiError;
-use super::metrics::{Metrics, StreamLabel};
+use super::history::SharedHistory;
+use super::metrics::{Metrics, StreamLabel, coverage_labels};
 use crate::cluster::{Cluster, Entry, LogError, Record, StreamLog};
-use crate::engine::ForecastState;
 use crate::engine::Options;
 use crate::engine::Scaler;
 use crate::engine::{Applied, Observation, Plan, Stats, Stream};
+use crate::engine::{Coverage, ForecastState};
 use crate::storage::{Store, StoreError, StreamStore};
 
 /// What handlers may ask of an owner.
@@ -64,6 +65,8 @@ pub struct StreamView {
     pub scale: Option<Vec<Scaler>>,
     pub last_update: Option<SystemTime>,
     pub forecast: Option<Arc<ForecastState>>,
+    /// The running coverage of the stream's intervals.
+    pub coverage: Vec<Coverage>,
     pub failed: Option<String>,
 }
 
@@ -110,6 +113,9 @@ pub struct StreamHandle {
     pub tx: mpsc::Sender<Command>,
     pub view: watch::Receiver<Arc<StreamView>>,
     pub events: Arc<Events>,
+    /// The recent observations with their predictions (empty after a restart until new ones
+    /// arrive).
+    pub history: Arc<SharedHistory>,
 }
 
 impl StreamHandle {
@@ -152,17 +158,25 @@ impl Replicated {
     }
 }
 
+/// How an owner is set up: its queue, its event subscribers and its history.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub queue_depth: usize,
+    pub subscribers: usize,
+    pub history: usize,
+}
+
 /// Starts the owner of a stream.
 pub fn spawn(
     name: String,
     start: Start,
-    queue_depth: usize,
-    subscribers: usize,
+    sizes: Sizes,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
     panic_in_update: bool,
 ) -> (StreamHandle, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(queue_depth.max(1));
+    let (tx, rx) = mpsc::channel(sizes.queue_depth.max(1));
+    let history = Arc::new(SharedHistory::new(sizes.history, view_outputs(&start)));
     let live_view = |stream: &Stream, last_update| StreamView {
         name: name.clone(),
         options: stream.options().clone(),
@@ -170,6 +184,7 @@ pub fn spawn(
         scale: stream.y_scale().map(<[Scaler]>::to_vec),
         last_update,
         forecast: stream.forecast_state().map(Arc::new),
+        coverage: stream.coverage(),
         failed: None,
     };
     let (stream, store, replicated, view) = match start {
@@ -195,13 +210,14 @@ pub fn spawn(
                 scale: None,
                 last_update: None,
                 forecast: None,
+                coverage: Vec::new(),
                 failed: Some(reason),
             };
             (None, None, None, view)
         }
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
-    let events = Arc::new(Events::new(subscribers));
+    let events = Arc::new(Events::new(sizes.subscribers));
     let owner = Owner {
         name,
         stream,
@@ -209,6 +225,7 @@ pub fn spawn(
         replicated,
         view: view_tx,
         events: events.clone(),
+        history: history.clone(),
         metrics,
         cores,
         panic_in_update,
@@ -219,9 +236,18 @@ pub fn spawn(
             tx,
             view: view_rx,
             events,
+            history,
         },
         task,
     )
+}
+
+fn view_outputs(start: &Start) -> usize {
+    match start {
+        Start::Live(stream, _) => stream.options().outputs,
+        Start::Replicated(stream, _) => stream.options().outputs,
+        Start::Failed(options, _) => options.outputs,
+    }
 }
 
 struct Owner {
@@ -234,6 +260,7 @@ struct Owner {
     replicated: Option<Box<Replicated>>,
     view: watch::Sender<Arc<StreamView>>,
     events: Arc<Events>,
+    history: Arc<SharedHistory>,
     metrics: Arc<Metrics>,
     cores: Arc<Semaphore>,
     /// Test fault injection (see `server::Failpoints`).
@@ -482,6 +509,7 @@ impl Owner {
                     for a in &o.applied {
                         self.events.send(a);
                     }
+                    self.history.extend(o.applied.iter());
                 }
                 for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));
@@ -668,6 +696,7 @@ impl Owner {
                     for a in &o.applied {
                         self.events.send(a);
                     }
+                    self.history.extend(o.applied.iter());
                 }
                 for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));
@@ -733,6 +762,7 @@ impl Owner {
                 for a in &applied {
                     self.events.send(a);
                 }
+                self.history.extend(applied.iter());
                 self.stream = Some(stream);
                 Ok(())
             }
@@ -819,6 +849,18 @@ impl Owner {
             .last_seq
             .get_or_create(&l)
             .set(stats.last_seq as i64);
+        let coverage = stream.coverage();
+        let last_step = stream.options().horizon;
+        for c in &coverage {
+            for step in [1, last_step] {
+                if let Some(Some(v)) = c.steps.get(step - 1) {
+                    self.metrics
+                        .coverage
+                        .get_or_create(&coverage_labels(&self.name, c.level, step))
+                        .set(*v);
+                }
+            }
+        }
         let view = StreamView {
             name: self.name.clone(),
             options: stream.options().clone(),
@@ -826,6 +868,7 @@ impl Owner {
             scale,
             last_update: Some(SystemTime::now()),
             forecast,
+            coverage,
             failed: None,
         };
         self.view.send_replace(Arc::new(view));

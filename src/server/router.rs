@@ -7,8 +7,9 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 
 use super::error::ApiError;
+use super::page::{ASSET_ROUTE, PAGE_ROUTE};
 use super::state::AppState;
-use super::{api, cluster, middleware, openapi};
+use super::{api, cluster, middleware, openapi, page};
 
 /// Forecasts: `POST` carries the future inputs in a body and is still a read.
 pub const FORECAST_ROUTE: &str = "/v1/streams/{name}/forecast";
@@ -19,6 +20,8 @@ pub const EVENTS_ROUTE: &str = "/v1/streams/{name}/events";
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
     Router::new()
+        .route(PAGE_ROUTE, get(page::index))
+        .route(ASSET_ROUTE, get(page::asset))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
@@ -38,6 +41,7 @@ pub fn router(state: AppState) -> Router {
             get(api::get_forecast).post(api::post_forecast),
         )
         .route(EVENTS_ROUTE, get(api::events))
+        .route("/v1/streams/{name}/history", get(api::history))
         .route("/v1/cluster", get(cluster::cluster_status))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)

@@ -8,11 +8,12 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::Config;
 use super::error::ApiError;
+use super::history::History;
 use super::metrics::Metrics;
 use super::openapi;
-use super::owner::{self, Command, Replicated, Start, StreamHandle, StreamView};
+use super::owner::{self, Command, Replicated, Sizes, Start, StreamHandle, StreamView};
+use super::{Config, Limits};
 use crate::cluster::{Cluster, StreamLog};
 use crate::engine::{Options, Stream};
 use crate::storage::{Recovered, Store};
@@ -135,6 +136,12 @@ impl Drop for Charge {
         let metric = &self.app.inner.metrics.request_memory;
         metric.set(reg.transient_bytes as i64);
     }
+}
+
+/// What a stream is charged against `[limits] memory_bytes`: what its learning state holds
+/// ([`Stream::memory_bytes`]) and its history ring of `[limits] history` observations.
+pub fn stream_memory(options: &Options, limits: &Limits) -> u64 {
+    Stream::memory_bytes(options) + History::bytes_for(limits.history, options.outputs)
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -265,7 +272,7 @@ impl AppState {
             return Err(ApiError::ShuttingDown);
         }
         let limits = &self.inner.config.limits;
-        let bytes = Stream::memory_bytes(&options);
+        let bytes = stream_memory(&options, limits);
         {
             let reg = read(&self.inner.streams);
             if let Some(h) = reg.handles.get(name) {
@@ -293,7 +300,7 @@ impl AppState {
                 return Err(ApiError::Limit {
                     field: None,
                     detail: format!(
-                        "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers, a snapshot's copy and forecast states) but only {left} of the {}-byte budget are left",
+                        "the stream needs {bytes} bytes (its ensemble J·d·{} = {}·{}·{} = {}, plus work buffers, a snapshot's copy, forecast states and its history of recent observations) but only {left} of the {}-byte budget are left",
                         options.precision.bytes(),
                         options.ensemble,
                         options.layout().dim(),
@@ -406,7 +413,7 @@ impl AppState {
     pub fn insert_loaded(&self, name: &str, start: Start) {
         let bytes = match &start {
             Start::Replicated(stream, _) | Start::Live(stream, _) => {
-                Stream::memory_bytes(stream.options())
+                stream_memory(stream.options(), &self.inner.config.limits)
             }
             Start::Failed(..) => 0,
         };
@@ -423,8 +430,8 @@ impl AppState {
             self.inner.metrics.streams.set(reg.handles.len() as i64);
             h
         };
-        if h.is_some() {
-            self.inner.metrics.forget(name);
+        if let Some(h) = &h {
+            self.inner.metrics.forget(name, h.view().options.horizon);
         }
         if let Some(c) = &self.inner.cluster {
             c.set_stream_count(self.stream_count());
@@ -437,8 +444,11 @@ impl AppState {
         let (handle, task) = owner::spawn(
             name.to_owned(),
             start,
-            self.inner.config.limits.queue_depth,
-            self.inner.config.limits.subscribers_per_stream,
+            Sizes {
+                queue_depth: self.inner.config.limits.queue_depth,
+                subscribers: self.inner.config.limits.subscribers_per_stream,
+                history: self.inner.config.limits.history,
+            },
             self.inner.metrics.clone(),
             self.inner.cores.clone(),
             self.inner.failpoints.panic_in_update.as_deref() == Some(name),
@@ -467,6 +477,7 @@ impl AppState {
     pub async fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
         let guard = self.inner.lifecycle.clone().lock_owned().await;
         let handle = self.handle(name)?;
+        let handle_horizon = handle.view().options.horizon;
         let (app, name) = (self.clone(), name.to_owned());
         tokio::spawn(async move {
             let _guard = guard;
@@ -490,7 +501,7 @@ impl AppState {
                 reg.release_stream(&name);
                 app.inner.metrics.streams.set(reg.handles.len() as i64);
             }
-            app.inner.metrics.forget(&name);
+            app.inner.metrics.forget(&name, handle_horizon);
             if let Some(c) = &app.inner.cluster {
                 c.set_stream_count(app.stream_count());
             }
@@ -538,7 +549,7 @@ impl AppState {
                     );
                     ok += 1;
                     replayed += report.replayed;
-                    let bytes = Stream::memory_bytes(stream.options());
+                    let bytes = stream_memory(stream.options(), &self.inner.config.limits);
                     self.insert(&name, Start::Live(stream, files), bytes);
                 }
                 Recovered::Failed(options, reason) => {

@@ -18,14 +18,18 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::{EnsembleState, LagBuffer, Observation, Options, Scaler, Stats, StreamState};
+use crate::engine::{
+    Calibrator, EnsembleState, LagBuffer, MixtureState, Observation, Options, Scaler, Stats,
+    StreamState,
+};
 use crate::storage::name::describe_file;
 use crate::storage::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
-/// 2: `Stats` holds the user-unit noise and spread. Version 1 snapshots are read and migrated
-/// ([`StreamStateV1`]).
-const VERSION: u32 = 2;
+/// 2: `Stats` holds the user-unit noise and spread. 3: the state holds the calibrator of the
+/// stream's intervals and the state of its mixture. Older snapshots are read and migrated ([`StreamStateV1`],
+/// [`StreamStateV2`]).
+const VERSION: u32 = 3;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,10 +178,11 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, StreamState), String> {
     if crc32fast::hash(payload) != crc {
         return Err("checksum mismatch".into());
     }
-    let state: StreamState = if version == 1 {
-        postcard::from_bytes::<StreamStateV1>(payload).map(StreamState::from)
-    } else {
-        postcard::from_bytes(payload)
+    let state: StreamState = match version {
+        1 => postcard::from_bytes::<StreamStateV1>(payload)
+            .map(|v| StreamState::from(StreamStateV2::from(v))),
+        2 => postcard::from_bytes::<StreamStateV2>(payload).map(StreamState::from),
+        _ => postcard::from_bytes(payload),
     }
     .map_err(|e| format!("undecodable: {e}"))?;
     if state.stats.last_seq != seq {
@@ -256,7 +261,40 @@ impl StreamStateV1 {
     }
 }
 
-impl From<StreamStateV1> for StreamState {
+/// A snapshot's state in format version 2 (before the calibrator of the intervals).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct StreamStateV2 {
+    #[serde(with = "crate::engine::options_json_text")]
+    options: Options,
+    y_scale: Option<Vec<Scaler>>,
+    x_scale: Option<Vec<Scaler>>,
+    pending: Vec<Observation>,
+    lags: LagBuffer,
+    ensemble: EnsembleState,
+    stats: Stats,
+}
+
+impl From<StreamStateV2> for StreamState {
+    /// A calibrator and a mixture that start afresh: the forecasts the calibrator would score
+    /// were never kept, and the autoregression beside the ensemble did not exist.
+    fn from(v: StreamStateV2) -> Self {
+        let o = &v.options;
+        StreamState {
+            calibrator: Calibrator::new(o.horizon, o.outputs),
+            mixture: MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs),
+            options: v.options,
+            y_scale: v.y_scale,
+            x_scale: v.x_scale,
+            pending: v.pending,
+            lags: v.lags,
+            ensemble: v.ensemble,
+            stats: v.stats,
+        }
+    }
+}
+
+impl From<StreamStateV1> for StreamStateV2 {
     /// The user-unit noise and spread from the scaled ones, as version 1's API reported them
     /// for one output; for several, as if every output had the average scaled value.
     fn from(v: StreamStateV1) -> Self {
@@ -264,7 +302,7 @@ impl From<StreamStateV1> for StreamState {
             s.iter().map(|sc| sc.width() * sc.width()).sum()
         });
         let s = v.stats;
-        StreamState {
+        StreamStateV2 {
             options: v.options,
             y_scale: v.y_scale,
             x_scale: v.x_scale,
@@ -340,6 +378,11 @@ mod tests {
         for s in [&mut want.stats, &mut got.stats] {
             (s.noise_user, s.spread_user) = (0.0, 0.0);
         }
+        // The calibrator and the mixture start afresh.
+        assert_eq!(got.calibrator, Calibrator::new(24, 1));
+        assert_eq!(got.mixture, MixtureState::new(2, 1));
+        want.calibrator = got.calibrator.clone();
+        want.mixture = got.mixture.clone();
         assert_eq!(got, want);
         // And today's format round-trips whole.
         let path = write(dir.path(), 30, &now).expect("write");

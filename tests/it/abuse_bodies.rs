@@ -285,9 +285,10 @@ fn request_bodies_are_charged_to_the_memory_budget_while_in_flight() {
     // One stream like S, and room for one body of the limit's charge but not two, nor for a
     // second stream while a body is in flight.
     let raw: ekid::engine::RawOptions = serde_json::from_str(S).expect("S parses");
-    let stream = ekid::engine::Stream::memory_bytes(
+    let stream = ekid::server::stream_memory(
         &raw.resolve(&ekid::engine::Options::default())
             .expect("S is valid"),
+        &ekid::server::Limits::default(),
     );
     let limit = 1_000_000usize;
     let body_charge = limit as u64 + ekid::server::body::observations_bound(limit, 100_000, 1);

@@ -230,8 +230,9 @@ fn put_parts(c: &Client, d: &Daemon, name: &str, options: Value) -> (u16, Value)
 }
 
 // The memory budget charges a stream what it holds: its ensemble, work buffers, a snapshot's
-// f64 copy and its forecast states, against what is left.
-const MEMORY: &str = "memory_bytes = 2700000";
+// f64 copy and its forecast states, against what is left. No history ring here (its charge is
+// tested in `page.rs`), so that the figures below are the learning state's alone.
+const MEMORY: &str = "memory_bytes = 2700000\nhistory = 0";
 
 #[test]
 fn a_stream_over_the_memory_budget_is_422_and_says_what_is_left() {
@@ -346,9 +347,10 @@ fn a_horizon_over_the_limit_is_400_and_the_openapi_document_says_so() {
 
 #[test]
 fn a_forecast_over_forecast_work_is_422() {
-    let (d, c) = limited("forecast_work = 5000");
+    let (d, c) = limited("forecast_work = 500");
     observe_five(&c, &d);
-    // horizon × (9 particles) × d = 24 parameters: over 5000 from horizon 24.
+    // The stream's intervals are calibrated (it has erred), so only its forecaster rolls out:
+    // horizon × d = 24 parameters, over 500 from horizon 21.
     assert_eq!(
         send(c.get(d.url("/v1/streams/a/forecast?horizon=20"))).0,
         200
@@ -522,9 +524,10 @@ fn a_panic_in_one_stream_fails_that_stream_only() {
     // A memory budget for two small streams and half a third: a deleted failed stream must
     // give its share back.
     let raw: ekid::engine::RawOptions = serde_json::from_value(small()).expect("small parses");
-    let charge = ekid::engine::Stream::memory_bytes(
+    let charge = ekid::server::stream_memory(
         &raw.resolve(&ekid::engine::Options::default())
             .expect("small is valid"),
+        &ekid::server::Limits::default(),
     );
     let cfg = write_config(
         tmp.path(),

@@ -3,11 +3,13 @@
 mod abuse_bodies;
 mod abuse_connections;
 mod abuse_storage;
+mod calibration;
 mod cluster;
 mod cluster_util;
 mod daemon;
 mod durability;
 mod eval_cli;
 mod hardening;
+mod page;
 mod replay;
 mod util;

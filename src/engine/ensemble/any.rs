@@ -2,10 +2,11 @@
 //! and snapshots, dispatching to [`Ensemble<f64>`] or [`Ensemble<f32>`].
 
 use super::{Ensemble, EnsembleState, Footprint, StepReport, widen};
-use crate::engine::model::Learner;
+use crate::engine::model::{Forecaster, LagBuffer, Learner};
 use crate::engine::network::Layout;
 use crate::engine::options::Options;
 use crate::engine::real::{Precision, Real};
+use crate::engine::rollout::RollOut;
 
 #[derive(Debug, Clone)]
 pub enum AnyEnsemble {
@@ -110,6 +111,13 @@ impl AnyEnsemble {
     /// The mean particle and its hidden state, as `f64`.
     pub fn mean_f64(&self) -> (Vec<f64>, Vec<f64>) {
         each!(self, e => (widen(e.mean()), widen(e.mean_hidden())))
+    }
+}
+
+/// The mean particle's forecast, as a forecast of the stream rolls it out.
+impl Forecaster for AnyEnsemble {
+    fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut) {
+        each!(self, e => roll.path(e.layout(), e.mean(), e.mean_hidden(), lags.values(), x, out))
     }
 }
 

@@ -1,0 +1,503 @@
+//! Calibrated forecast intervals: online quantile tracking of each horizon step's errors.
+//!
+//! After every observation a stream's forecaster rolls out its point forecast for the next
+//! `steps` steps (a *path*). When `y_t` arrives, each of the last `steps` paths has a forecast
+//! for it, made `h` steps earlier: its error `e = y_t − ŷ_{t|t−h}`, divided by the error scale
+//! of step `h` at the origin `σ_h(t−h)` (a running mean of step `h`'s `|e|`), is the *score*
+//! of step `h`. For every step and output the calibrator tracks the quantiles of the scores at
+//! the probabilities [`TAUS`] with the quantile tracker (online gradient descent on the pinball
+//! loss)
+//!
+//! ```text
+//! q_τ ← q_τ + η (τ − 1{s < q_τ}),   η = max(γ, 1/√(n + 1)) after n scores
+//! ```
+//!
+//! whose long-run frequency of `s < q_τ` is τ on any sequence of bounded scores: after T scores
+//! it is within about `(|q| + η)/(γT)` of τ, whatever the series does (Gibbs & Candès 2021,
+//! Angelopoulos et al. 2023); the larger first steps only bring the trackers to the scores'
+//! quantiles sooner. The central interval at level L of step h is then
+//! `ŷ_h + σ_h·[Q((1−L)/2), Q((1+L)/2)]`, with Q the tracked quantiles sorted (so bounds never
+//! cross between levels) and interpolated linearly in τ between the grid's points. Beyond the
+//! grid (levels above 0.99) the tails are extended in the shape of a normal distribution, and
+//! beyond the calibrated steps the last step's interval grows as √h: both are extrapolations,
+//! not calibrated.
+//!
+//! Dividing by each step's own error scale makes the scores unit-free (one step size γ and one
+//! start, the normal quantiles, fit every series and every step, however fast its errors grow
+//! with the horizon), while the trackers learn the shape: skew, heavy tails, bias. Everything is
+//! plain arithmetic on the state below, so a snapshot holds it exactly and recovery continues
+//! it bit for bit.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::forecast::normal_quantile;
+
+/// The probabilities whose quantiles are tracked: the central levels 0.1 to 0.9 in steps of
+/// 0.1, and 0.95, 0.98, 0.99, as pairs of tails, with the median.
+pub const TAUS: [f64; 25] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65,
+    0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 0.995,
+];
+const MEDIAN: usize = 12;
+
+/// The levels whose running coverage a stream reports.
+pub const REPORT_LEVELS: [f64; 4] = [0.5, 0.8, 0.9, 0.95];
+
+/// The quantile tracker's smallest step γ, in units of the error scale. Chosen on the
+/// validation collection (BENCHMARKS.md).
+const TRACKER_STEP: f64 = 0.02;
+
+/// Each step's error scale averages its `|e|` over about this many observations (fewer at the
+/// start: a plain mean until then).
+const SCALE_WINDOW: f64 = 30.0;
+
+/// Errors below this (scaled units: the series spans about 1) are treated as no error scale at
+/// all: a perfect fit so far gives no calibrated interval until it errs.
+const MIN_SCALE: f64 = 1e-12;
+
+/// The ratio of a normal distribution's standard deviation to its mean absolute deviation:
+/// the start of every tracker is the normal quantile of scores scaled by the mean error.
+const SD_PER_MAD: f64 = 1.253_314_137_315_500_3;
+
+/// The calibrator of one stream: pending paths, error scales, tracked quantiles, coverage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibrator {
+    steps: usize,
+    outputs: usize,
+    /// The paths of the last `steps` origins (`steps × m` each, scaled units), a ring indexed
+    /// by origin number modulo `steps`.
+    paths: Vec<f64>,
+    /// The error scales at each of those origins (`steps × m` each): their scores' divisors.
+    origin_scale: Vec<f64>,
+    /// Paths pushed so far.
+    origins: u64,
+    /// `steps × m`: the running mean of each step's `|e|`; 0 until its first error.
+    scale: Vec<f64>,
+    /// `steps × m × TAUS.len()`: the tracked quantiles of the scores.
+    quantiles: Vec<f64>,
+    /// Per step: errors seen (each counts once per output).
+    errors: Vec<u64>,
+    /// Per step: scores seen (errors of forecasts whose origin had a scale).
+    scored: Vec<u64>,
+    /// `steps × REPORT_LEVELS.len()`: scores inside the interval at that level.
+    hits: Vec<u64>,
+}
+
+/// The calibrated intervals of a forecast: a copy of the quantiles (sorted) and the current
+/// error scales, immutable, as a forecast state carries them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    steps: usize,
+    outputs: usize,
+    /// `steps × m × TAUS.len()`, each run of `TAUS.len()` non-decreasing.
+    quantiles: Vec<f64>,
+    /// `steps × m`, every one positive (see [`Calibrator::calibration`]).
+    scale: Vec<f64>,
+}
+
+/// The forecast distribution of one step and output as served: its quantiles at [`TAUS`]
+/// (sorted, in units of the error scale) and the scale, around a centre given by the caller.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepDistribution {
+    q: [f64; TAUS.len()],
+    sigma: f64,
+}
+
+impl StepDistribution {
+    /// The central interval at `level` around `centre`.
+    pub fn interval(&self, level: f64, centre: f64) -> (f64, f64) {
+        (
+            self.quantile((1.0 - level) / 2.0, centre),
+            self.quantile((1.0 + level) / 2.0, centre),
+        )
+    }
+
+    /// The quantile at probability `tau`.
+    pub fn quantile(&self, tau: f64, centre: f64) -> f64 {
+        centre + self.sigma * interpolate(&self.q, tau)
+    }
+
+    /// The continuous ranked probability score of `y`, `∫ 2 ρ_τ(y − Q(τ)) dτ`, by the midpoint
+    /// rule on 100 probabilities.
+    pub fn crps(&self, centre: f64, y: f64) -> f64 {
+        const N: usize = 100;
+        let sum: f64 = (0..N)
+            .map(|k| {
+                let tau = (k as f64 + 0.5) / N as f64;
+                let d = y - self.quantile(tau, centre);
+                2.0 * if d >= 0.0 { tau * d } else { (tau - 1.0) * d }
+            })
+            .sum();
+        sum / N as f64
+    }
+}
+
+/// The running coverage of one report level: per step, the share of scores inside.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Coverage {
+    pub level: f64,
+    /// One entry per calibrated step (step 1 first); `None` before the step's first score.
+    pub steps: Vec<Option<f64>>,
+}
+
+/// The scales of `steps × m` with every step that has none yet (no error so far) filled from
+/// the nearest shorter step that has one, grown as √h; `None` while step 1 has none.
+fn filled_scales(scale: &[f64], steps: usize, m: usize) -> Option<Vec<f64>> {
+    let mut out = scale.to_vec();
+    for o in 0..m {
+        if out[o] < MIN_SCALE {
+            return None;
+        }
+        let mut known = 1;
+        for h in 2..=steps {
+            let i = (h - 1) * m + o;
+            if out[i] < MIN_SCALE {
+                out[i] = out[(known - 1) * m + o] * (h as f64 / known as f64).sqrt();
+            } else {
+                known = h;
+            }
+        }
+    }
+    Some(out)
+}
+
+impl Calibrator {
+    pub fn new(steps: usize, outputs: usize) -> Self {
+        let steps = steps.max(1);
+        let start: Vec<f64> = TAUS
+            .iter()
+            .map(|&t| normal_quantile(t) * SD_PER_MAD)
+            .collect();
+        Calibrator {
+            steps,
+            outputs,
+            paths: vec![0.0; steps * steps * outputs],
+            origin_scale: vec![0.0; steps * steps * outputs],
+            origins: 0,
+            scale: vec![0.0; steps * outputs],
+            quantiles: start.repeat(steps * outputs),
+            errors: vec![0; steps],
+            scored: vec![0; steps],
+            hits: vec![0; steps * REPORT_LEVELS.len()],
+        }
+    }
+
+    /// Steps calibrated.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Paths pushed so far.
+    pub fn origins(&self) -> u64 {
+        self.origins
+    }
+
+    /// Whether this calibrator (from a snapshot) has the shape these options give.
+    pub fn fits(&self, steps: usize, outputs: usize) -> bool {
+        let (s, m, t, r) = (steps, outputs, TAUS.len(), REPORT_LEVELS.len());
+        self.steps == s
+            && self.outputs == m
+            && self.paths.len() == s * s * m
+            && self.origin_scale.len() == s * s * m
+            && self.scale.len() == s * m
+            && self.quantiles.len() == s * m * t
+            && self.errors.len() == s
+            && self.scored.len() == s
+            && self.hits.len() == s * r
+    }
+
+    /// The bytes of a calibrator of this shape (its vectors), for the memory budget.
+    pub fn bytes(steps: usize, outputs: usize) -> usize {
+        let (s, m) = (steps, outputs);
+        (2 * s * s * m + s * m + s * m * TAUS.len() + 2 * s + s * REPORT_LEVELS.len())
+            * std::mem::size_of::<f64>()
+    }
+
+    /// Scores `y` (scaled units) against every pending path that forecast it, then updates
+    /// each step's error scale. Call once per observation, before [`Calibrator::push_path`]
+    /// for the same observation.
+    pub fn observe(&mut self, y: &[f64]) {
+        let (s, m, t) = (self.steps, self.outputs, TAUS.len());
+        let mut sorted = [0.0; TAUS.len()];
+        for h in 1..=s.min(self.origins as usize) {
+            let origin = (self.origins - h as u64) as usize % s;
+            let at = origin * s * m + (h - 1) * m;
+            let eta = TRACKER_STEP.max(1.0 / ((self.scored[h - 1] + 1) as f64).sqrt());
+            let mut counted = false;
+            for (o, &yo) in y.iter().enumerate() {
+                let e = yo - self.paths[at + o];
+                let sigma = self.origin_scale[at + o];
+                if sigma >= MIN_SCALE {
+                    let score = e / sigma;
+                    let i = (h - 1) * m + o;
+                    let q = &mut self.quantiles[i * t..(i + 1) * t];
+                    sorted.copy_from_slice(q);
+                    sort(&mut sorted);
+                    for (k, &level) in REPORT_LEVELS.iter().enumerate() {
+                        let lo = interpolate(&sorted, (1.0 - level) / 2.0);
+                        let hi = interpolate(&sorted, (1.0 + level) / 2.0);
+                        if lo <= score && score <= hi {
+                            self.hits[(h - 1) * REPORT_LEVELS.len() + k] += 1;
+                        }
+                    }
+                    for (qk, &tau) in q.iter_mut().zip(&TAUS) {
+                        let below = if score < *qk { 1.0 } else { 0.0 };
+                        *qk += eta * (tau - below);
+                    }
+                    counted = true;
+                }
+                let w = 1.0 / ((self.errors[h - 1] + 1) as f64).min(SCALE_WINDOW);
+                let sc = &mut self.scale[(h - 1) * m + o];
+                // A finite error that overflows stays the largest number, not infinity.
+                *sc = (*sc + w * (e.abs() - *sc)).min(f64::MAX);
+            }
+            self.errors[h - 1] += 1;
+            if counted {
+                self.scored[h - 1] += 1;
+            }
+        }
+    }
+
+    /// Keeps the forecast made now (`steps × m`, scaled units) until the observations it
+    /// forecast arrive.
+    pub fn push_path(&mut self, path: &[f64]) {
+        let (s, m) = (self.steps, self.outputs);
+        let slot = self.origins as usize % s;
+        self.paths[slot * s * m..(slot + 1) * s * m].copy_from_slice(path);
+        let scales = filled_scales(&self.scale, s, m).unwrap_or_else(|| vec![0.0; s * m]);
+        self.origin_scale[slot * s * m..(slot + 1) * s * m].copy_from_slice(&scales);
+        self.origins += 1;
+    }
+
+    /// The current quantiles and error scales for a forecast, or `None` until the stream has
+    /// an error scale (its first 1-step error).
+    pub fn calibration(&self) -> Option<Calibration> {
+        let scale = filled_scales(&self.scale, self.steps, self.outputs)?;
+        let mut quantiles = self.quantiles.clone();
+        for q in quantiles.chunks_exact_mut(TAUS.len()) {
+            sort(q);
+        }
+        Some(Calibration {
+            steps: self.steps,
+            outputs: self.outputs,
+            quantiles,
+            scale,
+        })
+    }
+
+    /// The distribution served now for step `step` (1-based, at most `steps`) of output `o`,
+    /// or `None` before the stream has an error scale.
+    pub fn distribution(&self, step: usize, o: usize) -> Option<StepDistribution> {
+        let (s, m, t) = (self.steps, self.outputs, TAUS.len());
+        let h = step.clamp(1, s);
+        if self.scale[o] < MIN_SCALE {
+            return None;
+        }
+        let mut known = 1;
+        for k in 1..=h {
+            if self.scale[(k - 1) * m + o] >= MIN_SCALE {
+                known = k;
+            }
+        }
+        let sigma = self.scale[(known - 1) * m + o] * (h as f64 / known as f64).sqrt();
+        let i = (h - 1) * m + o;
+        let mut q = [0.0; TAUS.len()];
+        q.copy_from_slice(&self.quantiles[i * t..(i + 1) * t]);
+        sort(&mut q);
+        Some(StepDistribution { q, sigma })
+    }
+
+    /// The running coverage of each report level per step.
+    pub fn coverage(&self) -> Vec<Coverage> {
+        let r = REPORT_LEVELS.len();
+        REPORT_LEVELS
+            .iter()
+            .enumerate()
+            .map(|(k, &level)| Coverage {
+                level,
+                steps: (0..self.steps)
+                    .map(|h| {
+                        let n = self.scored[h] * self.outputs as u64;
+                        (n > 0).then(|| self.hits[h * r + k] as f64 / n as f64)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl Calibration {
+    /// The distribution of step `step` (1-based) of output `o`: beyond the calibrated steps,
+    /// the last one's, its scale grown as √step.
+    fn distribution(&self, step: usize, o: usize) -> StepDistribution {
+        let h = step.clamp(1, self.steps);
+        let t = TAUS.len();
+        let i = (h - 1) * self.outputs + o;
+        let mut q = [0.0; TAUS.len()];
+        q.copy_from_slice(&self.quantiles[i * t..(i + 1) * t]);
+        let grow = (step.max(1) as f64 / h as f64).sqrt();
+        StepDistribution {
+            q,
+            sigma: self.scale[i] * grow,
+        }
+    }
+
+    /// The interval at `level` of step `step` (1-based) around `centre`, output `o`, in scaled
+    /// units.
+    pub fn interval(&self, step: usize, o: usize, level: f64, centre: f64) -> (f64, f64) {
+        self.distribution(step, o).interval(level, centre)
+    }
+
+    /// The quantile at probability `tau` of step `step`'s forecast distribution around
+    /// `centre` (scaled units), as [`Calibration::interval`] reads it.
+    pub fn quantile(&self, step: usize, o: usize, tau: f64, centre: f64) -> f64 {
+        self.distribution(step, o).quantile(tau, centre)
+    }
+}
+
+/// Insertion sort: 25 values, nearly sorted already (the trackers rarely cross).
+fn sort(q: &mut [f64]) {
+    for i in 1..q.len() {
+        let v = q[i];
+        let mut j = i;
+        while j > 0 && q[j - 1] > v {
+            q[j] = q[j - 1];
+            j -= 1;
+        }
+        q[j] = v;
+    }
+}
+
+/// The quantile at `tau` from sorted quantiles at [`TAUS`]: linear in τ inside the grid, a
+/// normal tail around the median outside it.
+fn interpolate(q: &[f64], tau: f64) -> f64 {
+    let last = TAUS.len() - 1;
+    if tau <= TAUS[0] {
+        let z = normal_quantile(tau.max(f64::MIN_POSITIVE)) / normal_quantile(TAUS[0]);
+        return q[MEDIAN] + (q[0] - q[MEDIAN]) * z;
+    }
+    if tau >= TAUS[last] {
+        let z = normal_quantile((1.0 - tau).max(f64::MIN_POSITIVE)) / normal_quantile(TAUS[0]);
+        return q[MEDIAN] + (q[last] - q[MEDIAN]) * z;
+    }
+    let k = TAUS.partition_point(|&t| t <= tau).clamp(1, last);
+    let (t0, t1) = (TAUS[k - 1], TAUS[k]);
+    q[k - 1] + (q[k] - q[k - 1]) * (tau - t0) / (t1 - t0)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal, StudentT};
+
+    use super::*;
+
+    fn normal(rng: &mut ChaCha8Rng) -> f64 {
+        StandardNormal.sample(rng)
+    }
+
+    /// A forecaster that predicts 0 for every step, against `y_t = noise_t`: every step's
+    /// error is the noise itself.
+    fn run(noise: &mut dyn FnMut() -> f64, n: usize, steps: usize) -> Calibrator {
+        let mut c = Calibrator::new(steps, 1);
+        let path = vec![0.0; steps];
+        for _ in 0..n {
+            c.observe(&[noise()]);
+            c.push_path(&path);
+        }
+        c
+    }
+
+    fn assert_covers(c: &Calibrator, tol: f64, what: &str) {
+        for cov in c.coverage() {
+            for (h, v) in cov.steps.iter().enumerate() {
+                let v = v.expect("scored");
+                assert!(
+                    (v - cov.level).abs() <= tol,
+                    "{what}: level {} step {}: coverage {v}",
+                    cov.level,
+                    h + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gaussian_noise_is_covered_at_every_level_and_step() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut noise = || 0.3 * normal(&mut rng);
+        let c = run(&mut noise, 20_000, 4);
+        assert_covers(&c, 0.01, "gaussian");
+    }
+
+    #[test]
+    fn heavy_tailed_noise_is_covered_too() {
+        // Student's t with 2 degrees of freedom: infinite variance.
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let t = StudentT::new(2.0).expect("valid");
+        let mut noise = || 0.1 * t.sample(&mut rng);
+        let c = run(&mut noise, 20_000, 3);
+        assert_covers(&c, 0.01, "student t(2)");
+    }
+
+    #[test]
+    fn coverage_holds_when_the_noise_changes_size() {
+        // Quiet, then ten times louder, then quiet again: the scale follows, the trackers
+        // correct the rest.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut i = 0;
+        let mut noise = || {
+            i += 1;
+            let s = if (5_000..10_000).contains(&i) {
+                1.0
+            } else {
+                0.1
+            };
+            s * normal(&mut rng)
+        };
+        let c = run(&mut noise, 15_000, 2);
+        assert_covers(&c, 0.02, "changing noise");
+    }
+
+    #[test]
+    fn intervals_are_nested_in_level_and_contain_the_median() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut noise = || 0.2 * normal(&mut rng) + 0.05;
+        let c = run(&mut noise, 300, 5).calibration().expect("has a scale");
+        for step in 1..=8 {
+            let mut last = (f64::INFINITY, f64::NEG_INFINITY);
+            for k in 1..=999 {
+                let level = k as f64 / 1000.0;
+                let (lo, hi) = c.interval(step, 0, level, 1.0);
+                assert!(lo <= hi, "step {step} level {level}: {lo} > {hi}");
+                assert!(
+                    lo <= last.0 && hi >= last.1,
+                    "step {step}: level {level} gives {lo}..{hi}, inside {last:?}"
+                );
+                last = (lo, hi);
+            }
+            let (lo, hi) = c.interval(step, 0, 0.9999999, 1.0);
+            assert!(lo.is_finite() && hi.is_finite() && lo < last.0 && hi > last.1);
+        }
+    }
+
+    #[test]
+    fn a_path_is_scored_against_the_observation_it_forecast() {
+        // Paths that are exactly right at step 2 and wrong by 1 at step 1.
+        let mut c = Calibrator::new(2, 1);
+        let ys: Vec<f64> = (0..50).map(|t| t as f64).collect();
+        for (t, &y) in ys.iter().enumerate() {
+            c.observe(&[y]);
+            c.push_path(&[t as f64 + 2.0, t as f64 + 2.0]);
+        }
+        let (s1, s2) = (c.scale[0], c.scale[1]);
+        assert!((s1 - 1.0).abs() < 1e-12, "1-step errors are all 1: {s1}");
+        assert!(s2.abs() < 1e-12, "2-step errors are all 0: {s2}");
+        let q = c.calibration().expect("scaled");
+        // Step 2 errs by 0: its median moves towards 0, step 1's towards -1 (y - ŷ = -1).
+        let m1 = q.quantile(1, 0, 0.5, 0.0);
+        let m2 = q.quantile(2, 0, 0.5, 0.0);
+        assert!(m1 < m2, "step 1 median {m1}, step 2 median {m2}");
+    }
+}
