@@ -136,6 +136,14 @@ pub enum Start {
     Failed(Options, String),
 }
 
+/// How an owner is set up: its queue, its event subscribers and its history.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub queue_depth: usize,
+    pub subscribers: usize,
+    pub history: usize,
+}
+
 /// What an owner holds in cluster mode instead of the stream's files.
 pub struct Replicated {
     pub log: StreamLog,
@@ -156,14 +164,6 @@ impl Replicated {
                 .snapshot_due(self.cluster.config().snapshot_records)
             || (self.since_snapshot > 0 && self.snapshot_time.elapsed() >= self.snapshot_interval)
     }
-}
-
-/// How an owner is set up: its queue, its event subscribers and its history.
-#[derive(Debug, Clone, Copy)]
-pub struct Sizes {
-    pub queue_depth: usize,
-    pub subscribers: usize,
-    pub history: usize,
 }
 
 /// Starts the owner of a stream.
@@ -244,8 +244,7 @@ pub fn spawn(
 
 fn view_outputs(start: &Start) -> usize {
     match start {
-        Start::Live(stream, _) => stream.options().outputs,
-        Start::Replicated(stream, _) => stream.options().outputs,
+        Start::Live(stream, _) | Start::Replicated(stream, _) => stream.options().outputs,
         Start::Failed(options, _) => options.outputs,
     }
 }
@@ -504,13 +503,11 @@ impl Owner {
                 result: Ok(learned),
             }) => {
                 self.record_timing(&learned, started);
-                self.publish(&stream, learned.forecast);
-                for o in &learned.outcomes {
-                    for a in &o.applied {
-                        self.events.send(a);
-                    }
-                    self.history.extend(o.applied.iter());
-                }
+                self.announce(
+                    &stream,
+                    learned.forecast,
+                    learned.outcomes.iter().map(|o| o.applied.as_slice()),
+                );
                 for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));
                 }
@@ -691,13 +688,11 @@ impl Owner {
                 ..
             }) => {
                 self.record_timing(&learned, started);
-                self.publish(&stream, learned.forecast);
-                for o in &learned.outcomes {
-                    for a in &o.applied {
-                        self.events.send(a);
-                    }
-                    self.history.extend(o.applied.iter());
-                }
+                self.announce(
+                    &stream,
+                    learned.forecast,
+                    learned.outcomes.iter().map(|o| o.applied.as_slice()),
+                );
                 for (o, reply) in learned.outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(o));
                 }
@@ -758,11 +753,7 @@ impl Owner {
                     r.since_snapshot += applied.len() as u64;
                 }
                 self.metrics.cluster_refused_records.inc_by(refused);
-                self.publish(&stream, forecast);
-                for a in &applied {
-                    self.events.send(a);
-                }
-                self.history.extend(applied.iter());
+                self.announce(&stream, forecast, std::iter::once(applied.as_slice()));
                 self.stream = Some(stream);
                 Ok(())
             }
@@ -827,6 +818,23 @@ impl Owner {
         self.metrics
             .update_seconds
             .observe(learned.learn_seconds / n);
+    }
+
+    /// After a group is learned: the new view, one event per applied observation, and the
+    /// history.
+    fn announce<'a>(
+        &self,
+        stream: &Stream,
+        forecast: Option<Arc<ForecastState>>,
+        batches: impl Iterator<Item = &'a [Applied]>,
+    ) {
+        self.publish(stream, forecast);
+        for batch in batches {
+            for a in batch {
+                self.events.send(a);
+            }
+            self.history.extend(batch.iter());
+        }
     }
 
     fn publish(&self, stream: &Stream, forecast: Option<Arc<ForecastState>>) {
