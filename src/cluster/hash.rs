@@ -1,4 +1,4 @@
-//! Which partition a stream name falls in, and which live node should own a partition.
+//! Which partition a stream name falls in, and which live node should own each partition.
 //! Both are fixed functions of their inputs, the same on every node and every build.
 
 /// FNV-1a, 64 bits.
@@ -23,13 +23,42 @@ pub fn partition(name: &str, partitions: u32) -> u32 {
     (mix(fnv1a(name.as_bytes())) % u64::from(partitions.max(1))) as u32
 }
 
-/// Rendezvous (highest random weight) hashing: the node that should own `partition` among
-/// `nodes`. When a node joins, only the partitions it now wins move (about 1/n of them); when
-/// one leaves, only its own move.
-pub fn owner_of<'a>(partition: u32, nodes: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    nodes
-        .into_iter()
-        .max_by_key(|n| (mix(fnv1a(n.as_bytes()) ^ mix(u64::from(partition) + 1)), *n))
+/// The owner of every partition `0..partitions` among `nodes`: rendezvous (highest random
+/// weight) preferences under a
+/// cap of ⌈partitions / nodes⌉ each, so that no node holds more than its even share rounded
+/// up (with 64 partitions on 3 nodes: 20 to 22 each, where rendezvous alone gave 14 to 30). Pairs (partition, node) are taken from the strongest preference down, each partition
+/// going to its most preferred node that still has room: a joining node takes the partitions
+/// that prefer it most, and few others move. The same on every node for the same live set
+/// (ties broken by name).
+pub fn assignment<'a>(partitions: u32, nodes: &[&'a str]) -> Vec<Option<&'a str>> {
+    let mut nodes: Vec<&str> = nodes.to_vec();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut owners = vec![None; partitions as usize];
+    if nodes.is_empty() {
+        return owners;
+    }
+    let cap = (partitions as usize).div_ceil(nodes.len());
+    let mut pairs: Vec<(u64, u32, usize)> = Vec::with_capacity(partitions as usize * nodes.len());
+    for p in 0..partitions {
+        for (i, n) in nodes.iter().enumerate() {
+            pairs.push((weight(p, n), p, i));
+        }
+    }
+    pairs.sort_unstable_by(|a, b| b.cmp(a));
+    let mut held = vec![0usize; nodes.len()];
+    for (_, p, i) in pairs {
+        let slot = &mut owners[p as usize];
+        if slot.is_none() && held[i] < cap {
+            *slot = Some(nodes[i]);
+            held[i] += 1;
+        }
+    }
+    owners
+}
+
+fn weight(partition: u32, node: &str) -> u64 {
+    mix(fnv1a(node.as_bytes()) ^ mix(u64::from(partition) + 1))
 }
 
 #[cfg(test)]
@@ -49,26 +78,41 @@ mod tests {
     }
 
     #[test]
-    fn a_joining_node_takes_only_partitions_it_wins() {
-        let three = ["a", "b", "c"];
-        let four = ["a", "b", "c", "d"];
-        let mut moved = 0;
-        for p in 0..256 {
-            let before = owner_of(p, three).unwrap();
-            let after = owner_of(p, four).unwrap();
-            if before != after {
-                assert_eq!(after, "d", "partition {p} moved between old nodes");
-                moved += 1;
-            }
+    fn the_assignment_is_even_and_a_joining_node_moves_few_others() {
+        let count = |a: &[Option<&str>], n: &str| a.iter().filter(|o| **o == Some(n)).count();
+        let three = assignment(64, &["a", "b", "c"]);
+        for n in ["a", "b", "c"] {
+            assert!((20..=22).contains(&count(&three, n)), "{n}: {three:?}");
         }
-        // About a quarter moves, to the new node only.
-        assert!((40..90).contains(&moved), "{moved}");
-    }
-
-    #[test]
-    fn owner_does_not_depend_on_the_order_of_nodes() {
-        for p in 0..64 {
-            assert_eq!(owner_of(p, ["x", "y", "z"]), owner_of(p, ["z", "x", "y"]));
+        assert_eq!(three, assignment(64, &["c", "a", "b"]), "order of nodes");
+        let four = assignment(64, &["a", "b", "c", "d"]);
+        for n in ["a", "b", "c", "d"] {
+            assert_eq!(count(&four, n), 16, "{n}: {four:?}");
         }
+        let moved = three.iter().zip(&four).filter(|(x, y)| x != y).count();
+        let to_new = three
+            .iter()
+            .zip(&four)
+            .filter(|(x, y)| x != y && **y == Some("d"))
+            .count();
+        assert_eq!(to_new, 16, "the new node gets its share");
+        assert!(
+            moved - to_new <= 6,
+            "{} partitions moved between old nodes",
+            moved - to_new
+        );
+        // A node leaving: only its partitions and a few to even out.
+        let two = assignment(64, &["a", "c"]);
+        let theirs = three.iter().filter(|x| **x != Some("b")).count();
+        let kept = three
+            .iter()
+            .zip(&two)
+            .filter(|(x, y)| **x != Some("b") && x == y)
+            .count();
+        assert!(
+            kept + 6 >= theirs,
+            "{kept} of the {theirs} partitions of a and c stayed"
+        );
+        assert!(assignment(8, &[]).iter().all(Option::is_none));
     }
 }

@@ -766,8 +766,10 @@ async fn round(inner: &Inner) {
     let mut acquire = Vec::new();
     {
         let mut view = lock(&inner.view);
+        let live: Vec<&str> = live.iter().map(String::as_str).collect();
+        let owners = hash::assignment(inner.config.partitions, &live);
         for p in 0..inner.config.partitions {
-            let want = hash::owner_of(p, live.iter().map(String::as_str));
+            let want = owners[p as usize];
             let mine = want == Some(inner.node.as_str());
             let vacant = view
                 .leases
