@@ -456,19 +456,14 @@ impl Owner {
         });
     }
 
-    /// Plans every batch of the group, logs the accepted ones with one append (and one fsync),
-    /// applies them in order, and answers each.
-    async fn observe(&mut self, group: Vec<(Vec<Observation>, Reply)>) {
-        if self.replicated.is_some() {
-            return self.observe_replicated(group).await;
-        }
-        let (Some(stream), Some(store)) = (self.stream.take(), self.store.take()) else {
-            for (_, reply) in group {
-                let _ = reply.send(Err(self.failed()));
-            }
-            return;
-        };
-        let (work, replies) = plan_group(&stream, group);
+    /// Plans the group against `stream` and counts its duplicates; a group with nothing new is
+    /// answered here (`None`).
+    fn plan_new(
+        &self,
+        stream: &Stream,
+        group: Vec<(Vec<Observation>, Reply)>,
+    ) -> Option<(Vec<Planned>, Vec<Reply>)> {
+        let (work, replies) = plan_group(stream, group);
         let duplicates: u64 = work.iter().map(|(_, p)| p.duplicates as u64).sum();
         self.metrics
             .duplicates
@@ -481,10 +476,28 @@ impl Owner {
                     applied: Vec::new(),
                 }));
             }
+            return None;
+        }
+        Some((work, replies))
+    }
+
+    /// Plans every batch of the group, logs the accepted ones with one append (and one fsync),
+    /// applies them in order, and answers each.
+    async fn observe(&mut self, group: Vec<(Vec<Observation>, Reply)>) {
+        if self.replicated.is_some() {
+            return self.observe_replicated(group).await;
+        }
+        let (Some(stream), Some(store)) = (self.stream.take(), self.store.take()) else {
+            for (_, reply) in group {
+                let _ = reply.send(Err(self.failed()));
+            }
+            return;
+        };
+        let Some((work, replies)) = self.plan_new(&stream, group) else {
             self.stream = Some(stream);
             self.store = Some(store);
             return;
-        }
+        };
         // A step split over two threads runs only when two cores are free of other updates.
         let threads = u32::try_from(stream.step_threads()).unwrap_or(1);
         let permit = self.cores.clone().acquire_many_owned(threads).await;
@@ -567,22 +580,10 @@ impl Owner {
                 }
                 return;
             };
-            let (work, replies) = plan_group(&stream, group);
-            let duplicates: u64 = work.iter().map(|(_, p)| p.duplicates as u64).sum();
-            self.metrics
-                .duplicates
-                .get_or_create(&self.label())
-                .inc_by(duplicates);
-            if work.iter().all(|(_, p)| p.accepted.is_empty()) {
-                for ((_, plan), reply) in work.iter().zip(replies) {
-                    let _ = reply.send(Ok(Outcome {
-                        duplicates: plan.duplicates,
-                        applied: Vec::new(),
-                    }));
-                }
+            let Some((work, replies)) = self.plan_new(&stream, group) else {
                 self.stream = Some(stream);
                 return;
-            }
+            };
             let record: Vec<Observation> = work
                 .iter()
                 .flat_map(|(b, p)| {
