@@ -140,13 +140,15 @@ pub struct Coverage {
     pub steps: Vec<Option<f64>>,
 }
 
-/// The scales of `steps × m` with every step that has none yet (no error so far) filled from
-/// the nearest shorter step that has one, grown as √h; `None` while step 1 has none.
-fn filled_scales(scale: &[f64], steps: usize, m: usize) -> Option<Vec<f64>> {
-    let mut out = scale.to_vec();
+/// Writes the scales of `steps × m` into `out` with every step that has none yet (no error so
+/// far) filled from the nearest shorter step that has one, grown as √h; false (and `out` all
+/// zero) while step 1 has none.
+fn fill_scales(scale: &[f64], steps: usize, m: usize, out: &mut [f64]) -> bool {
+    out.copy_from_slice(scale);
     for o in 0..m {
         if out[o] < MIN_SCALE {
-            return None;
+            out.fill(0.0);
+            return false;
         }
         let mut known = 1;
         for h in 2..=steps {
@@ -158,7 +160,7 @@ fn filled_scales(scale: &[f64], steps: usize, m: usize) -> Option<Vec<f64>> {
             }
         }
     }
-    Some(out)
+    true
 }
 
 impl Calibrator {
@@ -264,15 +266,22 @@ impl Calibrator {
         let (s, m) = (self.steps, self.outputs);
         let slot = self.origins as usize % s;
         self.paths[slot * s * m..(slot + 1) * s * m].copy_from_slice(path);
-        let scales = filled_scales(&self.scale, s, m).unwrap_or_else(|| vec![0.0; s * m]);
-        self.origin_scale[slot * s * m..(slot + 1) * s * m].copy_from_slice(&scales);
+        fill_scales(
+            &self.scale,
+            s,
+            m,
+            &mut self.origin_scale[slot * s * m..(slot + 1) * s * m],
+        );
         self.origins += 1;
     }
 
     /// The current quantiles and error scales for a forecast, or `None` until the stream has
     /// an error scale (its first 1-step error).
     pub fn calibration(&self) -> Option<Calibration> {
-        let scale = filled_scales(&self.scale, self.steps, self.outputs)?;
+        let mut scale = vec![0.0; self.scale.len()];
+        if !fill_scales(&self.scale, self.steps, self.outputs, &mut scale) {
+            return None;
+        }
         let mut quantiles = self.quantiles.clone();
         for q in quantiles.chunks_exact_mut(TAUS.len()) {
             sort(q);
