@@ -184,11 +184,6 @@ impl Calibrator {
         }
     }
 
-    /// Steps calibrated.
-    pub fn steps(&self) -> usize {
-        self.steps
-    }
-
     /// Paths pushed so far.
     pub fn origins(&self) -> u64 {
         self.origins

@@ -301,6 +301,30 @@ fn interval_quantile(level: f64) -> f64 {
 mod tests {
     use super::*;
 
+    /// A state of one lag of one output, before calibration: every weight of the mean `mean`,
+    /// of four particles `particle`, hidden states zero, the last value 0.5, outputs on a scale
+    /// of `0..scale_max`.
+    fn uncalibrated(layout: Layout, mean: f64, particle: f64, scale_max: f64) -> ForecastState {
+        let (d, nh) = (layout.dim(), layout.hidden);
+        ForecastState {
+            layout,
+            lags: 1,
+            inputs: 0,
+            mean: vec![mean; d],
+            mean_hidden: vec![0.0; nh],
+            particles: vec![particle; 4 * d],
+            hidden: vec![0.0; 4 * nh],
+            lag_values: vec![0.5],
+            y_scale: vec![Scaler::new(0.0, scale_max)],
+            x_scale: vec![],
+            noise_var: 0.01,
+            seed: 1,
+            seq: 1,
+            calibration: None,
+            mixture: None,
+        }
+    }
+
     #[test]
     fn levels_next_to_one_give_finite_intervals() {
         for level in [0.9999999999999999, 1.0 - 1e-12, 0.5, 1e-300] {
@@ -313,25 +337,7 @@ mod tests {
     fn an_explosive_model_forecasts_finite_numbers() {
         // Every weight 2: the output feeds back through the lag with weight 2 and doubles each
         // step, past f64::MAX by step ~1030.
-        let layout = Layout::new(1, 1, 1);
-        let d = layout.dim();
-        let state = ForecastState {
-            layout,
-            lags: 1,
-            inputs: 0,
-            mean: vec![2.0; d],
-            mean_hidden: vec![0.0],
-            particles: vec![2.0; 4 * d],
-            hidden: vec![0.0; 4],
-            lag_values: vec![0.5],
-            y_scale: vec![Scaler::new(0.0, 1e6)],
-            x_scale: vec![],
-            noise_var: 0.01,
-            seed: 1,
-            seq: 1,
-            calibration: None,
-            mixture: None,
-        };
+        let state = uncalibrated(Layout::new(1, 1, 1), 2.0, 2.0, 1e6);
         let steps = state.forecast(2000, &[0.9], &[]);
         let last = &steps[1999];
         for v in steps
@@ -353,25 +359,7 @@ mod tests {
     #[test]
     fn a_forecast_stops_when_told_and_is_the_same_when_not() {
         // Two hidden units, one lag of one output.
-        let layout = Layout::new(2, 1, 1);
-        let d = layout.dim();
-        let state = ForecastState {
-            layout,
-            lags: 1,
-            inputs: 0,
-            mean: vec![0.1; d],
-            mean_hidden: vec![0.0; 2],
-            particles: vec![0.2; 4 * d],
-            hidden: vec![0.0; 8],
-            lag_values: vec![0.5],
-            y_scale: vec![Scaler::new(0.0, 1.0)],
-            x_scale: vec![],
-            noise_var: 0.01,
-            seed: 1,
-            seq: 1,
-            calibration: None,
-            mixture: None,
-        };
+        let state = uncalibrated(Layout::new(2, 1, 1), 0.1, 0.2, 1.0);
         let mut calls = 0;
         let stopped = state.forecast_while(100, &[0.9], &[], &mut || {
             calls += 1;

@@ -24,9 +24,6 @@ use crate::engine::ensemble::AnyEnsemble;
 use crate::engine::model::{Forecaster, LagBuffer, Learner};
 use crate::engine::rollout::RollOut;
 
-/// Members, in the order of the weights.
-pub const MEMBERS: [&str; 3] = ["ensemble", "ar", "persistence"];
-
 /// The discount ρ of the members' squared errors: about the last 200 observations count.
 const DISCOUNT: f64 = 0.995;
 /// η: how sharply the weights prefer the member with the least recent error. Chosen on the

@@ -515,15 +515,7 @@ impl Owner {
                 store,
                 result: Ok(learned),
             }) => {
-                self.record_timing(&learned, started);
-                self.announce(
-                    &stream,
-                    learned.forecast,
-                    learned.outcomes.iter().map(|o| o.applied.as_slice()),
-                );
-                for (o, reply) in learned.outcomes.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(o));
-                }
+                self.deliver(&stream, learned, replies, started);
                 self.stream = Some(stream);
                 self.store = store;
             }
@@ -688,15 +680,7 @@ impl Owner {
                 result: Ok(learned),
                 ..
             }) => {
-                self.record_timing(&learned, started);
-                self.announce(
-                    &stream,
-                    learned.forecast,
-                    learned.outcomes.iter().map(|o| o.applied.as_slice()),
-                );
-                for (o, reply) in learned.outcomes.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(o));
-                }
+                self.deliver(&stream, learned, replies, started);
                 self.stream = Some(stream);
             }
             Ok(GroupWork { stream, .. }) => {
@@ -819,6 +803,19 @@ impl Owner {
         self.metrics
             .update_seconds
             .observe(learned.learn_seconds / n);
+    }
+
+    /// A group learned: its timing, the announcement, and each batch's answer.
+    fn deliver(&self, stream: &Stream, learned: Learned, replies: Vec<Reply>, started: Instant) {
+        self.record_timing(&learned, started);
+        self.announce(
+            stream,
+            learned.forecast,
+            learned.outcomes.iter().map(|o| o.applied.as_slice()),
+        );
+        for (o, reply) in learned.outcomes.into_iter().zip(replies) {
+            let _ = reply.send(Ok(o));
+        }
     }
 
     /// After a group is learned: the new view, one event per applied observation, and the
