@@ -215,7 +215,6 @@ impl Calibrator {
     /// for the same observation.
     pub fn observe(&mut self, y: &[f64]) {
         let (s, m, t) = (self.steps, self.outputs, TAUS.len());
-        let mut sorted = [0.0; TAUS.len()];
         for h in 1..=s.min(self.origins as usize) {
             let origin = (self.origins - h as u64) as usize % s;
             let at = origin * s * m + (h - 1) * m;
@@ -228,15 +227,8 @@ impl Calibrator {
                     let score = e / sigma;
                     let i = (h - 1) * m + o;
                     let q = &mut self.quantiles[i * t..(i + 1) * t];
-                    sorted.copy_from_slice(q);
-                    sort(&mut sorted);
-                    for (k, &level) in REPORT_LEVELS.iter().enumerate() {
-                        let lo = interpolate(&sorted, (1.0 - level) / 2.0);
-                        let hi = interpolate(&sorted, (1.0 + level) / 2.0);
-                        if lo <= score && score <= hi {
-                            self.hits[(h - 1) * REPORT_LEVELS.len() + k] += 1;
-                        }
-                    }
+                    let r = REPORT_LEVELS.len();
+                    count_hits(q, score, &mut self.hits[(h - 1) * r..h * r]);
                     for (qk, &tau) in q.iter_mut().zip(&TAUS) {
                         let below = if score < *qk { 1.0 } else { 0.0 };
                         *qk += eta * (tau - below);
@@ -356,6 +348,63 @@ impl Calibration {
     /// `centre` (scaled units), as [`Calibration::interval`] reads it.
     pub fn quantile(&self, step: usize, o: usize, tau: f64, centre: f64) -> f64 {
         self.distribution(step, o).quantile(tau, centre)
+    }
+}
+
+/// Where [`interpolate`] reads each report level's bounds: the lower bound of level k lies
+/// between the sorted quantiles `REPORT_RANKS[k].0 − 1` and `.0`, the upper one between
+/// `.1 − 1` and `.1` (a test checks them against `interpolate`'s own search).
+const REPORT_RANKS: [(usize, usize); 4] = [(8, 18), (4, 21), (3, 22), (3, 23)];
+
+/// Adds 1 to `hits[k]` for each report level k whose interval, read from the quantiles `q` as
+/// [`interpolate`] reads them from the sorted quantiles, holds `score`: the same counts as
+/// sorting and interpolating, mostly without either.
+///
+/// A bound interpolated between the sorted values `s[k−1]` and `s[k]` lies in `[s[k−1], s[k]]`
+/// (its fraction `(τ − τ₀)/(τ₁ − τ₀)` is below 1 − 2ε, a test checks it, so the rounded sum
+/// stays at most `s[k]`; two distinct quantiles, sums of tracker steps of at least 1e-4, are
+/// never a subnormal apart). With `le` values `≤ score` and `lt` values `< score`, the score is
+/// certainly above a lower bound when `le > k` (`s[k] ≤ score`) and certainly below it when
+/// `le < k`; certainly below an upper bound when `le < k` and certainly above it when `lt > k`.
+/// Only a score that falls between the two quantiles around a bound needs the bound itself:
+/// then the quantiles are sorted and the bound interpolated, as before.
+fn count_hits(q: &[f64], score: f64, hits: &mut [u64]) {
+    let (mut le, mut lt) = (0, 0);
+    for &v in q {
+        le += usize::from(v <= score);
+        lt += usize::from(v < score);
+    }
+    let mut sorted: Option<[f64; TAUS.len()]> = None;
+    let mut exact = |tau: f64| {
+        let s = sorted.get_or_insert_with(|| {
+            let mut s = [0.0; TAUS.len()];
+            s.copy_from_slice(q);
+            sort(&mut s);
+            s
+        });
+        interpolate(s, tau)
+    };
+    for ((hit, &level), &(lo, hi)) in hits.iter_mut().zip(&REPORT_LEVELS).zip(&REPORT_RANKS) {
+        let above_lo = if le > lo {
+            true
+        } else if le < lo {
+            false
+        } else {
+            exact((1.0 - level) / 2.0) <= score
+        };
+        if !above_lo {
+            continue;
+        }
+        let below_hi = if le < hi {
+            true
+        } else if lt > hi {
+            false
+        } else {
+            score <= exact((1.0 + level) / 2.0)
+        };
+        if below_hi {
+            *hit += 1;
+        }
     }
 }
 
@@ -484,6 +533,55 @@ mod tests {
             let (lo, hi) = c.interval(step, 0, 0.9999999, 1.0);
             assert!(lo.is_finite() && hi.is_finite() && lo < last.0 && hi > last.1);
         }
+    }
+
+    /// `REPORT_RANKS` are where `interpolate` reads each bound, and each bound's fraction of
+    /// the way between its two quantiles is below 1 − 2ε (what `count_hits` relies on).
+    #[test]
+    fn report_ranks_are_where_interpolate_reads() {
+        let last = TAUS.len() - 1;
+        for (&level, &(lo, hi)) in REPORT_LEVELS.iter().zip(&REPORT_RANKS) {
+            for (tau, k) in [((1.0 - level) / 2.0, lo), ((1.0 + level) / 2.0, hi)] {
+                assert!(tau > TAUS[0] && tau < TAUS[last], "{level}: inside the grid");
+                assert_eq!(TAUS.partition_point(|&t| t <= tau).clamp(1, last), k, "{tau}");
+                let fraction = (tau - TAUS[k - 1]) / (TAUS[k] - TAUS[k - 1]);
+                assert!((0.0..=1.0 - 2.0 * f64::EPSILON).contains(&fraction), "{tau}");
+            }
+        }
+    }
+
+    /// The hits `count_hits` counts are the ones the sorted quantiles' interpolated bounds
+    /// give, crossed trackers, ties and bounds falling between two quantiles included.
+    #[test]
+    fn counting_hits_matches_sorting_and_interpolating() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut seen = [0u64; 2];
+        for round in 0..20_000 {
+            let mut q = [0.0; TAUS.len()];
+            let grain = if round % 2 == 0 { 2.0 } else { 1e6 };
+            for v in q.iter_mut() {
+                // Coarse values half the time, so that ties and crossings are common.
+                *v = (normal(&mut rng) * 3.0 * grain).round() / grain;
+            }
+            let pick = (normal(&mut rng).abs() * 7.0) as usize % TAUS.len();
+            let score = match round % 3 {
+                0 => q[pick],
+                _ => (normal(&mut rng) * 3.0 * grain).round() / grain,
+            };
+            let mut sorted = q;
+            sort(&mut sorted);
+            let mut want = [0u64; REPORT_LEVELS.len()];
+            for (w, &level) in want.iter_mut().zip(&REPORT_LEVELS) {
+                let lo = interpolate(&sorted, (1.0 - level) / 2.0);
+                let hi = interpolate(&sorted, (1.0 + level) / 2.0);
+                *w = u64::from(lo <= score && score <= hi);
+            }
+            let mut got = [0u64; REPORT_LEVELS.len()];
+            count_hits(&q, score, &mut got);
+            assert_eq!(got, want, "{q:?} {score}");
+            seen[usize::from(want.iter().any(|&w| w == 1))] += 1;
+        }
+        assert!(seen[0] > 1000 && seen[1] > 1000, "{seen:?}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The floating-point types an ensemble can store and compute in: `f64` (the default, whose
-//! results are pinned bit for bit by `ensemble::golden`) and `f32` (half the memory traffic and
-//! twice the vector lanes; its own results, pinned by its own fingerprints).
+//! The floating-point types an ensemble can store and compute in: `f32` (the default option:
+//! half the memory traffic and twice the vector lanes) and `f64`, each with results of its own
+//! pinned bit for bit by `eval::golden`.
 //!
 //! Only the ensemble's particle-sized work (the forward of every particle, C^{uw}, the update
 //! pass) runs in the storage type; the output-space algebra (C^{ww}, the m×m solve, the
@@ -42,6 +42,8 @@ pub trait Real:
     fn is_finite(self) -> bool;
     /// The bits, widened (for loads that must not be optimised away).
     fn bits(self) -> u64;
+    /// `v` as `f64` values (exact): `v` itself for `f64`, else written into `buf`.
+    fn widened<'a>(v: &'a [Self], buf: &'a mut Vec<f64>) -> &'a [f64];
 
     /// Four lanes of `Self` as one explicit vector (`wide`: one SSE register of `f32`, two of
     /// `f64` on the baseline build). Lane-wise `+` and `×` are the IEEE operations of the
@@ -99,6 +101,10 @@ impl Real for f64 {
     fn bits(self) -> u64 {
         self.to_bits()
     }
+    #[inline(always)]
+    fn widened<'a>(v: &'a [Self], _: &'a mut Vec<f64>) -> &'a [f64] {
+        v
+    }
     x4_with!(wide::f64x4);
 }
 
@@ -125,6 +131,11 @@ impl Real for f32 {
     #[inline(always)]
     fn bits(self) -> u64 {
         u64::from(self.to_bits())
+    }
+    fn widened<'a>(v: &'a [Self], buf: &'a mut Vec<f64>) -> &'a [f64] {
+        buf.clear();
+        buf.extend(v.iter().map(|&x| f64::from(x)));
+        buf
     }
     x4_with!(wide::f32x4);
 }
@@ -174,7 +185,6 @@ pub fn tanh_f32(x: f32) -> f32 {
     Copy,
     PartialEq,
     Eq,
-    Default,
     Serialize,
     Deserialize,
     utoipa::ToSchema,
@@ -182,11 +192,11 @@ pub fn tanh_f32(x: f32) -> f32 {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// Double precision: the reference results.
-    #[default]
+    /// Double precision.
     F64,
-    /// Single precision: half the bytes per particle, 2–3× the speed; on the bundled
-    /// datasets its predictions stay within 1e-6 of the series' range of the `f64` ones.
+    /// Single precision (the default option): half the bytes per particle, 2–3× the speed; on
+    /// the bundled datasets its predictions stay within 1e-6 of the series' range of the `f64`
+    /// ones.
     F32,
 }
 

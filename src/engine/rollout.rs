@@ -68,18 +68,15 @@ impl RollOut {
         x: &[f64],
         out: &mut [f64],
     ) {
+        // `f64` networks roll out from their own parameters: no copy per observation.
         let mut wide_params = std::mem::take(&mut self.wide_params);
         let mut wide_hidden = std::mem::take(&mut self.wide_hidden);
-        wide_params.clear();
-        wide_params.extend(params.iter().map(|v| v.to_f64()));
-        wide_hidden.clear();
-        wide_hidden.extend(hidden.iter().map(|v| v.to_f64()));
         let lags = lag_values.len() / layout.outputs.max(1);
         self.run(
             layout,
             lags,
-            &wide_params,
-            &wide_hidden,
+            T::widened(params, &mut wide_params),
+            T::widened(hidden, &mut wide_hidden),
             lag_values,
             FutureInputs::Held(x),
             None,

@@ -92,11 +92,20 @@ fn mixture_fingerprint(file: &str, prefix: usize, method: &str, o: Options, pass
     f.0
 }
 
+/// The default options in `f64`: what the `f64` pins run (the default precision is `f32`,
+/// pinned by its own cases).
+fn f64_defaults() -> Options {
+    Options {
+        precision: Precision::F64,
+        ..Options::default()
+    }
+}
+
 fn small(j: usize, hidden: usize) -> Options {
     Options {
         ensemble: j,
         hidden,
-        ..Options::default()
+        ..f64_defaults()
     }
 }
 
@@ -106,15 +115,20 @@ const FILES: [&str; 2] = ["daily-min-temperatures.csv", "monthly-sunspots.csv"];
 fn default_eki_predictions_are_pinned_issue_6() {
     // Whole series, default options (J = 100, hidden 16), prequential pass + 2 passes.
     let want = [0x523815bd3e94f97d, 0x221ec449b4f51b26];
-    let got = FILES.map(|f| eval_fingerprint(f, usize::MAX, "eki", Options::default(), 2));
+    let got = FILES.map(|f| eval_fingerprint(f, usize::MAX, "eki", f64_defaults(), 2));
     assert_eq!(got, want, "got {got:#x?}");
 }
 
 /// The default stream's forecaster (the ensemble in its mixture with the autoregression and
-/// persistence) on the first 1000 values of each series, prequential pass + 2 passes.
+/// persistence) on the first 1000 values of each series, prequential pass + 2 passes: in
+/// `f64`, and in the default precision (`f32`).
 #[test]
 fn default_mixture_predictions_are_pinned() {
     let want = [0xe99ea187a3da9245, 0xdc3c9eb68de22fca];
+    let got = FILES.map(|f| mixture_fingerprint(f, 1000, "eki", f64_defaults(), 2));
+    assert_eq!(got, want, "got {got:#x?}");
+    assert_eq!(Options::default().precision, Precision::F32);
+    let want = [0x5c88ef53a8cdc476, 0x9f74e1add345246f];
     let got = FILES.map(|f| mixture_fingerprint(f, 1000, "eki", Options::default(), 2));
     assert_eq!(got, want, "got {got:#x?}");
 }
@@ -192,7 +206,7 @@ fn multi_output_ensembles_are_pinned_issue_6() {
         inputs: 2,
         outputs: 2,
         seed: 17,
-        ..Options::default()
+        ..f64_defaults()
     };
     let cases = [
         base.clone(),
@@ -239,7 +253,7 @@ fn repaired_particles_are_pinned_issue_6() {
         hidden: 5,
         lags: 3,
         seed: 4,
-        ..Options::default()
+        ..f64_defaults()
     }
     .check()
     .expect("valid");

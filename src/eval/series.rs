@@ -91,9 +91,10 @@ pub fn parse_series(mut input: impl Read, column: Option<&str>) -> Result<Series
         values: Vec::with_capacity(records.len()),
     };
     for rec in &records {
-        let line = rec.position().map_or(0, |p| line_at(p.byte()));
+        // Counted only for an error: counting lines up to every record is quadratic in the file.
+        let line = || rec.position().map_or(0, |p| line_at(p.byte()));
         let cell = rec.get(idx).ok_or_else(|| DataError::Cell {
-            line,
+            line: line(),
             column: series.column.clone(),
             reason: format!(
                 "the row has {} fields, the header {}",
@@ -102,13 +103,13 @@ pub fn parse_series(mut input: impl Read, column: Option<&str>) -> Result<Series
             ),
         })?;
         let v: f64 = cell.parse().map_err(|_| DataError::Cell {
-            line,
+            line: line(),
             column: series.column.clone(),
             reason: format!("`{cell}` is not a number"),
         })?;
         if !v.is_finite() {
             return Err(DataError::Cell {
-                line,
+                line: line(),
                 column: series.column.clone(),
                 reason: format!("`{cell}` is not a finite number"),
             });
