@@ -107,17 +107,16 @@ impl<T: Real> Floor<T> {
 
 /// The fixed operation order alone, in tight loops over a buffer like the floor's: per
 /// particle-parameter the forward's multiply and add (sixteen independent sums per row), C^{uw}'s
-/// subtract, multiply and add (four particles per pass over the accumulator), the update's
+/// multiply and add (four particles per pass over the accumulator), the update's
 /// multiply and add and the add into the new mean's sum (eight particles per pass), and
 /// `hidden` calls of the type's `tanh` per particle; no network structure, mean particle or
 /// solve. Any implementation that keeps the engine's bits does at least this arithmetic, so
 /// its time over the memory floor bounds the roofline ratio the rule allows on this machine.
 struct OpFloor<T> {
     buf: ParticleBuf<T>,
-    /// The forward's input (one row's worth), C^{uw}'s row, the mean, the new mean's sum.
+    /// The forward's input (one row's worth), C^{uw}'s row, the new mean's sum.
     x: Vec<T>,
     cuw: Vec<T>,
-    mean: Vec<T>,
     sum: Vec<T>,
     /// One particle's new hidden state.
     state: Vec<T>,
@@ -130,7 +129,6 @@ impl<T: Real> OpFloor<T> {
             buf: ParticleBuf::from_slice(&vec![T::ONE; j * d]),
             x: vec![T::from_f64(1e-3); d],
             cuw: vec![T::ZERO; d],
-            mean: vec![T::from_f64(0.5); d],
             sum: vec![T::ZERO; d],
             state: vec![T::ZERO; hidden],
             d,
@@ -166,14 +164,13 @@ impl<T: Real> OpFloor<T> {
             if blk.len() == 4 * d {
                 let (u01, u23) = blk.split_at(2 * d);
                 let ((u0, u1), (u2, u3)) = (u01.split_at(d), u23.split_at(d));
-                let (cuw, mean) = (&mut self.cuw[..d], &self.mean[..d]);
+                let cuw = &mut self.cuw[..d];
                 for p in 0..d {
-                    let m = mean[p];
                     let mut a = cuw[p];
-                    a += (u0[p] - m) * e[0];
-                    a += (u1[p] - m) * e[1];
-                    a += (u2[p] - m) * e[2];
-                    a += (u3[p] - m) * e[3];
+                    a += u0[p] * e[0];
+                    a += u1[p] * e[1];
+                    a += u2[p] * e[2];
+                    a += u3[p] * e[3];
                     cuw[p] = a;
                 }
             }

@@ -14,54 +14,70 @@ use crate::engine::real::Real;
 /// accumulator and the mean stay in L1/L2 (4 × 12 kB at hidden 32).
 pub const BLOCK: usize = 4;
 
-/// `acc[p] += (u[p] − mean[p])·e`: one particle's term of the (unscaled) cross-covariance.
+/// `acc[p] += u[p]·e`: one particle's term of the (unscaled, uncentred) cross-covariance; the
+/// centring `− ū Σ e` comes once per step ([`scale_and_next_mean`]).
 #[inline]
-pub fn accumulate1<T: Real>(acc: &mut [T], mean: &[T], u: &[T], e: T) {
+pub fn accumulate1<T: Real>(acc: &mut [T], u: &[T], e: T) {
     let n = acc.len();
-    let (mean, u) = (&mean[..n], &u[..n]);
+    let u = &u[..n];
     for p in 0..n {
-        acc[p] += (u[p] - mean[p]) * e;
+        acc[p] += u[p] * e;
     }
 }
 
 /// [`accumulate1`] for four consecutive particles, in their order, per element.
 #[inline]
-pub fn accumulate4<T: Real>(acc: &mut [T], mean: &[T], terms: [(&[T], T); BLOCK]) {
+pub fn accumulate4<T: Real>(acc: &mut [T], terms: [(&[T], T); BLOCK]) {
     let n = acc.len();
-    let mean = &mean[..n];
     let [(u0, e0), (u1, e1), (u2, e2), (u3, e3)] = terms;
     let e = [e0, e1, e2, e3];
     let (u0, u1, u2, u3) = (&u0[..n], &u1[..n], &u2[..n], &u3[..n]);
     for p in 0..n {
-        let mp = mean[p];
         let mut a = acc[p];
-        a += (u0[p] - mp) * e[0];
-        a += (u1[p] - mp) * e[1];
-        a += (u2[p] - mp) * e[2];
-        a += (u3[p] - mp) * e[3];
+        a += u0[p] * e[0];
+        a += u1[p] * e[1];
+        a += u2[p] * e[2];
+        a += u3[p] * e[3];
         acc[p] = a;
+    }
+}
+
+/// The term of particle prediction `w_o` in output o's sums: `e = w_o − ŷ_o`, rounded to `T`.
+/// [`accumulate_rows`] and [`prediction_sums`] take the same values.
+#[inline]
+pub fn term<T: Real>(w_o: f64, pred_o: f64) -> T {
+    T::from_f64(w_o - pred_o)
+}
+
+/// `Σ_j e_j` per output o, in particle order from zero: the sums [`scale_and_next_mean`]
+/// centres C^{uw} with.
+pub fn prediction_sums<T: Real>(w: &[f64], pred: &[f64], sums: &mut [T]) {
+    let m = pred.len();
+    for (o, s) in sums.iter_mut().enumerate() {
+        *s = w
+            .chunks_exact(m)
+            .fold(T::ZERO, |s, wj| s + term::<T>(wj[o], pred[o]));
     }
 }
 
 /// Accumulates output `o`'s row over consecutive particles: `rows` yields each particle's
 /// columns (a particle-major buffer's `chunks_exact(d)`, or a panel's rows), `w` holds their
-/// predictions (`m` apart), `acc` and `mean` the same columns. Four particles at a
-/// time ([`accumulate4`]), the rest one by one.
+/// predictions (`m` apart), `acc` the same columns. Four particles at a time
+/// ([`accumulate4`]), the rest one by one.
 pub fn accumulate_rows<'r, T: Real>(
     acc: &mut [T],
-    mean: &[T],
     rows: impl Iterator<Item = &'r [T]>,
     w: &[f64],
     m: usize,
     o: usize,
     pred_o: f64,
 ) {
-    let terms = rows.zip(w.chunks_exact(m).map(|wj| T::from_f64(wj[o] - pred_o)));
+    let terms = rows.zip(w.chunks_exact(m).map(|wj| term::<T>(wj[o], pred_o)));
     for_blocks(
         terms,
         acc,
-        |acc, block: [_; BLOCK]| accumulate4(acc, mean, block),
-        |acc, (u, e)| accumulate1(acc, mean, u, e),
+        |acc, block: [_; BLOCK]| accumulate4(acc, block),
+        |acc, (u, e)| accumulate1(acc, u, e),
     );
 }
 
@@ -90,21 +106,24 @@ fn for_blocks<I: Iterator, A: ?Sized, const N: usize>(
     }
 }
 
-/// Scales the (unscaled) C^{uw} rows by `inv_j` and forms the next mean ū' = ū + Σ_o C^{uw}_o q̄_o
-/// over the same columns (`rows` holds each output's row, or this part's columns of it). Per
-/// element: the scaling, then the outputs' terms in output order.
+/// Centres and scales the C^{uw} rows, `C_o[p] = (S_o[p] − ū[p]·Σ_j e_j[o])·inv_j` from the
+/// sums `S_o = Σ_j u_j e_j[o]` ([`accumulate_rows`]) and `esum` ([`prediction_sums`]), and forms
+/// the next mean ū' = ū + Σ_o C^{uw}_o q̄_o over the same columns (`rows` holds each output's
+/// row, or this part's columns of it). Per element: the centring and scaling, then the
+/// outputs' terms in output order.
 pub fn scale_and_next_mean<'r, T: Real>(
     rows: impl Iterator<Item = &'r mut [T]>,
     inv_j: T,
+    esum: &[T],
     qbar: &[f64],
     mean: &[T],
     next_mean: &mut [T],
 ) {
     next_mean.copy_from_slice(mean);
-    for (row, &qb) in rows.zip(qbar) {
+    for ((row, &qb), &es) in rows.zip(qbar).zip(esum) {
         let qb = T::from_f64(qb);
-        for (c, x) in row.iter_mut().zip(next_mean.iter_mut()) {
-            *c *= inv_j;
+        for ((c, x), &u) in row.iter_mut().zip(next_mean.iter_mut()).zip(mean) {
+            *c = (*c - u * es) * inv_j;
             *x += *c * qb;
         }
     }

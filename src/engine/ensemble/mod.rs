@@ -4,9 +4,11 @@
 //! Memory: particles are one contiguous `J×d` buffer (row per particle; two panels of columns
 //! while the steps split over two threads, see the `parallel` module). One step reads it
 //! twice and writes it once: the forward pass reads `u_j` and, while it is hot in L1,
-//! accumulates `Σ (u_j − ū)(w_j − ŷ)ᵀ` (the cross-covariance C^{uw}, shifted by the mean
-//! particle's prediction ŷ instead of w̄, which differs only by `(Σ_j (u_j − ū))(w̄ − ŷ)ᵀ`, zero up
-//! to rounding because ū is recomputed as the exact mean on every update); the update pass
+//! accumulates `Σ u_j e_jᵀ` with `e_j = w_j − ŷ`, and the step then centres it once,
+//! `C^{uw} = (Σ u_j e_jᵀ − ū (Σ e_j)ᵀ)/J` (the cross-covariance, shifted by the mean particle's
+//! prediction ŷ instead of w̄, which differs only by `(Σ_j (u_j − ū))(w̄ − ŷ)ᵀ`, zero up to
+//! rounding because ū is recomputed as the exact mean on every update): a multiply and an add
+//! per particle-parameter where `Σ (u_j − ū) e_jᵀ` took a subtraction more. The update pass
 //! reads and writes `u_j` and sums the new mean on the way. All workspaces are allocated at
 //! construction (the two-thread step's on its first step); a warm [`Ensemble::step`] allocates
 //! nothing.
@@ -79,8 +81,10 @@ struct Workspace<T> {
     w: Vec<f64>,
     /// Update coefficients `J×m`.
     q: Vec<f64>,
-    /// `m×d`: row o holds `Σ_j (u_j − ū) (w_j[o] − ŷ[o])`, then C^{uw} column o.
+    /// `m×d`: row o holds `Σ_j u_j (w_j[o] − ŷ[o])`, then C^{uw} column o.
     cuw: Vec<T>,
+    /// `m`: `Σ_j (w_j[o] − ŷ[o])`, which centres C^{uw}.
+    esum: Vec<T>,
     /// `m×m`.
     cww: Vec<f64>,
     next_mean: Vec<T>,
@@ -186,8 +190,8 @@ impl<T: Real> Ensemble<T> {
         let copies = if options.momentum { 2 } else { 1 };
         let particles = copies * ParticleBuf::<T>::resident_bytes(j * d);
         // hidden and hidden_next; mean, next_mean, the row, C^{uw}; mean_hidden twice; two
-        // scratch rows.
-        let values = 2 * j * nh + (3 + m) * d + 2 * nh + 2 * (layout.row() + m);
+        // scratch rows; C^{uw}'s centring sums.
+        let values = 2 * j * nh + (3 + m) * d + 2 * nh + 2 * (layout.row() + m) + m;
         // Per particle: w, q, the split step's hand-over (predictions, its copy of w, the
         // left rows' states) and the squared error; then C^{ww}, w̄, q̄ and the prior's centre
         // and scales.
@@ -252,6 +256,7 @@ impl<T: Real> Ensemble<T> {
                 w: vec![0.0; j * m],
                 q: vec![0.0; j * m],
                 cuw: vec![T::ZERO; m * d],
+                esum: vec![T::ZERO; m],
                 cww: vec![0.0; m * m],
                 next_mean: vec![T::ZERO; d],
                 scratch: vec![T::ZERO; layout.row() + m],
@@ -587,11 +592,7 @@ impl<T: Real> Ensemble<T> {
                 w,
                 healthy,
                 scratch,
-                healthy_so_far.then_some(Accumulate {
-                    cuw,
-                    mean: &self.mean,
-                    pred,
-                }),
+                healthy_so_far.then_some(Accumulate { cuw, pred }),
                 touch_ahead::<T>(self.particles.len()),
             );
             return ForwardPass {
@@ -613,7 +614,6 @@ impl<T: Real> Ensemble<T> {
             scratch,
             scratch_b,
             cuw,
-            &self.mean,
             pred,
             &mut self.spare,
         );
@@ -663,11 +663,13 @@ impl<T: Real> Ensemble<T> {
             w,
             q,
             cuw,
+            esum,
             qbar,
             next_mean,
             ..
         } = &mut self.ws;
         mean_over_particles(q, m, inv_j, qbar);
+        kernels::prediction_sums(w, pred, esum);
         let nesterov = self.momentum.then(|| {
             // Nesterov's n/(n+3) tends to 1 and a stream never ends, so the count restarts
             // every `momentum_restart` steps (scheduled restarts, Roulet & d'Aspremont 2017).
@@ -682,6 +684,7 @@ impl<T: Real> Ensemble<T> {
             nesterov,
             q,
             qbar,
+            esum,
             continuation: due.map(|s| (s, &w[..], pred)),
         }
         .run(
@@ -799,17 +802,13 @@ impl<T: Real> Ensemble<T> {
         let c = self.cut.unwrap_or(d);
         let (particles_l, particles_r) = self.particles.split_at(self.j * c);
         let (cuw_l, cuw_r) = cuw.split_at_mut(m * c);
-        let (mean_l, mean_r) = self.mean.split_at(c);
-        for (acc, mean, rows, n) in [
-            (cuw_l, mean_l, particles_l, c),
-            (cuw_r, mean_r, particles_r, d - c),
-        ] {
+        for (acc, rows, n) in [(cuw_l, particles_l, c), (cuw_r, particles_r, d - c)] {
             if n == 0 {
                 continue;
             }
             for (o, row) in acc.chunks_exact_mut(n).enumerate() {
                 let rows = rows.chunks_exact(n);
-                kernels::accumulate_rows(row, mean, rows, w, m, o, pred[o]);
+                kernels::accumulate_rows(row, rows, w, m, o, pred[o]);
             }
         }
         repaired
@@ -893,7 +892,6 @@ struct ForwardPass {
 struct Accumulate<'a, T> {
     /// `m×d`, zeroed by the caller.
     cuw: &'a mut [T],
-    mean: &'a [T],
     /// The mean particle's prediction ŷ.
     pred: &'a [f64],
 }
@@ -945,7 +943,7 @@ fn forward_rows<T: Real>(
         }
         if let Some(a) = acc.as_mut() {
             for (o, row) in a.cuw.chunks_exact_mut(d).enumerate() {
-                kernels::accumulate_rows(row, a.mean, blk.chunks_exact(d), wb, m, o, a.pred[o]);
+                kernels::accumulate_rows(row, blk.chunks_exact(d), wb, m, o, a.pred[o]);
             }
         }
     }

@@ -176,7 +176,6 @@ pub(super) fn forward<T: Real>(
     scratch_a: &mut [T],
     scratch_b: &mut [T],
     cuw: &mut [T],
-    mean: &[T],
     pred: &[f64],
     spare: &mut Spare<T>,
 ) -> (bool, usize) {
@@ -185,7 +184,6 @@ pub(super) fn forward<T: Real>(
     let j = panels.left.len() / c;
     let (states, predictions, w_left, state) = spare.fit(layout, j);
     let (cuw_l, cuw_r) = cuw.split_at_mut(m * c);
-    let (mean_l, mean_r) = mean.split_at(c);
     let hand_over = HandOver {
         states,
         predictions,
@@ -205,7 +203,6 @@ pub(super) fn forward<T: Real>(
     };
     let sums = Sums {
         cuw: cuw_l,
-        mean: mean_l,
         rows: panels.left,
         pred,
         w: w_left,
@@ -221,7 +218,6 @@ pub(super) fn forward<T: Real>(
         healthy,
         scratch: scratch_b,
         cuw: cuw_r,
-        mean: mean_r,
         pred,
     };
     let (left_done, ok) = rayon::join(|| left.run(&hand_over, sums), || right.run(&hand_over));
@@ -287,7 +283,6 @@ struct RightHalf<'a, T> {
     scratch: &'a mut [T],
     /// `m×(d − c)`: the right columns of C^{uw}, unscaled.
     cuw: &'a mut [T],
-    mean: &'a [T],
     pred: &'a [f64],
 }
 
@@ -345,7 +340,7 @@ impl<T: Real> RightHalf<'_, T> {
             hand_over.right.store(j1, Ordering::Release);
             for (o, acc) in self.cuw.chunks_exact_mut(cr).enumerate() {
                 let rows = blk.chunks_exact(cr);
-                kernels::accumulate_rows(acc, self.mean, rows, wb, m, o, self.pred[o]);
+                kernels::accumulate_rows(acc, rows, wb, m, o, self.pred[o]);
             }
         }
         all
@@ -356,7 +351,6 @@ impl<T: Real> RightHalf<'_, T> {
 struct Sums<'a, T> {
     /// `m×c`: the left columns of C^{uw}, unscaled.
     cuw: &'a mut [T],
-    mean: &'a [T],
     rows: &'a [T],
     pred: &'a [f64],
     /// The predictions received so far (`J×m`).
@@ -389,7 +383,7 @@ impl<T: Real> Sums<'_, T> {
                 for (o, acc) in self.cuw.chunks_exact_mut(c).enumerate() {
                     let rows = self.rows[from * c..to * c].chunks_exact(c);
                     let w = &self.w[from * m..to * m];
-                    kernels::accumulate_rows(acc, self.mean, rows, w, m, o, self.pred[o]);
+                    kernels::accumulate_rows(acc, rows, w, m, o, self.pred[o]);
                 }
                 self.done = to;
             }
@@ -454,6 +448,8 @@ pub(super) struct Finish<'a, T> {
     pub nesterov: Option<T>,
     pub q: &'a [f64],
     pub qbar: &'a [f64],
+    /// `Σ_j e_j` per output ([`kernels::prediction_sums`]): C^{uw}'s centring.
+    pub esum: &'a [T],
     /// `(the first particle whose left sums are due, all predictions w, the mean prediction
     /// ŷ)` when the forward left some; `None` when it did not, or after a repair recomputed
     /// C^{uw} whole.
@@ -526,12 +522,13 @@ impl<T: Real> Finish<'_, T> {
         if let Some((from, w, pred)) = continuation {
             for (o, acc) in p.cuw.chunks_exact_mut(n).enumerate() {
                 let rows = p.rows[from * n..].chunks_exact(n);
-                kernels::accumulate_rows(acc, p.mean, rows, &w[from * m..], m, o, pred[o]);
+                kernels::accumulate_rows(acc, rows, &w[from * m..], m, o, pred[o]);
             }
         }
         kernels::scale_and_next_mean(
             p.cuw.chunks_exact_mut(n),
             T::from_f64(self.inv_j),
+            self.esum,
             self.qbar,
             p.mean,
             p.next_mean,

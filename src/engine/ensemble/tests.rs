@@ -422,7 +422,6 @@ fn touching_ahead_changes_no_result_issue_6() {
         network::load_inputs(&l, &mut scratch, &[0.2, 0.5, 0.9]);
         let acc = Accumulate {
             cuw: &mut cuw,
-            mean: e.mean(),
             pred: &[0.4],
         };
         let all = forward_rows(
