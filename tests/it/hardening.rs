@@ -251,7 +251,8 @@ fn a_stream_over_the_memory_budget_is_422_and_says_what_is_left() {
 #[test]
 fn an_f32_ensemble_counts_four_bytes_a_value_against_the_memory_budget() {
     let (d, c) = limited(MEMORY);
-    let (st, p) = put_parts(&c, &d, "half", json!({"ensemble": 300, "hidden": 16}));
+    let whole = json!({"ensemble": 300, "hidden": 16, "precision": "f64"});
+    let (st, p) = put_parts(&c, &d, "half", whole);
     assert_eq!(st, 422, "{p}");
     assert!(
         p["detail"].as_str().expect("detail").contains("300·493·8"),
