@@ -542,10 +542,20 @@ mod tests {
         let last = TAUS.len() - 1;
         for (&level, &(lo, hi)) in REPORT_LEVELS.iter().zip(&REPORT_RANKS) {
             for (tau, k) in [((1.0 - level) / 2.0, lo), ((1.0 + level) / 2.0, hi)] {
-                assert!(tau > TAUS[0] && tau < TAUS[last], "{level}: inside the grid");
-                assert_eq!(TAUS.partition_point(|&t| t <= tau).clamp(1, last), k, "{tau}");
+                assert!(
+                    tau > TAUS[0] && tau < TAUS[last],
+                    "{level}: inside the grid"
+                );
+                assert_eq!(
+                    TAUS.partition_point(|&t| t <= tau).clamp(1, last),
+                    k,
+                    "{tau}"
+                );
                 let fraction = (tau - TAUS[k - 1]) / (TAUS[k] - TAUS[k - 1]);
-                assert!((0.0..=1.0 - 2.0 * f64::EPSILON).contains(&fraction), "{tau}");
+                assert!(
+                    (0.0..=1.0 - 2.0 * f64::EPSILON).contains(&fraction),
+                    "{tau}"
+                );
             }
         }
     }
@@ -579,7 +589,7 @@ mod tests {
             let mut got = [0u64; REPORT_LEVELS.len()];
             count_hits(&q, score, &mut got);
             assert_eq!(got, want, "{q:?} {score}");
-            seen[usize::from(want.iter().any(|&w| w == 1))] += 1;
+            seen[usize::from(want.contains(&1))] += 1;
         }
         assert!(seen[0] > 1000 && seen[1] > 1000, "{seen:?}");
     }

@@ -197,14 +197,10 @@ pub fn tanh_f64(x: f64) -> f64 {
     ];
     const Q: [f64; 3] = [
         1.128_116_784_916_329_3e2,
-        2.235_488_390_601_004_8e3,
+        2.235_488_390_601_005e3,
         4.844_063_053_251_255e3,
     ];
-    const EP: [f64; 3] = [
-        1.261_771_930_748_106e-4,
-        3.029_944_077_074_419_6e-2,
-        1.0,
-    ];
+    const EP: [f64; 3] = [1.261_771_930_748_106e-4, 3.029_944_077_074_419_6e-2, 1.0];
     const EQ: [f64; 4] = [
         3.001_985_051_386_644_5e-6,
         2.524_483_403_496_841e-3,
@@ -244,15 +240,7 @@ pub fn tanh_f64(x: f64) -> f64 {
 
 /// What a stream's ensemble stores and computes in.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-    clap::ValueEnum,
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

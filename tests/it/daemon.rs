@@ -373,8 +373,9 @@ fn split_steps_give_the_serial_predictions_issue_6() {
         );
         let mut d = Daemon::start_in(&dir.path().join("data"), &["--config", &cfg]);
         let c = client();
-        let big =
-            serde_json::json!({"ensemble": 720, "hidden": 32, "scale": {"min": 0, "max": 20}});
+        // f64: J·d = 1.07 M splits from 2^20 (f32 from 2^22).
+        let big = serde_json::json!({"ensemble": 720, "hidden": 32, "precision": "f64",
+            "scale": {"min": 0, "max": 20}});
         assert_eq!(put(&c, &d, "big", &big).status(), 201);
         let mut preds = Vec::new();
         for (k, chunk) in v[..60].chunks(20).enumerate() {
