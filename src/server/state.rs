@@ -382,7 +382,15 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("creating the stream failed: {e}")))?;
-        let log = StreamLog::new(name, cluster.handles(), lease, incarnation, 0, [0; 2]);
+        let log = StreamLog::new(
+            name,
+            cluster.subject(name),
+            cluster.handles(),
+            lease,
+            incarnation,
+            0,
+            [0; 2],
+        );
         let view = self.insert(
             name,
             Start::Replicated(Box::new(stream), Box::new(self.replicated(cluster, log))),
@@ -486,9 +494,14 @@ impl AppState {
                 store: app.inner.store.clone(),
                 reply,
             };
+            // The owner stopped before it took the delete: shutdown, or in cluster mode the
+            // stream's partition moved to another node meanwhile (retry there); either way
+            // nothing of the stream was deleted.
             let stopped = || {
                 if *app.inner.shutdown.borrow() {
                     ApiError::ShuttingDown
+                } else if app.inner.cluster.is_some() {
+                    super::cluster::owner_gone(&app, &name)
                 } else {
                     ApiError::Internal(format!("the owner of stream `{name}` stopped"))
                 }

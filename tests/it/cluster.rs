@@ -196,8 +196,9 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
     }
     let c = client();
     let nats = Nats::start();
+    let budget = small_budget();
     let nodes: Vec<Node> = (0..3)
-        .map(|i| Node::start(&nats, &format!("d{i}")))
+        .map(|i| Node::start_config(&nats, &format!("d{i}"), &budget))
         .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let name = "direct.one";
@@ -242,11 +243,26 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
             .collect();
         assert_eq!(seqs, vec![1, 2, 3]);
     }
+    // Producers learn the subject of the stream's log from any node: its partition's.
+    let subjects: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            let v = crate::util::get_json(&c, &n.daemon, &format!("/v1/streams/{name}"));
+            v["log_subject"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(subjects.iter().all(|s| *s == subjects[0]), "{subjects:?}");
+    let subject = subjects[0].clone();
+    let partition: u32 = subject
+        .strip_prefix("ekid.obs.")
+        .and_then(|r| r.strip_suffix(".direct=one"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("subject {subject}"));
+    assert!(partition < 64, "{subject}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let nc = async_nats::connect(nats.url(1)).await.unwrap();
         let js = async_nats::jetstream::new(nc);
-        let subject = "ekid.obs.direct=one";
         for (k, chunk) in values[100..].chunks(50).enumerate() {
             let first = 101 + 50 * k as u64;
             let body = if k % 2 == 0 {
@@ -263,7 +279,7 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
             if k % 2 == 1 {
                 h.insert("Content-Type", "application/x-ndjson");
             }
-            js.publish_with_headers(subject, h, body.into())
+            js.publish_with_headers(subject.clone(), h, body.into())
                 .await
                 .unwrap()
                 .await
@@ -274,7 +290,7 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
                 json!([{"seq": 10_000, "y": 1.0}]).to_string(),
                 "not json".to_owned(),
             ] {
-                js.publish(subject, bad.into_bytes().into())
+                js.publish(subject.clone(), bad.into_bytes().into())
                     .await
                     .unwrap()
                     .await
@@ -285,7 +301,7 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Content-Type", "application/x-ndjson");
         js.publish_with_headers(
-            subject,
+            subject.clone(),
             h,
             ndjson(&values[..10], Some(1)).into_bytes().into(),
         )
@@ -357,6 +373,41 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         .map(|n| metric(&c, &n.daemon, "ekid_cluster_refused_records_total"))
         .sum();
     assert!(refused >= 12, "refused {refused}");
+    // Only the owner hears of the stream's records: the others follow their own partitions.
+    let owner = owner_index(&c, &nodes);
+    let notices = |n: &Node| metric(&c, &n.daemon, "ekid_cluster_log_notices ");
+    let before: Vec<u64> = nodes.iter().map(notices).collect();
+    rt.block_on(async {
+        let nc = async_nats::connect(nats.url(0)).await.unwrap();
+        let js = async_nats::jetstream::new(nc);
+        for _ in 0..5 {
+            // Duplicates: applied as nothing.
+            js.publish(
+                subject.clone(),
+                ndjson(&values[..3], Some(1)).into_bytes().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    });
+    let started = Instant::now();
+    while notices(&nodes[owner]) < before[owner] + 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the owner hears of its records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if i != owner {
+            assert_eq!(notices(n), before[i], "{} is not the owner", n.name);
+        }
+    }
+    // A body a node forwards is charged to its own memory budget while it holds it (503 when
+    // it does not fit, as on the owner itself).
+    forwarded_bodies_are_charged(&c, &nodes[(owner + 1) % 3], name);
     // Delete through any node: gone everywhere.
     let r = c
         .delete(nodes[0].daemon.url(&format!("/v1/streams/{name}")))
@@ -434,6 +485,66 @@ fn cluster_loses_nothing_when_nats_servers_die() {
             "via {}",
             n.name
         );
+    }
+}
+
+/// A body limit and a memory budget that hold the one stream of the direct-publish test and
+/// one body of the limit in flight, not two.
+const BODY_LIMIT: u64 = 1_000_000;
+
+fn small_budget() -> String {
+    let raw: ekid::engine::RawOptions =
+        serde_json::from_value(options(0)).expect("the options parse");
+    let stream = ekid::server::stream_memory(
+        &raw.resolve(&ekid::engine::Options::default())
+            .expect("the options are valid"),
+        &ekid::server::Limits::default(),
+    );
+    format!(
+        "[limits]\nbody_bytes = {BODY_LIMIT}\nmemory_bytes = {}\n",
+        stream + BODY_LIMIT + BODY_LIMIT / 2
+    )
+}
+
+/// Sends through `via` (not the owner of `name`) a body that declares the body limit and
+/// stalls, then a second one: the forwarding node holds the first one's charge, and the
+/// second does not fit beside it.
+fn forwarded_bodies_are_charged(c: &Client, via: &Node, name: &str) {
+    use std::io::Write;
+    let mut slow = std::net::TcpStream::connect(via.daemon.base.trim_start_matches("http://"))
+        .expect("connect");
+    write!(
+        slow,
+        "POST /v1/streams/{name}/observations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {BODY_LIMIT}\r\n\r\n{{\"y\": 1}}\n"
+    )
+    .expect("write");
+    let started = Instant::now();
+    let charged = loop {
+        let m = metric(c, &via.daemon, "ekid_request_memory_bytes ");
+        if m > 0 || started.elapsed() > Duration::from_secs(20) {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(charged, BODY_LIMIT, "{}", via.daemon.log());
+    let r = c
+        .post(via.daemon.url(&format!("/v1/streams/{name}/observations")))
+        .header("content-type", "application/x-ndjson")
+        .body("{\"y\": 1}\n".repeat(110_000))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", via.daemon.log());
+    assert!(r.headers().get("retry-after").is_some());
+    let p: Value = r.json().unwrap();
+    assert_eq!(p["type"], "/problems/busy", "{p}");
+    drop(slow);
+    let started = Instant::now();
+    while metric(c, &via.daemon, "ekid_request_memory_bytes ") > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the charge stays"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -242,5 +242,14 @@ pub fn fingerprint_named(c: &Client, d: &Daemon, name: &str) -> (Value, Value) {
     let (mut s, mut f) = fingerprint(c, d, name);
     s["name"] = Value::Null;
     f["stream"] = Value::Null;
+    // Where the stream's log is, which a single node does not have.
+    let subject = s.as_object_mut().and_then(|o| o.remove("log_subject"));
+    assert!(
+        subject
+            .as_ref()
+            .and_then(Value::as_str)
+            .is_some_and(|x| x.starts_with("ekid.obs.")),
+        "{subject:?}"
+    );
     (s, f)
 }
