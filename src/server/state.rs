@@ -24,11 +24,15 @@ use crate::storage::{Recovered, Store};
 ///   fails one stream and nothing else;
 /// - `fail-after-options-rename:<stream>` makes creating that stream fail right after its
 ///   directory (options included) was renamed into place, to test that a failed creation
-///   leaves nothing behind.
+///   leaves nothing behind;
+/// - `delete-after-move:<stream>` (cluster mode) makes a DELETE of that stream, once it has
+///   the stream's owner, wait until that owner stops (its partition moved to another node; at
+///   most 30 s) before asking it to delete, to test a delete that races a partition move.
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints {
     pub panic_in_update: Option<String>,
     pub fail_after_options_rename: Option<String>,
+    pub delete_after_move: Option<String>,
 }
 
 impl Failpoints {
@@ -45,6 +49,13 @@ impl Failpoints {
             if let Some(stream) = item.trim().strip_prefix("fail-after-options-rename:") {
                 tracing::warn!(stream, "failpoint set: creating this stream will fail");
                 f.fail_after_options_rename = Some(stream.to_owned());
+            }
+            if let Some(stream) = item.trim().strip_prefix("delete-after-move:") {
+                tracing::warn!(
+                    stream,
+                    "failpoint set: deleting this stream waits for a move"
+                );
+                f.delete_after_move = Some(stream.to_owned());
             }
         }
         f
@@ -506,6 +517,10 @@ impl AppState {
                     ApiError::Internal(format!("the owner of stream `{name}` stopped"))
                 }
             };
+            if app.inner.failpoints.delete_after_move.as_deref() == Some(name.as_str()) {
+                let moved = handle.tx.closed();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), moved).await;
+            }
             handle.tx.send(delete).await.map_err(|_| stopped())?;
             rx.await.map_err(|_| stopped())??;
             {

@@ -589,8 +589,25 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     }
     let c = client();
     let nats = Nats::start();
+    // A stream whose partition goes to p2 when it joins: its DELETE, held at a failpoint until
+    // its owner has stopped, races the move.
+    let moving = (0..)
+        .map(|i| format!("moving{i}"))
+        .find(|n| {
+            let p = ekid::cluster::partition(n, 64) as usize;
+            ekid::cluster::assignment(64, &["p0", "p1", "p2"])[p] == Some("p2")
+        })
+        .unwrap();
+    let failpoint = format!("delete-after-move:{moving}");
     let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start_config(&nats, &format!("p{i}"), SNAPSHOT_OFTEN))
+        .map(|i| {
+            Node::start_env(
+                &nats,
+                &format!("p{i}"),
+                SNAPSHOT_OFTEN,
+                &[("EKID_FAILPOINTS", failpoint.as_str())],
+            )
+        })
         .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let name = "fenced";
@@ -648,7 +665,22 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
         );
     }
 
-    // A third node joins: some partitions move to it, and the stream is served the same.
+    // A third node joins: some partitions move to it, and the stream is served the same. A
+    // DELETE that has the owner of a moving stream when the move begins answers 503 with
+    // Retry-After, and deletes nothing.
+    create(&c, &nodes[0].base(), &moving, &options(4));
+    post_until_acked(&c, &urls, &mut turn, &moving, &values[..10], 1);
+    let delete_url = nodes[0].daemon.url(&format!("/v1/streams/{moving}"));
+    let racing = std::thread::spawn(move || {
+        let r = client().delete(delete_url).send().ok()?;
+        let retry_after = r.headers().contains_key("retry-after");
+        Some((
+            r.status().as_u16(),
+            retry_after,
+            r.text().unwrap_or_default(),
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(500));
     nodes.push(Node::start(&nats, "p2"));
     let started = Instant::now();
     loop {
@@ -684,6 +716,28 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
             n.name
         );
     }
+    let (status, retry_after, body) = racing.join().unwrap().expect("the DELETE is answered");
+    assert_eq!((status, retry_after), (503, true), "{body}");
+    for n in &nodes {
+        let (s, body) = retry(Duration::from_secs(30), || {
+            let r = c
+                .get(n.daemon.url(&format!("/v1/streams/{moving}")))
+                .send()
+                .ok()?;
+            Some((r.status().as_u16(), r.text().unwrap_or_default()))
+        });
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["stats"]["observations"], json!(10), "{v}");
+    }
+    let (s, body) = retry(Duration::from_secs(30), || {
+        let r = c
+            .delete(nodes[2].daemon.url(&format!("/v1/streams/{moving}")))
+            .send()
+            .ok()?;
+        Some((r.status().as_u16(), r.text().unwrap_or_default()))
+    });
+    assert_eq!(s, 204, "{body}");
 }
 
 /// The first `n` events of an event stream.
