@@ -1,21 +1,26 @@
 //! `Mixture`: the stream's forecaster. The EKI ensemble's mean particle, the online
-//! autoregression ([`RlsAr`]) on the same inputs and persistence, combined with weights that
-//! follow their recent errors, so that a stream is never much worse than the best of its
-//! simple models and gains when they err differently.
+//! autoregression ([`RlsAr`]) on the same inputs and persistence, combined with the weights
+//! that would have made the least recent squared error, so that a stream is never much worse
+//! than the best of its simple models and gains when they err differently.
 //!
 //! Every member predicts and learns from every observation (the ensemble by its EKI step). With
-//! `L_i` the discounted sum of member i's squared errors (`L_i ← ρ L_i + ‖y − ŷ_i‖²`), the
-//! weights are
+//! `e_i` member i's error, the mixture keeps the discounted second moments of the errors,
+//! `S_ij ← ρ S_ij + e_i·e_j`, and combines with the weights on the simplex that minimise the
+//! squared error of the combination over that window (Bates & Granger's optimal combination,
+//! kept convex so that it never extrapolates):
 //!
 //! ```text
-//! w_i ∝ exp(−η (L_i / min_k L_k − 1))
+//! w = argmin { wᵀ (S + δ·tr(S)/n·I) w : w ≥ 0, Σ w_i = 1 }
 //! ```
 //!
-//! a ratio of the members' recent errors, so free of the series' scale: the best member has
-//! the largest weight, one twice as bad over the last ~1/(1 − ρ) observations a factor e^{−η}
-//! less. The prediction is `Σ w_i ŷ_i` with the weights of before the observation, and so is
-//! every step of a forecast (each member rolled out on its own). Derivative-free, deterministic,
-//! no allocation per step.
+//! found exactly by trying every support (seven for three members): on a support T the
+//! minimiser is `S_T⁻¹1 / 1ᵀS_T⁻¹1`, kept when all its weights are positive; the least of
+//! those is the minimum. When the members err alike it is the best of them; when their errors
+//! partly cancel it is a blend better than each. The small ridge δ keeps `S` invertible when
+//! two members agree. Before any error is seen, persistence alone predicts (the other members
+//! know nothing yet). The prediction is `Σ w_i ŷ_i` with the weights of before the observation,
+//! and so is every step of a forecast (each member rolled out on its own). Derivative-free,
+//! deterministic, no allocation per step.
 
 use serde::{Deserialize, Serialize};
 
@@ -24,18 +29,135 @@ use crate::engine::ensemble::AnyEnsemble;
 use crate::engine::model::{Forecaster, LagBuffer, Learner};
 use crate::engine::rollout::RollOut;
 
-/// The discount ρ of the members' squared errors: about the last 200 observations count.
-const DISCOUNT: f64 = 0.995;
-/// η: how sharply the weights prefer the member with the least recent error. Chosen on the
+/// The discount ρ of the members' errors: about the last 200 observations count. Chosen on the
 /// validation collection (BENCHMARKS.md).
-const SHARPNESS: f64 = 10.0;
+const DISCOUNT: f64 = 0.995;
+/// δ: the ridge on the error moments, relative to their mean diagonal. Chosen on the validation
+/// collection (BENCHMARKS.md).
+const RIDGE: f64 = 1e-3;
+/// The members: the ensemble, the autoregression, persistence.
+const MEMBERS: usize = 3;
+/// The off-diagonal pairs of the members' error moments, in [`ErrorMoments::cross`]'s order.
+const PAIRS: [(usize, usize); 3] = [(0, 1), (0, 2), (1, 2)];
+
+/// The discounted second moments of the members' errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMoments {
+    /// `S_ii`: the discounted squared errors of each member.
+    pub squared: [f64; MEMBERS],
+    /// `S_ij` for the pairs (0, 1), (0, 2), (1, 2).
+    pub cross: [f64; MEMBERS],
+    /// Observations scored so far.
+    pub scored: u64,
+}
+
+impl ErrorMoments {
+    fn at(&self, i: usize, j: usize) -> f64 {
+        if i == j {
+            return self.squared[i];
+        }
+        let pair = (i.min(j), i.max(j));
+        let k = PAIRS.iter().position(|&p| p == pair).unwrap_or(0);
+        self.cross[k]
+    }
+
+    /// Adds one observation's errors (`MEMBERS × m`, member-major), discounting the past. A
+    /// finite product that overflows stays the largest number, not infinity.
+    fn add(&mut self, errors: &[f64], m: usize) {
+        let dot = |i: usize, j: usize| -> f64 {
+            (0..m).map(|o| errors[i * m + o] * errors[j * m + o]).sum()
+        };
+        for i in 0..MEMBERS {
+            self.squared[i] = (DISCOUNT * self.squared[i] + dot(i, i)).min(f64::MAX);
+        }
+        for (c, &(i, j)) in self.cross.iter_mut().zip(&PAIRS) {
+            *c = (DISCOUNT * *c + dot(i, j)).clamp(-f64::MAX, f64::MAX);
+        }
+        self.scored += 1;
+    }
+
+    /// The convex weights of the least discounted squared error of the first `members`
+    /// members (those with a finite error only).
+    fn weights(&self, members: usize) -> [f64; MEMBERS] {
+        let mut w = [0.0; MEMBERS];
+        let finite = |i: usize| self.squared[i].is_finite();
+        let mean = (0..members)
+            .filter(|&i| finite(i))
+            .map(|i| self.squared[i])
+            .sum::<f64>()
+            / members as f64;
+        let ridge = RIDGE * mean;
+        let mut best = f64::INFINITY;
+        for support in 1u8..(1 << members) {
+            if (0..members).any(|i| support & (1 << i) != 0 && !finite(i)) {
+                continue;
+            }
+            if let Some((c, value)) = self.on_support(support, members, ridge)
+                && value < best
+            {
+                best = value;
+                w = c;
+            }
+        }
+        if best == f64::INFINITY {
+            // Every member's error overflowed: the last member (persistence, or the
+            // autoregression without lags) alone.
+            w[members - 1] = 1.0;
+        }
+        w
+    }
+
+    /// The minimiser of `wᵀ(S + ridge·I)w` with `Σ w = 1` on the members in `support` (a bit
+    /// each), and its value, when all its weights are positive.
+    fn on_support(&self, support: u8, members: usize, ridge: f64) -> Option<([f64; MEMBERS], f64)> {
+        let mut index = [0usize; MEMBERS];
+        let mut n = 0;
+        for i in (0..members).filter(|i| support & (1 << i) != 0) {
+            index[n] = i;
+            n += 1;
+        }
+        // Gauss–Jordan on [S_T | 1]: u = S_T⁻¹ 1.
+        let mut a = [[0.0; MEMBERS + 1]; MEMBERS];
+        for r in 0..n {
+            for c in 0..n {
+                a[r][c] = self.at(index[r], index[c]) + if r == c { ridge } else { 0.0 };
+            }
+            a[r][n] = 1.0;
+        }
+        for col in 0..n {
+            let pivot = a[col][col];
+            if !(pivot > 0.0 && pivot.is_finite()) {
+                return None;
+            }
+            for r in (0..n).filter(|&r| r != col) {
+                let f = a[r][col] / pivot;
+                for c in col..=n {
+                    a[r][c] -= f * a[col][c];
+                }
+            }
+        }
+        let mut u = [0.0; MEMBERS];
+        for r in 0..n {
+            u[r] = a[r][n] / a[r][r];
+        }
+        let total: f64 = u[..n].iter().sum();
+        if !(total > 0.0 && total.is_finite()) || u[..n].iter().any(|&v| v <= 0.0) {
+            return None;
+        }
+        let mut w = [0.0; MEMBERS];
+        for r in 0..n {
+            w[index[r]] = u[r] / total;
+        }
+        // wᵀ(S_T + ridge) w = 1 / 1ᵀu at the minimiser.
+        Some((w, 1.0 / total))
+    }
+}
 
 /// What of a mixture evolves, besides its ensemble (a snapshot holds it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixtureState {
     pub ar: ArState,
-    /// Discounted squared errors of the members.
-    pub loss: [f64; 3],
+    pub errors: ErrorMoments,
 }
 
 impl MixtureState {
@@ -44,7 +166,7 @@ impl MixtureState {
     pub fn new(inputs: usize, outputs: usize) -> Self {
         MixtureState {
             ar: RlsAr::new(inputs, outputs).state(),
-            loss: [0.0; 3],
+            errors: ErrorMoments::default(),
         }
     }
 }
@@ -67,8 +189,8 @@ pub struct Mixture {
     combine: bool,
     /// Whether the inputs start with each output's last value (`lags ≥ 1`), for persistence.
     has_lags: bool,
-    loss: [f64; 3],
-    // Scratch: each member's prediction (3 × m) and path (3 × horizon × m).
+    errors: ErrorMoments,
+    // Scratch: each member's prediction and then error (3 × m), and path (3 × horizon × m).
     preds: Vec<f64>,
     paths: Vec<f64>,
 }
@@ -88,8 +210,8 @@ impl Mixture {
             ar: RlsAr::new(inputs, outputs),
             combine,
             has_lags: lags,
-            loss: [0.0; 3],
-            preds: vec![0.0; 3 * outputs],
+            errors: ErrorMoments::default(),
+            preds: vec![0.0; MEMBERS * outputs],
             paths: Vec::new(),
         }
     }
@@ -97,13 +219,13 @@ impl Mixture {
     pub fn state(&self) -> MixtureState {
         MixtureState {
             ar: self.ar.state(),
-            loss: self.loss,
+            errors: self.errors,
         }
     }
 
     pub fn set_state(&mut self, s: MixtureState) -> Result<(), String> {
         self.ar.set_state(s.ar)?;
-        self.loss = s.loss;
+        self.errors = s.errors;
         Ok(())
     }
 
@@ -112,30 +234,23 @@ impl Mixture {
         if !self.combine {
             return [1.0, 0.0, 0.0];
         }
-        let members = if self.has_lags { 3 } else { 2 };
-        let best = self.loss[..members]
-            .iter()
-            .copied()
-            .fold(f64::INFINITY, f64::min);
-        let mut w = [0.0; 3];
-        if !(best > 0.0 && best.is_finite()) {
-            // No error yet (or a perfect member): equal weights.
-            w[..members].fill(1.0 / members as f64);
+        let members = self.members();
+        let mut w = [0.0; MEMBERS];
+        if self.errors.scored == 0 {
+            // Nothing known yet: persistence, or (without lags) an even split.
+            if self.has_lags {
+                w[MEMBERS - 1] = 1.0;
+            } else {
+                w[..members].fill(1.0 / members as f64);
+            }
             return w;
         }
-        for (wi, &li) in w.iter_mut().zip(&self.loss).take(members) {
-            let excess = if li.is_finite() {
-                li / best - 1.0
-            } else {
-                f64::INFINITY
-            };
-            *wi = (-SHARPNESS * excess).exp();
-        }
-        let total: f64 = w.iter().sum();
-        for wi in &mut w {
-            *wi /= total;
-        }
-        w
+        self.errors.weights(members)
+    }
+
+    /// The members this stream has: persistence only with lags.
+    fn members(&self) -> usize {
+        if self.has_lags { MEMBERS } else { MEMBERS - 1 }
     }
 
     /// The prediction from the members' (the ensemble's and the autoregression's already in
@@ -183,14 +298,13 @@ impl Learner for Mixture {
         self.ensemble.step(z, y, pe);
         self.ar.step(z, y, pa);
         self.mix(&weights, z, pred);
-        for (k, l) in self.loss.iter_mut().enumerate() {
-            let e: f64 = self.preds[k * m..(k + 1) * m]
-                .iter()
-                .zip(y)
-                .map(|(p, t)| (p - t) * (p - t))
-                .sum();
-            *l = (DISCOUNT * *l + e).min(f64::MAX);
+        // The errors in place of the predictions; a member the stream lacks errs by nothing.
+        let used = self.members() * m;
+        for (k, e) in self.preds[..used].iter_mut().enumerate() {
+            *e -= y[k % m];
         }
+        self.preds[used..].fill(0.0);
+        self.errors.add(&self.preds, m);
     }
 
     fn predict_frozen(&mut self, z: &[f64], pred: &mut [f64]) {
@@ -229,5 +343,115 @@ impl Forecaster for Mixture {
         for (i, v) in out.iter_mut().enumerate() {
             *v = combine(&weights, &self.paths, n, i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moments from a few rounds of given error vectors (one value per member, one output).
+    fn moments(rounds: &[[f64; MEMBERS]]) -> ErrorMoments {
+        let mut s = ErrorMoments::default();
+        for e in rounds {
+            s.add(e, 1);
+        }
+        s
+    }
+
+    fn value(s: &ErrorMoments, w: &[f64; MEMBERS], members: usize) -> f64 {
+        let mut v = 0.0;
+        for i in 0..members {
+            for j in 0..members {
+                v += w[i] * w[j] * s.at(i, j);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn members_that_err_alike_leave_the_best_alone() {
+        // Every error is the same sign and shape, member 1 smallest: a blend only adds error.
+        let rounds: Vec<[f64; 3]> = (0..50)
+            .map(|t| {
+                let e = (t as f64 * 0.7).sin();
+                [3.0 * e, e, 2.0 * e]
+            })
+            .collect();
+        let w = moments(&rounds).weights(3);
+        assert!(w[1] > 0.999, "{w:?}");
+    }
+
+    #[test]
+    fn errors_that_cancel_are_blended() {
+        // Members 0 and 1 err by opposite amounts: their even blend is perfect.
+        let rounds: Vec<[f64; 3]> = (0..50)
+            .map(|t| {
+                let e = (t as f64 * 0.7).sin();
+                [e, -e, 0.5 + e]
+            })
+            .collect();
+        let w = moments(&rounds).weights(3);
+        // (The ridge leaves the third a trace.)
+        assert!((w[0] - 0.5).abs() < 0.01, "{w:?}");
+        assert!((w[1] - 0.5).abs() < 0.01, "{w:?}");
+        assert!(w[2] < 0.01, "{w:?}");
+    }
+
+    #[test]
+    fn the_weights_are_the_least_error_on_the_simplex() {
+        // Against a fine grid over the simplex, on pseudo-random correlated errors.
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for case in 0..50 {
+            let (a, b) = (next() * 2.0, next() * 2.0);
+            let rounds: Vec<[f64; 3]> = (0..40)
+                .map(|_| {
+                    let (u, v, w) = (next(), next(), next());
+                    [u, a * u + 0.3 * v, b * v + 0.2 * w + 0.1 * u]
+                })
+                .collect();
+            let s = moments(&rounds);
+            let members = 2 + case % 2;
+            let w = s.weights(members);
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{w:?}");
+            assert!(w.iter().all(|&v| v >= 0.0), "{w:?}");
+            assert!(w[members..].iter().all(|&v| v == 0.0), "{w:?}");
+            let ridge = RIDGE * (0..members).map(|i| s.squared[i]).sum::<f64>() / members as f64;
+            let with_ridge =
+                |w: &[f64; 3]| value(&s, w, members) + ridge * w.iter().map(|v| v * v).sum::<f64>();
+            let got = with_ridge(&w);
+            let n = 200;
+            for i in 0..=n {
+                for j in 0..=(n - i) {
+                    let mut g = [i as f64 / n as f64, j as f64 / n as f64, 0.0];
+                    if members == 3 {
+                        g[2] = 1.0 - g[0] - g[1];
+                    } else if i + j != n {
+                        continue;
+                    }
+                    assert!(
+                        got <= with_ridge(&g) + 1e-12,
+                        "case {case}: {w:?} worse than {g:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_whose_error_overflowed_gets_no_weight() {
+        let mut s = moments(&[[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]);
+        s.squared[0] = f64::INFINITY;
+        let w = s.weights(3);
+        assert_eq!(w[0], 0.0);
+        assert!((w[1] + w[2] - 1.0).abs() < 1e-12);
+        s.squared = [f64::INFINITY; 3];
+        assert_eq!(s.weights(3), [0.0, 0.0, 1.0]);
     }
 }

@@ -33,7 +33,7 @@ pub use ensemble::{
     parallel_min_work,
 };
 pub use forecast::{ForecastState, ForecastStep, Interval, interval_particles, normal_quantile};
-pub use mixture::{Mixture, MixtureForecast, MixtureState};
+pub use mixture::{ErrorMoments, Mixture, MixtureForecast, MixtureState};
 pub use model::{Forecaster, LagBuffer, Learner, OnlineModel, Persistence, Scaler};
 pub use network::Layout;
 pub use ogd::Ogd;

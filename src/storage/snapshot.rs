@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! snapshot-<seq:020>.bin
-//!   magic "EKIDSNP1" (8) | version u32 = 2 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
+//!   magic "EKIDSNP1" (8) | version u32 = 4 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
 //! ```
 //!
 //! The payload is the postcard encoding of [`StreamState`] (floats bit-exact, the RNG state
@@ -19,17 +19,18 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::{
-    Calibrator, EnsembleState, LagBuffer, MixtureState, Observation, Options, Scaler, Stats,
-    StreamState,
+    ArState, Calibrator, EnsembleState, ErrorMoments, LagBuffer, MixtureState, Observation,
+    Options, Scaler, Stats, StreamState,
 };
 use crate::storage::name::describe_file;
 use crate::storage::wal::sync_dir;
 
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
 /// 2: `Stats` holds the user-unit noise and spread. 3: the state holds the calibrator of the
-/// stream's intervals and the state of its mixture. Older snapshots are read and migrated ([`StreamStateV1`],
-/// [`StreamStateV2`]).
-const VERSION: u32 = 3;
+/// stream's intervals and the state of its mixture. 4: the mixture keeps the products of its
+/// members' errors. Older snapshots are read and migrated ([`StreamStateV1`],
+/// [`StreamStateV2`], [`StreamStateV3`]).
+const VERSION: u32 = 4;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +183,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, StreamState), String> {
         1 => postcard::from_bytes::<StreamStateV1>(payload)
             .map(|v| StreamState::from(StreamStateV2::from(v))),
         2 => postcard::from_bytes::<StreamStateV2>(payload).map(StreamState::from),
+        3 => postcard::from_bytes::<StreamStateV3>(payload).map(StreamState::from),
         _ => postcard::from_bytes(payload),
     }
     .map_err(|e| format!("undecodable: {e}"))?;
@@ -294,6 +296,81 @@ impl From<StreamStateV2> for StreamState {
     }
 }
 
+/// A snapshot's state in format version 3 (its mixture kept each member's squared errors only).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct StreamStateV3 {
+    #[serde(with = "crate::engine::options_json_text")]
+    options: Options,
+    y_scale: Option<Vec<Scaler>>,
+    x_scale: Option<Vec<Scaler>>,
+    pending: Vec<Observation>,
+    lags: LagBuffer,
+    ensemble: EnsembleState,
+    stats: Stats,
+    calibrator: Calibrator,
+    mixture: MixtureStateV3,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct MixtureStateV3 {
+    ar: ArState,
+    loss: [f64; 3],
+}
+
+impl From<StreamStateV3> for StreamState {
+    /// The products of the members' errors as if the members had erred alike (correlation 1):
+    /// the weights then start at the member of least squared error, as version 3's nearly were,
+    /// and the true products replace these within a few hundred observations.
+    fn from(v: StreamStateV3) -> Self {
+        let loss = v.mixture.loss;
+        let mut cross = [0.0; 3];
+        for (c, (i, j)) in cross.iter_mut().zip([(0, 1), (0, 2), (1, 2)]) {
+            *c = (loss[i] * loss[j]).sqrt();
+        }
+        StreamState {
+            mixture: MixtureState {
+                ar: v.mixture.ar,
+                errors: ErrorMoments {
+                    squared: loss,
+                    cross,
+                    scored: v.stats.predicted,
+                },
+            },
+            options: v.options,
+            y_scale: v.y_scale,
+            x_scale: v.x_scale,
+            pending: v.pending,
+            lags: v.lags,
+            ensemble: v.ensemble,
+            stats: v.stats,
+            calibrator: v.calibrator,
+        }
+    }
+}
+
+#[cfg(test)]
+impl StreamStateV3 {
+    /// What a version-3 daemon would have saved of `s`.
+    pub fn of(s: &StreamState) -> Self {
+        StreamStateV3 {
+            options: s.options.clone(),
+            y_scale: s.y_scale.clone(),
+            x_scale: s.x_scale.clone(),
+            pending: s.pending.clone(),
+            lags: s.lags.clone(),
+            ensemble: s.ensemble.clone(),
+            stats: s.stats.clone(),
+            calibrator: s.calibrator.clone(),
+            mixture: MixtureStateV3 {
+                ar: s.mixture.ar.clone(),
+                loss: s.mixture.errors.squared,
+            },
+        }
+    }
+}
+
 impl From<StreamStateV1> for StreamStateV2 {
     /// The user-unit noise and spread from the scaled ones, as version 1's API reported them
     /// for one output; for several, as if every output had the average scaled value.
@@ -356,18 +433,8 @@ mod tests {
         let plan = stream.plan(&batch).expect("valid batch");
         stream.apply(&batch, &plan, |_| {});
         let now = stream.state();
-        // The file a version-1 daemon wrote: the same header, the old payload.
-        let payload = postcard::to_stdvec(&StreamStateV1::of(&now)).expect("encode");
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&1u32.to_le_bytes());
-        bytes.extend_from_slice(&30u64.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(snapshot_name(30));
-        std::fs::write(&path, bytes).expect("write");
+        let path = write_old(dir.path(), 1, 30, &StreamStateV1::of(&now));
         let (seq, old) = read(&path).expect("a version-1 snapshot reads");
         assert_eq!(seq, 30);
         // Everything but the new statistics as saved; those as version 1 reported them.
@@ -387,5 +454,57 @@ mod tests {
         // And today's format round-trips whole.
         let path = write(dir.path(), 30, &now).expect("write");
         assert_eq!(read(&path).expect("read").1, now);
+    }
+
+    #[test]
+    fn a_version_3_snapshot_keeps_its_mixture_and_calibrator() {
+        let mut stream = Stream::new(Options::default().check().expect("valid options"));
+        let batch: Vec<Observation> = (0..80)
+            .map(|t| Observation {
+                seq: None,
+                x: vec![],
+                y: vec![(f64::from(t) / 5.0).sin()],
+            })
+            .collect();
+        let plan = stream.plan(&batch).expect("valid batch");
+        stream.apply(&batch, &plan, |_| {});
+        let now = stream.state();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_old(dir.path(), 3, 80, &StreamStateV3::of(&now));
+        let (_, old) = read(&path).expect("a version-3 snapshot reads");
+        // All but the products of the members' errors as saved; those as if they erred alike.
+        let errors = old.mixture.errors;
+        assert_eq!(errors.squared, now.mixture.errors.squared);
+        assert_eq!(errors.scored, now.stats.predicted);
+        assert!(errors.scored > 0);
+        let s = errors.squared;
+        assert_eq!(errors.cross[0], (s[0] * s[1]).sqrt());
+        assert_eq!(errors.cross[2], (s[1] * s[2]).sqrt());
+        let mut want = now.clone();
+        want.mixture.errors = errors;
+        assert_eq!(old, want);
+        // A stream rebuilt from it serves a forecast.
+        let restored = Stream::from_state(old).expect("restores");
+        assert!(restored.forecast_state().is_some());
+    }
+
+    /// A snapshot as a daemon of format `version` wrote it: the same header, its payload.
+    fn write_old(
+        dir: &std::path::Path,
+        version: u32,
+        seq: u64,
+        state: &impl serde::Serialize,
+    ) -> PathBuf {
+        let payload = postcard::to_stdvec(state).expect("encode");
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(&seq.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let path = dir.join(snapshot_name(seq));
+        std::fs::write(&path, bytes).expect("write");
+        path
     }
 }
