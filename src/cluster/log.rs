@@ -3,13 +3,14 @@
 //!
 //! Every record of a stream is a message on the subject `ekid.obs.<partition>.<name>` (the
 //! partition of the name, see [`partition`](super::partition); a `.` of the name written `=`)
-//! of the JetStream stream `EKID_OBS`, so that a node follows only the partitions it owns. A record is either a batch the owner
-//! accepted (header `Ekid-Record: batch`, payload the postcard encoding of its observations,
-//! each with its `seq`), or whatever a producer published there directly (JSON or NDJSON
-//! observations, as a `POST` body); the stream's state is the replay, in log order, of every
-//! record through the same plan-then-apply code, a refused record changing nothing. The owner
-//! appends with `Nats-Expected-Last-Subject-Sequence` set to the last record it applied, so an
-//! append from a node that has not seen everything before it is refused by JetStream.
+//! of the JetStream stream `EKID_OBS`, so that a node follows only the partitions it owns. A
+//! record is either a batch the owner accepted (header `Ekid-Record: batch`, payload the
+//! postcard encoding of its observations, each with its `seq`), or whatever a producer
+//! published there directly (JSON or NDJSON observations, as a `POST` body); the stream's state
+//! is the replay, in log order, of every record through the same plan-then-apply code, a
+//! refused record changing nothing. The owner appends with
+//! `Nats-Expected-Last-Subject-Sequence` set to the last record it applied, so an append from a
+//! node that has not seen everything before it is refused by JetStream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
