@@ -5,6 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::TryStreamExt;
+
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
@@ -263,6 +265,10 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
     rt.block_on(async {
         let nc = async_nats::connect(nats.url(1)).await.unwrap();
         let js = async_nats::jetstream::new(nc);
+        // Its options are kept under its partition too, so that a takeover lists only those.
+        let streams = js.get_key_value("EKID_STREAMS").await.unwrap();
+        let keys: Vec<String> = streams.keys().await.unwrap().try_collect().await.unwrap();
+        assert_eq!(keys, vec![format!("{partition}.direct=one")]);
         for (k, chunk) in values[100..].chunks(50).enumerate() {
             let first = 101 + 50 * k as u64;
             let body = if k % 2 == 0 {
@@ -527,16 +533,35 @@ fn forwarded_bodies_are_charged(c: &Client, via: &Node, name: &str) {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(charged, BODY_LIMIT, "{}", via.daemon.log());
-    let r = c
-        .post(via.daemon.url(&format!("/v1/streams/{name}/observations")))
-        .header("content-type", "application/x-ndjson")
-        .body("{\"y\": 1}\n".repeat(110_000))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 503, "{}", via.daemon.log());
-    assert!(r.headers().get("retry-after").is_some());
-    let p: Value = r.json().unwrap();
-    assert_eq!(p["type"], "/problems/busy", "{p}");
+    // The second declares nearly the limit too; the node answers on the head alone, before
+    // any of the body is sent (which a client sending it could see cut off).
+    let mut second = std::net::TcpStream::connect(via.daemon.base.trim_start_matches("http://"))
+        .expect("connect");
+    second
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        second,
+        "POST /v1/streams/{name}/observations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+        BODY_LIMIT - 10_000
+    )
+    .expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("/problems/") {
+        match std::io::Read::read(&mut second, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 503"),
+        "{answer}\n{}",
+        via.daemon.log()
+    );
+    assert!(answer.contains("\r\nretry-after:"), "{answer}");
+    assert!(answer.contains("/problems/busy"), "{answer}");
     drop(slow);
     let started = Instant::now();
     while metric(c, &via.daemon, "ekid_request_memory_bytes ") > 0 {
