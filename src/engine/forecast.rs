@@ -53,7 +53,7 @@ pub struct ForecastState {
 impl ForecastState {
     /// The bytes of the state [`crate::engine::stream::Stream::forecast_state`] builds for these options
     /// (the mean and [`interval_particles`] particles with their hidden states, the lag values,
-    /// the calibration's quantiles and scales, the mixture's autoregression), for the memory
+    /// the calibration's quantiles and scales, the mixture's autoregression and per-step weights), for the memory
     /// budget. Keep it next to the fields it counts.
     pub fn bytes(options: &crate::engine::options::Options) -> usize {
         let layout = options.layout();
@@ -61,7 +61,8 @@ impl ForecastState {
         ((interval_particles(options.ensemble) + 1) * (layout.dim() + layout.hidden)
             + options.lags * m
             + s * m * (crate::engine::calibration::TAUS.len() + 1)
-            + (layout.n_in + 1) * m)
+            + (layout.n_in + 1) * m
+            + 3 * s)
             * std::mem::size_of::<f64>()
     }
 }
@@ -205,7 +206,7 @@ impl ForecastState {
             }
         }
         (0..n)
-            .map(|i| combine(&mx.weights, &members, n, i))
+            .map(|i| combine(mx.weights_at(i / m + 1), &members, n, i))
             .collect()
     }
 

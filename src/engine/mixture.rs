@@ -18,8 +18,14 @@
 //! those is the minimum. When the members err alike it is the best of them; when their errors
 //! partly cancel it is a blend better than each. The small ridge δ keeps `S` invertible when
 //! two members agree. Before any error is seen, persistence alone predicts (the other members
-//! know nothing yet). The prediction is `Σ w_i ŷ_i` with the weights of before the observation,
-//! and so is every step of a forecast (each member rolled out on its own). Derivative-free,
+//! know nothing yet). The prediction is `Σ w_i ŷ_i` with the weights of before the observation.
+//!
+//! Each step h ahead of a forecast has weights of its own, from the same moments of the
+//! members' h-step errors: the mixture keeps each member's roll-out at the last `horizon`
+//! origins (the stream's calibration makes one per observation) and scores it as the
+//! observations it forecast arrive. A member that is right one step ahead can be far off
+//! twenty steps ahead (an autoregression fitted on few values may be explosive), so a step
+//! whose forecasts have not been scored yet is persistence's alone. Derivative-free,
 //! deterministic, no allocation per step.
 
 use serde::{Deserialize, Serialize};
@@ -78,7 +84,7 @@ impl ErrorMoments {
 
     /// The convex weights of the least discounted squared error of the first `members`
     /// members (those with a finite error only).
-    fn weights(&self, members: usize) -> [f64; MEMBERS] {
+    pub fn weights(&self, members: usize) -> [f64; MEMBERS] {
         let mut w = [0.0; MEMBERS];
         let finite = |i: usize| self.squared[i].is_finite();
         let mean = (0..members)
@@ -157,16 +163,27 @@ impl ErrorMoments {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixtureState {
     pub ar: ArState,
+    /// The moments of the members' 1-step errors (their predictions').
     pub errors: ErrorMoments,
+    /// The moments of the members' h-step errors, h = 2..=horizon (one each).
+    pub ahead: Vec<ErrorMoments>,
+    /// Each member's forecast path at the last `horizon` origins, a ring indexed by origin
+    /// number modulo `horizon` (`horizon × MEMBERS × horizon × m`), kept until scored.
+    pub paths: Vec<f64>,
+    /// Paths kept so far.
+    pub origins: u64,
 }
 
 impl MixtureState {
     /// The state of a mixture that has seen nothing (`inputs`: the length of the cell's input
-    /// vector).
-    pub fn new(inputs: usize, outputs: usize) -> Self {
+    /// vector; `horizon`: the steps its forecasts are scored at).
+    pub fn new(inputs: usize, outputs: usize, horizon: usize) -> Self {
         MixtureState {
             ar: RlsAr::new(inputs, outputs).state(),
             errors: ErrorMoments::default(),
+            ahead: vec![ErrorMoments::default(); horizon.saturating_sub(1)],
+            paths: vec![0.0; horizon * MEMBERS * horizon * outputs],
+            origins: 0,
         }
     }
 }
@@ -175,7 +192,8 @@ impl MixtureState {
 /// roll the mixture out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixtureForecast {
-    pub weights: [f64; 3],
+    /// Per step ahead (1, 2, …, horizon); steps beyond take the last.
+    pub weights: Vec<[f64; 3]>,
     /// The autoregression's coefficients (`k × m`, the intercept last).
     pub ar: Vec<f64>,
 }
@@ -190,6 +208,13 @@ pub struct Mixture {
     /// Whether the inputs start with each output's last value (`lags ≥ 1`), for persistence.
     has_lags: bool,
     errors: ErrorMoments,
+    horizon: usize,
+    outputs: usize,
+    ahead: Vec<ErrorMoments>,
+    /// The weights of steps 2..=horizon ahead from `ahead` (recomputed as they are scored).
+    ahead_weights: Vec<[f64; MEMBERS]>,
+    kept: Vec<f64>,
+    origins: u64,
     // Scratch: each member's prediction and then error (3 × m), and path (3 × horizon × m).
     preds: Vec<f64>,
     paths: Vec<f64>,
@@ -197,20 +222,28 @@ pub struct Mixture {
 
 impl Mixture {
     /// `inputs`: the length of the cell's input vector `z`; `lags`: whether it starts with the
-    /// outputs' last values.
+    /// outputs' last values; `horizon`: the steps ahead whose weights it learns.
     pub fn new(
         ensemble: AnyEnsemble,
         inputs: usize,
         outputs: usize,
         lags: bool,
         combine: bool,
+        horizon: usize,
     ) -> Self {
+        let fresh = MixtureState::new(inputs, outputs, horizon);
         Mixture {
             ensemble,
             ar: RlsAr::new(inputs, outputs),
             combine,
             has_lags: lags,
             errors: ErrorMoments::default(),
+            horizon,
+            outputs,
+            ahead_weights: vec![[0.0; MEMBERS]; fresh.ahead.len()],
+            ahead: fresh.ahead,
+            kept: fresh.paths,
+            origins: 0,
             preds: vec![0.0; MEMBERS * outputs],
             paths: Vec::new(),
         }
@@ -220,13 +253,90 @@ impl Mixture {
         MixtureState {
             ar: self.ar.state(),
             errors: self.errors,
+            ahead: self.ahead.clone(),
+            paths: self.kept.clone(),
+            origins: self.origins,
         }
     }
 
     pub fn set_state(&mut self, s: MixtureState) -> Result<(), String> {
+        let (h, m) = (self.horizon, self.outputs);
+        if s.ahead.len() != h.saturating_sub(1) || s.paths.len() != h * MEMBERS * h * m {
+            return Err("the mixture's state does not fit its horizon and outputs".into());
+        }
         self.ar.set_state(s.ar)?;
         self.errors = s.errors;
+        self.ahead = s.ahead;
+        self.kept = s.paths;
+        self.origins = s.origins;
+        for i in 0..self.ahead.len() {
+            self.ahead_weights[i] = self.ahead[i].weights(self.members());
+        }
         Ok(())
+    }
+
+    /// The bytes of the per-step state of a mixture of this shape (its kept paths, per-step
+    /// moments and weights), for the memory budget.
+    pub fn bytes(horizon: usize, outputs: usize) -> usize {
+        horizon * MEMBERS * horizon * outputs * std::mem::size_of::<f64>()
+            + horizon
+                * (std::mem::size_of::<ErrorMoments>() + std::mem::size_of::<[f64; MEMBERS]>())
+    }
+
+    /// The weights of step `step` ahead (1-based) given step 1's: each step's own from its
+    /// members' errors that many steps ahead, persistence's before its first scored forecast
+    /// (a member right one step ahead may still be explosive when rolled out); beyond the
+    /// horizon, the last step's.
+    fn weights_at(&self, step: usize, first: &[f64; MEMBERS]) -> [f64; MEMBERS] {
+        if !self.combine || step <= 1 || self.ahead.is_empty() {
+            return *first;
+        }
+        let i = (step - 2).min(self.ahead.len() - 1);
+        if self.ahead[i].scored == 0 {
+            self.unscored()
+        } else {
+            self.ahead_weights[i]
+        }
+    }
+
+    /// Scores `y` (scaled units) against every kept path that forecast it 2 or more steps
+    /// ahead, and updates those steps' weights. Call once per predicted observation, before the
+    /// next path is kept.
+    pub fn observe_paths(&mut self, y: &[f64]) {
+        if !self.combine {
+            return;
+        }
+        let (hz, m) = (self.horizon, self.outputs);
+        let used = self.members() * m;
+        for h in 2..=hz.min(self.origins as usize) {
+            let slot = ((self.origins - h as u64) % hz as u64) as usize;
+            let path = &self.kept[slot * MEMBERS * hz * m..(slot + 1) * MEMBERS * hz * m];
+            for k in 0..MEMBERS {
+                for o in 0..m {
+                    let i = k * m + o;
+                    self.preds[i] = if i < used {
+                        path[k * hz * m + (h - 1) * m + o] - y[o]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            self.ahead[h - 2].add(&self.preds, m);
+            self.ahead_weights[h - 2] = self.ahead[h - 2].weights(self.members());
+        }
+    }
+
+    /// Keeps the members' paths of the last [`Forecaster::forecast_path`] (of `horizon` steps)
+    /// until the observations they forecast arrive.
+    pub fn keep_paths(&mut self) {
+        let (hz, m) = (self.horizon, self.outputs);
+        let n = hz * m;
+        if !self.combine || hz == 0 || self.paths.len() != MEMBERS * n {
+            return;
+        }
+        let slot = (self.origins % hz as u64) as usize;
+        self.kept[slot * MEMBERS * n..(slot + 1) * MEMBERS * n].copy_from_slice(&self.paths);
+        self.origins += 1;
     }
 
     /// The members' weights now (the ensemble's is 1 when the mixture does not combine).
@@ -234,18 +344,23 @@ impl Mixture {
         if !self.combine {
             return [1.0, 0.0, 0.0];
         }
-        let members = self.members();
-        let mut w = [0.0; MEMBERS];
         if self.errors.scored == 0 {
-            // Nothing known yet: persistence, or (without lags) an even split.
-            if self.has_lags {
-                w[MEMBERS - 1] = 1.0;
-            } else {
-                w[..members].fill(1.0 / members as f64);
-            }
-            return w;
+            return self.unscored();
         }
-        self.errors.weights(members)
+        self.errors.weights(self.members())
+    }
+
+    /// The weights of a step whose forecasts have not been scored yet: persistence, or (without
+    /// lags) an even split.
+    fn unscored(&self) -> [f64; MEMBERS] {
+        let mut w = [0.0; MEMBERS];
+        if self.has_lags {
+            w[MEMBERS - 1] = 1.0;
+        } else {
+            let members = self.members();
+            w[..members].fill(1.0 / members as f64);
+        }
+        w
     }
 
     /// The members this stream has: persistence only with lags.
@@ -270,10 +385,20 @@ impl Mixture {
     }
 
     pub fn forecast(&self) -> MixtureForecast {
+        let first = self.weights();
         MixtureForecast {
-            weights: self.weights(),
+            weights: (1..=self.horizon.max(1))
+                .map(|h| self.weights_at(h, &first))
+                .collect(),
             ar: self.ar.coefficients().to_vec(),
         }
+    }
+}
+
+impl MixtureForecast {
+    /// The weights of step `step` ahead (1-based); beyond the horizon, the last step's.
+    pub fn weights_at(&self, step: usize) -> &[f64; 3] {
+        &self.weights[(step.max(1) - 1).min(self.weights.len() - 1)]
     }
 }
 
@@ -323,6 +448,14 @@ impl Learner for Mixture {
 }
 
 impl Forecaster for Mixture {
+    fn observe_paths(&mut self, y: &[f64]) {
+        Mixture::observe_paths(self, y);
+    }
+
+    fn keep_paths(&mut self) {
+        Mixture::keep_paths(self);
+    }
+
     fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut) {
         if !self.combine {
             return self.ensemble.forecast_path(lags, x, out, roll);
@@ -340,8 +473,10 @@ impl Forecaster for Mixture {
                 o.copy_from_slice(last);
             }
         }
+        let m = self.outputs;
         for (i, v) in out.iter_mut().enumerate() {
-            *v = combine(&weights, &self.paths, n, i);
+            let w = self.weights_at(i / m + 1, &weights);
+            *v = combine(&w, &self.paths, n, i);
         }
     }
 }

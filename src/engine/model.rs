@@ -25,6 +25,14 @@ pub trait Forecaster: Learner {
     /// exogenous inputs held at `x`. Changes nothing its predictions depend on; `roll` is the
     /// caller's scratch (no allocation once warm).
     fn forecast_path(&mut self, lags: &LagBuffer, x: &[f64], out: &mut [f64], roll: &mut RollOut);
+
+    /// Scores the forecasts of earlier calibration paths against `y` (scaled units), for a
+    /// forecaster that learns from its own multi-step errors.
+    fn observe_paths(&mut self, _y: &[f64]) {}
+
+    /// Keeps what the last [`Forecaster::forecast_path`] (a calibration path) forecast, for
+    /// [`Forecaster::observe_paths`] to score.
+    fn keep_paths(&mut self) {}
 }
 
 /// Predicts the previous value (needs `lags ≥ 1`: the first `outputs` inputs are `y_{t−1}`).

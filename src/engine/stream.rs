@@ -216,7 +216,7 @@ pub struct Stream {
 /// A stream's forecaster around its ensemble, as its options say.
 pub fn forecaster(ensemble: AnyEnsemble, o: &Options) -> Mixture {
     let n_in = o.lags * o.outputs + o.inputs;
-    Mixture::new(ensemble, n_in, o.outputs, o.lags > 0, o.mixture)
+    Mixture::new(ensemble, n_in, o.outputs, o.lags > 0, o.mixture, o.horizon)
 }
 
 /// Scores the forecasts that predicted this observation `(x, y)` (model units; when the model
@@ -231,9 +231,11 @@ pub fn calibrate<L: Forecaster>(
 ) {
     if predicted {
         calibrator.observe(y);
+        model.learner.observe_paths(y);
     }
     if model.lags().is_full() {
         model.forecast_path(x, path, roll);
+        model.learner.keep_paths();
         calibrator.push_path(path);
     }
 }
@@ -319,13 +321,15 @@ impl Stream {
         // The published forecast state twice: a new one is built while readers hold the last.
         let forecast = 2 * ForecastState::bytes(options);
         // The calibrator, its copy in a snapshot, and the path scratch (the mixture's members'
-        // paths too); the autoregression and its copy.
+        // paths too); the autoregression and its copy; the mixture's kept paths and per-step
+        // error moments and their copy.
         let f = std::mem::size_of::<f64>();
         let calibration = 2 * Calibrator::bytes(options.horizon, options.outputs)
             + 4 * options.horizon * options.outputs * f;
         let k = n_in + 1;
         let ar = 2 * (k * k + k * options.outputs + 2 * k) * f;
-        (ensemble.resident + ensemble.snapshot + own + forecast + calibration + ar) as u64
+        let mixture = 2 * Mixture::bytes(options.horizon, options.outputs);
+        (ensemble.resident + ensemble.snapshot + own + forecast + calibration + ar + mixture) as u64
     }
 
     pub fn new(options: Options) -> Self {
@@ -783,6 +787,53 @@ mod tests {
 
     /// A stream rebuilt from its state halfway goes on exactly as the one that never stopped:
     /// the calibrator (pending forecasts, scales, trackers, coverage) is part of the state.
+    #[test]
+    fn each_step_ahead_is_weighted_by_its_own_errors() {
+        let o = Options {
+            horizon: 5,
+            ..stream().options().clone()
+        };
+        let lags = o.lags as u64;
+        let mut s = Stream::new(o);
+        let feed = |s: &mut Stream, from: usize, to: usize| {
+            let batch: Vec<Observation> = (from..to)
+                .map(|i| {
+                    obs(
+                        None,
+                        5.0 + 3.0 * (i as f64 / 3.0).sin() + (i % 5) as f64 * 0.2,
+                    )
+                })
+                .collect();
+            let plan = s.plan(&batch).unwrap();
+            s.apply(&batch, &plan, |_| {});
+        };
+        // The first path is made once the lags are full; its step h is scored h observations
+        // later. Two observations after it only step 2 has been scored.
+        feed(&mut s, 0, lags as usize + 2);
+        let state = s.state().mixture;
+        let scored: Vec<u64> = state.ahead.iter().map(|a| a.scored).collect();
+        assert_eq!(scored, [1, 0, 0, 0]);
+        let weights = s.forecast_state().unwrap().mixture.unwrap().weights;
+        assert_eq!(weights.len(), 5);
+        for w in &weights[2..] {
+            assert_eq!(*w, [0.0, 0.0, 1.0], "unscored steps: persistence alone");
+        }
+        feed(&mut s, lags as usize + 2, 200);
+        let state = s.state().mixture;
+        let n = 200 - lags;
+        for (i, a) in state.ahead.iter().enumerate() {
+            assert_eq!(a.scored, n + 1 - (i as u64 + 2), "step {}", i + 2);
+        }
+        let weights = s.forecast_state().unwrap().mixture.unwrap().weights;
+        for (h, w) in weights.iter().enumerate() {
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12 && w.iter().all(|&v| v >= 0.0));
+            if h > 0 {
+                assert_eq!(*w, state.ahead[h - 1].weights(3), "step {}", h + 1);
+            }
+        }
+        assert_ne!(weights[0], weights[4], "step 5's errors are not step 1's");
+    }
+
     #[test]
     fn a_stream_rebuilt_from_its_state_calibrates_and_forecasts_identically() {
         let o = Options {

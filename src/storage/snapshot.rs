@@ -284,7 +284,7 @@ impl From<StreamStateV2> for StreamState {
         let o = &v.options;
         StreamState {
             calibrator: Calibrator::new(o.horizon, o.outputs),
-            mixture: MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs),
+            mixture: MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs, o.horizon),
             options: v.options,
             y_scale: v.y_scale,
             x_scale: v.x_scale,
@@ -322,13 +322,16 @@ struct MixtureStateV3 {
 impl From<StreamStateV3> for StreamState {
     /// The products of the members' errors as if the members had erred alike (correlation 1):
     /// the weights then start at the member of least squared error, as version 3's nearly were,
-    /// and the true products replace these within a few hundred observations.
+    /// and the true products replace these within a few hundred observations. The steps ahead
+    /// start unscored (they take step 1's weights until their first forecasts are scored).
     fn from(v: StreamStateV3) -> Self {
         let loss = v.mixture.loss;
         let mut cross = [0.0; 3];
         for (c, (i, j)) in cross.iter_mut().zip([(0, 1), (0, 2), (1, 2)]) {
             *c = (loss[i] * loss[j]).sqrt();
         }
+        let o = &v.options;
+        let fresh = MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs, o.horizon);
         StreamState {
             mixture: MixtureState {
                 ar: v.mixture.ar,
@@ -337,6 +340,7 @@ impl From<StreamStateV3> for StreamState {
                     cross,
                     scored: v.stats.predicted,
                 },
+                ..fresh
             },
             options: v.options,
             y_scale: v.y_scale,
@@ -447,7 +451,7 @@ mod tests {
         }
         // The calibrator and the mixture start afresh.
         assert_eq!(got.calibrator, Calibrator::new(24, 1));
-        assert_eq!(got.mixture, MixtureState::new(2, 1));
+        assert_eq!(got.mixture, MixtureState::new(2, 1, 24));
         want.calibrator = got.calibrator.clone();
         want.mixture = got.mixture.clone();
         assert_eq!(got, want);
@@ -480,8 +484,14 @@ mod tests {
         let s = errors.squared;
         assert_eq!(errors.cross[0], (s[0] * s[1]).sqrt());
         assert_eq!(errors.cross[2], (s[1] * s[2]).sqrt());
+        // The steps ahead start unscored.
+        assert!(old.mixture.ahead.iter().all(|a| a.scored == 0));
+        assert_eq!(old.mixture.origins, 0);
         let mut want = now.clone();
         want.mixture.errors = errors;
+        want.mixture.ahead = old.mixture.ahead.clone();
+        want.mixture.paths = old.mixture.paths.clone();
+        want.mixture.origins = 0;
         assert_eq!(old, want);
         // A stream rebuilt from it serves a forecast.
         let restored = Stream::from_state(old).expect("restores");
