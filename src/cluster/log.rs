@@ -1,14 +1,16 @@
 //! One stream's replicated log on JetStream, its snapshots in the object store, and the lease
 //! that lets this node write them.
 //!
-//! Every record of a stream is a message on the subject `ekid.obs.<name>` (a `.` of the name
-//! written `=`) of the JetStream stream `EKID_OBS`. A record is either a batch the owner
-//! accepted (header `Ekid-Record: batch`, payload the postcard encoding of its observations,
-//! each with its `seq`), or whatever a producer published there directly (JSON or NDJSON
-//! observations, as a `POST` body); the stream's state is the replay, in log order, of every
-//! record through the same plan-then-apply code, a refused record changing nothing. The owner
-//! appends with `Nats-Expected-Last-Subject-Sequence` set to the last record it applied, so an
-//! append from a node that has not seen everything before it is refused by JetStream.
+//! Every record of a stream is a message on the subject `ekid.obs.<partition>.<name>` (the
+//! partition of the name, see [`partition`](super::partition); a `.` of the name written `=`)
+//! of the JetStream stream `EKID_OBS`, so that a node follows only the partitions it owns. A
+//! record is either a batch the owner accepted (header `Ekid-Record: batch`, payload the
+//! postcard encoding of its observations, each with its `seq`), or whatever a producer
+//! published there directly (JSON or NDJSON observations, as a `POST` body); the stream's state
+//! is the replay, in log order, of every record through the same plan-then-apply code, a
+//! refused record changing nothing. The owner appends with
+//! `Nats-Expected-Last-Subject-Sequence` set to the last record it applied, so an append from a
+//! node that has not seen everything before it is refused by JetStream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +25,7 @@ use crate::engine::Observation;
 
 /// The JetStream stream that holds every stream's log.
 pub const LOG_STREAM: &str = "EKID_OBS";
-/// Subjects of the log: `ekid.obs.<name>`.
+/// Subjects of the log: `ekid.obs.<partition>.<name>`.
 pub const LOG_PREFIX: &str = "ekid.obs.";
 /// The header that marks a record written by an owner.
 pub const RECORD_HEADER: &str = "Ekid-Record";
@@ -38,8 +40,21 @@ pub fn name_of(key: &str) -> String {
     key.replace('=', ".")
 }
 
-pub fn subject_of(name: &str) -> String {
-    format!("{LOG_PREFIX}{}", key_of(name))
+/// The subject of the log of stream `name`, which falls in `partition`.
+pub fn subject_of(partition: u32, name: &str) -> String {
+    format!("{LOG_PREFIX}{partition}.{}", key_of(name))
+}
+
+/// The subjects of every log of `partition`.
+pub fn partition_filter(partition: u32) -> String {
+    format!("{LOG_PREFIX}{partition}.>")
+}
+
+/// The stream a log subject belongs to.
+pub fn name_of_subject(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(LOG_PREFIX)?;
+    let (_, key) = rest.split_once('.')?;
+    Some(name_of(key))
 }
 
 /// A lease on a partition as this node sees it: valid until a deadline on the local monotonic
@@ -139,9 +154,11 @@ pub struct StreamLog {
 }
 
 impl StreamLog {
-    /// `slots`: what [`get_snapshots`] found (zeros for a new stream).
+    /// `subject`: [`subject_of`] the stream; `slots`: what [`get_snapshots`] found (zeros for
+    /// a new stream).
     pub fn new(
         name: &str,
+        subject: String,
         handles: LogHandles,
         lease: Arc<Lease>,
         incarnation: u64,
@@ -150,7 +167,7 @@ impl StreamLog {
     ) -> Self {
         StreamLog {
             name: name.to_owned(),
-            subject: subject_of(name),
+            subject,
             handles,
             lease,
             incarnation,

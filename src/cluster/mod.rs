@@ -18,6 +18,7 @@ mod log;
 mod node;
 
 pub use config::{ClusterConfig, is_node_name};
+pub use hash::{assignment, partition};
 pub use log::{
     Entry, LOG_PREFIX, LOG_STREAM, Lease, LogError, LogHandles, RECORD_HEADER, Record, StreamLog,
     get_snapshots, slot_name, subject_of,

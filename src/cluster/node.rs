@@ -6,13 +6,16 @@
 //! - `EKID_LEASES` (KV, same TTL): one key per partition (`p<n>`) held by its owner, created
 //!   with `create` (only when vacant) and renewed with `update` at the revision it holds. A key
 //!   not renewed for one TTL disappears, and another node may create it.
-//! - `EKID_STREAMS` (KV): each stream's options; the revision that created them tells one
-//!   stream from a later one of the same name.
+//! - `EKID_STREAMS` (KV): each stream's options under `<partition>.<name>`, so that the
+//!   streams of one partition are listed without reading the others'; the revision that
+//!   created them tells one stream from a later one of the same name.
 //! - `EKID_SNAPSHOTS` (object store): each stream's newest snapshot.
 //!
 //! Every tick (a quarter of the TTL) the coordinator renews what it holds, gives up what the
 //! rendezvous hash now gives a live other node (the server closes those streams first), and
-//! takes vacant partitions the hash gives it.
+//! takes vacant partitions the hash gives it. For each partition it holds, a headers-only
+//! consumer of that partition's log subjects tells the owners of records appended there (by
+//! producers, or by this node), so that a node hears of its own partitions' records only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +30,8 @@ use tokio::sync::mpsc;
 use super::config::ClusterConfig;
 use super::hash;
 use super::log::{
-    LOG_PREFIX, LOG_STREAM, Lease, LogHandles, key_of, name_of, slot_name, subject_of,
+    LOG_PREFIX, LOG_STREAM, Lease, LogHandles, key_of, name_of, name_of_subject, partition_filter,
+    slot_name, subject_of,
 };
 
 const NODES: &str = "EKID_NODES";
@@ -47,6 +51,9 @@ pub enum Change {
     Release { partition: u32 },
     /// A record was appended to the log of stream `name`, at `seq`.
     Appended { name: String, seq: u64 },
+    /// The notices of `partition`'s records may have missed some (its consumer was just
+    /// created): every loaded stream of it reads its log for records it has not applied.
+    Recheck { partition: u32 },
 }
 
 /// Where a request for a stream goes.
@@ -82,6 +89,14 @@ struct Held {
     lease: Arc<Lease>,
     ready: bool,
     releasing: bool,
+    /// The task that follows the partition's log subjects; it ends with the hold.
+    tail: tokio::task::AbortHandle,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.tail.abort();
+    }
 }
 
 #[derive(Default)]
@@ -97,6 +112,8 @@ pub struct Counters {
     pub takeovers: AtomicU64,
     pub lost: AtomicU64,
     pub released: AtomicU64,
+    /// Notices of log records this node received (its own partitions' only).
+    pub notices: AtomicU64,
 }
 
 struct Inner {
@@ -238,7 +255,6 @@ impl Cluster {
         let weak = Arc::downgrade(&cluster.inner);
         tokio::spawn(watch_nodes(weak.clone()));
         tokio::spawn(watch_leases(weak.clone()));
-        tokio::spawn(tail(weak.clone()));
         tokio::spawn(coordinate(weak));
         Ok((cluster, rx))
     }
@@ -265,6 +281,16 @@ impl Cluster {
 
     pub fn partition(&self, name: &str) -> u32 {
         hash::partition(name, self.inner.config.partitions)
+    }
+
+    /// The subject of stream `name`'s log, where producers may publish observations.
+    pub fn subject(&self, name: &str) -> String {
+        subject_of(self.partition(name), name)
+    }
+
+    /// The key of stream `name` in `EKID_STREAMS`.
+    fn key(&self, name: &str) -> String {
+        format!("{}.{}", self.partition(name), key_of(name))
     }
 
     pub fn set_stream_count(&self, n: usize) {
@@ -413,16 +439,49 @@ impl Cluster {
         }
     }
 
-    /// The names of the streams in `partition`.
+    /// The names of the streams in `partition`: the keys under `<partition>.` only, read
+    /// with a headers-only consumer of the newest entry of each (what `keys()` does for the
+    /// whole bucket).
     pub async fn streams_in(&self, partition: u32) -> anyhow::Result<Vec<String>> {
-        let mut keys = self.inner.streams.keys().await?;
+        use jetstream::consumer::{DeliverPolicy, push};
+        let store = &self.inner.streams;
+        let prefix = format!("{}{partition}.", store.prefix);
+        let consumer = store
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.inner.handles.client.new_inbox(),
+                filter_subject: format!("{prefix}>"),
+                headers_only: true,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await?;
         let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let name = name_of(&k?);
-            if self.partition(&name) == partition {
-                out.push(name);
-            }
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
         }
+        let mut messages = consumer.messages().await?;
+        let read = async {
+            while let Some(m) = messages.next().await {
+                let m = m?;
+                let pending = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending;
+                let removed = m.headers.as_ref().is_some_and(|h| {
+                    h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some()
+                });
+                if !removed && let Some(key) = m.subject.as_str().strip_prefix(prefix.as_str()) {
+                    out.push(name_of(key));
+                }
+                if pending == 0 {
+                    return Ok::<(), anyhow::Error>(());
+                }
+            }
+            anyhow::bail!("the listing of partition {partition}'s streams ended early")
+        };
+        // An entry removed after the listing started leaves it waiting for one that never
+        // comes: the caller tries again.
+        tokio::time::timeout(self.inner.ttl, read)
+            .await
+            .map_err(|_| anyhow::anyhow!("listing partition {partition}'s streams timed out"))??;
         out.sort();
         Ok(out)
     }
@@ -432,7 +491,7 @@ impl Cluster {
         Ok(self
             .inner
             .streams
-            .entry(key_of(name))
+            .entry(self.key(name))
             .await?
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| (e.value, e.revision)))
@@ -449,7 +508,7 @@ impl Cluster {
         match self
             .inner
             .streams
-            .create(key_of(name), options.into())
+            .create(self.key(name), options.into())
             .await
         {
             Ok(rev) => Ok(Some(rev)),
@@ -460,7 +519,7 @@ impl Cluster {
 
     /// Removes a stream: its options, then its log and snapshot.
     pub async fn delete_stream(&self, name: &str) -> anyhow::Result<()> {
-        self.inner.streams.purge(key_of(name)).await?;
+        self.inner.streams.purge(self.key(name)).await?;
         if let Err(e) = self.clear(name).await {
             // The next stream of this name clears them before it starts.
             tracing::warn!(stream = name, error = %e, "could not clear a deleted stream's log");
@@ -473,7 +532,7 @@ impl Cluster {
             .handles
             .log
             .purge()
-            .filter(subject_of(name))
+            .filter(self.subject(name))
             .await?;
         for slot in 0..2 {
             match self
@@ -498,7 +557,7 @@ impl Cluster {
             .inner
             .handles
             .log
-            .get_last_raw_message_by_subject(&subject_of(name))
+            .get_last_raw_message_by_subject(&self.subject(name))
             .await
         {
             Ok(m) => Ok(m.sequence),
@@ -612,16 +671,18 @@ async fn watch_leases(weak: std::sync::Weak<Inner>) {
     }
 }
 
-/// Tells the server of every record appended to any stream's log (headers only), so that
-/// owners apply what producers publish directly.
-async fn tail(weak: std::sync::Weak<Inner>) {
+/// Tells the server of every record appended to the logs of `partition` (headers only), so
+/// that owners apply what producers publish directly; runs while this node holds the
+/// partition (aborted when its [`Held`] goes). After each (re)creation of its consumer it asks
+/// for a [`Change::Recheck`], which covers what was appended before the consumer existed.
+async fn tail(weak: std::sync::Weak<Inner>, partition: u32) {
     use jetstream::consumer::{DeliverPolicy, push};
     let mut next: Option<u64> = None;
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let config = push::OrderedConfig {
             deliver_subject: inner.handles.client.new_inbox(),
-            filter_subject: format!("{LOG_PREFIX}>"),
+            filter_subject: partition_filter(partition),
             headers_only: true,
             deliver_policy: match next {
                 Some(seq) => DeliverPolicy::ByStartSequence {
@@ -632,30 +693,31 @@ async fn tail(weak: std::sync::Weak<Inner>) {
             ..Default::default()
         };
         let consumer = inner.handles.log.create_consumer(config).await;
-        drop(inner);
         let messages = match consumer {
             Ok(c) => c.messages().await,
             Err(e) => {
-                tracing::debug!(error = %e, "log tail: cannot create the consumer");
+                tracing::debug!(partition, error = %e, "log tail: cannot create the consumer");
+                drop(inner);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
         let Ok(mut messages) = messages else {
+            drop(inner);
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
+        let _ = inner.changes.send(Change::Recheck { partition });
+        drop(inner);
         while let Some(m) = messages.next().await {
             let Ok(m) = m else { break };
             let Some(inner) = weak.upgrade() else { return };
             let Ok(info) = m.info() else { continue };
             let seq = info.stream_sequence;
             next = Some(seq + 1);
-            if let Some(key) = m.subject.as_str().strip_prefix(LOG_PREFIX) {
-                let _ = inner.changes.send(Change::Appended {
-                    name: name_of(key),
-                    seq,
-                });
+            inner.counters.notices.fetch_add(1, Ordering::Relaxed);
+            if let Some(name) = name_of_subject(m.subject.as_str()) {
+                let _ = inner.changes.send(Change::Appended { name, seq });
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -672,11 +734,11 @@ async fn coordinate(weak: std::sync::Weak<Inner>) {
     loop {
         interval.tick().await;
         let Some(inner) = weak.upgrade() else { return };
-        round(&inner).await;
+        round(&inner, &weak).await;
     }
 }
 
-async fn round(inner: &Inner) {
+async fn round(inner: &Inner, weak: &std::sync::Weak<Inner>) {
     // A lease whose deadline passed (a paused process, NATS unreachable) is lost first.
     let expired: Vec<u32> = {
         let mut view = lock(&inner.view);
@@ -798,6 +860,7 @@ async fn round(inner: &Inner) {
         if let Ok(rev) = r {
             let lease = Lease::new();
             lease.extend(sent, valid_for);
+            let tail = tokio::spawn(tail(weak.clone(), p)).abort_handle();
             lock(&inner.view).held.insert(
                 p,
                 Held {
@@ -805,6 +868,7 @@ async fn round(inner: &Inner) {
                     lease: lease.clone(),
                     ready: false,
                     releasing: false,
+                    tail,
                 },
             );
             inner.counters.takeovers.fetch_add(1, Ordering::Relaxed);

@@ -40,7 +40,7 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
 }
 
 /// The length a request declares (`Content-Length`), if any.
-fn declared_length(headers: &HeaderMap) -> Option<usize> {
+pub fn declared_length(headers: &HeaderMap) -> Option<usize> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
@@ -165,6 +165,19 @@ pub struct StreamOut {
     pub scale: Option<Vec<ScaleOut>>,
     /// Why the stream failed, if it did.
     pub failed: Option<String>,
+    /// Cluster mode: the JetStream subject of the stream's log, `ekid.obs.<partition>.<name>`
+    /// (a `.` of the name written `=`), where producers may publish observations directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_subject: Option<String>,
+}
+
+impl StreamOut {
+    /// The stream as this node serves it (in cluster mode, with its log's subject).
+    fn of(app: &AppState, view: &StreamView) -> Self {
+        let mut out = StreamOut::from(view);
+        out.log_subject = app.inner.cluster.as_ref().map(|c| c.subject(&view.name));
+        out
+    }
 }
 
 impl From<&StreamView> for StreamOut {
@@ -192,6 +205,7 @@ impl From<&StreamView> for StreamOut {
                     .collect()
             }),
             failed: v.failed.clone(),
+            log_subject: None,
         }
     }
 }
@@ -306,7 +320,7 @@ pub async fn put_stream(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(StreamOut::from(view.as_ref()))).into_response())
+    Ok((status, Json(StreamOut::of(&app, view.as_ref()))).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/streams", tag = "streams",
@@ -315,7 +329,7 @@ pub async fn list_streams(State(app): State<AppState>) -> Json<StreamList> {
     let mut streams: Vec<StreamOut> = app
         .handles()
         .iter()
-        .map(|(_, h)| StreamOut::from(h.view().as_ref()))
+        .map(|(_, h)| StreamOut::of(&app, h.view().as_ref()))
         .collect();
     streams.sort_by(|a, b| a.name.cmp(&b.name));
     Json(StreamList { streams })
@@ -334,7 +348,7 @@ pub async fn get_stream(
 ) -> Result<Json<StreamOut>, ApiError> {
     check_name(&name)?;
     let h = app.handle(&name)?;
-    Ok(Json(StreamOut::from(h.view().as_ref())))
+    Ok(Json(StreamOut::of(&app, h.view().as_ref())))
 }
 
 #[utoipa::path(delete, path = "/v1/streams/{name}", tag = "streams",

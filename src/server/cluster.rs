@@ -58,6 +58,14 @@ pub async fn follow(app: AppState, cluster: Cluster, mut changes: mpsc::Unbounde
                     let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
                 }
             }
+            Change::Recheck { partition } => {
+                for (name, h) in app.handles() {
+                    if cluster.partition(&name) == partition {
+                        let send = h.tx.send(Command::Appended { seq: u64::MAX });
+                        let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+                    }
+                }
+            }
         }
     }
 }
@@ -180,7 +188,15 @@ async fn load_stream(
             "its snapshots cannot be read and the log they cover was trimmed".into(),
         ));
     }
-    let mut log = StreamLog::new(name, handles, lease.clone(), incarnation, covered, slots);
+    let mut log = StreamLog::new(
+        name,
+        cluster.subject(name),
+        handles,
+        lease.clone(),
+        incarnation,
+        covered,
+        slots,
+    );
     let entries = log.read_after().await.map_err(|e| unavailable(&e))?;
     let last = entries.last().map_or(covered, |e| e.seq);
     let (stream, refused) = tokio::task::spawn_blocking(move || {
@@ -260,13 +276,36 @@ async fn forward(app: &AppState, cluster: &Cluster, url: &str, req: Request) -> 
         url.trim_end_matches('/'),
         parts.uri.path_and_query().map_or("/", |p| p.as_str())
     );
+    // The body is held here until the owner has it: charged to this node's memory budget
+    // like a body this node reads for itself (503 when it does not fit beside the others in
+    // flight, 413 past the limit), and given back when the owner has answered.
     let limit = app.inner.config.limits.body_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => {
-            return ApiError::TooLarge(format!("the body exceeds the {limit}-byte limit"))
-                .into_response();
+    let raw = match super::api::declared_length(&parts.headers) {
+        Some(n) => n.min(limit),
+        // No length and not chunked: a request that carries no body (GET, DELETE).
+        None if !parts
+            .headers
+            .contains_key(axum::http::header::TRANSFER_ENCODING)
+            && matches!(
+                parts.method,
+                axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::DELETE
+            ) =>
+        {
+            0
         }
+        None => limit,
+    };
+    let _charge = if raw > 0 {
+        match app.charge(raw as u64) {
+            Ok(c) => Some(c),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
+    let body = match super::api::read_body(body, limit, raw).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     let mut out = app.inner.forwarder.request(parts.method.clone(), &target);
     for (k, v) in &parts.headers {
@@ -402,6 +441,7 @@ pub fn refresh_metrics(app: &AppState) {
     m.cluster_lost.set(k.lost.load(Relaxed) as i64);
     m.cluster_released.set(k.released.load(Relaxed) as i64);
     m.cluster_connected.set(i64::from(c.connected()));
+    m.cluster_notices.set(k.notices.load(Relaxed) as i64);
 }
 
 /// The node name when none is configured: the host's, made a valid name.

@@ -70,6 +70,7 @@ pub struct Metrics {
     pub cluster_lost: Gauge,
     pub cluster_released: Gauge,
     pub cluster_connected: Gauge,
+    pub cluster_notices: Gauge,
 }
 
 impl Default for Metrics {
@@ -99,6 +100,7 @@ impl Default for Metrics {
             cluster_lost: Gauge::default(),
             cluster_released: Gauge::default(),
             cluster_connected: Gauge::default(),
+            cluster_notices: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -228,6 +230,11 @@ impl Metrics {
             "ekid_cluster_connected",
             "1 while this node is connected to NATS",
             m.cluster_connected.clone(),
+        );
+        r.register(
+            "ekid_cluster_log_notices",
+            "Notices of log records this node received: the records of the partitions it owns only",
+            m.cluster_notices.clone(),
         );
         m
     }

@@ -24,11 +24,15 @@ use crate::storage::{Recovered, Store};
 ///   fails one stream and nothing else;
 /// - `fail-after-options-rename:<stream>` makes creating that stream fail right after its
 ///   directory (options included) was renamed into place, to test that a failed creation
-///   leaves nothing behind.
+///   leaves nothing behind;
+/// - `delete-after-move:<stream>` (cluster mode) makes a DELETE of that stream, once it has
+///   the stream's owner, wait until that owner stops (its partition moved to another node; at
+///   most 30 s) before asking it to delete, to test a delete that races a partition move.
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints {
     pub panic_in_update: Option<String>,
     pub fail_after_options_rename: Option<String>,
+    pub delete_after_move: Option<String>,
 }
 
 impl Failpoints {
@@ -45,6 +49,13 @@ impl Failpoints {
             if let Some(stream) = item.trim().strip_prefix("fail-after-options-rename:") {
                 tracing::warn!(stream, "failpoint set: creating this stream will fail");
                 f.fail_after_options_rename = Some(stream.to_owned());
+            }
+            if let Some(stream) = item.trim().strip_prefix("delete-after-move:") {
+                tracing::warn!(
+                    stream,
+                    "failpoint set: deleting this stream waits for a move"
+                );
+                f.delete_after_move = Some(stream.to_owned());
             }
         }
         f
@@ -382,7 +393,15 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("creating the stream failed: {e}")))?;
-        let log = StreamLog::new(name, cluster.handles(), lease, incarnation, 0, [0; 2]);
+        let log = StreamLog::new(
+            name,
+            cluster.subject(name),
+            cluster.handles(),
+            lease,
+            incarnation,
+            0,
+            [0; 2],
+        );
         let view = self.insert(
             name,
             Start::Replicated(Box::new(stream), Box::new(self.replicated(cluster, log))),
@@ -486,13 +505,22 @@ impl AppState {
                 store: app.inner.store.clone(),
                 reply,
             };
+            // The owner stopped before it took the delete: shutdown, or in cluster mode the
+            // stream's partition moved to another node meanwhile (retry there); either way
+            // nothing of the stream was deleted.
             let stopped = || {
                 if *app.inner.shutdown.borrow() {
                     ApiError::ShuttingDown
+                } else if app.inner.cluster.is_some() {
+                    super::cluster::owner_gone(&app, &name)
                 } else {
                     ApiError::Internal(format!("the owner of stream `{name}` stopped"))
                 }
             };
+            if app.inner.failpoints.delete_after_move.as_deref() == Some(name.as_str()) {
+                let moved = handle.tx.closed();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), moved).await;
+            }
             handle.tx.send(delete).await.map_err(|_| stopped())?;
             rx.await.map_err(|_| stopped())??;
             {

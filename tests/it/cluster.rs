@@ -5,6 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::TryStreamExt;
+
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
@@ -196,8 +198,9 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
     }
     let c = client();
     let nats = Nats::start();
+    let budget = small_budget();
     let nodes: Vec<Node> = (0..3)
-        .map(|i| Node::start(&nats, &format!("d{i}")))
+        .map(|i| Node::start_config(&nats, &format!("d{i}"), &budget))
         .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let name = "direct.one";
@@ -242,11 +245,30 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
             .collect();
         assert_eq!(seqs, vec![1, 2, 3]);
     }
+    // Producers learn the subject of the stream's log from any node: its partition's.
+    let subjects: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            let v = crate::util::get_json(&c, &n.daemon, &format!("/v1/streams/{name}"));
+            v["log_subject"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(subjects.iter().all(|s| *s == subjects[0]), "{subjects:?}");
+    let subject = subjects[0].clone();
+    let partition: u32 = subject
+        .strip_prefix("ekid.obs.")
+        .and_then(|r| r.strip_suffix(".direct=one"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("subject {subject}"));
+    assert!(partition < 64, "{subject}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let nc = async_nats::connect(nats.url(1)).await.unwrap();
         let js = async_nats::jetstream::new(nc);
-        let subject = "ekid.obs.direct=one";
+        // Its options are kept under its partition too, so that a takeover lists only those.
+        let streams = js.get_key_value("EKID_STREAMS").await.unwrap();
+        let keys: Vec<String> = streams.keys().await.unwrap().try_collect().await.unwrap();
+        assert_eq!(keys, vec![format!("{partition}.direct=one")]);
         for (k, chunk) in values[100..].chunks(50).enumerate() {
             let first = 101 + 50 * k as u64;
             let body = if k % 2 == 0 {
@@ -263,7 +285,7 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
             if k % 2 == 1 {
                 h.insert("Content-Type", "application/x-ndjson");
             }
-            js.publish_with_headers(subject, h, body.into())
+            js.publish_with_headers(subject.clone(), h, body.into())
                 .await
                 .unwrap()
                 .await
@@ -274,7 +296,7 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
                 json!([{"seq": 10_000, "y": 1.0}]).to_string(),
                 "not json".to_owned(),
             ] {
-                js.publish(subject, bad.into_bytes().into())
+                js.publish(subject.clone(), bad.into_bytes().into())
                     .await
                     .unwrap()
                     .await
@@ -285,7 +307,7 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Content-Type", "application/x-ndjson");
         js.publish_with_headers(
-            subject,
+            subject.clone(),
             h,
             ndjson(&values[..10], Some(1)).into_bytes().into(),
         )
@@ -357,6 +379,41 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
         .map(|n| metric(&c, &n.daemon, "ekid_cluster_refused_records_total"))
         .sum();
     assert!(refused >= 12, "refused {refused}");
+    // Only the owner hears of the stream's records: the others follow their own partitions.
+    let owner = owner_index(&c, &nodes);
+    let notices = |n: &Node| metric(&c, &n.daemon, "ekid_cluster_log_notices ");
+    let before: Vec<u64> = nodes.iter().map(notices).collect();
+    rt.block_on(async {
+        let nc = async_nats::connect(nats.url(0)).await.unwrap();
+        let js = async_nats::jetstream::new(nc);
+        for _ in 0..5 {
+            // Duplicates: applied as nothing.
+            js.publish(
+                subject.clone(),
+                ndjson(&values[..3], Some(1)).into_bytes().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    });
+    let started = Instant::now();
+    while notices(&nodes[owner]) < before[owner] + 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the owner hears of its records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if i != owner {
+            assert_eq!(notices(n), before[i], "{} is not the owner", n.name);
+        }
+    }
+    // A body a node forwards is charged to its own memory budget while it holds it (503 when
+    // it does not fit, as on the owner itself).
+    forwarded_bodies_are_charged(&c, &nodes[(owner + 1) % 3], name);
     // Delete through any node: gone everywhere.
     let r = c
         .delete(nodes[0].daemon.url(&format!("/v1/streams/{name}")))
@@ -437,6 +494,85 @@ fn cluster_loses_nothing_when_nats_servers_die() {
     }
 }
 
+/// A body limit and a memory budget that hold the one stream of the direct-publish test and
+/// one body of the limit in flight, not two.
+const BODY_LIMIT: u64 = 1_000_000;
+
+fn small_budget() -> String {
+    let raw: ekid::engine::RawOptions =
+        serde_json::from_value(options(0)).expect("the options parse");
+    let stream = ekid::server::stream_memory(
+        &raw.resolve(&ekid::engine::Options::default())
+            .expect("the options are valid"),
+        &ekid::server::Limits::default(),
+    );
+    format!(
+        "[limits]\nbody_bytes = {BODY_LIMIT}\nmemory_bytes = {}\n",
+        stream + BODY_LIMIT + BODY_LIMIT / 2
+    )
+}
+
+/// Sends through `via` (not the owner of `name`) a body that declares the body limit and
+/// stalls, then a second one: the forwarding node holds the first one's charge, and the
+/// second does not fit beside it.
+fn forwarded_bodies_are_charged(c: &Client, via: &Node, name: &str) {
+    use std::io::Write;
+    let mut slow = std::net::TcpStream::connect(via.daemon.base.trim_start_matches("http://"))
+        .expect("connect");
+    write!(
+        slow,
+        "POST /v1/streams/{name}/observations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {BODY_LIMIT}\r\n\r\n{{\"y\": 1}}\n"
+    )
+    .expect("write");
+    let started = Instant::now();
+    let charged = loop {
+        let m = metric(c, &via.daemon, "ekid_request_memory_bytes ");
+        if m > 0 || started.elapsed() > Duration::from_secs(20) {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(charged, BODY_LIMIT, "{}", via.daemon.log());
+    // The second declares nearly the limit too; the node answers on the head alone, before
+    // any of the body is sent (which a client sending it could see cut off).
+    let mut second = std::net::TcpStream::connect(via.daemon.base.trim_start_matches("http://"))
+        .expect("connect");
+    second
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        second,
+        "POST /v1/streams/{name}/observations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+        BODY_LIMIT - 10_000
+    )
+    .expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("/problems/") {
+        match std::io::Read::read(&mut second, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 503"),
+        "{answer}\n{}",
+        via.daemon.log()
+    );
+    assert!(answer.contains("\r\nretry-after:"), "{answer}");
+    assert!(answer.contains("/problems/busy"), "{answer}");
+    drop(slow);
+    let started = Instant::now();
+    while metric(c, &via.daemon, "ekid_request_memory_bytes ") > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the charge stays"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The node whose own `/v1/cluster` entry says it holds `streams` streams.
 fn owner_index(c: &Client, nodes: &[Node]) -> usize {
     let started = Instant::now();
@@ -478,8 +614,25 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     }
     let c = client();
     let nats = Nats::start();
+    // A stream whose partition goes to p2 when it joins: its DELETE, held at a failpoint until
+    // its owner has stopped, races the move.
+    let moving = (0..)
+        .map(|i| format!("moving{i}"))
+        .find(|n| {
+            let p = ekid::cluster::partition(n, 64) as usize;
+            ekid::cluster::assignment(64, &["p0", "p1", "p2"])[p] == Some("p2")
+        })
+        .unwrap();
+    let failpoint = format!("delete-after-move:{moving}");
     let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start_config(&nats, &format!("p{i}"), SNAPSHOT_OFTEN))
+        .map(|i| {
+            Node::start_env(
+                &nats,
+                &format!("p{i}"),
+                SNAPSHOT_OFTEN,
+                &[("EKID_FAILPOINTS", failpoint.as_str())],
+            )
+        })
         .collect();
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     let name = "fenced";
@@ -537,7 +690,22 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
         );
     }
 
-    // A third node joins: some partitions move to it, and the stream is served the same.
+    // A third node joins: some partitions move to it, and the stream is served the same. A
+    // DELETE that has the owner of a moving stream when the move begins answers 503 with
+    // Retry-After, and deletes nothing.
+    create(&c, &nodes[0].base(), &moving, &options(4));
+    post_until_acked(&c, &urls, &mut turn, &moving, &values[..10], 1);
+    let delete_url = nodes[0].daemon.url(&format!("/v1/streams/{moving}"));
+    let racing = std::thread::spawn(move || {
+        let r = client().delete(delete_url).send().ok()?;
+        let retry_after = r.headers().contains_key("retry-after");
+        Some((
+            r.status().as_u16(),
+            retry_after,
+            r.text().unwrap_or_default(),
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(500));
     nodes.push(Node::start(&nats, "p2"));
     let started = Instant::now();
     loop {
@@ -573,6 +741,28 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
             n.name
         );
     }
+    let (status, retry_after, body) = racing.join().unwrap().expect("the DELETE is answered");
+    assert_eq!((status, retry_after), (503, true), "{body}");
+    for n in &nodes {
+        let (s, body) = retry(Duration::from_secs(30), || {
+            let r = c
+                .get(n.daemon.url(&format!("/v1/streams/{moving}")))
+                .send()
+                .ok()?;
+            Some((r.status().as_u16(), r.text().unwrap_or_default()))
+        });
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["stats"]["observations"], json!(10), "{v}");
+    }
+    let (s, body) = retry(Duration::from_secs(30), || {
+        let r = c
+            .delete(nodes[2].daemon.url(&format!("/v1/streams/{moving}")))
+            .send()
+            .ok()?;
+        Some((r.status().as_u16(), r.text().unwrap_or_default()))
+    });
+    assert_eq!(s, 204, "{body}");
 }
 
 /// The first `n` events of an event stream.
