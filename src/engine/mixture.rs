@@ -58,6 +58,8 @@ pub struct ErrorMoments {
 }
 
 impl ErrorMoments {
+    /// `S_ij`.
+    #[cfg(test)]
     fn at(&self, i: usize, j: usize) -> f64 {
         if i == j {
             return self.squared[i];
@@ -85,7 +87,6 @@ impl ErrorMoments {
     /// The convex weights of the least discounted squared error of the first `members`
     /// members (those with a finite error only).
     pub fn weights(&self, members: usize) -> [f64; MEMBERS] {
-        let mut w = [0.0; MEMBERS];
         let finite = |i: usize| self.squared[i].is_finite();
         let mean = (0..members)
             .filter(|&i| finite(i))
@@ -93,17 +94,30 @@ impl ErrorMoments {
             .sum::<f64>()
             / members as f64;
         let ridge = RIDGE * mean;
+        let mut s = [[0.0; MEMBERS]; MEMBERS];
+        for (i, row) in s.iter_mut().enumerate() {
+            row[i] = self.squared[i] + ridge;
+        }
+        for (&c, &(i, j)) in self.cross.iter().zip(&PAIRS) {
+            (s[i][j], s[j][i]) = (c, c);
+        }
+        let mut w = [0.0; MEMBERS];
         let mut best = f64::INFINITY;
-        for support in 1u8..(1 << members) {
-            if (0..members).any(|i| support & (1 << i) != 0 && !finite(i)) {
-                continue;
-            }
-            if let Some((c, value)) = self.on_support(support, members, ridge)
+        let mut consider = |candidate: Option<([f64; MEMBERS], f64)>| {
+            if let Some((c, value)) = candidate
                 && value < best
             {
-                best = value;
-                w = c;
+                (best, w) = (value, c);
             }
+        };
+        for i in (0..members).filter(|&i| finite(i)) {
+            consider(single(&s, i));
+            for j in (i + 1..members).filter(|&j| finite(j)) {
+                consider(pair(&s, i, j));
+            }
+        }
+        if members == MEMBERS && (0..MEMBERS).all(finite) {
+            consider(triple(&s));
         }
         if best == f64::INFINITY {
             // Every member's error overflowed: the last member (persistence, or the
@@ -112,51 +126,53 @@ impl ErrorMoments {
         }
         w
     }
+}
 
-    /// The minimiser of `wᵀ(S + ridge·I)w` with `Σ w = 1` on the members in `support` (a bit
-    /// each), and its value, when all its weights are positive.
-    fn on_support(&self, support: u8, members: usize, ridge: f64) -> Option<([f64; MEMBERS], f64)> {
-        let mut index = [0usize; MEMBERS];
-        let mut n = 0;
-        for i in (0..members).filter(|i| support & (1 << i) != 0) {
-            index[n] = i;
-            n += 1;
-        }
-        // Gauss–Jordan on [S_T | 1]: u = S_T⁻¹ 1.
-        let mut a = [[0.0; MEMBERS + 1]; MEMBERS];
-        for r in 0..n {
-            for c in 0..n {
-                a[r][c] = self.at(index[r], index[c]) + if r == c { ridge } else { 0.0 };
-            }
-            a[r][n] = 1.0;
-        }
-        for col in 0..n {
-            let pivot = a[col][col];
-            if !(pivot > 0.0 && pivot.is_finite()) {
-                return None;
-            }
-            for r in (0..n).filter(|&r| r != col) {
-                let f = a[r][col] / pivot;
-                for c in col..=n {
-                    a[r][c] -= f * a[col][c];
-                }
-            }
-        }
-        let mut u = [0.0; MEMBERS];
-        for r in 0..n {
-            u[r] = a[r][n] / a[r][r];
-        }
-        let total: f64 = u[..n].iter().sum();
-        if !(total > 0.0 && total.is_finite()) || u[..n].iter().any(|&v| v <= 0.0) {
-            return None;
-        }
-        let mut w = [0.0; MEMBERS];
-        for r in 0..n {
-            w[index[r]] = u[r] / total;
-        }
-        // wᵀ(S_T + ridge) w = 1 / 1ᵀu at the minimiser.
-        Some((w, 1.0 / total))
+// The minimiser of `wᵀSw` with `Σ w = 1` on one support is `S_T⁻¹1 / 1ᵀS_T⁻¹1`, of value
+// `1 / 1ᵀS_T⁻¹1`; each function below gives it, and its value, when S_T is positive definite
+// and every weight positive (else the minimum over the simplex lies on a smaller support).
+
+fn single(s: &[[f64; MEMBERS]; MEMBERS], i: usize) -> Option<([f64; MEMBERS], f64)> {
+    let a = s[i][i];
+    if !(a > 0.0 && a.is_finite()) {
+        return None;
     }
+    let mut w = [0.0; MEMBERS];
+    w[i] = 1.0;
+    Some((w, a))
+}
+
+fn pair(s: &[[f64; MEMBERS]; MEMBERS], i: usize, j: usize) -> Option<([f64; MEMBERS], f64)> {
+    let (a, b, d) = (s[i][i], s[i][j], s[j][j]);
+    let det = a * d - b * b;
+    // S_T⁻¹1 = (d − b, a − b) / det.
+    let (ui, uj) = (d - b, a - b);
+    let total = ui + uj;
+    if !(det > 0.0 && det.is_finite() && ui > 0.0 && uj > 0.0 && total.is_finite()) {
+        return None;
+    }
+    let mut w = [0.0; MEMBERS];
+    (w[i], w[j]) = (ui / total, uj / total);
+    Some((w, det / total))
+}
+
+fn triple(s: &[[f64; MEMBERS]; MEMBERS]) -> Option<([f64; MEMBERS], f64)> {
+    // S⁻¹1 = adj(S)·1 / det(S), the adjugate's rows summed.
+    let cof = |r: usize, c: usize| {
+        let (r1, r2) = ((r + 1) % 3, (r + 2) % 3);
+        let (c1, c2) = ((c + 1) % 3, (c + 2) % 3);
+        s[r1][c1] * s[r2][c2] - s[r1][c2] * s[r2][c1]
+    };
+    let det = s[0][0] * cof(0, 0) + s[0][1] * cof(0, 1) + s[0][2] * cof(0, 2);
+    let mut u = [0.0; MEMBERS];
+    for (i, ui) in u.iter_mut().enumerate() {
+        *ui = cof(0, i) + cof(1, i) + cof(2, i);
+    }
+    let total = u[0] + u[1] + u[2];
+    if !(det > 0.0 && det.is_finite() && total.is_finite() && u.iter().all(|&v| v > 0.0)) {
+        return None;
+    }
+    Some((u.map(|v| v / total), det / total))
 }
 
 /// What of a mixture evolves, besides its ensemble (a snapshot holds it).
