@@ -5,15 +5,11 @@
 //!
 //! The constants were recorded on x86-64 Linux. The ensemble's arithmetic calls no libm (its
 //! `tanh` in both precisions is the engine's own, `real::tanh_f64` and `real::tanh_f32`) and
-//! uses no fused multiply-add, so its pins hold on any IEEE machine. Two libm calls remain
-//! outside the particle loops: the mixture's weights (`exp`) and the normal sampler of the
-//! prior draws (`exp`/`ln` in its rare tail); on a libm that rounds those differently the
-//! mixture's pins, and a case whose draws reach the tail, differ: to check a change there,
-//! record the fingerprints with the code before the change and compare with the code after.
-//!
-//! The constants were re-recorded once, for a faster operation order (the engine's own `f64`
-//! tanh instead of glibc's, C^{uw} as `Σ u_j e_j − ū Σ e_j`): every `ekid eval` figure moved
-//! by under 2e-4 (relative) on the validation collection and the bundled series.
+//! uses no fused multiply-add, and the mixture's weights are plain arithmetic, so the pins hold
+//! on any IEEE machine. One libm call remains: the normal sampler of the prior draws (`exp`/`ln`
+//! in its rare tail); on a libm that rounds those differently a case whose draws reach the tail
+//! differs: to check a change there, record the fingerprints with the code before the change
+//! and compare with the code after.
 
 use std::path::PathBuf;
 
