@@ -5,8 +5,9 @@
 //!
 //! One entry is `seq`, then `outputs` values of `y`, `outputs` of the prediction and the squared
 //! error, all in one flat `f64` buffer (a missing prediction and error are NaN: the engine never
-//! publishes a non-finite prediction), so the ring costs [`History::bytes_for`] whatever it holds
-//! and is allocated once, at its first observation.
+//! publishes a non-finite prediction). The buffers grow with what the ring holds (doubling,
+//! never past the capacity), so a stream of few observations holds little; a full ring costs
+//! [`History::bytes_for`], which is what the memory budget charges from the start.
 
 use std::sync::Mutex;
 
@@ -57,20 +58,20 @@ impl History {
         if self.capacity == 0 {
             return;
         }
-        if self.seqs.is_empty() {
-            self.seqs = vec![0; self.capacity];
-            self.values = vec![f64::NAN; self.capacity * self.stride()];
-        }
         // Only the last `capacity` of a large group survive: skip the rest without copying.
         let skip = applied.len().saturating_sub(self.capacity);
         let (m, stride) = (self.outputs, self.stride());
         for a in applied.skip(skip) {
-            let slot = (self.start + self.len) % self.capacity;
-            if self.len == self.capacity {
-                self.start = (self.start + 1) % self.capacity;
-            } else {
+            let slot = if self.len < self.capacity {
+                // Growing: the entries sit in order from slot 0.
+                self.grow_for_one();
                 self.len += 1;
-            }
+                self.len - 1
+            } else {
+                let oldest = self.start;
+                self.start = (self.start + 1) % self.capacity;
+                oldest
+            };
             self.seqs[slot] = a.seq;
             let row = &mut self.values[slot * stride..(slot + 1) * stride];
             row.fill(f64::NAN);
@@ -84,6 +85,19 @@ impl History {
             }
             row[2 * m] = a.error.unwrap_or(f64::NAN);
         }
+    }
+
+    /// Makes room for one more entry at the end of a ring that is not full, doubling the
+    /// buffers (up to the capacity) when they are.
+    fn grow_for_one(&mut self) {
+        let stride = self.stride();
+        if self.seqs.len() == self.seqs.capacity() {
+            let want = (2 * self.seqs.len()).max(16).min(self.capacity);
+            self.seqs.reserve_exact(want - self.seqs.len());
+            self.values.reserve_exact(want * stride - self.values.len());
+        }
+        self.seqs.push(0);
+        self.values.extend(std::iter::repeat_n(f64::NAN, stride));
     }
 
     /// A copy of the newest `limit` entries (all of them when `limit` is larger), oldest first.
@@ -228,5 +242,31 @@ mod tests {
         assert!(h.recent(5).is_empty());
         assert!(h.seqs.capacity() == 0 && h.values.capacity() == 0);
         assert_eq!(History::bytes_for(10, 1), 10 * 32);
+    }
+
+    #[test]
+    fn the_ring_grows_with_what_it_holds_and_never_past_its_capacity() {
+        let mut h = History::new(1000, 2);
+        let few: Vec<Applied> = (1..=5).map(|s| applied(s, s as f64, None)).collect();
+        h.extend(few.iter());
+        assert!(h.seqs.capacity() <= 16, "{}", h.seqs.capacity());
+        assert_eq!(
+            serde_json::to_value(h.recent(10)).unwrap(),
+            serde_json::to_value(&few).unwrap()
+        );
+        // One at a time past the capacity: the buffers stop at it and the ring wraps.
+        for s in 6..=2500 {
+            h.extend([applied(s, s as f64, Some(0.5))].iter());
+        }
+        assert_eq!(h.seqs.capacity(), 1000);
+        assert_eq!(h.values.capacity(), 1000 * 5);
+        let last: Vec<Applied> = (2498..=2500)
+            .map(|s| applied(s, s as f64, Some(0.5)))
+            .collect();
+        assert_eq!(
+            serde_json::to_value(h.recent(3)).unwrap(),
+            serde_json::to_value(&last).unwrap()
+        );
+        assert_eq!(h.recent(5000).seqs.first(), Some(&1501));
     }
 }
