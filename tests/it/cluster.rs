@@ -46,6 +46,7 @@ fn post_until_acked(
     first: u64,
 ) {
     let started = Instant::now();
+    let mut last = String::new();
     loop {
         let base = {
             let n = nodes.lock().unwrap();
@@ -58,18 +59,21 @@ fn post_until_acked(
             .body(ndjson(values, Some(first)))
             .timeout(Duration::from_secs(10))
             .send();
-        if let Ok(r) = r {
-            let status = r.status().as_u16();
-            let body = r.text().unwrap_or_default();
-            match status {
-                200 => return,
-                503 => {}
-                _ => panic!("POST {name} seq {first}: {status} {body}"),
+        match r {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.text().unwrap_or_default();
+                match status {
+                    200 => return,
+                    503 => last = format!("{base}: 503 {body}"),
+                    _ => panic!("POST {name} seq {first}: {status} {body}"),
+                }
             }
+            Err(e) => last = format!("{base}: {e}"),
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "seq {first} of {name} not acknowledged within 60 s"
+            "seq {first} of {name} not acknowledged within 60 s; last answer {last}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
