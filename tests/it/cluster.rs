@@ -46,7 +46,6 @@ fn post_until_acked(
     first: u64,
 ) {
     let started = Instant::now();
-    let mut last = String::new();
     loop {
         let base = {
             let n = nodes.lock().unwrap();
@@ -59,18 +58,18 @@ fn post_until_acked(
             .body(ndjson(values, Some(first)))
             .timeout(Duration::from_secs(10))
             .send();
-        match r {
+        let last = match r {
             Ok(r) => {
                 let status = r.status().as_u16();
                 let body = r.text().unwrap_or_default();
                 match status {
                     200 => return,
-                    503 => last = format!("{base}: 503 {body}"),
+                    503 => format!("{base}: 503 {body}"),
                     _ => panic!("POST {name} seq {first}: {status} {body}"),
                 }
             }
-            Err(e) => last = format!("{base}: {e}"),
-        }
+            Err(e) => format!("{base}: {e}"),
+        };
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "seq {first} of {name} not acknowledged within 60 s; last answer {last}"
