@@ -133,6 +133,16 @@ pub struct LogHandles {
     pub js: async_nats::jetstream::Context,
     pub log: async_nats::jetstream::stream::Stream,
     pub snapshots: async_nats::jetstream::object_store::ObjectStore,
+    /// The JetStream stream behind `snapshots`, read directly by takeovers.
+    pub snapshot_stream: async_nats::jetstream::stream::Stream,
+}
+
+impl LogHandles {
+    /// The object store's bucket name (its stream is `OBJ_<bucket>`).
+    fn snapshots_bucket(&self) -> &str {
+        let name = &self.snapshot_stream.cached_info().config.name;
+        name.strip_prefix("OBJ_").unwrap_or(name)
+    }
 }
 
 /// One stream's log, held by its owner.
@@ -316,24 +326,64 @@ pub async fn get_snapshots(
     Ok((slots, found))
 }
 
+/// Reads snapshot slot `slot` of stream `name` from the stream behind the object store,
+/// through its leader and without a consumer: the object's description (the last message on its
+/// meta subject), then its chunks in order. An object-store `get` would create an ephemeral
+/// consumer for the chunks, and a JetStream cluster missing one server fails to place about one
+/// such consumer in three: the takeover that needs the snapshot then waits out a timeout. The
+/// leader, unlike a replica answering a direct get, never serves an older description.
 async fn get_slot(
     handles: &LogHandles,
     name: &str,
     slot: usize,
     incarnation: u64,
 ) -> Result<Option<(u64, Vec<u8>)>, LogError> {
-    use async_nats::jetstream::object_store::GetErrorKind;
-    use tokio::io::AsyncReadExt;
-    let mut object = match handles.snapshots.get(slot_name(name, slot).as_str()).await {
-        Ok(o) => o,
-        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(LogError::Unavailable(format!("reading a snapshot: {e}"))),
+    use async_nats::jetstream::object_store::ObjectInfo;
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    use base64::Engine;
+    let unavailable = |e: &dyn std::fmt::Display| {
+        LogError::Unavailable(format!("reading a snapshot of `{name}`: {e}"))
     };
-    let mut bytes = Vec::new();
-    object
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| LogError::Unavailable(format!("reading a snapshot: {e}")))?;
+    let bucket = &handles.snapshot_stream;
+    let bucket_name = handles.snapshots_bucket();
+    let object = base64::engine::general_purpose::URL_SAFE.encode(slot_name(name, slot));
+    let meta = format!("$O.{bucket_name}.M.{object}");
+    let info: ObjectInfo = match bucket.get_last_raw_message_by_subject(&meta).await {
+        Ok(m) => match serde_json::from_slice(&m.payload) {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(stream = name, slot, error = %e, "ignoring a snapshot whose description cannot be read");
+                return Ok(None);
+            }
+        },
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(e) => return Err(unavailable(&e)),
+    };
+    if info.deleted {
+        return Ok(None);
+    }
+    let chunks = format!("$O.{bucket_name}.C.{}", info.nuid);
+    let mut bytes = Vec::with_capacity(info.size);
+    let mut from = 1;
+    for _ in 0..info.chunks {
+        // A chunk gone: the slot was written again meanwhile; the caller tries again.
+        let chunk = bucket
+            .raw_message_builder()
+            .next_by_subject(chunks.clone())
+            .sequence(from)
+            .send()
+            .await
+            .map_err(|e| unavailable(&e))?;
+        from = chunk.sequence + 1;
+        bytes.extend_from_slice(&chunk.payload);
+    }
+    if bytes.len() != info.size {
+        return Err(unavailable(&format!(
+            "read {} bytes of {}",
+            bytes.len(),
+            info.size
+        )));
+    }
     if bytes.len() < 24 || &bytes[..8] != SNAPSHOT_MAGIC {
         tracing::warn!(stream = name, "ignoring a snapshot without its header");
         return Ok(None);

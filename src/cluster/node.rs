@@ -229,6 +229,7 @@ impl Cluster {
                 .await?
             }
         };
+        let snapshot_stream = js.get_stream(format!("OBJ_{SNAPSHOTS}")).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -241,6 +242,7 @@ impl Cluster {
                     js,
                     log,
                     snapshots,
+                    snapshot_stream,
                 },
                 nodes,
                 leases,
@@ -439,47 +441,29 @@ impl Cluster {
         }
     }
 
-    /// The names of the streams in `partition`: the keys under `<partition>.` only, read
-    /// with a headers-only consumer of the newest entry of each (what `keys()` does for the
-    /// whole bucket).
+    /// The names of the streams in `partition`: the subjects of the keys under
+    /// `<partition>.`, from one paged stream-info request answered by the bucket's leader (no
+    /// consumer to place, which a JetStream cluster missing a server may not manage). A
+    /// deleted stream's key stays listed until the bucket forgets its marker; loading it finds
+    /// no options and skips it.
     pub async fn streams_in(&self, partition: u32) -> anyhow::Result<Vec<String>> {
-        use jetstream::consumer::{DeliverPolicy, push};
         let store = &self.inner.streams;
         let prefix = format!("{}{partition}.", store.prefix);
-        let consumer = store
-            .stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.inner.handles.client.new_inbox(),
-                filter_subject: format!("{prefix}>"),
-                headers_only: true,
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer.messages().await?;
-        let read = async {
-            while let Some(m) = messages.next().await {
-                let m = m?;
-                let pending = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending;
-                let removed = m.headers.as_ref().is_some_and(|h| {
-                    h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some()
-                });
-                if !removed && let Some(key) = m.subject.as_str().strip_prefix(prefix.as_str()) {
+        let list = async {
+            let mut subjects = store
+                .stream
+                .info_with_subjects(format!("{prefix}>"))
+                .await?;
+            let mut out = Vec::new();
+            while let Some(item) = subjects.next().await {
+                let (subject, _) = item?;
+                if let Some(key) = subject.strip_prefix(prefix.as_str()) {
                     out.push(name_of(key));
                 }
-                if pending == 0 {
-                    return Ok::<(), anyhow::Error>(());
-                }
             }
-            anyhow::bail!("the listing of partition {partition}'s streams ended early")
+            Ok::<_, anyhow::Error>(out)
         };
-        // An entry removed after the listing started leaves it waiting for one that never
-        // comes: the caller tries again.
-        tokio::time::timeout(self.inner.ttl, read)
+        let mut out = tokio::time::timeout(self.inner.ttl, list)
             .await
             .map_err(|_| anyhow::anyhow!("listing partition {partition}'s streams timed out"))??;
         out.sort();

@@ -105,6 +105,22 @@ fn ingest(
         .collect()
 }
 
+/// Waits for the writers; when one failed, the failure comes with every node's log.
+fn join_writers(writers: Vec<std::thread::JoinHandle<()>>, nodes: &[Node]) {
+    let failed = writers
+        .into_iter()
+        .map(|w| w.join())
+        .filter(Result::is_err)
+        .count();
+    if failed > 0 {
+        let logs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.name, n.daemon.log()))
+            .collect();
+        panic!("{failed} writer(s) failed\n{}", logs.join("\n"));
+    }
+}
+
 /// Every stream, read through every node, equals a single node fed 1..n.
 fn assert_exact(c: &Client, nodes: &[Node], streams: &[String], values: &[f64]) {
     for (k, name) in streams.iter().enumerate() {
@@ -166,9 +182,7 @@ fn cluster_kill9_of_nodes_loses_nothing_and_applies_once() {
         nodes[victim] = start(victim);
         urls.lock().unwrap()[victim] = nodes[victim].base();
     }
-    for w in writers {
-        w.join().expect("writer");
-    }
+    join_writers(writers, &nodes);
     wait_all_owned(&c, &nodes[0].daemon, Duration::from_secs(30));
     assert_exact(&c, &nodes, &streams, &values);
     // Takeovers started from a snapshot (and replayed the log after it).
@@ -456,9 +470,7 @@ fn cluster_loses_nothing_when_nats_servers_die() {
     std::thread::sleep(Duration::from_millis(500 + rand::random::<u64>() % 1000));
     let victim = rand::random::<u64>() as usize % 3;
     nats.kill9(victim);
-    for w in writers {
-        w.join().expect("writer");
-    }
+    join_writers(writers, &nodes);
     nats.restart(victim);
     assert_exact(&c, &nodes, &streams, &values);
 
