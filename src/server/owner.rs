@@ -130,9 +130,9 @@ const MAX_GROUP: usize = 256;
 /// Cluster mode: a group of at least this many observations is learned while its record is
 /// appended (below it, learning takes less than the append and the copy is not worth it)...
 const SPECULATE_OBSERVATIONS: usize = 32;
-/// ... on a stream that may hold at most this much ([`Stream::memory_bytes`]): the copy kept
-/// until the append is confirmed is transient memory outside the budget, at most one per core
-/// (it is held under the core permits).
+/// ... on a stream that may hold at most this much ([`Stream::memory_bytes`]), when the copy
+/// kept until the append is confirmed fits the memory budget beside the requests in flight
+/// (charged like a request's body; when it does not, the group is learned after the append).
 const SPECULATE_BYTES: u64 = 8 << 20;
 
 /// What the owner starts from: a live stream with its files, or a stream that failed to
@@ -162,6 +162,16 @@ pub struct Replicated {
     pub snapshot_interval: std::time::Duration,
     pub since_snapshot: u64,
     pub snapshot_time: Instant,
+    /// The daemon's memory budget, which a speculative copy of the stream is charged to.
+    pub budget: std::sync::Weak<super::state::Shared>,
+}
+
+impl Replicated {
+    /// Charges a copy of `bytes` to the memory budget, or `None` when it does not fit.
+    fn charge(&self, bytes: u64) -> Option<super::state::Charge> {
+        let inner = self.budget.upgrade()?;
+        super::state::AppState { inner }.charge(bytes).ok()
+    }
 }
 
 impl Replicated {
@@ -601,8 +611,12 @@ impl Owner {
                         })
                 })
                 .collect();
-            let speculate = record.len() >= SPECULATE_OBSERVATIONS
-                && Stream::memory_bytes(stream.options()) <= SPECULATE_BYTES;
+            let copy_bytes = Stream::memory_bytes(stream.options());
+            let copy_charge = (record.len() >= SPECULATE_OBSERVATIONS
+                && copy_bytes <= SPECULATE_BYTES)
+                .then(|| self.replicated.as_ref()?.charge(copy_bytes))
+                .flatten();
+            let speculate = copy_charge.is_some();
             let started = Instant::now();
             let (appended, stream, work, learned) = if speculate {
                 let threads = u32::try_from(stream.step_threads()).unwrap_or(1);

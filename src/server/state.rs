@@ -420,6 +420,7 @@ impl AppState {
             snapshot_interval: std::time::Duration::from_secs(storage.snapshot_interval_s),
             since_snapshot: 0,
             snapshot_time: Instant::now(),
+            budget: Arc::downgrade(&self.inner),
         }
     }
 
