@@ -9,13 +9,19 @@
 //! loss)
 //!
 //! ```text
-//! q_τ ← q_τ + η (τ − 1{s < q_τ}),   η = max(γ, 1/√(n + 1)) after n scores
+//! q_τ ← q_τ + η (τ − 1{s < q̂_τ}),   η = max(γ, 1/√((n + 1) h)) after n scores of step h
 //! ```
 //!
-//! whose long-run frequency of `s < q_τ` is τ on any sequence of bounded scores: after T scores
-//! it is within about `(|q| + η)/(γT)` of τ, whatever the series does (Gibbs & Candès 2021,
-//! Angelopoulos et al. 2023); the larger first steps only bring the trackers to the scores'
-//! quantiles sooner. The central interval at level L of step h is then
+//! where `q̂_τ` is the quantile the interval *served* at the score's origin was read from, h
+//! steps earlier, not the tracker's value now. The identity `Σ (τ − 1{s < q̂}) = Σ Δq / η` then
+//! makes the long-run frequency of `s < q̂_τ`, the served interval's, τ on any sequence of
+//! bounded scores: after T scores within about `(|q| + η)/(γT)` of τ, whatever the series does
+//! (Gibbs & Candès 2021, Angelopoulos et al. 2023). Feedback from the current value instead
+//! counts a burst of misses against a quantile that has already risen while the burst was on
+//! its way, and left the far steps 2–4 points short of the level on series of thousands of
+//! values. The feedback of step h is h observations late, so its first steps shrink as
+//! `1/√h` (larger ones overshoot before the misses they caused come back); the served value is
+//! the tracker's now less its last `h − 1` updates, which the calibrator keeps. The central interval at level L of step h is then
 //! `ŷ_h + σ_h·[Q((1−L)/2), Q((1+L)/2)]`, with Q the tracked quantiles sorted (so bounds never
 //! cross between levels) and interpolated linearly in τ between the grid's points. Beyond the
 //! grid (levels above 0.99) the tails are extended in the shape of a normal distribution, and
@@ -39,13 +45,15 @@ pub const TAUS: [f64; 25] = [
     0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 0.995,
 ];
 const MEDIAN: usize = 12;
+// Which scores fell below each quantile fits one `u32` per update.
+const _: () = assert!(TAUS.len() <= 32);
 
 /// The levels whose running coverage a stream reports.
 pub const REPORT_LEVELS: [f64; 4] = [0.5, 0.8, 0.9, 0.95];
 
 /// The quantile tracker's smallest step γ, in units of the error scale. Chosen on the
 /// validation collection (BENCHMARKS.md).
-const TRACKER_STEP: f64 = 0.02;
+const TRACKER_STEP: f64 = 0.03;
 
 /// Each step's error scale averages its `|e|` over about this many observations (fewer at the
 /// start: a plain mean until then).
@@ -81,6 +89,83 @@ pub struct Calibrator {
     scored: Vec<u64>,
     /// `steps × REPORT_LEVELS.len()`: scores inside the interval at that level.
     hits: Vec<u64>,
+    /// The last `h − 1` updates of each tracker of step h (output-major rings, step h's at
+    /// [`ring_start`]`(h)`, written at `errors[h − 1] mod (h − 1)`): their step η (0: none)...
+    recent_step: Vec<f64>,
+    /// ... and which scores were below each of the `TAUS.len()` quantiles (bit k for τ_k).
+    recent_below: Vec<u32>,
+    /// `steps × m × TAUS.len()`: the sum of the updates in each tracker's ring, so that the
+    /// value an interval was served from is the tracker's less this.
+    since_served: Vec<f64>,
+}
+
+/// Where the update ring of step `h`'s trackers starts, per output (step 1 has none: its
+/// feedback arrives before the next interval is served).
+const fn ring_start(h: usize) -> usize {
+    (h - 1) * h.saturating_sub(2) / 2
+}
+
+/// The update entries per output: `Σ (h − 1)` over the steps.
+const fn ring_len(steps: usize) -> usize {
+    ring_start(steps + 1)
+}
+
+/// A calibrator as snapshot formats 3 and 4 hold it: without the trackers' recent updates.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub struct CalibratorV4 {
+    steps: usize,
+    outputs: usize,
+    paths: Vec<f64>,
+    origin_scale: Vec<f64>,
+    origins: u64,
+    scale: Vec<f64>,
+    quantiles: Vec<f64>,
+    errors: Vec<u64>,
+    scored: Vec<u64>,
+    hits: Vec<u64>,
+}
+
+impl From<CalibratorV4> for Calibrator {
+    /// Empty update rings: for its next `h − 1` scores, step h's feedback reads the trackers'
+    /// values now, as format 4's calibrator did, then the values served.
+    fn from(v: CalibratorV4) -> Self {
+        let entries = ring_len(v.steps) * v.outputs;
+        Calibrator {
+            steps: v.steps,
+            outputs: v.outputs,
+            paths: v.paths,
+            origin_scale: v.origin_scale,
+            origins: v.origins,
+            scale: v.scale,
+            quantiles: v.quantiles,
+            errors: v.errors,
+            scored: v.scored,
+            hits: v.hits,
+            recent_step: vec![0.0; entries],
+            recent_below: vec![0; entries],
+            since_served: vec![0.0; v.steps * v.outputs * TAUS.len()],
+        }
+    }
+}
+
+#[cfg(test)]
+impl CalibratorV4 {
+    /// What a format-4 daemon would have saved of `c`.
+    pub fn of(c: &Calibrator) -> Self {
+        CalibratorV4 {
+            steps: c.steps,
+            outputs: c.outputs,
+            paths: c.paths.clone(),
+            origin_scale: c.origin_scale.clone(),
+            origins: c.origins,
+            scale: c.scale.clone(),
+            quantiles: c.quantiles.clone(),
+            errors: c.errors.clone(),
+            scored: c.scored.clone(),
+            hits: c.hits.clone(),
+        }
+    }
 }
 
 /// The calibrated intervals of a forecast: a copy of the quantiles (sorted) and the current
@@ -188,6 +273,9 @@ impl Calibrator {
             errors: vec![0; steps],
             scored: vec![0; steps],
             hits: vec![0; steps * REPORT_LEVELS.len()],
+            recent_step: vec![0.0; ring_len(steps) * outputs],
+            recent_below: vec![0; ring_len(steps) * outputs],
+            since_served: vec![0.0; steps * outputs * TAUS.len()],
         }
     }
 
@@ -208,13 +296,17 @@ impl Calibrator {
             && self.errors.len() == s
             && self.scored.len() == s
             && self.hits.len() == s * r
+            && self.recent_step.len() == ring_len(s) * m
+            && self.recent_below.len() == ring_len(s) * m
+            && self.since_served.len() == s * m * t
     }
 
     /// The bytes of a calibrator of this shape (its vectors), for the memory budget.
     pub fn bytes(steps: usize, outputs: usize) -> usize {
         let (s, m) = (steps, outputs);
-        (2 * s * s * m + s * m + s * m * TAUS.len() + 2 * s + s * REPORT_LEVELS.len())
+        (2 * s * s * m + s * m + 2 * s * m * TAUS.len() + 2 * s + s * REPORT_LEVELS.len())
             * std::mem::size_of::<f64>()
+            + ring_len(s) * m * (std::mem::size_of::<f64>() + std::mem::size_of::<u32>())
     }
 
     /// Scores `y` (scaled units) against every pending path that forecast it, then updates
@@ -222,25 +314,50 @@ impl Calibrator {
     /// for the same observation.
     pub fn observe(&mut self, y: &[f64]) {
         let (s, m, t) = (self.steps, self.outputs, TAUS.len());
+        let ring = ring_len(s);
         for h in 1..=s.min(self.origins as usize) {
             let origin = (self.origins - h as u64) as usize % s;
             let at = origin * s * m + (h - 1) * m;
-            let eta = TRACKER_STEP.max(1.0 / ((self.scored[h - 1] + 1) as f64).sqrt());
+            let n = (self.scored[h - 1] + 1) as f64;
+            let eta = TRACKER_STEP.max(1.0 / (n * h as f64).sqrt());
+            // This observation's entry of each of step h's update rings.
+            let slot = (h > 1).then(|| ring_start(h) + (self.errors[h - 1] as usize) % (h - 1));
             let mut counted = false;
             for (o, &yo) in y.iter().enumerate() {
                 let e = yo - self.paths[at + o];
                 let sigma = self.origin_scale[at + o];
+                let i = (h - 1) * m + o;
+                let q = &mut self.quantiles[i * t..(i + 1) * t];
+                let since = &mut self.since_served[i * t..(i + 1) * t];
+                let mut update = (0.0, 0);
                 if sigma >= MIN_SCALE {
                     let score = e / sigma;
-                    let i = (h - 1) * m + o;
-                    let q = &mut self.quantiles[i * t..(i + 1) * t];
-                    let r = REPORT_LEVELS.len();
-                    count_hits(q, score, &mut self.hits[(h - 1) * r..h * r]);
-                    for (qk, &tau) in q.iter_mut().zip(&TAUS) {
-                        let below = if score < *qk { 1.0 } else { 0.0 };
-                        *qk += eta * (tau - below);
+                    let mut served = [0.0; TAUS.len()];
+                    for ((v, &qk), &d) in served.iter_mut().zip(q.iter()).zip(since.iter()) {
+                        *v = qk - d;
                     }
+                    let r = REPORT_LEVELS.len();
+                    count_hits(&served, score, &mut self.hits[(h - 1) * r..h * r]);
+                    let mut below = 0u32;
+                    for (k, ((qk, &tau), &v)) in q.iter_mut().zip(&TAUS).zip(&served).enumerate() {
+                        let b = score < v;
+                        below |= u32::from(b) << k;
+                        *qk += eta * (tau - f64::from(u8::from(b)));
+                    }
+                    update = (eta, below);
                     counted = true;
+                }
+                if let Some(slot) = slot {
+                    // The ring trades its oldest update for this one; its sum follows.
+                    let j = o * ring + slot;
+                    let old = (self.recent_step[j], self.recent_below[j]);
+                    if old.0 != 0.0 || update.0 != 0.0 {
+                        for (k, (d, &tau)) in since.iter_mut().zip(&TAUS).enumerate() {
+                            let bit = |bits: u32| f64::from((bits >> k) & 1);
+                            *d += update.0 * (tau - bit(update.1)) - old.0 * (tau - bit(old.1));
+                        }
+                    }
+                    (self.recent_step[j], self.recent_below[j]) = update;
                 }
                 let w = 1.0 / ((self.errors[h - 1] + 1) as f64).min(SCALE_WINDOW);
                 let sc = &mut self.scale[(h - 1) * m + o];
@@ -550,6 +667,91 @@ mod tests {
         };
         let c = run(&mut noise, 15_000, 2);
         assert_covers(&c, 0.02, "changing noise");
+    }
+
+    /// Persistence on a random walk: the error of step h is the sum of the next h steps of the
+    /// walk, so each step's errors are strongly correlated from one origin to the next and
+    /// its misses come in bursts, h observations before they are scored.
+    fn random_walk(
+        seed: u64,
+        n: usize,
+        steps: usize,
+        step: &mut dyn FnMut(&mut ChaCha8Rng) -> f64,
+    ) -> Calibrator {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut c = Calibrator::new(steps, 1);
+        let mut y = 0.0;
+        for _ in 0..n {
+            y += step(&mut rng);
+            c.observe(&[y]);
+            c.push_path(&vec![y; steps]);
+        }
+        c
+    }
+
+    #[test]
+    fn far_steps_of_a_random_walk_are_covered() {
+        let c = random_walk(5, 4_000, 24, &mut |rng| 0.01 * normal(rng));
+        assert_covers(&c, 0.02, "gaussian random walk");
+        let t = StudentT::new(3.0).expect("valid");
+        let c = random_walk(6, 4_000, 24, &mut |rng| 0.01 * t.sample(rng));
+        assert_covers(&c, 0.02, "student t(3) random walk");
+        // Volatility that moves in regimes of a few hundred observations.
+        let mut i = 0usize;
+        let c = random_walk(8, 4_000, 24, &mut |rng| {
+            i += 1;
+            let vol = if (i / 300).is_multiple_of(3) {
+                0.03
+            } else {
+                0.01
+            };
+            vol * normal(rng)
+        });
+        assert_covers(&c, 0.02, "random walk with volatility regimes");
+        // A season that persistence forecasts poorly at some phases and well at others.
+        let mut i = 0usize;
+        let mut last = 0.0;
+        let c = random_walk(9, 4_000, 24, &mut |rng| {
+            i += 1;
+            let y = (i as f64 * std::f64::consts::TAU / 97.0).sin() + 0.05 * normal(rng);
+            let d = y - last;
+            last = y;
+            d
+        });
+        assert_covers(&c, 0.02, "a season");
+    }
+
+    #[test]
+    fn the_feedback_reads_the_quantiles_the_interval_was_served_from() {
+        let (steps, outputs, t) = (6, 2, TAUS.len());
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut c = Calibrator::new(steps, outputs);
+        let mut served_at: Vec<Vec<f64>> = Vec::new();
+        for n in 0..500 {
+            let y = [normal(&mut rng), 3.0 * normal(&mut rng)];
+            // Each step's tracker now, less its ring, is its value when the path it scores
+            // next was pushed.
+            for h in 2..=steps.min(n) {
+                for o in 0..outputs {
+                    let i = (h - 1) * outputs + o;
+                    let served: Vec<f64> = c.quantiles[i * t..(i + 1) * t]
+                        .iter()
+                        .zip(&c.since_served[i * t..(i + 1) * t])
+                        .map(|(q, d)| q - d)
+                        .collect();
+                    let then = &served_at[n - h][i * t..(i + 1) * t];
+                    for (a, b) in served.iter().zip(then) {
+                        assert!(
+                            (a - b).abs() < 1e-9,
+                            "obs {n} step {h} output {o}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+            c.observe(&y);
+            c.push_path(&[0.1; 12]);
+            served_at.push(c.quantiles.clone());
+        }
     }
 
     #[test]

@@ -27,7 +27,9 @@ mod stream;
 mod update;
 
 pub use ar::{ArState, RlsAr};
-pub use calibration::{Calibration, Calibrator, Coverage, REPORT_LEVELS, StepDistribution, TAUS};
+pub use calibration::{
+    Calibration, Calibrator, CalibratorV4, Coverage, REPORT_LEVELS, StepDistribution, TAUS,
+};
 pub use ensemble::{
     AnyEnsemble, Ensemble, EnsembleState, Footprint, ParticleBuf, StepReport, on_pool,
     parallel_min_work,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! snapshot-<seq:020>.bin
-//!   magic "EKIDSNP1" (8) | version u32 = 4 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
+//!   magic "EKIDSNP1" (8) | version u32 = 5 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
 //! ```
 //!
 //! The payload is the postcard encoding of [`StreamState`] (floats bit-exact, the RNG state
@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::{
-    ArState, Calibrator, EnsembleState, ErrorMoments, LagBuffer, MixtureState, Observation,
-    Options, Scaler, Stats, StreamState,
+    ArState, Calibrator, CalibratorV4, EnsembleState, ErrorMoments, LagBuffer, MixtureState,
+    Observation, Options, Scaler, Stats, StreamState,
 };
 use crate::storage::name::describe_file;
 use crate::storage::wal::sync_dir;
@@ -28,9 +28,10 @@ use crate::storage::wal::sync_dir;
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
 /// 2: `Stats` holds the user-unit noise and spread. 3: the state holds the calibrator of the
 /// stream's intervals and the state of its mixture. 4: the mixture keeps the products of its
-/// members' errors. Older snapshots are read and migrated ([`StreamStateV1`],
-/// [`StreamStateV2`], [`StreamStateV3`]).
-const VERSION: u32 = 4;
+/// members' errors. 5: the calibrator keeps its trackers' recent updates. Older snapshots are
+/// read and migrated ([`StreamStateV1`], [`StreamStateV2`], [`StreamStateV3`],
+/// [`StreamStateV4`]).
+const VERSION: u32 = 5;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, StreamState), String> {
             .map(|v| StreamState::from(StreamStateV2::from(v))),
         2 => postcard::from_bytes::<StreamStateV2>(payload).map(StreamState::from),
         3 => postcard::from_bytes::<StreamStateV3>(payload).map(StreamState::from),
+        4 => postcard::from_bytes::<StreamStateV4>(payload).map(StreamState::from),
         _ => postcard::from_bytes(payload),
     }
     .map_err(|e| format!("undecodable: {e}"))?;
@@ -308,7 +310,7 @@ pub struct StreamStateV3 {
     lags: LagBuffer,
     ensemble: EnsembleState,
     stats: Stats,
-    calibrator: Calibrator,
+    calibrator: CalibratorV4,
     mixture: MixtureStateV3,
 }
 
@@ -349,7 +351,57 @@ impl From<StreamStateV3> for StreamState {
             lags: v.lags,
             ensemble: v.ensemble,
             stats: v.stats,
-            calibrator: v.calibrator,
+            calibrator: v.calibrator.into(),
+        }
+    }
+}
+
+/// A snapshot's state in format version 4 (its calibrator without the recent updates).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct StreamStateV4 {
+    #[serde(with = "crate::engine::options_json_text")]
+    options: Options,
+    y_scale: Option<Vec<Scaler>>,
+    x_scale: Option<Vec<Scaler>>,
+    pending: Vec<Observation>,
+    lags: LagBuffer,
+    ensemble: EnsembleState,
+    stats: Stats,
+    calibrator: CalibratorV4,
+    mixture: MixtureState,
+}
+
+impl From<StreamStateV4> for StreamState {
+    fn from(v: StreamStateV4) -> Self {
+        StreamState {
+            options: v.options,
+            y_scale: v.y_scale,
+            x_scale: v.x_scale,
+            pending: v.pending,
+            lags: v.lags,
+            ensemble: v.ensemble,
+            stats: v.stats,
+            calibrator: v.calibrator.into(),
+            mixture: v.mixture,
+        }
+    }
+}
+
+#[cfg(test)]
+impl StreamStateV4 {
+    /// What a version-4 daemon would have saved of `s`.
+    pub fn of(s: &StreamState) -> Self {
+        StreamStateV4 {
+            options: s.options.clone(),
+            y_scale: s.y_scale.clone(),
+            x_scale: s.x_scale.clone(),
+            pending: s.pending.clone(),
+            lags: s.lags.clone(),
+            ensemble: s.ensemble.clone(),
+            stats: s.stats.clone(),
+            calibrator: CalibratorV4::of(&s.calibrator),
+            mixture: s.mixture.clone(),
         }
     }
 }
@@ -366,7 +418,7 @@ impl StreamStateV3 {
             lags: s.lags.clone(),
             ensemble: s.ensemble.clone(),
             stats: s.stats.clone(),
-            calibrator: s.calibrator.clone(),
+            calibrator: CalibratorV4::of(&s.calibrator),
             mixture: MixtureStateV3 {
                 ar: s.mixture.ar.clone(),
                 loss: s.mixture.errors.squared,
@@ -461,6 +513,43 @@ mod tests {
     }
 
     #[test]
+    fn a_version_4_snapshot_keeps_all_but_the_trackers_recent_updates() {
+        let mut stream = Stream::new(Options::default().check().expect("valid options"));
+        let batch: Vec<Observation> = (0..80)
+            .map(|t| Observation {
+                seq: None,
+                x: vec![],
+                y: vec![(f64::from(t) / 5.0).cos()],
+            })
+            .collect();
+        let plan = stream.plan(&batch).expect("valid batch");
+        stream.apply(&batch, &plan, |_| {});
+        let now = stream.state();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_old(dir.path(), 4, 80, &StreamStateV4::of(&now));
+        let (_, old) = read(&path).expect("a version-4 snapshot reads");
+        let fresh = Calibrator::from(CalibratorV4::of(&now.calibrator));
+        assert_ne!(
+            fresh, now.calibrator,
+            "the stream had recent updates to lose"
+        );
+        let mut want = now.clone();
+        want.calibrator = fresh;
+        assert_eq!(old, want);
+        let mut restored = Stream::from_state(old).expect("restores");
+        let more: Vec<Observation> = batch
+            .iter()
+            .map(|o| Observation {
+                seq: None,
+                ..o.clone()
+            })
+            .collect();
+        let plan = restored.plan(&more).expect("valid batch");
+        restored.apply(&more, &plan, |_| {});
+        assert!(restored.forecast_state().is_some());
+    }
+
+    #[test]
     fn a_version_3_snapshot_keeps_its_mixture_and_calibrator() {
         let mut stream = Stream::new(Options::default().check().expect("valid options"));
         let batch: Vec<Observation> = (0..80)
@@ -492,6 +581,7 @@ mod tests {
         want.mixture.ahead = old.mixture.ahead.clone();
         want.mixture.paths = old.mixture.paths.clone();
         want.mixture.origins = 0;
+        want.calibrator = CalibratorV4::of(&now.calibrator).into();
         assert_eq!(old, want);
         // A stream rebuilt from it serves a forecast.
         let restored = Stream::from_state(old).expect("restores");

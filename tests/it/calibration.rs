@@ -168,3 +168,33 @@ fn eval_scores_every_methods_calibrated_intervals() {
         assert!(crps > 0.0 && crps < 0.1, "{}: crps {crps}", r["method"]);
     }
 }
+
+/// With the defaults (24 steps, level 0.9) the stream's intervals cover every step of the
+/// horizon within 0.02 of the level over the bundled series, far steps included.
+#[test]
+fn eval_covers_every_step_of_the_default_horizon() {
+    for name in ["monthly-sunspots.csv", "daily-min-temperatures.csv"] {
+        let path = dataset(name);
+        let out = run_ok(&[
+            "eval",
+            path.to_str().expect("utf-8"),
+            "--methods",
+            "eki",
+            "--passes",
+            "1",
+            "--json",
+        ]);
+        let doc: Value = serde_json::from_str(&out).expect("json");
+        let r = &doc["results"][0];
+        let coverage = r["coverage"].as_array().expect("coverage");
+        assert_eq!(coverage.len(), 24, "{r}");
+        for (h, c) in coverage.iter().enumerate() {
+            let c = c.as_f64().expect("number");
+            assert!(
+                (c - 0.9).abs() <= 0.02,
+                "{name}: step {}: coverage {c}",
+                h + 1
+            );
+        }
+    }
+}
