@@ -298,10 +298,11 @@ impl From<StreamStateV2> for StreamState {
     }
 }
 
-/// A snapshot's state in format version 3 (its mixture kept each member's squared errors only).
+/// A snapshot's state in format versions 3 and 4: the calibrator without its trackers' recent
+/// updates, and the mixture as that version kept it.
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-pub struct StreamStateV3 {
+pub struct StreamStateWith<M> {
     #[serde(with = "crate::engine::options_json_text")]
     options: Options,
     y_scale: Option<Vec<Scaler>>,
@@ -311,14 +312,56 @@ pub struct StreamStateV3 {
     ensemble: EnsembleState,
     stats: Stats,
     calibrator: CalibratorV4,
-    mixture: MixtureStateV3,
+    mixture: M,
 }
+
+/// Format version 3: the mixture kept each member's squared errors only.
+pub type StreamStateV3 = StreamStateWith<MixtureStateV3>;
+/// Format version 4: the calibrator kept no recent updates.
+pub type StreamStateV4 = StreamStateWith<MixtureState>;
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct MixtureStateV3 {
+pub struct MixtureStateV3 {
     ar: ArState,
     loss: [f64; 3],
+}
+
+impl<M> StreamStateWith<M> {
+    /// Today's state, its mixture made from the saved one by `migrate`.
+    fn with_mixture(
+        self,
+        migrate: impl FnOnce(M, &Options, &Stats) -> MixtureState,
+    ) -> StreamState {
+        let mixture = migrate(self.mixture, &self.options, &self.stats);
+        StreamState {
+            options: self.options,
+            y_scale: self.y_scale,
+            x_scale: self.x_scale,
+            pending: self.pending,
+            lags: self.lags,
+            ensemble: self.ensemble,
+            stats: self.stats,
+            calibrator: self.calibrator.into(),
+            mixture,
+        }
+    }
+
+    /// What a version-3 or -4 daemon would have saved of `s`, its mixture as `mixture`.
+    #[cfg(test)]
+    fn of_with(s: &StreamState, mixture: M) -> Self {
+        StreamStateWith {
+            options: s.options.clone(),
+            y_scale: s.y_scale.clone(),
+            x_scale: s.x_scale.clone(),
+            pending: s.pending.clone(),
+            lags: s.lags.clone(),
+            ensemble: s.ensemble.clone(),
+            stats: s.stats.clone(),
+            calibrator: CalibratorV4::of(&s.calibrator),
+            mixture,
+        }
+    }
 }
 
 impl From<StreamStateV3> for StreamState {
@@ -327,82 +370,29 @@ impl From<StreamStateV3> for StreamState {
     /// and the true products replace these within a few hundred observations. The steps ahead
     /// start unscored (they take step 1's weights until their first forecasts are scored).
     fn from(v: StreamStateV3) -> Self {
-        let loss = v.mixture.loss;
-        let mut cross = [0.0; 3];
-        for (c, (i, j)) in cross.iter_mut().zip([(0, 1), (0, 2), (1, 2)]) {
-            *c = (loss[i] * loss[j]).sqrt();
-        }
-        let o = &v.options;
-        let fresh = MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs, o.horizon);
-        StreamState {
-            mixture: MixtureState {
-                ar: v.mixture.ar,
+        v.with_mixture(|old, o, stats| {
+            let loss = old.loss;
+            let mut cross = [0.0; 3];
+            for (c, (i, j)) in cross.iter_mut().zip([(0, 1), (0, 2), (1, 2)]) {
+                *c = (loss[i] * loss[j]).sqrt();
+            }
+            let fresh = MixtureState::new(o.lags * o.outputs + o.inputs, o.outputs, o.horizon);
+            MixtureState {
+                ar: old.ar,
                 errors: ErrorMoments {
                     squared: loss,
                     cross,
-                    scored: v.stats.predicted,
+                    scored: stats.predicted,
                 },
                 ..fresh
-            },
-            options: v.options,
-            y_scale: v.y_scale,
-            x_scale: v.x_scale,
-            pending: v.pending,
-            lags: v.lags,
-            ensemble: v.ensemble,
-            stats: v.stats,
-            calibrator: v.calibrator.into(),
-        }
+            }
+        })
     }
-}
-
-/// A snapshot's state in format version 4 (its calibrator without the recent updates).
-#[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
-pub struct StreamStateV4 {
-    #[serde(with = "crate::engine::options_json_text")]
-    options: Options,
-    y_scale: Option<Vec<Scaler>>,
-    x_scale: Option<Vec<Scaler>>,
-    pending: Vec<Observation>,
-    lags: LagBuffer,
-    ensemble: EnsembleState,
-    stats: Stats,
-    calibrator: CalibratorV4,
-    mixture: MixtureState,
 }
 
 impl From<StreamStateV4> for StreamState {
     fn from(v: StreamStateV4) -> Self {
-        StreamState {
-            options: v.options,
-            y_scale: v.y_scale,
-            x_scale: v.x_scale,
-            pending: v.pending,
-            lags: v.lags,
-            ensemble: v.ensemble,
-            stats: v.stats,
-            calibrator: v.calibrator.into(),
-            mixture: v.mixture,
-        }
-    }
-}
-
-#[cfg(test)]
-impl StreamStateV4 {
-    /// What a version-4 daemon would have saved of `s`.
-    pub fn of(s: &StreamState) -> Self {
-        StreamStateV4 {
-            options: s.options.clone(),
-            y_scale: s.y_scale.clone(),
-            x_scale: s.x_scale.clone(),
-            pending: s.pending.clone(),
-            lags: s.lags.clone(),
-            ensemble: s.ensemble.clone(),
-            stats: s.stats.clone(),
-            calibrator: CalibratorV4::of(&s.calibrator),
-            mixture: s.mixture.clone(),
-        }
+        v.with_mixture(|mixture, _, _| mixture)
     }
 }
 
@@ -410,20 +400,19 @@ impl StreamStateV4 {
 impl StreamStateV3 {
     /// What a version-3 daemon would have saved of `s`.
     pub fn of(s: &StreamState) -> Self {
-        StreamStateV3 {
-            options: s.options.clone(),
-            y_scale: s.y_scale.clone(),
-            x_scale: s.x_scale.clone(),
-            pending: s.pending.clone(),
-            lags: s.lags.clone(),
-            ensemble: s.ensemble.clone(),
-            stats: s.stats.clone(),
-            calibrator: CalibratorV4::of(&s.calibrator),
-            mixture: MixtureStateV3 {
-                ar: s.mixture.ar.clone(),
-                loss: s.mixture.errors.squared,
-            },
-        }
+        let mixture = MixtureStateV3 {
+            ar: s.mixture.ar.clone(),
+            loss: s.mixture.errors.squared,
+        };
+        Self::of_with(s, mixture)
+    }
+}
+
+#[cfg(test)]
+impl StreamStateV4 {
+    /// What a version-4 daemon would have saved of `s`.
+    pub fn of(s: &StreamState) -> Self {
+        Self::of_with(s, s.mixture.clone())
     }
 }
 
@@ -512,19 +501,24 @@ mod tests {
         assert_eq!(read(&path).expect("read").1, now);
     }
 
-    #[test]
-    fn a_version_4_snapshot_keeps_all_but_the_trackers_recent_updates() {
+    /// A default stream after `n` observations of `f(t)`.
+    fn fed(n: u32, f: fn(f64) -> f64) -> Stream {
         let mut stream = Stream::new(Options::default().check().expect("valid options"));
-        let batch: Vec<Observation> = (0..80)
+        let batch: Vec<Observation> = (0..n)
             .map(|t| Observation {
                 seq: None,
                 x: vec![],
-                y: vec![(f64::from(t) / 5.0).cos()],
+                y: vec![f(f64::from(t) / 5.0)],
             })
             .collect();
         let plan = stream.plan(&batch).expect("valid batch");
         stream.apply(&batch, &plan, |_| {});
-        let now = stream.state();
+        stream
+    }
+
+    #[test]
+    fn a_version_4_snapshot_keeps_all_but_the_trackers_recent_updates() {
+        let now = fed(80, f64::cos).state();
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write_old(dir.path(), 4, 80, &StreamStateV4::of(&now));
         let (_, old) = read(&path).expect("a version-4 snapshot reads");
@@ -537,11 +531,11 @@ mod tests {
         want.calibrator = fresh;
         assert_eq!(old, want);
         let mut restored = Stream::from_state(old).expect("restores");
-        let more: Vec<Observation> = batch
-            .iter()
-            .map(|o| Observation {
+        let more: Vec<Observation> = (0..24)
+            .map(|t| Observation {
                 seq: None,
-                ..o.clone()
+                x: vec![],
+                y: vec![f64::from(t).cos()],
             })
             .collect();
         let plan = restored.plan(&more).expect("valid batch");
@@ -551,17 +545,7 @@ mod tests {
 
     #[test]
     fn a_version_3_snapshot_keeps_its_mixture_and_calibrator() {
-        let mut stream = Stream::new(Options::default().check().expect("valid options"));
-        let batch: Vec<Observation> = (0..80)
-            .map(|t| Observation {
-                seq: None,
-                x: vec![],
-                y: vec![(f64::from(t) / 5.0).sin()],
-            })
-            .collect();
-        let plan = stream.plan(&batch).expect("valid batch");
-        stream.apply(&batch, &plan, |_| {});
-        let now = stream.state();
+        let now = fed(80, f64::sin).state();
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write_old(dir.path(), 3, 80, &StreamStateV3::of(&now));
         let (_, old) = read(&path).expect("a version-3 snapshot reads");
