@@ -17,8 +17,8 @@
 //! makes the long-run frequency of `s < q̂_τ`, the served interval's, τ on any sequence of
 //! bounded scores: after T scores within about `(|q| + η)/(γT)` of τ, whatever the series does
 //! (Gibbs & Candès 2021, Angelopoulos et al. 2023). Feedback from the current value instead
-//! counts a burst of misses against a quantile that has already risen while the burst was on
-//! its way, and left the far steps 2–4 points short of the level on series of thousands of
+//! would count a burst of misses against a quantile that has already risen while the burst was
+//! on its way, leaving far steps 2–3 points short of the level on series of thousands of
 //! values. The feedback of step h is h observations late, so its first steps shrink as
 //! `1/√h` (larger ones overshoot before the misses they caused come back); the served value is
 //! the tracker's now less its last `h − 1` updates, which the calibrator keeps. The central interval at level L of step h is then
@@ -95,7 +95,9 @@ pub struct Calibrator {
     /// ... and which scores were below each of the `TAUS.len()` quantiles (bit k for τ_k).
     recent_below: Vec<u32>,
     /// `steps × m × TAUS.len()`: the sum of the updates in each tracker's ring, so that the
-    /// value an interval was served from is the tracker's less this.
+    /// value an interval was served from is the tracker's less this. Kept rather than summed
+    /// afresh: it is updated in place (the new update in, the oldest out), and a fresh sum would
+    /// round differently, so recovery would not continue bit for bit.
     since_served: Vec<f64>,
 }
 

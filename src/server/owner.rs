@@ -612,10 +612,12 @@ impl Owner {
                 })
                 .collect();
             let copy_bytes = Stream::memory_bytes(stream.options());
-            let copy_charge = (record.len() >= SPECULATE_OBSERVATIONS
-                && copy_bytes <= SPECULATE_BYTES)
-                .then(|| self.replicated.as_ref()?.charge(copy_bytes))
-                .flatten();
+            let copy_charge =
+                if record.len() >= SPECULATE_OBSERVATIONS && copy_bytes <= SPECULATE_BYTES {
+                    self.replicated.as_ref().and_then(|r| r.charge(copy_bytes))
+                } else {
+                    None
+                };
             let speculate = copy_charge.is_some();
             let started = Instant::now();
             let (appended, stream, work, learned) = if speculate {

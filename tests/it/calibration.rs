@@ -1,9 +1,9 @@
 //! Calibrated intervals end to end: the daemon's running coverage, forecasts at several levels,
 //! the coverage metrics, and `ekid eval`'s probabilistic scores.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::util::{Daemon, client, dataset, get_json, metrics, post_ndjson, put, run_ok, send};
+use crate::util::{Daemon, client, eval_json, get_json, metrics, post_ndjson, put, send};
 
 /// An AR(1) around 50 with Gaussian noise of deviation 2 (Box–Muller on a fixed LCG), so that
 /// nothing but the calibration decides the coverage.
@@ -135,21 +135,19 @@ fn a_stream_reports_its_coverage_and_serves_nested_intervals_at_several_levels()
 /// CRPS, in the JSON; coverage near the level.
 #[test]
 fn eval_scores_every_methods_calibrated_intervals() {
-    let path = dataset("monthly-sunspots.csv");
-    let out = run_ok(&[
-        "eval",
-        path.to_str().expect("utf-8"),
-        "--methods",
-        "persistence,ar,eki",
-        "--passes",
-        "1",
-        "--horizon",
-        "5",
-        "--level",
-        "0.8",
-        "--json",
-    ]);
-    let doc: Value = serde_json::from_str(&out).expect("json");
+    let doc = eval_json(
+        "monthly-sunspots.csv",
+        &[
+            "--methods",
+            "persistence,ar,eki",
+            "--passes",
+            "1",
+            "--horizon",
+            "5",
+            "--level",
+            "0.8",
+        ],
+    );
     for r in doc["results"].as_array().expect("results") {
         assert_eq!(r["level"], json!(0.8), "{r}");
         let coverage = r["coverage"].as_array().expect("coverage");
@@ -174,17 +172,7 @@ fn eval_scores_every_methods_calibrated_intervals() {
 #[test]
 fn eval_covers_every_step_of_the_default_horizon() {
     for name in ["monthly-sunspots.csv", "daily-min-temperatures.csv"] {
-        let path = dataset(name);
-        let out = run_ok(&[
-            "eval",
-            path.to_str().expect("utf-8"),
-            "--methods",
-            "eki",
-            "--passes",
-            "1",
-            "--json",
-        ]);
-        let doc: Value = serde_json::from_str(&out).expect("json");
+        let doc = eval_json(name, &["--methods", "eki", "--passes", "1"]);
         let r = &doc["results"][0];
         let coverage = r["coverage"].as_array().expect("coverage");
         assert_eq!(coverage.len(), 24, "{r}");

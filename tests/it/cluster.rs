@@ -105,6 +105,18 @@ fn ingest(
         .collect()
 }
 
+/// `GET /v1/streams/{name}` through `node`, retried for up to 30 s while it cannot be sent or
+/// answers 503 (`retry`'s rule): the last status and body.
+fn get_stream(c: &Client, node: &Node, name: &str) -> (u16, String) {
+    retry(Duration::from_secs(30), || {
+        let r = c
+            .get(node.daemon.url(&format!("/v1/streams/{name}")))
+            .send()
+            .ok()?;
+        Some((r.status().as_u16(), r.text().unwrap_or_default()))
+    })
+}
+
 /// Waits for the writers; when one failed, the failure comes with every node's log.
 fn join_writers(writers: Vec<std::thread::JoinHandle<()>>, nodes: &[Node]) {
     let failed = writers
@@ -126,13 +138,7 @@ fn assert_exact(c: &Client, nodes: &[Node], streams: &[String], values: &[f64]) 
     for (k, name) in streams.iter().enumerate() {
         let want = reference(c, &options(k as u64), values);
         for n in nodes {
-            let (s, _) = retry(Duration::from_secs(30), || {
-                let r = c
-                    .get(n.daemon.url(&format!("/v1/streams/{name}")))
-                    .send()
-                    .ok()?;
-                Some((r.status().as_u16(), String::new()))
-            });
+            let (s, _) = get_stream(c, n, name);
             assert_eq!(s, 200, "{name} via {}", n.name);
             let got = fingerprint_named(c, &n.daemon, name);
             assert_eq!(
@@ -741,13 +747,7 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     }
     wait_all_owned(&c, &nodes[2].daemon, Duration::from_secs(30));
     for n in &nodes {
-        let (s, _) = retry(Duration::from_secs(30), || {
-            let r = c
-                .get(n.daemon.url(&format!("/v1/streams/{name}")))
-                .send()
-                .ok()?;
-            Some((r.status().as_u16(), String::new()))
-        });
+        let (s, _) = get_stream(&c, n, name);
         assert_eq!(s, 200);
         assert_eq!(
             fingerprint_named(&c, &n.daemon, name),
@@ -759,13 +759,7 @@ fn cluster_paused_owner_is_fenced_and_a_joining_node_takes_partitions() {
     let (status, retry_after, body) = racing.join().unwrap().expect("the DELETE is answered");
     assert_eq!((status, retry_after), (503, true), "{body}");
     for n in &nodes {
-        let (s, body) = retry(Duration::from_secs(30), || {
-            let r = c
-                .get(n.daemon.url(&format!("/v1/streams/{moving}")))
-                .send()
-                .ok()?;
-            Some((r.status().as_u16(), r.text().unwrap_or_default()))
-        });
+        let (s, body) = get_stream(&c, n, &moving);
         assert_eq!(s, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["stats"]["observations"], json!(10), "{v}");

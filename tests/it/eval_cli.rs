@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::util::{dataset, ekid, run_ok};
+use crate::util::{dataset, ekid, eval_json, run_ok};
 
 fn result<'a>(doc: &'a Value, method: &str) -> &'a Value {
     doc["results"]
@@ -27,15 +27,7 @@ fn default_eki_beats_the_published_figures_and_the_baselines_issue_2() {
         ("daily-min-temperatures.csv", 7.448e-3),
         ("monthly-sunspots.csv", 6.006e-3),
     ] {
-        let path = dataset(file);
-        let out = run_ok(&[
-            "eval",
-            path.to_str().expect("utf-8 path"),
-            "--methods",
-            "persistence,ogd,eki",
-            "--json",
-        ]);
-        let doc: Value = serde_json::from_str(&out).expect("json");
+        let doc = eval_json(file, &["--methods", "persistence,ogd,eki"]);
         let (p, o, e) = (
             result(&doc, "persistence"),
             result(&doc, "ogd"),

@@ -28,6 +28,16 @@ pub fn run_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
+/// Runs `ekid eval` on the bundled dataset `file` with `args` and `--json`, asserting success,
+/// and returns the parsed report.
+pub fn eval_json(file: &str, args: &[&str]) -> serde_json::Value {
+    let path = dataset(file);
+    let mut all = vec!["eval", path.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    all.push("--json");
+    serde_json::from_str(&run_ok(&all)).expect("eval --json prints JSON")
+}
+
 pub fn assert_success(out: &Output, args: &[&str]) {
     assert!(
         out.status.success(),
