@@ -785,8 +785,8 @@ mod tests {
         );
     }
 
-    /// A stream rebuilt from its state halfway goes on exactly as the one that never stopped:
-    /// the calibrator (pending forecasts, scales, trackers, coverage) is part of the state.
+    /// Each step ahead has its own weights, from its members' errors that many steps ahead;
+    /// until a step's first forecast is scored, persistence alone.
     #[test]
     fn each_step_ahead_is_weighted_by_its_own_errors() {
         let o = Options {
@@ -834,6 +834,8 @@ mod tests {
         assert_ne!(weights[0], weights[4], "step 5's errors are not step 1's");
     }
 
+    /// A stream rebuilt from its state halfway goes on exactly as the one that never stopped:
+    /// the calibrator (pending forecasts, scales, trackers, coverage) is part of the state.
     #[test]
     fn a_stream_rebuilt_from_its_state_calibrates_and_forecasts_identically() {
         let o = Options {
