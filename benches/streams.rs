@@ -6,7 +6,7 @@
 //!
 //! `cargo bench --bench streams` (add `-- quick` for 200 streams, `-- f32` for streams with
 //! `precision = "f32"`, `-- no-history` for a daemon with `[limits] history = 0`: each stream's
-//! history ring, 10,000 entries by default, is 312 KiB of its own once it has an observation).
+//! history ring grows with what it holds, up to 312 KiB at the default 10,000 entries).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -612,6 +612,7 @@ impl Owner {
                 })
                 .collect();
             let copy_bytes = Stream::memory_bytes(stream.options());
+            // Held to the end of this attempt, as long as the copy.
             let copy_charge =
                 if record.len() >= SPECULATE_OBSERVATIONS && copy_bytes <= SPECULATE_BYTES {
                     self.replicated.as_ref().and_then(|r| r.charge(copy_bytes))
