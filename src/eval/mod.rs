@@ -451,8 +451,10 @@ pub fn run_method(
     let scoring = (o.horizon, config.level);
     let mut predictions = predictions;
     match method {
-        // Persistence learns nothing: one pass, and `final` is `first`. One lag: it needs only
-        // y_{t-1}, and predicts from the second value on.
+        // Persistence learns nothing: one pass, and `final` is `first`. It needs only y_{t-1},
+        // but holds as many lags as the other methods so that it predicts, and is scored on,
+        // the same observations: compared over a set that also held the series' first values,
+        // its mean error would be another series' than theirs.
         EvalMethod::Persistence => baseline(
             "persistence",
             1,
@@ -461,7 +463,7 @@ pub fn run_method(
             scaled,
             scoring,
             predictions,
-            || OnlineModel::new(Persistence, 1, 0, 1),
+            || OnlineModel::new(Persistence, o.lags.max(1), 0, 1),
         ),
         EvalMethod::Ar => baseline("ar", p, None, &split, scaled, scoring, predictions, || {
             OnlineModel::new(RlsAr::new(o.lags, 1), o.lags, 0, 1)
@@ -671,16 +673,23 @@ mod tests {
 
     #[test]
     fn persistence_scores_the_lag_one_error() {
-        let s = [0.0, 1.0, 0.0, 1.0, 1.0];
+        let s = [0.0, 1.0, 0.0, 1.0, 1.0, 0.0];
         let c = EvalConfig {
             methods: vec![EvalMethod::Persistence],
-            train_fraction: 0.6,
+            train_fraction: 4.0 / 6.0,
             ..config(0)
         };
-        let r = run_method(&c.methods[0], &c, &s, |_, _| {});
-        // Steps 2..5 err by 1, 1, 1, 0.
-        assert_eq!(r.nmse_prequential, 0.75);
-        // Test segment [1, 1] after training on [0, 1, 0]: errors 1, 0.
+        let mut predicted = Vec::new();
+        let r = run_method(&c.methods[0], &c, &s, |i, p| {
+            if p.is_some() {
+                predicted.push(i)
+            }
+        });
+        // Scored where the other methods (3 lags) predict: values 4..6 err by 1, 0, 1.
+        assert_eq!(c.options.lags, 3);
+        assert_eq!(predicted, [3, 4, 5]);
+        assert_eq!(r.nmse_prequential, 2.0 / 3.0);
+        // Test segment [1, 0] after training on [0, 1, 0, 1]: errors 0, 1.
         assert_eq!(r.first, 0.5);
     }
 }
