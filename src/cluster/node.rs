@@ -27,6 +27,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+/// The header that marks a key-value message as a delete or purge (JetStream's KV convention).
+const KV_OPERATION: &str = "KV-Operation";
+
 use super::config::ClusterConfig;
 use super::hash;
 use super::log::{
@@ -470,15 +473,24 @@ impl Cluster {
         Ok(out)
     }
 
-    /// A stream's options (JSON) and the revision that created them.
+    /// A stream's options (JSON) and the revision that created them, as the bucket's leader
+    /// has them. The bucket allows direct gets, which any replica may answer: one that lags
+    /// could miss a stream created a moment before, and a takeover would then skip it.
     pub async fn options(&self, name: &str) -> anyhow::Result<Option<(bytes::Bytes, u64)>> {
-        Ok(self
-            .inner
-            .streams
-            .entry(self.key(name))
-            .await?
-            .filter(|e| e.operation == kv::Operation::Put)
-            .map(|e| (e.value, e.revision)))
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let store = &self.inner.streams;
+        let subject = format!("{}{}", store.prefix, self.key(name));
+        let message = match store.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // A deleted or purged key's last message is its marker.
+        let marker = message
+            .headers
+            .get(KV_OPERATION)
+            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+        Ok((!marker).then_some((message.payload, message.sequence)))
     }
 
     /// Records a new stream's options, after clearing whatever an earlier stream of the same
