@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! snapshot-<seq:020>.bin
-//!   magic "EKIDSNP1" (8) | version u32 = 5 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
+//!   magic "EKIDSNP1" (8) | version u32 = 6 | seq u64 | len u64 | crc32 u32 | payload (len bytes)
 //! ```
 //!
 //! The payload is the postcard encoding of [`StreamState`] (floats bit-exact, the RNG state
@@ -28,10 +28,11 @@ use crate::storage::wal::sync_dir;
 const MAGIC: &[u8; 8] = b"EKIDSNP1";
 /// 2: `Stats` holds the user-unit noise and spread. 3: the state holds the calibrator of the
 /// stream's intervals and the state of its mixture. 4: the mixture keeps the products of its
-/// members' errors. 5: the calibrator keeps its trackers' recent updates. Older snapshots are
-/// read and migrated ([`StreamStateV1`], [`StreamStateV2`], [`StreamStateV3`],
-/// [`StreamStateV4`]).
-const VERSION: u32 = 5;
+/// members' errors. 5: the calibrator keeps its trackers' recent updates. 6: the far tails'
+/// trackers take larger steps (the same fields; a version-5 calibrator's sums of recent
+/// updates are recounted with the new steps). Older snapshots are read and migrated
+/// ([`StreamStateV1`], [`StreamStateV2`], [`StreamStateV3`], [`StreamStateV4`]).
+const VERSION: u32 = 6;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +187,10 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, StreamState), String> {
         2 => postcard::from_bytes::<StreamStateV2>(payload).map(StreamState::from),
         3 => postcard::from_bytes::<StreamStateV3>(payload).map(StreamState::from),
         4 => postcard::from_bytes::<StreamStateV4>(payload).map(StreamState::from),
+        5 => postcard::from_bytes::<StreamState>(payload).map(|mut s| {
+            s.calibrator.recount_since_served();
+            s
+        }),
         _ => postcard::from_bytes(payload),
     }
     .map_err(|e| format!("undecodable: {e}"))?;
@@ -541,6 +546,29 @@ mod tests {
         let plan = restored.plan(&more).expect("valid batch");
         restored.apply(&more, &plan, |_| {});
         assert!(restored.forecast_state().is_some());
+    }
+
+    #[test]
+    fn a_version_5_snapshot_has_its_trackers_recent_updates_recounted() {
+        let now = fed(80, f64::sin).state();
+        let mut want = now.clone();
+        want.calibrator.recount_since_served();
+        // The recount is the running sums', up to rounding.
+        let (a, b) = (
+            want.calibrator.since_served(),
+            now.calibrator.since_served(),
+        );
+        assert!(a.iter().any(|&v| v != 0.0), "the stream had recent updates");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-12, "{x} against {y}");
+        }
+        // A version-5 daemon's sums came from other steps for the far tails: a stand-in.
+        let mut saved = now.clone();
+        saved.calibrator.clear_since_served();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_old(dir.path(), 5, 80, &saved);
+        let (_, old) = read(&path).expect("a version-5 snapshot reads");
+        assert_eq!(old, want);
     }
 
     #[test]
