@@ -27,6 +27,13 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+/// How long a deleted stream's marker stays in the stream bucket. Every partition's takeover
+/// lists its keys and reads the options of each; a marker that stayed for good would make
+/// each takeover slower with every stream ever deleted. Readers that meet the marker and
+/// readers that find the key gone alike skip the stream, so the time only needs to outlast a
+/// request in flight.
+const DELETED_MARKER_TTL: Duration = Duration::from_secs(300);
+
 /// The header that marks a key-value message as a delete or purge (JetStream's KV convention).
 const KV_OPERATION: &str = "KV-Operation";
 
@@ -128,6 +135,8 @@ struct Inner {
     nodes: kv::Store,
     leases: kv::Store,
     streams: kv::Store,
+    /// Whether a deleted stream's marker in `streams` expires ([`DELETED_MARKER_TTL`]).
+    markers_expire: bool,
     view: Mutex<View>,
     changes: mpsc::UnboundedSender<Change>,
     stream_count: AtomicUsize,
@@ -219,7 +228,16 @@ impl Cluster {
         };
         let nodes = get_or_create_kv(&js, kv_bucket(NODES, ttl)).await?;
         let leases = get_or_create_kv(&js, kv_bucket(LEASES, ttl)).await?;
-        let streams = get_or_create_kv(&js, kv_bucket(STREAMS, Duration::ZERO)).await?;
+        let streams = get_or_create_kv(
+            &js,
+            kv::Config {
+                limit_markers: Some(DELETED_MARKER_TTL),
+                ..kv_bucket(STREAMS, Duration::ZERO)
+            },
+        )
+        .await?;
+        // A bucket made by a build that kept markers has no per-message TTLs: its markers stay.
+        let markers_expire = streams.stream.cached_info().config.allow_message_ttl;
         let snapshots = match js.get_object_store(SNAPSHOTS).await {
             Ok(s) => s,
             Err(_) => {
@@ -250,6 +268,7 @@ impl Cluster {
                 nodes,
                 leases,
                 streams,
+                markers_expire,
                 view: Mutex::new(View::default()),
                 changes: tx,
                 stream_count: AtomicUsize::new(0),
@@ -447,8 +466,8 @@ impl Cluster {
     /// The names of the streams in `partition`: the subjects of the keys under
     /// `<partition>.`, from one paged stream-info request answered by the bucket's leader (no
     /// consumer to place, which a JetStream cluster missing a server may not manage). A
-    /// deleted stream's key stays listed until the bucket forgets its marker; loading it finds
-    /// no options and skips it.
+    /// deleted stream's key stays listed until its marker expires; loading it finds no options
+    /// and skips it.
     pub async fn streams_in(&self, partition: u32) -> anyhow::Result<Vec<String>> {
         let store = &self.inner.streams;
         let prefix = format!("{}{partition}.", store.prefix);
@@ -515,7 +534,12 @@ impl Cluster {
 
     /// Removes a stream: its options, then its log and snapshot.
     pub async fn delete_stream(&self, name: &str) -> anyhow::Result<()> {
-        self.inner.streams.purge(self.key(name)).await?;
+        let (streams, key) = (&self.inner.streams, self.key(name));
+        if self.inner.markers_expire {
+            streams.purge_with_ttl(key, DELETED_MARKER_TTL).await?;
+        } else {
+            streams.purge(key).await?;
+        }
         if let Err(e) = self.clear(name).await {
             // The next stream of this name clears them before it starts.
             tracing::warn!(stream = name, error = %e, "could not clear a deleted stream's log");

@@ -450,6 +450,22 @@ fn cluster_direct_publish_is_applied_in_order_and_any_node_answers() {
             .unwrap();
         assert_eq!(r.status(), 404);
     }
+    // What it leaves in the stream bucket is a marker that expires, so that takeovers do not
+    // list deleted streams for ever.
+    rt.block_on(async {
+        let nc = async_nats::connect(nats.url(0)).await.unwrap();
+        let bucket = async_nats::jetstream::new(nc)
+            .get_stream("KV_EKID_STREAMS")
+            .await
+            .unwrap();
+        let marker = bucket
+            .get_last_raw_message_by_subject(&format!("$KV.EKID_STREAMS.{partition}.direct=one"))
+            .await
+            .unwrap();
+        let header = |h: &str| marker.headers.get(h).map(|v| v.as_str().to_owned());
+        assert_eq!(header("KV-Operation").as_deref(), Some("PURGE"));
+        assert_eq!(header("Nats-TTL").as_deref(), Some("300"));
+    });
     let s = cluster_status(&c, &nodes[0].daemon);
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
 }
