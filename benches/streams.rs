@@ -6,7 +6,9 @@
 //!
 //! `cargo bench --bench streams` (add `-- quick` for 200 streams, `-- f32` for streams with
 //! `precision = "f32"`, `-- no-history` for a daemon with `[limits] history = 0`: each stream's
-//! history ring grows with what it holds, up to 312 KiB at the default 10,000 entries).
+//! history ring grows with what it holds, up to 312 KiB at the default 10,000 entries;
+//! `-- horizon=N` for streams whose intervals are calibrated over N steps instead of the
+//! default 24).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +32,10 @@ fn main() {
     } else {
         ("f64", 8)
     };
+    let horizon: Option<usize> = std::env::args().find_map(|a| {
+        a.strip_prefix("horizon=")
+            .map(|v| v.parse().expect("horizon=N"))
+    });
     let (n, rounds, per_batch) = if quick {
         (200usize, 3usize, 20usize)
     } else {
@@ -55,12 +61,18 @@ fn main() {
         for i in 0..n {
             let r = c
                 .put(format!("{}/v1/streams/s{i}", server.base))
-                .json(&serde_json::json!({
-                    "ensemble": j,
-                    "hidden": h,
-                    "precision": precision,
-                    "scale": {"min": -1.0, "max": 1.0}
-                }))
+                .json(&{
+                    let mut o = serde_json::json!({
+                        "ensemble": j,
+                        "hidden": h,
+                        "precision": precision,
+                        "scale": {"min": -1.0, "max": 1.0}
+                    });
+                    if let Some(horizon) = horizon {
+                        o["horizon"] = horizon.into();
+                    }
+                    o
+                })
                 .send()
                 .expect("create");
             assert!(r.status().is_success(), "create s{i}: {}", r.status());
