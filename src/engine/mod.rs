@@ -45,7 +45,7 @@ pub use options::{
     SpreadOption, Step,
 };
 pub use prior::Prior;
-pub use real::{Precision, Real};
+pub use real::{Param, Precision, Real};
 pub use rollout::{FutureInputs, ROLL_OUT_BOUND, RollOut};
 pub use stream::{
     Applied, BatchError, Observation, Plan, PlanCursor, Stats, Stream, StreamState, calibrate,

@@ -55,7 +55,7 @@ impl Layout {
     }
 }
 
-use crate::engine::real::Real;
+use crate::engine::real::{Param, Real};
 
 /// Writes `z` and the constant 1 into the tail of a scratch vector of length `layout.row()`.
 #[inline]
@@ -72,21 +72,21 @@ pub fn load_inputs<T: Real>(layout: &Layout, scratch: &mut [T], z: &[f64]) {
 /// across versions), so the compiler vectorises across the accumulators but never
 /// reassociates. `dot4` computes four of these at once with the same per-row order.
 #[inline]
-pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+pub fn dot<T: Real, P: Param<T>>(a: &[P], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut s = [T::ZERO; 4];
     let chunks = n / 4;
     for i in 0..chunks {
         let o = 4 * i;
-        s[0] += a[o] * b[o];
-        s[1] += a[o + 1] * b[o + 1];
-        s[2] += a[o + 2] * b[o + 2];
-        s[3] += a[o + 3] * b[o + 3];
+        s[0] += a[o].widen() * b[o];
+        s[1] += a[o + 1].widen() * b[o + 1];
+        s[2] += a[o + 2].widen() * b[o + 2];
+        s[3] += a[o + 3].widen() * b[o + 3];
     }
     let mut tail = T::ZERO;
     for i in 4 * chunks..n {
-        tail += a[i] * b[i];
+        tail += a[i].widen() * b[i];
     }
     (s[0] + s[2]) + (s[1] + s[3]) + tail
 }
@@ -101,7 +101,7 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 /// vector operation) and spent the loop transposing: three shuffles per row per chunk. Here
 /// the transpose happens once, at the end, for the fold.
 #[inline]
-fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
+fn dot4<T: Real, P: Param<T>>(rows: &[P], b: &[T]) -> [T; 4] {
     let n = b.len();
     let (r0, rest) = rows.split_at(n);
     let (r1, rest) = rest.split_at(n);
@@ -111,6 +111,7 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
     let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
     let chunks = n / 4;
     let lanes = |c: &[T]| T::x4([c[0], c[1], c[2], c[3]]);
+    let row = |c: &[P]| T::x4([c[0].widen(), c[1].widen(), c[2].widen(), c[3].widen()]);
     for ((((x, a0), a1), a2), a3) in b
         .chunks_exact(4)
         .zip(r0.chunks_exact(4))
@@ -119,18 +120,18 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
         .zip(r3.chunks_exact(4))
     {
         let x = lanes(x);
-        s0 = s0 + lanes(a0) * x;
-        s1 = s1 + lanes(a1) * x;
-        s2 = s2 + lanes(a2) * x;
-        s3 = s3 + lanes(a3) * x;
+        s0 = s0 + row(a0) * x;
+        s1 = s1 + row(a1) * x;
+        s2 = s2 + row(a2) * x;
+        s3 = s3 + row(a3) * x;
     }
     let mut t = [T::ZERO; 4];
     for i in 4 * chunks..n {
         let x = b[i];
-        t[0] += r0[i] * x;
-        t[1] += r1[i] * x;
-        t[2] += r2[i] * x;
-        t[3] += r3[i] * x;
+        t[0] += r0[i].widen() * x;
+        t[1] += r1[i].widen() * x;
+        t[2] += r2[i].widen() * x;
+        t[3] += r3[i].widen() * x;
     }
     // Per row `(s[0] + s[2]) + (s[1] + s[3]) + t`, as `dot` folds, for the four rows at once:
     // after the transpose `lk` holds accumulator k of every row.
@@ -148,9 +149,9 @@ fn dot4<T: Real>(rows: &[T], b: &[T]) -> [T; 4] {
 /// `f64` the platform's libm (the largest single cost of the forward); for
 /// `f32` a rational function the compiler vectorises.
 #[inline]
-pub fn step<T: Real>(
+pub fn step<T: Real, P: Param<T>>(
     layout: &Layout,
-    params: &[T],
+    params: &[P],
     hidden: &mut [T],
     scratch: &mut [T],
     out: &mut [T],
@@ -174,7 +175,7 @@ pub fn step<T: Real>(
 /// tanh(row_i · x)` with `x = [h_prev; z; 1]`, each value bit-identical to what [`step`]
 /// computes for that row. A two-thread step cuts every particle's rows between its threads.
 #[inline]
-pub fn cell_rows<T: Real>(rows: &[T], x: &[T], h: &mut [T]) {
+pub fn cell_rows<T: Real, P: Param<T>>(rows: &[P], x: &[T], h: &mut [T]) {
     preactivations(rows, x, h);
     for v in h.iter_mut() {
         *v = v.tanh();
@@ -185,7 +186,7 @@ pub fn cell_rows<T: Real>(rows: &[T], x: &[T], h: &mut [T]) {
 /// time. A row's value does not depend on which group of four it falls in ([`dot4`] = [`dot`]
 /// per row).
 #[inline]
-fn preactivations<T: Real>(w: &[T], x: &[T], out: &mut [T]) {
+fn preactivations<T: Real, P: Param<T>>(w: &[P], x: &[T], out: &mut [T]) {
     let k = x.len();
     let mut groups = w.chunks_exact(4 * k);
     for (o, rows) in out.chunks_exact_mut(4).zip(&mut groups) {
@@ -203,7 +204,7 @@ fn preactivations<T: Real>(w: &[T], x: &[T], out: &mut [T]) {
 /// The read-out of one particle: `out[o] = row_o · x` with `x = [h_new; z; 1]` and `rows` the
 /// read-out rows back to back.
 #[inline]
-pub fn readout<T: Real>(rows: &[T], x: &[T], out: &mut [T]) {
+pub fn readout<T: Real, P: Param<T>>(rows: &[P], x: &[T], out: &mut [T]) {
     let k = x.len();
     for (y, row) in out.iter_mut().zip(rows.chunks_exact(k)) {
         *y = dot(row, x);

@@ -42,8 +42,6 @@ pub trait Real:
     fn is_finite(self) -> bool;
     /// The bits, widened (for loads that must not be optimised away).
     fn bits(self) -> u64;
-    /// `v` as `f64` values (exact): `v` itself for `f64`, else written into `buf`.
-    fn widened<'a>(v: &'a [Self], buf: &'a mut Vec<f64>) -> &'a [f64];
 
     /// Four lanes of `Self` as one explicit vector (`wide`: one SSE register of `f32`, two of
     /// `f64` on the baseline build). Lane-wise `+` and `×` are the IEEE operations of the
@@ -55,6 +53,27 @@ pub trait Real:
     fn x4_array(v: Self::X4) -> [Self; 4];
     /// The 4×4 transpose: lane l of result r is lane r of `v[l]`.
     fn x4_transpose(v: [Self::X4; 4]) -> [Self::X4; 4];
+}
+
+/// A network parameter as a kernel computing in `T` reads it: itself, or (an `f32` network
+/// rolled out in `f64`) widened exactly on the load, so that the wide network's values are
+/// never copied out.
+pub trait Param<T: Real>: Copy {
+    fn widen(self) -> T;
+}
+
+impl<T: Real> Param<T> for T {
+    #[inline(always)]
+    fn widen(self) -> T {
+        self
+    }
+}
+
+impl Param<f64> for f32 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        f64::from(self)
+    }
 }
 
 /// The [`Real::X4`] items for a `wide` vector type of four lanes.
@@ -101,10 +120,6 @@ impl Real for f64 {
     fn bits(self) -> u64 {
         self.to_bits()
     }
-    #[inline(always)]
-    fn widened<'a>(v: &'a [Self], _: &'a mut Vec<f64>) -> &'a [f64] {
-        v
-    }
     x4_with!(wide::f64x4);
 }
 
@@ -131,11 +146,6 @@ impl Real for f32 {
     #[inline(always)]
     fn bits(self) -> u64 {
         u64::from(self.to_bits())
-    }
-    fn widened<'a>(v: &'a [Self], buf: &'a mut Vec<f64>) -> &'a [f64] {
-        buf.clear();
-        buf.extend(v.iter().map(|&x| f64::from(x)));
-        buf
     }
     x4_with!(wide::f32x4);
 }

@@ -5,7 +5,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::engine::network::{self, Layout};
-use crate::engine::real::Real;
+use crate::engine::real::{Param, Real};
 
 /// How far a roll-out may stray, in the model's scaled units (the training range is [0, 1]):
 /// a trillion ranges, beyond any forecast worth reading, and far enough below `f64::MAX` that
@@ -39,9 +39,6 @@ pub struct RollOut {
     lag_values: Vec<f64>,
     z: Vec<f64>,
     row: Vec<f64>,
-    /// `f64` copies of a narrower network's parameters and state.
-    wide_params: Vec<f64>,
-    wide_hidden: Vec<f64>,
 }
 
 fn refill(v: &mut Vec<f64>, from: &[f64]) {
@@ -59,7 +56,7 @@ impl RollOut {
     /// The point forecast of one network (its parameters and recurrent state in any precision,
     /// computed in `f64` as forecasts are) for `out.len() / m` steps, inputs held at `x`: what
     /// the calibration of a stream's intervals scores.
-    pub fn path<T: Real>(
+    pub fn path<T: Real + Param<f64>>(
         &mut self,
         layout: &Layout,
         params: &[T],
@@ -68,23 +65,19 @@ impl RollOut {
         x: &[f64],
         out: &mut [f64],
     ) {
-        // `f64` networks roll out from their own parameters: no copy per observation.
-        let mut wide_params = std::mem::take(&mut self.wide_params);
-        let mut wide_hidden = std::mem::take(&mut self.wide_hidden);
+        // The network's own parameters, widened as they are read: no copy per observation.
         let lags = lag_values.len() / layout.outputs.max(1);
         self.run(
             layout,
             lags,
-            T::widened(params, &mut wide_params),
-            T::widened(hidden, &mut wide_hidden),
+            params,
+            hidden,
             lag_values,
             FutureInputs::Held(x),
             None,
             out,
             &mut || true,
         );
-        self.wide_params = wide_params;
-        self.wide_hidden = wide_hidden;
     }
 
     /// One network rolled forward from `hidden` and `lag_values` (neither changed) feeding back
@@ -92,12 +85,12 @@ impl RollOut {
     /// `out` (`horizon × m`). Asks `keep_going` before every step and stops (returning false)
     /// when it says no.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(
+    pub fn run<P: Param<f64>>(
         &mut self,
         layout: &Layout,
         lags: usize,
-        params: &[f64],
-        hidden: &[f64],
+        params: &[P],
+        hidden: &[P],
         lag_values: &[f64],
         future_x: FutureInputs,
         mut noise: Option<(f64, &mut ChaCha8Rng)>,
@@ -107,7 +100,8 @@ impl RollOut {
         let m = layout.outputs;
         let nl = lags * m;
         let ni = layout.n_in - nl;
-        refill(&mut self.hidden, hidden);
+        self.hidden.clear();
+        self.hidden.extend(hidden.iter().map(|h| h.widen()));
         refill(&mut self.lag_values, lag_values);
         self.z.resize(layout.n_in, 0.0);
         self.row.resize(layout.row(), 0.0);
