@@ -27,6 +27,13 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::config::ClusterConfig;
+use super::hash;
+use super::log::{
+    LOG_PREFIX, LOG_STREAM, Lease, LogHandles, key_of, name_of, name_of_subject, partition_filter,
+    slot_name, subject_of,
+};
+
 /// How long a deleted stream's marker stays in the stream bucket. Every partition's takeover
 /// lists its keys and reads the options of each; a marker that stayed for good would make
 /// each takeover slower with every stream ever deleted. Readers that meet the marker and
@@ -36,13 +43,6 @@ const DELETED_MARKER_TTL: Duration = Duration::from_secs(300);
 
 /// The header that marks a key-value message as a delete or purge (JetStream's KV convention).
 const KV_OPERATION: &str = "KV-Operation";
-
-use super::config::ClusterConfig;
-use super::hash;
-use super::log::{
-    LOG_PREFIX, LOG_STREAM, Lease, LogHandles, key_of, name_of, name_of_subject, partition_filter,
-    slot_name, subject_of,
-};
 
 const NODES: &str = "EKID_NODES";
 const LEASES: &str = "EKID_LEASES";

@@ -19,17 +19,17 @@
 //! bounded scores: after T scores within about `(|Δq| + η g)/(γ g T)` of τ, whatever the series
 //! does (Gibbs & Candès 2021, Angelopoulos et al. 2023), where `|Δq|` is how far the quantile
 //! had to travel. The far tails' larger steps `g` keep that bound as tight for them as for the
-//! levels up to 0.9 ([`TAIL_STEP`]). Feedback from the current value instead
-//! would count a burst of misses against a quantile that has already risen while the burst was
-//! on its way, leaving far steps 2–3 points short of the level on series of thousands of
-//! values. The feedback of step h is h observations late, so its first steps shrink as
-//! `1/√h` (larger ones overshoot before the misses they caused come back); the served value is
-//! the tracker's now less its last `h − 1` updates, which the calibrator keeps. The central interval at level L of step h is then
-//! `ŷ_h + σ_h·[Q((1−L)/2), Q((1+L)/2)]`, with Q the tracked quantiles sorted (so bounds never
-//! cross between levels) and interpolated linearly in τ between the grid's points. Beyond the
-//! grid (levels above 0.99) the tails are extended in the shape of a normal distribution, and
-//! beyond the calibrated steps the last step's interval grows as √h: both are extrapolations,
-//! not calibrated.
+//! levels up to 0.9 ([`TAIL_STEP`]). Feedback from the current value instead would count a
+//! burst of misses against a quantile that has already risen while the burst was on its way,
+//! leaving far steps 2–3 points short of the level on series of thousands of values. The
+//! feedback of step h is h observations late, so its first steps shrink as `1/√h` (larger ones
+//! overshoot before the misses they caused come back); the served value is the tracker's now
+//! less its last `h − 1` updates, which the calibrator keeps. The central interval at level L
+//! of step h is then `ŷ_h + σ_h·[Q((1−L)/2), Q((1+L)/2)]`, with Q the tracked quantiles
+//! sorted (so bounds never cross between levels) and interpolated linearly in τ between the
+//! grid's points. Beyond the grid (levels above 0.99) the tails are extended in the shape of a
+//! normal distribution, and beyond the calibrated steps the last step's interval grows as √h:
+//! both are extrapolations, not calibrated.
 //!
 //! Dividing by each step's own error scale makes the scores unit-free (one step size γ and one
 //! start, the normal quantiles, fit every series and every step, however fast its errors grow
@@ -324,7 +324,8 @@ impl Calibrator {
             for o in 0..m {
                 let i = (h - 1) * m + o;
                 let since = &mut self.since_served[i * t..(i + 1) * t];
-                let entries = o * ring + ring_start(h)..o * ring + ring_start(h) + h - 1;
+                let first = o * ring + ring_start(h);
+                let entries = first..first + h - 1;
                 for (&eta, &below) in self.recent_step[entries.clone()]
                     .iter()
                     .zip(&self.recent_below[entries])

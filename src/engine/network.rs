@@ -145,9 +145,11 @@ fn dot4<T: Real, P: Param<T>>(rows: &[P], b: &[T]) -> [T; 4] {
 ///
 /// The cell's pre-activations are computed four rows at a time into `hidden`, then `tanh` runs
 /// over them in one tight loop: the calls are independent, so they overlap in the pipeline
-/// instead of each waiting behind the next row's dot product. `tanh` is [`Real::tanh`]: for
-/// `f64` the platform's libm (the largest single cost of the forward); for
-/// `f32` a rational function the compiler vectorises.
+/// instead of each waiting behind the next row's dot product. `tanh` is [`Real::tanh`], the
+/// engine's own in both precisions (no libm): branch-free, so the compiler vectorises it.
+///
+/// `params` may be narrower than the computation (an `f32` network rolled out in `f64`): each
+/// is widened exactly as it is loaded ([`Param`]).
 #[inline]
 pub fn step<T: Real, P: Param<T>>(
     layout: &Layout,
